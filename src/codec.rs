@@ -1,0 +1,228 @@
+//! Encoding and decoding of application values: hash ↔ fields and JSON.
+//!
+//! Every decode error is an [`Error::Decode`] naming the key and, where there is one, the field.
+//! Replies are decoded here rather than through `FromRedisValue`, whose errors the redis client
+//! may classify as retryable.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+
+use redis::Value;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::{Error, Result};
+
+/// The fields of one hash, read with typed accessors whose errors name key and field.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HashFields {
+    key: String,
+    fields: BTreeMap<String, String>,
+}
+
+impl HashFields {
+    /// Decodes an `HGETALL` reply (RESP2 flat array or RESP3 map). An empty hash is `None`.
+    pub fn from_reply(key: &str, reply: Value) -> Result<Option<Self>> {
+        let mut fields = BTreeMap::new();
+        let mut insert = |k: Value, v: Value| -> Result<()> {
+            let name = text(key, None, k)?;
+            let value = text(key, Some(&name), v)?;
+            fields.insert(name, value);
+            Ok(())
+        };
+        match reply {
+            Value::Nil => {}
+            Value::Map(pairs) => {
+                for (k, v) in pairs {
+                    insert(k, v)?;
+                }
+            }
+            Value::Array(items) => {
+                if items.len() % 2 != 0 {
+                    return Err(Error::decode(key, None, "hash reply has an odd length"));
+                }
+                let mut iter = items.into_iter();
+                while let (Some(k), Some(v)) = (iter.next(), iter.next()) {
+                    insert(k, v)?;
+                }
+            }
+            other => {
+                return Err(Error::decode(
+                    key,
+                    None,
+                    format!("expected a hash, got {other:?}"),
+                ));
+            }
+        }
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(HashFields {
+            key: key.to_owned(),
+            fields,
+        }))
+    }
+
+    /// The key these fields were read from.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// A field's raw text, if present.
+    pub fn get(&self, field: &str) -> Option<&str> {
+        self.fields.get(field).map(String::as_str)
+    }
+
+    /// A field that must be present.
+    pub fn required(&self, field: &str) -> Result<&str> {
+        self.get(field)
+            .ok_or_else(|| Error::decode(&self.key, Some(field), "missing"))
+    }
+
+    /// A present field parsed with `FromStr`.
+    pub fn parse<T: FromStr>(&self, field: &str) -> Result<T>
+    where
+        T::Err: std::fmt::Display,
+    {
+        let raw = self.required(field)?;
+        raw.parse::<T>()
+            .map_err(|e| Error::decode(&self.key, Some(field), format!("{raw:?}: {e}")))
+    }
+
+    /// An optional field parsed with `FromStr`.
+    pub fn parse_opt<T: FromStr>(&self, field: &str) -> Result<Option<T>>
+    where
+        T::Err: std::fmt::Display,
+    {
+        match self.get(field) {
+            None => Ok(None),
+            Some(_) => self.parse(field).map(Some),
+        }
+    }
+
+    /// An optional field holding JSON.
+    pub fn json<T: DeserializeOwned>(&self, field: &str) -> Result<Option<T>> {
+        match self.get(field) {
+            None => Ok(None),
+            Some(raw) => serde_json::from_str(raw)
+                .map(Some)
+                .map_err(|e| Error::decode(&self.key, Some(field), e.to_string())),
+        }
+    }
+
+    /// Every field, by name.
+    pub fn fields(&self) -> &BTreeMap<String, String> {
+        &self.fields
+    }
+
+    /// Takes the fields out.
+    pub fn into_fields(self) -> BTreeMap<String, String> {
+        self.fields
+    }
+}
+
+/// A reply that must be text (bulk or simple string); `field` names the hash field if any.
+pub fn text(key: &str, field: Option<&str>, value: Value) -> Result<String> {
+    match value {
+        Value::BulkString(bytes) => {
+            String::from_utf8(bytes).map_err(|_| Error::decode(key, field, "value is not UTF-8"))
+        }
+        Value::SimpleString(s) => Ok(s),
+        Value::VerbatimString { text, .. } => Ok(text),
+        Value::Int(i) => Ok(i.to_string()),
+        other => Err(Error::decode(
+            key,
+            field,
+            format!("expected a string, got {other:?}"),
+        )),
+    }
+}
+
+/// A reply that is text or nil.
+pub fn opt_text(key: &str, value: Value) -> Result<Option<String>> {
+    match value {
+        Value::Nil => Ok(None),
+        other => text(key, None, other).map(Some),
+    }
+}
+
+/// A reply that must be an integer (or an integer in text).
+pub fn int(key: &str, value: Value) -> Result<i64> {
+    match value {
+        Value::Int(i) => Ok(i),
+        Value::BulkString(ref b) => std::str::from_utf8(b)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| Error::decode(key, None, format!("expected an integer, got {value:?}"))),
+        Value::Okay => Ok(1),
+        other => Err(Error::decode(
+            key,
+            None,
+            format!("expected an integer, got {other:?}"),
+        )),
+    }
+}
+
+/// Decodes JSON stored at `key`.
+pub fn from_json<T: DeserializeOwned>(key: &str, raw: &[u8]) -> Result<T> {
+    serde_json::from_slice(raw).map_err(|e| {
+        Error::decode(
+            key,
+            None,
+            format!("not valid JSON of the expected shape: {e}"),
+        )
+    })
+}
+
+/// Encodes a value as JSON; `what` names it in the (rare) error.
+pub fn to_json<T: Serialize + ?Sized>(what: &'static str, value: &T) -> Result<String> {
+    serde_json::to_string(value)
+        .map_err(|e| Error::invalid(what, format!("cannot encode as JSON: {e}")))
+}
+
+/// Milliseconds since the Unix epoch by this process's clock.
+pub fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn hash_errors_name_key_and_field() {
+        let h = HashFields::from_reply("session:x", Value::Array(vec![b("createdAt"), b("soon")]))
+            .unwrap()
+            .unwrap();
+        let err = h.parse::<i64>("createdAt").unwrap_err();
+        assert!(
+            matches!(err, Error::Decode { ref key, ref field, .. } if key == "session:x" && field.as_deref() == Some("createdAt"))
+        );
+        assert!(matches!(h.required("userId"), Err(Error::Decode { .. })));
+    }
+
+    #[test]
+    fn empty_hash_is_none_and_odd_reply_is_an_error() {
+        assert_eq!(
+            HashFields::from_reply("k", Value::Array(vec![])).unwrap(),
+            None
+        );
+        assert!(HashFields::from_reply("k", Value::Array(vec![b("a")])).is_err());
+        assert!(HashFields::from_reply("k", Value::Int(3)).is_err());
+    }
+
+    #[test]
+    fn json_errors_are_decode_errors() {
+        assert!(matches!(
+            from_json::<serde_json::Value>("cache:x", b"{nope"),
+            Err(Error::Decode { .. })
+        ));
+    }
+}

@@ -1,0 +1,956 @@
+//! Configuration: from the environment, from a URL, or by builder.
+//!
+//! Every variable the services this crate replaces read is honoured (see the README's
+//! configuration table). A bad value is a [`ConfigError`] naming the variable and the value —
+//! never a panic and never a silent default. Passwords never appear in `Debug` or `Display`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::keyspace::Keyspace;
+use crate::ttl::TtlTable;
+
+/// A rejected configuration value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A variable (or builder field) holds a value that cannot be used.
+    #[error("invalid {variable}={value:?}: {reason}")]
+    Invalid {
+        /// The environment variable or builder field.
+        variable: String,
+        /// The offending value (`<redacted>` for secrets).
+        value: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// A file named by a variable does not exist or cannot be read.
+    #[error("{variable} names {path:?}, which cannot be read: {reason}")]
+    File {
+        /// The environment variable or builder field.
+        variable: String,
+        /// The path given.
+        path: PathBuf,
+        /// The I/O error.
+        reason: String,
+    },
+}
+
+impl ConfigError {
+    pub(crate) fn invalid(
+        variable: impl Into<String>,
+        value: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Self {
+        ConfigError::Invalid {
+            variable: variable.into(),
+            value: value.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The variable or field the error is about.
+    pub fn variable(&self) -> &str {
+        match self {
+            ConfigError::Invalid { variable, .. } | ConfigError::File { variable, .. } => variable,
+        }
+    }
+}
+
+/// Which column of the TTL table applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Environment {
+    /// `production` / `prod`.
+    Production,
+    /// `development` / `dev` (the default).
+    #[default]
+    Development,
+    /// `test`.
+    Test,
+}
+
+impl FromStr for Environment {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "production" | "prod" => Ok(Environment::Production),
+            "development" | "dev" => Ok(Environment::Development),
+            "test" => Ok(Environment::Test),
+            _ => Err(ConfigError::invalid(
+                "environment",
+                s,
+                "expected production, prod, development, dev or test",
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Environment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Environment::Production => "production",
+            Environment::Development => "development",
+            Environment::Test => "test",
+        })
+    }
+}
+
+/// A secret string (password, URL with credentials). `Debug`/`Display` print `<redacted>`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret itself; call only where it is sent to the server.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// How the deployment is laid out.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Topology {
+    /// One server (`REDIS_URL` or `REDIS_HOST`/`REDIS_PORT`).
+    #[default]
+    Standalone,
+    /// A master found through Sentinel (`REDIS_SENTINEL_MASTER`, `REDIS_SENTINEL_ADDRS`).
+    Sentinel {
+        /// The monitored master's name.
+        master: String,
+        /// Sentinel addresses, `host:port`.
+        sentinels: Vec<String>,
+    },
+    /// Redis Cluster (`REDIS_CLUSTER_NODES`): seed nodes, `host:port`.
+    Cluster {
+        /// Seed nodes, `host:port`.
+        nodes: Vec<String>,
+    },
+}
+
+/// TLS settings (`REDIS_TLS`, `rediss://`, `REDIS_TLS_*_FILE`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct TlsConfig {
+    /// PEM file of the CA that signed the server certificate (else the system roots).
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS.
+    pub cert_file: Option<PathBuf>,
+    /// PEM client key for mutual TLS.
+    pub key_file: Option<PathBuf>,
+}
+
+/// How a session is laid out at its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SessionLayout {
+    /// A hash with one field per attribute (the documented layout).
+    #[default]
+    Hash,
+    /// One JSON object at the key (as some services store sessions).
+    Json,
+}
+
+impl FromStr for SessionLayout {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "hash" => Ok(SessionLayout::Hash),
+            "json" => Ok(SessionLayout::Json),
+            _ => Err(ConfigError::invalid(
+                "session layout",
+                s,
+                "expected hash or json",
+            )),
+        }
+    }
+}
+
+/// Everything needed to connect and to lay out data. Build with [`Config::from_env`],
+/// [`Config::from_url`] or [`Config::builder`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Config {
+    /// Standalone, Sentinel or Cluster.
+    pub topology: Topology,
+    /// Server host (standalone), default `127.0.0.1`.
+    pub host: String,
+    /// Server port (standalone), default 6379.
+    pub port: u16,
+    /// ACL user name.
+    pub username: Option<String>,
+    /// Password.
+    pub password: Option<Secret>,
+    /// Logical database (standalone and Sentinel only).
+    pub db: i64,
+    /// TLS, when enabled.
+    pub tls: Option<TlsConfig>,
+    /// Per-request response timeout (`REDIS_TIMEOUT`, default 5 s).
+    pub response_timeout: Duration,
+    /// Connect timeout (`REDIS_CONNECT_TIMEOUT`, default 10 s).
+    pub connect_timeout: Duration,
+    /// Dedicated connections for blocking commands and transactions (`REDIS_POOL_SIZE`, default 16).
+    pub pool_size: usize,
+    /// How often an idempotent operation is retried on a connection error (`REDIS_MAX_RETRIES`, default 3).
+    pub max_retries: u32,
+    /// Multiplexed connections that ordinary commands share (default 1; raise it when one
+    /// connection's socket becomes the bottleneck).
+    pub shared_connections: usize,
+    /// Prefix of every key (`REDIS_KEY_PREFIX`), e.g. `vedfolnir:`; empty by default.
+    pub key_prefix: String,
+    /// Which TTL column applies (`APP_ENV`, else `NODE_ENV`; default development).
+    pub environment: Environment,
+    /// TTL table rows replaced (`REDIS_SESSION_TTL`, `REDIS_CACHE_TTL`, builder).
+    pub ttl_overrides: BTreeMap<Keyspace, Duration>,
+    /// The default rate-limit tier's window (`REDIS_RATE_LIMIT_WINDOW`, seconds).
+    pub rate_limit_window: Option<Duration>,
+    /// The default rate-limit tier's limit (`REDIS_RATE_LIMIT_MAX`).
+    pub rate_limit_max: Option<u64>,
+    /// Server commands renamed by `rename-command` (`REDIS_RENAMED_COMMANDS=EVAL=EVAL_x,...`);
+    /// an empty new name means the command is disabled.
+    pub renamed_commands: BTreeMap<String, String>,
+    /// Session layout (`REDIS_SESSION_LAYOUT=hash|json`, default hash).
+    pub session_layout: SessionLayout,
+    /// Absolute session lifetime cap regardless of activity (`REDIS_SESSION_MAX_LIFETIME`,
+    /// seconds; default 7 days).
+    pub session_max_lifetime: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            topology: Topology::Standalone,
+            host: "127.0.0.1".into(),
+            port: 6379,
+            username: None,
+            password: None,
+            db: 0,
+            tls: None,
+            response_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(10),
+            pool_size: 16,
+            max_retries: 3,
+            shared_connections: 1,
+            key_prefix: String::new(),
+            environment: Environment::Development,
+            ttl_overrides: BTreeMap::new(),
+            rate_limit_window: None,
+            rate_limit_max: None,
+            renamed_commands: BTreeMap::new(),
+            session_layout: SessionLayout::Hash,
+            session_max_lifetime: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+fn parse_num<T: FromStr>(variable: &str, value: &str, what: &str) -> Result<T, ConfigError> {
+    value
+        .trim()
+        .parse::<T>()
+        .map_err(|_| ConfigError::invalid(variable, value, format!("expected {what}")))
+}
+
+fn parse_bool(variable: &str, value: &str) -> Result<bool, ConfigError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" | "" => Ok(false),
+        _ => Err(ConfigError::invalid(
+            variable,
+            value,
+            "expected true or false",
+        )),
+    }
+}
+
+fn parse_positive_secs(variable: &str, value: &str) -> Result<Duration, ConfigError> {
+    let secs: u64 = parse_num(variable, value, "a whole number of seconds")?;
+    if secs == 0 {
+        return Err(ConfigError::invalid(variable, value, "must be at least 1"));
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+fn parse_positive_millis(variable: &str, value: &str) -> Result<Duration, ConfigError> {
+    let ms: u64 = parse_num(variable, value, "a whole number of milliseconds")?;
+    if ms == 0 {
+        return Err(ConfigError::invalid(variable, value, "must be at least 1"));
+    }
+    Ok(Duration::from_millis(ms))
+}
+
+fn parse_addr_list(variable: &str, value: &str) -> Result<Vec<String>, ConfigError> {
+    let addrs: Vec<String> = value
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if addrs.is_empty() {
+        return Err(ConfigError::invalid(
+            variable,
+            value,
+            "expected host:port[,host:port...]",
+        ));
+    }
+    for addr in &addrs {
+        let bare = addr
+            .strip_prefix("redis://")
+            .or_else(|| addr.strip_prefix("rediss://"))
+            .unwrap_or(addr);
+        let port_ok = bare
+            .rsplit_once(':')
+            .map(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+            .unwrap_or(false);
+        if !port_ok {
+            return Err(ConfigError::invalid(
+                variable,
+                value,
+                format!("{addr:?} is not host:port"),
+            ));
+        }
+    }
+    Ok(addrs)
+}
+
+fn parse_renamed(variable: &str, value: &str) -> Result<BTreeMap<String, String>, ConfigError> {
+    let mut map = BTreeMap::new();
+    for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let Some((from, to)) = item.split_once('=') else {
+            return Err(ConfigError::invalid(
+                variable,
+                value,
+                format!("{item:?} is not COMMAND=NEWNAME"),
+            ));
+        };
+        let from = from.trim();
+        let to = to.trim();
+        if from.is_empty() || from.contains(char::is_whitespace) || to.contains(char::is_whitespace)
+        {
+            return Err(ConfigError::invalid(
+                variable,
+                value,
+                format!("{item:?} is not COMMAND=NEWNAME"),
+            ));
+        }
+        map.insert(from.to_ascii_uppercase(), to.to_owned());
+    }
+    Ok(map)
+}
+
+fn check_file(variable: &str, path: &PathBuf) -> Result<(), ConfigError> {
+    std::fs::metadata(path)
+        .and_then(|m| {
+            if m.is_file() {
+                Ok(())
+            } else {
+                Err(std::io::Error::other("not a regular file"))
+            }
+        })
+        .map_err(|e| ConfigError::File {
+            variable: variable.into(),
+            path: path.clone(),
+            reason: e.to_string(),
+        })
+}
+
+impl Config {
+    /// Reads the process environment (see the README for every variable and its default).
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Like [`Config::from_env`] but reads variables through `lookup`, so configuration can come
+    /// from a map, a file or a test without touching the process environment.
+    ///
+    /// ```
+    /// use aether_redis::{Config, Environment};
+    /// let vars = [("REDIS_PORT", "6380"), ("APP_ENV", "prod")];
+    /// let config = Config::from_lookup(|k| {
+    ///     vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+    /// })
+    /// .unwrap();
+    /// assert_eq!(config.port, 6380);
+    /// assert_eq!(config.environment, Environment::Production);
+    ///
+    /// let err = Config::from_lookup(|k| (k == "REDIS_PORT").then(|| "abc".to_string()));
+    /// assert_eq!(err.unwrap_err().variable(), "REDIS_PORT");
+    /// ```
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+        let mut config = match get("REDIS_URL") {
+            Some(url) => Self::from_url_named("REDIS_URL", &url)?,
+            None => Config::default(),
+        };
+        if let Some(host) = get("REDIS_HOST") {
+            config.host = host.trim().to_owned();
+        }
+        if let Some(v) = get("REDIS_PORT") {
+            let port: u16 = parse_num("REDIS_PORT", &v, "a port number 1-65535")?;
+            if port == 0 {
+                return Err(ConfigError::invalid("REDIS_PORT", v, "must be 1-65535"));
+            }
+            config.port = port;
+        }
+        if let Some(v) = lookup("REDIS_PASSWORD").filter(|v| !v.is_empty()) {
+            config.password = Some(Secret(v));
+        }
+        if let Some(v) = get("REDIS_USERNAME") {
+            config.username = Some(v.trim().to_owned());
+        }
+        if let Some(v) = get("REDIS_DB") {
+            let db: i64 = parse_num("REDIS_DB", &v, "a database number 0 or more")?;
+            if db < 0 {
+                return Err(ConfigError::invalid("REDIS_DB", v, "must be 0 or more"));
+            }
+            config.db = db;
+        }
+        if let Some(v) = get("REDIS_TLS") {
+            if parse_bool("REDIS_TLS", &v)? {
+                config.tls.get_or_insert_with(TlsConfig::default);
+            }
+        }
+        for (variable, slot) in [
+            ("REDIS_TLS_CA_FILE", 0),
+            ("REDIS_TLS_CERT_FILE", 1),
+            ("REDIS_TLS_KEY_FILE", 2),
+        ] {
+            if let Some(v) = get(variable) {
+                let path = PathBuf::from(v.trim());
+                check_file(variable, &path)?;
+                let tls = config.tls.get_or_insert_with(TlsConfig::default);
+                match slot {
+                    0 => tls.ca_file = Some(path),
+                    1 => tls.cert_file = Some(path),
+                    _ => tls.key_file = Some(path),
+                }
+            }
+        }
+        if let Some(v) = get("REDIS_TIMEOUT") {
+            config.response_timeout = parse_positive_millis("REDIS_TIMEOUT", &v)?;
+        }
+        if let Some(v) = get("REDIS_CONNECT_TIMEOUT") {
+            config.connect_timeout = parse_positive_millis("REDIS_CONNECT_TIMEOUT", &v)?;
+        }
+        if let Some(v) = get("REDIS_POOL_SIZE") {
+            let size: usize = parse_num("REDIS_POOL_SIZE", &v, "a whole number")?;
+            if size == 0 {
+                return Err(ConfigError::invalid(
+                    "REDIS_POOL_SIZE",
+                    v,
+                    "must be at least 1",
+                ));
+            }
+            config.pool_size = size;
+        }
+        if let Some(v) = get("REDIS_MAX_RETRIES") {
+            config.max_retries = parse_num("REDIS_MAX_RETRIES", &v, "a whole number")?;
+        }
+        if let Some(v) = lookup("REDIS_KEY_PREFIX") {
+            if v.contains(['{', '}']) || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(ConfigError::invalid(
+                    "REDIS_KEY_PREFIX",
+                    v,
+                    "must not contain braces, whitespace or control characters",
+                ));
+            }
+            config.key_prefix = v;
+        }
+        if let Some(v) = get("REDIS_SESSION_TTL") {
+            config.ttl_overrides.insert(
+                Keyspace::Session,
+                parse_positive_secs("REDIS_SESSION_TTL", &v)?,
+            );
+        }
+        if let Some(v) = get("REDIS_CACHE_TTL") {
+            config
+                .ttl_overrides
+                .insert(Keyspace::Cache, parse_positive_secs("REDIS_CACHE_TTL", &v)?);
+        }
+        if let Some(v) = get("REDIS_RATE_LIMIT_WINDOW") {
+            config.rate_limit_window = Some(parse_positive_secs("REDIS_RATE_LIMIT_WINDOW", &v)?);
+        }
+        if let Some(v) = get("REDIS_RATE_LIMIT_MAX") {
+            let max: u64 = parse_num("REDIS_RATE_LIMIT_MAX", &v, "a whole number")?;
+            if max == 0 {
+                return Err(ConfigError::invalid(
+                    "REDIS_RATE_LIMIT_MAX",
+                    v,
+                    "must be at least 1",
+                ));
+            }
+            config.rate_limit_max = Some(max);
+        }
+        if let Some(v) = get("REDIS_SESSION_LAYOUT") {
+            config.session_layout = v.parse().map_err(|_| {
+                ConfigError::invalid("REDIS_SESSION_LAYOUT", &v, "expected hash or json")
+            })?;
+        }
+        if let Some(v) = get("REDIS_SESSION_MAX_LIFETIME") {
+            config.session_max_lifetime = parse_positive_secs("REDIS_SESSION_MAX_LIFETIME", &v)?;
+        }
+        match (get("REDIS_SENTINEL_MASTER"), get("REDIS_SENTINEL_ADDRS")) {
+            (Some(master), Some(addrs)) => {
+                config.topology = Topology::Sentinel {
+                    master: master.trim().to_owned(),
+                    sentinels: parse_addr_list("REDIS_SENTINEL_ADDRS", &addrs)?,
+                };
+            }
+            (Some(master), None) => {
+                return Err(ConfigError::invalid(
+                    "REDIS_SENTINEL_ADDRS",
+                    "",
+                    format!("required when REDIS_SENTINEL_MASTER={master} is set"),
+                ));
+            }
+            (None, Some(addrs)) => {
+                return Err(ConfigError::invalid(
+                    "REDIS_SENTINEL_MASTER",
+                    "",
+                    format!("required when REDIS_SENTINEL_ADDRS={addrs} is set"),
+                ));
+            }
+            (None, None) => {}
+        }
+        if let Some(nodes) = get("REDIS_CLUSTER_NODES") {
+            if matches!(config.topology, Topology::Sentinel { .. }) {
+                return Err(ConfigError::invalid(
+                    "REDIS_CLUSTER_NODES",
+                    nodes,
+                    "cannot be combined with REDIS_SENTINEL_MASTER",
+                ));
+            }
+            config.topology = Topology::Cluster {
+                nodes: parse_addr_list("REDIS_CLUSTER_NODES", &nodes)?,
+            };
+        }
+        if let Some(v) = get("REDIS_RENAMED_COMMANDS") {
+            config.renamed_commands = parse_renamed("REDIS_RENAMED_COMMANDS", &v)?;
+        }
+        let environment = get("APP_ENV")
+            .map(|v| ("APP_ENV", v))
+            .or_else(|| get("NODE_ENV").map(|v| ("NODE_ENV", v)));
+        if let Some((variable, v)) = environment {
+            config.environment = v.parse().map_err(|_| {
+                ConfigError::invalid(
+                    variable,
+                    &v,
+                    "expected production, prod, development, dev or test",
+                )
+            })?;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// A standalone configuration from a `redis://` or `rediss://` URL
+    /// (`redis://[user][:password@]host[:port][/db]`).
+    ///
+    /// ```
+    /// use aether_redis::Config;
+    /// let config = Config::from_url("redis://:hunter2@cache.internal:6380/2").unwrap();
+    /// assert_eq!((config.host.as_str(), config.port, config.db), ("cache.internal", 6380, 2));
+    /// assert!(!format!("{config:?}").contains("hunter2"));
+    /// assert!(Config::from_url("http://nope").is_err());
+    /// ```
+    pub fn from_url(url: &str) -> Result<Self, ConfigError> {
+        let config = Self::from_url_named("url", url)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn from_url_named(variable: &str, url: &str) -> Result<Self, ConfigError> {
+        let shown = redact_url(url);
+        let info = redis::IntoConnectionInfo::into_connection_info(url.trim())
+            .map_err(|e| ConfigError::invalid(variable, &shown, e.to_string()))?;
+        let mut config = Config::default();
+        match info.addr() {
+            redis::ConnectionAddr::Tcp(host, port) => {
+                config.host = host.clone();
+                config.port = *port;
+            }
+            redis::ConnectionAddr::TcpTls { host, port, .. } => {
+                config.host = host.clone();
+                config.port = *port;
+                config.tls = Some(TlsConfig::default());
+            }
+            _ => {
+                return Err(ConfigError::invalid(
+                    variable,
+                    &shown,
+                    "expected a redis:// or rediss:// URL",
+                ));
+            }
+        }
+        let settings = info.redis_settings();
+        config.db = settings.db();
+        config.username = settings.username().map(str::to_owned);
+        config.password = settings.password().map(|p| Secret(p.to_owned()));
+        Ok(config)
+    }
+
+    /// A builder starting from the defaults.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use aether_redis::{Config, Environment, Keyspace};
+    /// let config = Config::builder()
+    ///     .host("10.0.0.5")
+    ///     .environment(Environment::Production)
+    ///     .key_prefix("mailer:")
+    ///     .ttl(Keyspace::Cache, Duration::from_secs(60))
+    ///     .build()
+    ///     .unwrap();
+    /// assert_eq!(config.ttl().get(Keyspace::Cache), Duration::from_secs(60));
+    /// ```
+    pub fn builder() -> ConfigBuilder {
+        ConfigBuilder {
+            config: Config::default(),
+        }
+    }
+
+    /// A builder starting from this configuration.
+    pub fn to_builder(&self) -> ConfigBuilder {
+        ConfigBuilder {
+            config: self.clone(),
+        }
+    }
+
+    /// The TTL table in force: the environment's column plus overrides.
+    pub fn ttl(&self) -> TtlTable {
+        self.ttl_overrides
+            .iter()
+            .fold(TtlTable::new(self.environment), |t, (ks, d)| {
+                t.with_override(*ks, *d)
+            })
+    }
+
+    /// The name under which the server knows `command` (e.g. `EVAL` → `EVAL_b835c3f9a8`), or
+    /// `None` when it was disabled by renaming it to the empty string.
+    pub fn command_name<'a>(&'a self, command: &'a str) -> Option<&'a str> {
+        match self.renamed_commands.get(command) {
+            Some(renamed) if renamed.is_empty() => None,
+            Some(renamed) => Some(renamed),
+            None => Some(command),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.host.trim().is_empty() {
+            return Err(ConfigError::invalid(
+                "REDIS_HOST",
+                &self.host,
+                "must not be empty",
+            ));
+        }
+        if self.response_timeout.is_zero() {
+            return Err(ConfigError::invalid(
+                "REDIS_TIMEOUT",
+                "0",
+                "must be at least 1 ms",
+            ));
+        }
+        if self.connect_timeout.is_zero() {
+            return Err(ConfigError::invalid(
+                "REDIS_CONNECT_TIMEOUT",
+                "0",
+                "must be at least 1 ms",
+            ));
+        }
+        if self.pool_size == 0 {
+            return Err(ConfigError::invalid(
+                "REDIS_POOL_SIZE",
+                "0",
+                "must be at least 1",
+            ));
+        }
+        if self.shared_connections == 0 {
+            return Err(ConfigError::invalid(
+                "shared_connections",
+                "0",
+                "must be at least 1",
+            ));
+        }
+        if let Some(tls) = &self.tls {
+            if tls.cert_file.is_some() != tls.key_file.is_some() {
+                return Err(ConfigError::invalid(
+                    "REDIS_TLS_CERT_FILE",
+                    "",
+                    "REDIS_TLS_CERT_FILE and REDIS_TLS_KEY_FILE must be given together",
+                ));
+            }
+        }
+        if matches!(self.topology, Topology::Cluster { .. }) && self.db != 0 {
+            return Err(ConfigError::invalid(
+                "REDIS_DB",
+                self.db.to_string(),
+                "Redis Cluster has only database 0",
+            ));
+        }
+        for (keyspace, ttl) in &self.ttl_overrides {
+            if ttl.is_zero() {
+                return Err(ConfigError::invalid(
+                    format!("ttl({keyspace})"),
+                    "0",
+                    "must be positive",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            format!("{}<redacted>{}", &url[..scheme_end + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Builds a [`Config`]; every setter overrides one field, [`ConfigBuilder::build`] validates.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct ConfigBuilder {
+    config: Config,
+}
+
+impl ConfigBuilder {
+    /// Server host (standalone).
+    pub fn host(mut self, host: impl Into<String>) -> Self {
+        self.config.host = host.into();
+        self
+    }
+    /// Server port (standalone).
+    pub fn port(mut self, port: u16) -> Self {
+        self.config.port = port;
+        self
+    }
+    /// ACL user name.
+    pub fn username(mut self, username: impl Into<String>) -> Self {
+        self.config.username = Some(username.into());
+        self
+    }
+    /// Password.
+    pub fn password(mut self, password: impl Into<String>) -> Self {
+        self.config.password = Some(Secret(password.into()));
+        self
+    }
+    /// Logical database.
+    pub fn db(mut self, db: i64) -> Self {
+        self.config.db = db;
+        self
+    }
+    /// Enables TLS with these settings.
+    pub fn tls(mut self, tls: TlsConfig) -> Self {
+        self.config.tls = Some(tls);
+        self
+    }
+    /// Standalone, Sentinel or Cluster.
+    pub fn topology(mut self, topology: Topology) -> Self {
+        self.config.topology = topology;
+        self
+    }
+    /// Per-request response timeout.
+    pub fn response_timeout(mut self, timeout: Duration) -> Self {
+        self.config.response_timeout = timeout;
+        self
+    }
+    /// Connect timeout.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.config.connect_timeout = timeout;
+        self
+    }
+    /// Dedicated connection pool size.
+    pub fn pool_size(mut self, size: usize) -> Self {
+        self.config.pool_size = size;
+        self
+    }
+    /// Retries of idempotent operations on connection errors.
+    pub fn max_retries(mut self, retries: u32) -> Self {
+        self.config.max_retries = retries;
+        self
+    }
+    /// Number of shared multiplexed connections.
+    pub fn shared_connections(mut self, count: usize) -> Self {
+        self.config.shared_connections = count;
+        self
+    }
+    /// Prefix of every key.
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.config.key_prefix = prefix.into();
+        self
+    }
+    /// TTL column.
+    pub fn environment(mut self, environment: Environment) -> Self {
+        self.config.environment = environment;
+        self
+    }
+    /// Replaces one TTL table row.
+    pub fn ttl(mut self, keyspace: Keyspace, ttl: Duration) -> Self {
+        self.config.ttl_overrides.insert(keyspace, ttl);
+        self
+    }
+    /// Declares a server command renamed by `rename-command` (empty `to`: disabled).
+    pub fn renamed_command(mut self, command: &str, to: impl Into<String>) -> Self {
+        self.config
+            .renamed_commands
+            .insert(command.to_ascii_uppercase(), to.into());
+        self
+    }
+    /// Session layout.
+    pub fn session_layout(mut self, layout: SessionLayout) -> Self {
+        self.config.session_layout = layout;
+        self
+    }
+    /// Absolute session lifetime cap.
+    pub fn session_max_lifetime(mut self, lifetime: Duration) -> Self {
+        self.config.session_max_lifetime = lifetime;
+        self
+    }
+    /// The default rate-limit tier (`limit` per `window`).
+    pub fn rate_limit_default(mut self, limit: u64, window: Duration) -> Self {
+        self.config.rate_limit_max = Some(limit);
+        self.config.rate_limit_window = Some(window);
+        self
+    }
+    /// Validates and returns the configuration.
+    pub fn build(self) -> Result<Config, ConfigError> {
+        self.config.validate()?;
+        Ok(self.config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_lookup(|k| {
+            vars.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        })
+    }
+
+    #[test]
+    fn defaults_without_variables() {
+        let c = from(&[]).unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.environment, Environment::Development);
+    }
+
+    #[test]
+    fn bad_values_name_the_variable_and_value() {
+        for (var, value) in [
+            ("REDIS_PORT", "abc"),
+            ("REDIS_PORT", "0"),
+            ("REDIS_DB", "-1"),
+            ("APP_ENV", "staging-ish"),
+            ("NODE_ENV", "qa"),
+            ("REDIS_TIMEOUT", "5s"),
+            ("REDIS_POOL_SIZE", "0"),
+            ("REDIS_TLS", "maybe"),
+            ("REDIS_SESSION_TTL", "-3"),
+            ("REDIS_CLUSTER_NODES", "nohost"),
+            ("REDIS_RENAMED_COMMANDS", "EVAL"),
+            ("REDIS_URL", "http://x"),
+        ] {
+            let err = from(&[(var, value)]).unwrap_err();
+            assert_eq!(err.variable(), var, "{err}");
+            assert!(err.to_string().contains(value), "{err}");
+        }
+    }
+
+    #[test]
+    fn missing_tls_file_is_an_error() {
+        let err = from(&[("REDIS_TLS_CA_FILE", "/nonexistent/ca.pem")]).unwrap_err();
+        assert!(
+            matches!(err, ConfigError::File { ref variable, .. } if variable == "REDIS_TLS_CA_FILE")
+        );
+    }
+
+    #[test]
+    fn app_env_wins_over_node_env() {
+        let c = from(&[("APP_ENV", "test"), ("NODE_ENV", "production")]).unwrap();
+        assert_eq!(c.environment, Environment::Test);
+        let c = from(&[("NODE_ENV", "prod")]).unwrap();
+        assert_eq!(c.environment, Environment::Production);
+    }
+
+    #[test]
+    fn ttl_overrides_apply() {
+        let c = from(&[
+            ("REDIS_SESSION_TTL", "100"),
+            ("REDIS_CACHE_TTL", "7"),
+            ("APP_ENV", "production"),
+        ])
+        .unwrap();
+        assert_eq!(c.ttl().get(Keyspace::Session), Duration::from_secs(100));
+        assert_eq!(c.ttl().get(Keyspace::Cache), Duration::from_secs(7));
+        assert_eq!(c.ttl().get(Keyspace::RateLimit), Duration::from_secs(900));
+    }
+
+    #[test]
+    fn renamed_commands_parse() {
+        let c = from(&[(
+            "REDIS_RENAMED_COMMANDS",
+            "EVAL=EVAL_b835c3f9a8, script=SCRIPT_b835c3f9a8,KEYS=",
+        )])
+        .unwrap();
+        assert_eq!(c.command_name("EVAL"), Some("EVAL_b835c3f9a8"));
+        assert_eq!(c.command_name("SCRIPT"), Some("SCRIPT_b835c3f9a8"));
+        assert_eq!(c.command_name("KEYS"), None);
+        assert_eq!(c.command_name("EVALSHA"), Some("EVALSHA"));
+    }
+
+    #[test]
+    fn passwords_never_print() {
+        let c = from(&[
+            ("REDIS_PASSWORD", "s3cr3t-pw"),
+            ("REDIS_URL", "redis://u:other-pw@h:1/0"),
+        ])
+        .unwrap();
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("s3cr3t-pw") && !shown.contains("other-pw"),
+            "{shown}"
+        );
+        let err = from(&[("REDIS_URL", "redis://u:pw-in-url@h:notaport")]).unwrap_err();
+        assert!(!err.to_string().contains("pw-in-url"), "{err}");
+    }
+
+    #[test]
+    fn topologies() {
+        let c = from(&[
+            ("REDIS_SENTINEL_MASTER", "mymaster"),
+            ("REDIS_SENTINEL_ADDRS", "10.0.0.1:26379,10.0.0.2:26379"),
+        ])
+        .unwrap();
+        assert!(
+            matches!(c.topology, Topology::Sentinel { ref sentinels, .. } if sentinels.len() == 2)
+        );
+        let c = from(&[("REDIS_CLUSTER_NODES", "a:7000,b:7001")]).unwrap();
+        assert!(matches!(c.topology, Topology::Cluster { ref nodes } if nodes.len() == 2));
+        assert!(from(&[("REDIS_SENTINEL_MASTER", "m")]).is_err());
+    }
+}

@@ -1,0 +1,147 @@
+//! The crate's error type: one variant per failure site, with answers to "may I retry?".
+
+use std::time::Duration;
+
+use crate::config::ConfigError;
+
+/// Result alias used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong talking to Redis through this crate.
+///
+/// Stored data that does not decode is a [`Error::Decode`], never a connection error, so a retry
+/// loop never spins on bad data. Secrets never appear in the messages.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The configuration was rejected before anything was sent.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+
+    /// No connection to Redis could be had (refused, reset, pool exhausted, failover in progress).
+    /// Nothing was applied.
+    #[error("redis unavailable: {message}")]
+    Unavailable {
+        /// What failed.
+        message: String,
+        /// The underlying client error, when there is one.
+        #[source]
+        source: Option<redis::RedisError>,
+    },
+
+    /// A request was sent but no answer arrived in time: the outcome is unknown.
+    #[error("redis timed out after {after:?} during {operation}; the outcome is unknown")]
+    Timeout {
+        /// The operation that timed out.
+        operation: &'static str,
+        /// The deadline that elapsed.
+        after: Duration,
+    },
+
+    /// A caller-supplied value was rejected before anything was sent.
+    #[error("invalid {what}: {reason}")]
+    InvalidInput {
+        /// Which argument or field (e.g. `session id`, `ui.pageSize`).
+        what: &'static str,
+        /// Why it was rejected.
+        reason: String,
+    },
+
+    /// A value stored in Redis does not have the documented layout.
+    #[error("cannot decode {key}{}: {reason}", field.as_deref().map(|f| format!(" field `{f}`")).unwrap_or_default())]
+    Decode {
+        /// The Redis key holding the value.
+        key: String,
+        /// The hash field or JSON member, when the problem is in one.
+        field: Option<String>,
+        /// What was wrong.
+        reason: String,
+    },
+
+    /// The server lacks a feature this operation needs (version, scripting disabled, ...).
+    #[error("unsupported by this server: {0}")]
+    Unsupported(String),
+
+    /// The server answered with an error of its own (WRONGTYPE, NOPERM, OOM, ...).
+    #[error("redis error: {0}")]
+    Server(#[source] redis::RedisError),
+}
+
+impl Error {
+    /// True when the same call may succeed if tried again later (connection loss, timeouts,
+    /// failover, loading). Note that a timeout's outcome is unknown: retry only idempotent
+    /// operations.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Unavailable { .. } | Error::Timeout { .. } => true,
+            Error::Server(e) => matches!(
+                e.kind(),
+                redis::ErrorKind::Server(
+                    redis::ServerErrorKind::TryAgain
+                        | redis::ServerErrorKind::ClusterDown
+                        | redis::ServerErrorKind::MasterDown
+                        | redis::ServerErrorKind::BusyLoading
+                        | redis::ServerErrorKind::Moved
+                        | redis::ServerErrorKind::Ask
+                )
+            ),
+            _ => false,
+        }
+    }
+
+    /// True when a request was sent and its outcome is unknown.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Error::Timeout { .. })
+    }
+
+    /// True when Redis could not be reached at all (the request was not applied).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Error::Unavailable { .. })
+    }
+
+    pub(crate) fn invalid(what: &'static str, reason: impl Into<String>) -> Self {
+        Error::InvalidInput {
+            what,
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn decode(
+        key: impl Into<String>,
+        field: Option<&str>,
+        reason: impl Into<String>,
+    ) -> Self {
+        Error::Decode {
+            key: key.into(),
+            field: field.map(str::to_owned),
+            reason: reason.into(),
+        }
+    }
+
+    /// Classifies a client error raised during `operation`.
+    pub(crate) fn from_redis(operation: &'static str, err: redis::RedisError) -> Self {
+        if err.is_timeout() {
+            return Error::Timeout {
+                operation,
+                after: Duration::ZERO,
+            };
+        }
+        if err.is_connection_dropped()
+            || err.is_connection_refusal()
+            || err.is_io_error()
+            || err.is_unrecoverable_error()
+        {
+            return Error::Unavailable {
+                message: format!("{operation}: {err}"),
+                source: Some(err),
+            };
+        }
+        Error::Server(err)
+    }
+}
+
+impl From<redis::RedisError> for Error {
+    fn from(err: redis::RedisError) -> Self {
+        Error::from_redis("request", err)
+    }
+}

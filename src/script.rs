@@ -1,0 +1,169 @@
+//! Lua scripts run by `EVALSHA`, loaded through the configured (possibly renamed) command names.
+//!
+//! Production configs rename `EVAL` and `SCRIPT` (`rename-command EVAL EVAL_b835c3f9a8`). A
+//! script is always tried by SHA first; on `NOSCRIPT` (after `SCRIPT FLUSH`, a restart or a
+//! failover) it is sent once in full through the configured `EVAL` name, which also caches it,
+//! so callers never see `NOSCRIPT`.
+
+use redis::aio::ConnectionLike;
+use redis::{Cmd, ToRedisArgs, Value};
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::pool::Redis;
+
+/// A Lua script known by its source and SHA1.
+#[derive(Debug, Clone)]
+pub struct LuaScript {
+    name: &'static str,
+    source: &'static str,
+    sha: String,
+}
+
+impl LuaScript {
+    /// A script; `name` appears in errors and traces.
+    pub fn new(name: &'static str, source: &'static str) -> Self {
+        let sha = redis::Script::new(source).get_hash().to_owned();
+        LuaScript { name, source, sha }
+    }
+
+    /// The SHA1 the server knows the script by.
+    pub fn sha(&self) -> &str {
+        &self.sha
+    }
+
+    /// The script's name.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
+/// Keys and arguments of one script call. Arguments are encoded when added.
+#[derive(Debug, Clone, Default)]
+pub struct ScriptCall {
+    keys: Vec<String>,
+    args: Vec<Vec<u8>>,
+}
+
+impl ScriptCall {
+    /// An empty call.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a key (`KEYS[n]`).
+    pub fn key(mut self, key: impl Into<String>) -> Self {
+        self.keys.push(key.into());
+        self
+    }
+
+    /// Adds an argument (`ARGV[n]`).
+    pub fn arg(mut self, arg: impl ToRedisArgs) -> Self {
+        self.args.extend(arg.to_redis_args());
+        self
+    }
+
+    fn command(&self, name: &str, script: &str) -> Cmd {
+        let mut cmd = redis::cmd(name);
+        cmd.arg(script).arg(self.keys.len()).arg(&self.keys);
+        for arg in &self.args {
+            cmd.arg(arg.as_slice());
+        }
+        cmd
+    }
+}
+
+/// The scripting command names in force.
+#[derive(Debug, Clone)]
+pub(crate) struct Scripts {
+    evalsha: Option<String>,
+    eval: Option<String>,
+}
+
+const PROBE: &str = "return 1";
+
+impl Scripts {
+    pub(crate) fn new(config: &Config) -> Self {
+        Scripts {
+            evalsha: config.command_name("EVALSHA").map(str::to_owned),
+            eval: config.command_name("EVAL").map(str::to_owned),
+        }
+    }
+
+    async fn run<C: ConnectionLike>(
+        &self,
+        conn: &mut C,
+        script: &LuaScript,
+        call: &ScriptCall,
+    ) -> redis::RedisResult<Value> {
+        if let Some(evalsha) = &self.evalsha {
+            match call.command(evalsha, &script.sha).query_async(conn).await {
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {}
+                other => return other,
+            }
+        }
+        match &self.eval {
+            Some(eval) => call.command(eval, script.source).query_async(conn).await,
+            None => Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "scripting disabled",
+                "EVAL is renamed to the empty string".to_owned(),
+            ))),
+        }
+    }
+
+    /// Runs a trivial script; the error says why scripting is unusable.
+    pub(crate) async fn probe<C: ConnectionLike>(&self, conn: &mut C) -> Result<(), String> {
+        let probe = LuaScript::new("probe", PROBE);
+        match self.run(conn, &probe, &ScriptCall::new()).await {
+            Ok(Value::Int(1)) => Ok(()),
+            Ok(other) => Err(format!("unexpected probe reply {other:?}")),
+            Err(e) => Err(format!(
+                "running a script with {} / {} failed: {e}",
+                self.evalsha.as_deref().unwrap_or("<disabled EVALSHA>"),
+                self.eval.as_deref().unwrap_or("<disabled EVAL>"),
+            )),
+        }
+    }
+}
+
+impl Redis {
+    /// Fails with [`Error::Unsupported`] naming `feature` when scripts cannot run on this server
+    /// under the configured command names. Repositories call it at construction.
+    pub fn require_scripting(&self, feature: &str) -> Result<()> {
+        let caps = self.capabilities();
+        if caps.scripting {
+            Ok(())
+        } else {
+            Err(Error::Unsupported(format!(
+                "{feature} needs Lua scripting: {}; set REDIS_RENAMED_COMMANDS to the server's \
+                 names for EVAL/EVALSHA, or choose a script-free mode",
+                caps.scripting_error.as_deref().unwrap_or("unavailable")
+            )))
+        }
+    }
+
+    /// Runs `script` atomically: one round trip (`EVALSHA`), two after a script cache flush
+    /// (`EVALSHA`, then the full script through the configured `EVAL` name).
+    pub async fn eval_script(&self, script: &LuaScript, call: &ScriptCall) -> Result<Value> {
+        let mut conn = self.connection().await?;
+        self.scripts()
+            .run(&mut conn, script, call)
+            .await
+            .map_err(|e| self.fail(script.name(), e))
+    }
+
+    /// [`Redis::eval_script`] on a connection of the caller's (e.g. a dedicated one).
+    pub async fn eval_script_on<C: ConnectionLike + Send>(
+        &self,
+        conn: &mut C,
+        script: &LuaScript,
+        call: &ScriptCall,
+    ) -> Result<Value> {
+        self.scripts()
+            .run(conn, script, call)
+            .await
+            .map_err(|e| self.fail(script.name(), e))
+    }
+}
