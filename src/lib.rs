@@ -21,15 +21,21 @@
 pub mod cache;
 pub mod codec;
 pub mod config;
+pub mod email_queue;
 pub mod error;
+pub mod events;
 pub mod keyspace;
 pub mod pool;
 pub mod random;
+pub mod rate_limit;
 pub mod script;
 pub mod session;
+pub mod stream;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+pub mod tokens;
 pub mod ttl;
+pub mod user_prefs;
 
 pub use cache::CacheManager;
 pub use config::{Config, ConfigBuilder, ConfigError, Environment, SessionLayout, Topology};

