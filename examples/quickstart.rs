@@ -49,7 +49,75 @@ async fn connect() -> Result<Redis, Box<dyn std::error::Error>> {
     Ok(Redis::connect(disposable).await?)
 }
 
-async fn demo_sessions(_redis: &Redis) -> Result<(), Box<dyn std::error::Error>> {
+/// Sessions: create, read (which slides the idle TTL), update, rotate the id, list and log out
+/// everywhere.
+async fn demo_sessions(redis: &Redis) -> Result<(), Box<dyn std::error::Error>> {
+    use aether_redis::session::{NewSession, Role, SessionId, SessionUpdate};
+    let sessions = redis.sessions();
+    let session = sessions
+        .create(
+            NewSession::new("user-1", "ada@example.com", Role::User)
+                .ip_address("203.0.113.9")
+                .user_agent("quickstart")
+                .permissions(["mail:read"])
+                .extra("csrfToken", aether_redis::random::secret_token(16)?),
+        )
+        .await?;
+    println!(
+        "sessions: created {:?} for {} (idle TTL {:?}, lifetime cap {:?}, {})",
+        session.id, // Debug is redacted: the id is a secret
+        session.user_id,
+        sessions.idle_ttl(),
+        sessions.max_lifetime(),
+        if sessions.uses_scripts() {
+            "Lua scripts"
+        } else {
+            "WATCH/MULTI"
+        }
+    );
+    // What a cookie would carry comes back through FromStr, which rejects hostile ids.
+    let id: SessionId = session.id.to_string().parse()?;
+    let read = sessions.get(&id).await?.ok_or("session vanished")?;
+    println!(
+        "sessions: get -> role {}, lastAccessAt {} (slid in the same round trip)",
+        read.role, read.last_access_at
+    );
+    let updated = sessions
+        .update(
+            &id,
+            &SessionUpdate::new()
+                .role(Role::Moderator)
+                .permissions(["mail:read", "mail:moderate"]),
+        )
+        .await?
+        .ok_or("session vanished")?;
+    println!(
+        "sessions: update -> role {}, permissions {:?}",
+        updated.role, updated.permissions
+    );
+    let rotated = sessions.rotate_id(&id).await?.ok_or("session vanished")?;
+    println!(
+        "sessions: rotate_id -> old id gone: {}, new id works: {}",
+        sessions.get(&id).await?.is_none(),
+        sessions.get(&rotated).await?.is_some()
+    );
+    sessions
+        .create(
+            NewSession::new("user-1", "ada@example.com", Role::User).user_agent("second device"),
+        )
+        .await?;
+    println!(
+        "sessions: user-1 has {} sessions",
+        sessions.list_user("user-1").await?.len()
+    );
+    println!(
+        "sessions: destroy_user (log out everywhere) destroyed {}",
+        sessions.destroy_user("user-1").await?
+    );
+    match "bad:id".parse::<SessionId>() {
+        Err(e) => println!("sessions: a hostile id is rejected: {e}"),
+        Ok(_) => return Err("a hostile id was accepted".into()),
+    }
     Ok(())
 }
 
