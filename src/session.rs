@@ -1054,7 +1054,9 @@ impl SessionStore {
     /// Prunes the index on the way: members past their absolute deadline
     /// (`ZREMRANGEBYSCORE`), and members whose session is gone or belongs to someone else
     /// (after the index grace). Round trips: one `MULTI` on the index, one pipeline of reads
-    /// (in Cluster: concurrent single-key reads), one `ZREM` when something is pruned.
+    /// (in Cluster: concurrent single-key reads), one `ZREM` when something is pruned. A
+    /// listed session whose stored data does not decode fails the call with [`Error::Decode`]
+    /// naming its key and field (`destroy_user` still erases it).
     #[tracing::instrument(name = "session.list_user", skip_all)]
     pub async fn list_user(&self, user_id: &str) -> Result<Vec<Session>> {
         let index = self.index_key(user_id)?;

@@ -116,6 +116,8 @@ aether_redis::contract_tests! {
         let created = store.create(new_session("u1")).await.unwrap();
         let key = store.key(&created.id);
         assert!(pttl(&redis, &key).await > 55_000);
+        // The create transaction's temporary key never outlives it.
+        assert!(!exists(&redis, &redis.keys().derived(&key, "create")).await);
         tokio::time::sleep(Duration::from_millis(20)).await;
         let got = store.get(&created.id).await.unwrap().unwrap();
         assert_same_data(&created, &got);
