@@ -669,6 +669,15 @@ struct BreakerInner {
     trial_in_flight: bool,
 }
 
+/// Releases a half-open trial when its call ends without a verdict (including cancellation).
+struct TrialGuard<'a>(&'a Breaker);
+
+impl Drop for TrialGuard<'_> {
+    fn drop(&mut self) {
+        self.0.release_trial();
+    }
+}
+
 /// What the breaker lets a call do.
 enum Permit {
     Call,
@@ -723,7 +732,8 @@ impl Breaker {
         }
     }
 
-    /// A trial call that ended with neither success nor an availability failure.
+    /// A trial call that ended with neither success nor an availability failure, or was
+    /// cancelled.
     fn release_trial(&self) {
         self.lock().trial_in_flight = false;
     }
@@ -752,19 +762,23 @@ enum LocalState {
     /// Fixed window: hits and the window's end (µs).
     Fixed { count: u64, ends: i64 },
     /// Sliding window: current window start (ms), counts.
-    Sliding { start: i64, cur: u64, prev: u64 },
+    Sliding {
+        start: i64,
+        cur: u64,
+        prev: u64,
+        window_ms: i64,
+    },
 }
 
 impl LocalState {
     /// When the state is back to "no state" (µs).
-    fn expires(&self, tier: Option<&Tier>) -> i64 {
+    fn expires(&self) -> i64 {
         match *self {
             LocalState::Gcra { tat } => tat,
             LocalState::Fixed { ends, .. } => ends,
-            LocalState::Sliding { start, .. } => {
-                let window = tier.map_or(0, |t| t.window_ms() as i64);
-                (start + 2 * window) * 1000
-            }
+            LocalState::Sliding {
+                start, window_ms, ..
+            } => (start + 2 * window_ms) * 1000,
         }
     }
 }
@@ -896,12 +910,9 @@ impl LocalLimiter {
 
     fn decide(&self, key: &str, tier: &Tier, cost: u64, consume: bool, now_us: i64) -> Outcome {
         let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
-        let current = states
-            .get(key)
-            .copied()
-            .filter(|s| s.expires(Some(tier)) > now_us);
+        let current = states.get(key).copied().filter(|s| s.expires() > now_us);
         if current.is_none() && consume && states.len() >= self.capacity {
-            states.retain(|_, s| s.expires(None) > now_us);
+            states.retain(|_, s| s.expires() > now_us);
             if states.len() >= self.capacity {
                 return Outcome {
                     allowed: false,
@@ -948,7 +959,9 @@ impl LocalLimiter {
             }
             Algorithm::SlidingWindow => {
                 let state = match current {
-                    Some(LocalState::Sliding { start, cur, prev }) => Some((start, cur, prev)),
+                    Some(LocalState::Sliding {
+                        start, cur, prev, ..
+                    }) => Some((start, cur, prev)),
                     _ => None,
                 };
                 let (o, (start, cur, prev)) = sliding_step(
@@ -959,7 +972,15 @@ impl LocalLimiter {
                     cost,
                     consume,
                 );
-                (o, LocalState::Sliding { start, cur, prev })
+                (
+                    o,
+                    LocalState::Sliding {
+                        start,
+                        cur,
+                        prev,
+                        window_ms: tier.window_ms() as i64,
+                    },
+                )
             }
         };
         if consume && (outcome.allowed || tier.algorithm == Algorithm::FixedWindow) {
@@ -1120,16 +1141,13 @@ impl Redis {
     /// with [`Error::Unsupported`] rather than on first use.
     pub fn rate_limiter_with(&self, config: RateLimiterConfig) -> Result<RateLimiter> {
         let mut tiers = config.tiers;
-        if !tiers.contains_key(&TierName::Default) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = tiers.entry(TierName::Default) {
             let limit = self.config().rate_limit_max.unwrap_or(100);
             let window = self
                 .config()
                 .rate_limit_window
                 .unwrap_or_else(|| self.ttl().get(Keyspace::RateLimit));
-            tiers.insert(
-                TierName::Default,
-                Tier::new(limit, window)?.with_algorithm(config.default_algorithm),
-            );
+            slot.insert(Tier::new(limit, window)?.with_algorithm(config.default_algorithm));
         }
         for (name, tier) in &tiers {
             tier.check_exact(name)?;
@@ -1307,6 +1325,8 @@ impl RateLimiter {
             Permit::Trial => true,
             Permit::Call => false,
         };
+        // A caller may drop this future mid-call: the trial must not stay "in flight" forever.
+        let _trial_guard = trial.then_some(TrialGuard(&inner.breaker));
         inner.counters.redis_calls.fetch_add(1, Ordering::Relaxed);
         let result =
             match tokio::time::timeout(inner.timeout, self.ask_redis(key, tier, cost, consume))
@@ -1332,12 +1352,7 @@ impl RateLimiter {
                 tracing::warn!(tier = %name, error = %err, "rate limiter: Redis failed; applying the failure policy");
                 self.degrade(key, name, tier, cost, consume, err)
             }
-            Err(err) => {
-                if trial {
-                    inner.breaker.release_trial();
-                }
-                Err(err)
-            }
+            Err(err) => Err(err),
         }
     }
 
