@@ -22,6 +22,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     demo_sessions(&redis).await?;
     demo_cache(&redis).await?;
+    demo_rate_limit(&redis).await?;
 
     println!("done");
     Ok(())
@@ -122,5 +123,40 @@ async fn demo_sessions(redis: &Redis) -> Result<(), Box<dyn std::error::Error>> 
 }
 
 async fn demo_cache(_redis: &Redis) -> Result<(), Box<dyn std::error::Error>> {
+    Ok(())
+}
+
+async fn demo_rate_limit(redis: &Redis) -> Result<(), Box<dyn std::error::Error>> {
+    use aether_redis::rate_limit::TierName;
+    // Tiers from RATE_LIMIT_* (MFA: 5 per 60 s by default), GCRA on the server's clock.
+    let limiter = redis.rate_limiter()?;
+    let mut admitted = 0;
+    let mut last = None;
+    for _ in 0..7 {
+        let decision = limiter
+            .check("user-42", "mfa-verify", &TierName::Mfa)
+            .await?;
+        admitted += u32::from(decision.allowed);
+        last = Some(decision);
+    }
+    if let Some(denied) = last {
+        let headers = denied.headers();
+        println!(
+            "rate limit: {admitted} of 7 MFA attempts admitted; then 429 with RateLimit-Policy: {}, \
+             RateLimit: {}, Retry-After: {}",
+            headers.policy,
+            headers.rate_limit,
+            headers.retry_after.unwrap_or_default()
+        );
+    }
+    let status = limiter
+        .peek("user-42", "mfa-verify", &TierName::Mfa)
+        .await?;
+    println!(
+        "rate limit: peek says {} remaining, resets in {:?}",
+        status.remaining, status.reset_after
+    );
+    limiter.reset("user-42", "mfa-verify").await?;
+    println!("rate limit: reset by an administrator");
     Ok(())
 }
