@@ -32,7 +32,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let streams = redis.streams();
     let stream = aether_redis::stream::TASK_EVENTS;
     let group = aether_redis::stream::TASK_WORKERS;
-    streams.create_group(stream, group, StartFrom::Beginning).await?;
+    streams
+        .create_group(stream, group, StartFrom::Beginning)
+        .await?;
 
     let producer = streams.producer::<TaskEvent>(stream)?;
     let events: Vec<TaskEvent> = (1..=20)

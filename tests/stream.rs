@@ -54,7 +54,13 @@ impl Seen {
         self.0.lock().unwrap().len()
     }
     fn max_runs(&self) -> u64 {
-        self.0.lock().unwrap().values().map(|v| v.0).max().unwrap_or(0)
+        self.0
+            .lock()
+            .unwrap()
+            .values()
+            .map(|v| v.0)
+            .max()
+            .unwrap_or(0)
     }
 }
 

@@ -17,9 +17,9 @@ use tokio::time::Instant;
 
 use super::reply::{self, RawEntry};
 use super::{
-    DEFAULT_DEAD_LETTER_RETENTION, DEFAULT_IDEMPOTENCY_TTL, DeadLetterCall,
-    FIELD_IDEMPOTENCY_KEY, FIELD_PAYLOAD, FIELD_REPLAY_OF, StartFrom, StreamKeys, create_group,
-    dead_letter_message, is_server_code, millis, remove_idle_consumers,
+    DEFAULT_DEAD_LETTER_RETENTION, DEFAULT_IDEMPOTENCY_TTL, DeadLetterCall, FIELD_IDEMPOTENCY_KEY,
+    FIELD_PAYLOAD, FIELD_REPLAY_OF, StartFrom, StreamKeys, create_group, dead_letter_message,
+    is_server_code, millis, remove_idle_consumers,
 };
 use crate::codec::{from_json, int};
 use crate::error::{Error, Result};
@@ -201,7 +201,10 @@ impl ConsumerOptions {
         if self.claim_min_idle < Duration::from_millis(1) {
             return Err(Error::invalid("claim_min_idle", "must be at least 1 ms"));
         }
-        if self.idempotency_ttl.is_some_and(|t| t < Duration::from_millis(1)) {
+        if self
+            .idempotency_ttl
+            .is_some_and(|t| t < Duration::from_millis(1))
+        {
             return Err(Error::invalid("idempotency_ttl", "must be at least 1 ms"));
         }
         Ok(())
@@ -365,11 +368,7 @@ fn default_consumer_name() -> String {
         .take(64)
         .collect();
     let host = if host.is_empty() { "host".into() } else { host };
-    format!(
-        "{host}-{}-{}",
-        std::process::id(),
-        crate::random::token(6)
-    )
+    format!("{host}-{}-{}", std::process::id(), crate::random::token(6))
 }
 
 impl<T: DeserializeOwned + Send + 'static> StreamConsumer<T> {
@@ -533,24 +532,30 @@ struct Ack {
 
 impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> Ctx<T, H> {
     fn decode(&self, job: &Job) -> std::result::Result<StreamMessage<T>, String> {
-        let entry = RawEntry {
-            id: job.id.clone(),
-            fields: Some(job.fields.clone()),
+        let field = |name: &str| {
+            job.fields
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_slice())
         };
-        let raw = entry
-            .field(FIELD_PAYLOAD)
+        let text = |name: &str| {
+            field(name)
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .map(str::to_owned)
+        };
+        let raw = field(FIELD_PAYLOAD)
             .ok_or_else(|| format!("entry {} has no `{FIELD_PAYLOAD}` field", job.id))?;
         let payload: T = from_json(self.keys.stream(), raw).map_err(|e| e.to_string())?;
         Ok(StreamMessage {
             id: job.id.clone(),
             payload,
             delivery_count: job.delivery_count,
-            idempotency_key: entry.field_text(FIELD_IDEMPOTENCY_KEY),
-            replay_of: entry.field_text(FIELD_REPLAY_OF),
+            idempotency_key: text(FIELD_IDEMPOTENCY_KEY),
+            replay_of: text(FIELD_REPLAY_OF),
         })
     }
 
-    async fn process(self: Arc<Self>, job: Job) {
+    async fn process(self: Arc<Self>, job: Arc<Job>) {
         let outcome = match self.decode(&job) {
             Ok(message) => self
                 .handler
@@ -561,11 +566,12 @@ impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> Ctx<T, H> {
         };
         match outcome {
             Ok(()) => {
-                let mut ids = vec![job.id];
-                ids.extend(job.twins);
+                let mut ids = Vec::with_capacity(1 + job.twins.len());
+                ids.push(job.id.clone());
+                ids.extend(job.twins.iter().cloned());
                 let _ = self.acks.send(Ack {
                     ids,
-                    record: job.record,
+                    record: job.record.clone(),
                     handled: true,
                 });
             }
@@ -617,10 +623,19 @@ impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> Ctx<T, H> {
     }
 }
 
+/// Counts a running handler until dropped.
+struct InFlight(Arc<Counters>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 struct LoopState<T, H> {
     ctx: Arc<Ctx<T, H>>,
     tasks: JoinSet<()>,
-    running: HashMap<tokio::task::Id, Job>,
+    running: HashMap<tokio::task::Id, Arc<Job>>,
     in_flight: HashSet<String>,
     permits: Arc<Semaphore>,
     conn: Option<DedicatedConnection>,
@@ -637,7 +652,10 @@ impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> LoopState<T, H> 
         }
     }
 
-    async fn finished(&mut self, done: std::result::Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
+    async fn finished(
+        &mut self,
+        done: std::result::Result<(tokio::task::Id, ()), tokio::task::JoinError>,
+    ) {
         let id = match &done {
             Ok((id, ())) => *id,
             Err(e) => e.id(),
@@ -646,7 +664,6 @@ impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> LoopState<T, H> 
             return;
         };
         self.in_flight.remove(&job.id);
-        self.ctx.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
         if let Err(e) = done
             && e.is_panic()
         {
@@ -681,8 +698,8 @@ impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> LoopState<T, H> 
                         .options
                         .start
                         .unwrap_or_else(|| StartFrom::default_for(&self.ctx.group));
-                    let _ = create_group(&self.ctx.redis, &self.ctx.keys, &self.ctx.group, start)
-                        .await;
+                    let _ =
+                        create_group(&self.ctx.redis, &self.ctx.keys, &self.ctx.group, start).await;
                 }
                 tokio::time::sleep(Duration::from_millis(25 << self.failures)).await;
             }
@@ -692,10 +709,18 @@ impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> LoopState<T, H> 
     async fn read(&mut self) -> Result<()> {
         let ctx = self.ctx.clone();
         let until_claim = self.next_claim.saturating_duration_since(Instant::now());
-        let block = ctx.options.block.min(until_claim).max(Duration::from_millis(1));
-        let mut conn = match self.conn.take() {
-            Some(conn) => conn,
-            None => ctx.redis.dedicated().await?,
+        let block = ctx
+            .options
+            .block
+            .min(until_claim)
+            .max(Duration::from_millis(1));
+        if self.conn.is_none() {
+            self.conn = Some(ctx.redis.dedicated().await?);
+        }
+        // The connection stays in `self` while the read is in flight, so that a shutdown
+        // cutting the read short finds it and discards it.
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(());
         };
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
@@ -708,12 +733,17 @@ impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> LoopState<T, H> 
             .arg("STREAMS")
             .arg(ctx.keys.stream())
             .arg(">");
-        let margin = ctx.redis.config().response_timeout.max(Duration::from_secs(1));
-        let reply = match tokio::time::timeout(block + margin, cmd.query_async::<Value>(&mut conn))
-            .await
+        let margin = ctx
+            .redis
+            .config()
+            .response_timeout
+            .max(Duration::from_secs(1));
+        let reply = match tokio::time::timeout(block + margin, cmd.query_async::<Value>(conn)).await
         {
             Err(_) => {
-                conn.discard();
+                if let Some(conn) = self.conn.take() {
+                    conn.discard();
+                }
                 return Err(Error::Timeout {
                     operation: "XREADGROUP",
                     after: block + margin,
@@ -722,22 +752,16 @@ impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> LoopState<T, H> 
             Ok(Err(e)) => {
                 let err = ctx.redis.fail("XREADGROUP", e);
                 if err.is_unavailable() || err.is_timeout() {
-                    conn.discard();
-                } else {
-                    self.conn = Some(conn);
+                    if let Some(conn) = self.conn.take() {
+                        conn.discard();
+                    }
                 }
                 return Err(err);
             }
-            Ok(Ok(reply)) => {
-                self.conn = Some(conn);
-                reply
-            }
+            Ok(Ok(reply)) => reply,
         };
         let entries = reply::read_group(ctx.keys.stream(), reply)?;
-        let jobs = entries
-            .into_iter()
-            .map(|e| (e, 1))
-            .collect::<Vec<_>>();
+        let jobs = entries.into_iter().map(|e| (e, 1)).collect::<Vec<_>>();
         self.dispatch(jobs).await
     }
 
@@ -877,10 +901,14 @@ impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> LoopState<T, H> 
             self.in_flight.insert(job.id.clone());
             Counters::add(&ctx.counters.in_flight, 1);
             let task_ctx = ctx.clone();
+            let job = Arc::new(job);
             let task_job = job.clone();
+            let guard = InFlight(ctx.counters.clone());
             let handle = self.tasks.spawn(async move {
+                // Dropped on return, panic or abort alike.
+                let _permit = permit;
+                let _guard = guard;
                 task_ctx.process(task_job).await;
-                drop(permit);
             });
             self.running.insert(handle.id(), job);
         }
@@ -984,10 +1012,7 @@ async fn acker(
                         for (record, _) in &records {
                             call = call.key(*record);
                         }
-                        call = call
-                            .arg(&group)
-                            .arg(millis(ttl).max(1))
-                            .arg(records.len());
+                        call = call.arg(&group).arg(millis(ttl).max(1)).arg(records.len());
                         for (_, id) in &records {
                             call = call.arg(*id);
                         }
@@ -1015,7 +1040,10 @@ async fn acker(
                 let skipped = (all.len() as u64).saturating_sub(handled);
                 Counters::add(&counters.processed, handled);
                 Counters::add(&counters.duplicates, skipped);
-                Counters::add(&counters.already_acked, (all.len() as u64).saturating_sub(acked));
+                Counters::add(
+                    &counters.already_acked,
+                    (all.len() as u64).saturating_sub(acked),
+                );
             }
             Err(e) => {
                 Counters::add(&counters.errors, 1);

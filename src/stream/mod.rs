@@ -57,8 +57,8 @@ mod producer;
 mod reply;
 
 pub use consumer::{
-    ConsumerHandle, ConsumerMetrics, ConsumerOptions, HandlerError,
-    StreamConsumer, StreamHandler, StreamMessage,
+    ConsumerHandle, ConsumerMetrics, ConsumerOptions, HandlerError, StreamConsumer, StreamHandler,
+    StreamMessage,
 };
 pub use producer::{Published, StreamProducer};
 
@@ -351,7 +351,12 @@ impl Streams {
         options: ConsumerOptions,
     ) -> Result<StreamConsumer<T>> {
         validate_key_part("consumer group", group)?;
-        StreamConsumer::new(self.redis.clone(), self.keys(name)?, group.to_owned(), options)
+        StreamConsumer::new(
+            self.redis.clone(),
+            self.keys(name)?,
+            group.to_owned(),
+            options,
+        )
     }
 
     /// Creates `group` on stream `name` (creating the stream too: `MKSTREAM`), starting at

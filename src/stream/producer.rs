@@ -151,7 +151,11 @@ impl<T: Serialize> StreamProducer<T> {
     /// the key (`{<stream>}:idem:<key>`) is in the stream's slot. The key is validated like a
     /// key part and travels with the message (`idem` field), so consumers also deduplicate on
     /// it.
-    pub async fn publish_idempotent(&self, payload: &T, idempotency_key: &str) -> Result<Published> {
+    pub async fn publish_idempotent(
+        &self,
+        payload: &T,
+        idempotency_key: &str,
+    ) -> Result<Published> {
         validate_key_part("idempotency key", idempotency_key)?;
         self.redis.require_scripting("idempotent stream publish")?;
         let json = to_json("stream payload", payload)?;

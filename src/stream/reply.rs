@@ -49,7 +49,11 @@ fn fields(key: &str, value: Value) -> Result<Option<Vec<(String, Vec<u8>)>>> {
         Value::Map(pairs) => pairs,
         Value::Array(items) => {
             if items.len() % 2 != 0 {
-                return Err(Error::decode(key, None, "stream entry has an odd field list"));
+                return Err(Error::decode(
+                    key,
+                    None,
+                    "stream entry has an odd field list",
+                ));
             }
             let mut iter = items.into_iter();
             let mut pairs = Vec::new();
