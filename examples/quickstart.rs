@@ -23,6 +23,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     demo_sessions(&redis).await?;
     demo_cache(&redis).await?;
     demo_rate_limit(&redis).await?;
+    demo_streams(&redis).await?;
 
     println!("done");
     Ok(())
@@ -158,5 +159,62 @@ async fn demo_rate_limit(redis: &Redis) -> Result<(), Box<dyn std::error::Error>
     );
     limiter.reset("user-42", "mfa-verify").await?;
     println!("rate limit: reset by an administrator");
+async fn demo_streams(redis: &Redis) -> Result<(), Box<dyn std::error::Error>> {
+    use aether_redis::stream::{ConsumerOptions, StartFrom, StreamMessage};
+    use std::time::Duration;
+
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Webhook {
+        event: String,
+    }
+
+    let streams = redis.streams();
+    let stream = aether_redis::stream::WEBHOOK_EVENTS;
+    let group = aether_redis::stream::WEBHOOK_WORKERS;
+    streams.create_group(stream, group, StartFrom::New).await?;
+    let producer = streams.producer::<Webhook>(stream)?;
+    let first = producer
+        .publish_idempotent(
+            &Webhook {
+                event: "push".into(),
+            },
+            "delivery-1",
+        )
+        .await?;
+    let retry = producer
+        .publish_idempotent(
+            &Webhook {
+                event: "push".into(),
+            },
+            "delivery-1",
+        )
+        .await?;
+    producer
+        .publish(&Webhook {
+            event: "ping".into(),
+        })
+        .await?;
+    println!(
+        "streams: published 2 webhooks on {stream} (retried publish deduplicated: {})",
+        retry.duplicate && retry.id == first.id
+    );
+    let options = ConsumerOptions::default().with_block(Duration::from_millis(100));
+    let worker = streams.consumer::<Webhook>(stream, group, options)?.spawn(
+        |msg: StreamMessage<Webhook>| async move {
+            println!("streams: handled {} ({})", msg.payload.event, msg.id);
+            Ok::<_, std::io::Error>(())
+        },
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while worker.metrics().processed < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let metrics = worker.shutdown().await?;
+    let info = streams.group_info(stream, group).await?;
+    println!(
+        "streams: {group} processed {}, pending {}",
+        metrics.processed,
+        info.map(|i| i.pending).unwrap_or_default()
+    );
     Ok(())
 }

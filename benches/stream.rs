@@ -1,0 +1,261 @@
+//! Streams end to end: XADD → XREADGROUP → handle → XACK, messages per second.
+//!
+//! `StreamConsumer` at batch 1/10/100 with 1 and 8 handlers (idempotency off, and on at 8
+//! handlers), beside a raw loop with the redis client in the same run: XREADGROUP (BLOCK, on
+//! its own connection) → decode each payload → one XACK for the batch on a shared
+//! `MultiplexedConnection`. Both sides publish with the same pipelined `XADD MAXLEN ~`, and
+//! an iteration ends when the handler has seen every message of the iteration.
+//!
+//! ```sh
+//! cargo bench --bench stream --features testkit -- --warm-up-time 1 --measurement-time 3
+//! ```
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use aether_redis::Redis;
+use aether_redis::stream::{ConsumerOptions, StartFrom, StreamMessage};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use redis::AsyncConnectionConfig;
+use redis::aio::MultiplexedConnection;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+/// Messages per iteration.
+const MESSAGES: u64 = 200;
+
+#[derive(Serialize, Deserialize)]
+struct Event {
+    id: u64,
+    kind: String,
+}
+
+/// Counts handled messages and wakes the bench when a target is reached.
+#[derive(Default)]
+struct Progress {
+    handled: AtomicU64,
+    target: AtomicU64,
+    done: Notify,
+}
+
+impl Progress {
+    fn handled(&self, n: u64) {
+        let now = self.handled.fetch_add(n, Ordering::AcqRel) + n;
+        if now >= self.target.load(Ordering::Acquire) {
+            self.done.notify_one();
+        }
+    }
+
+    async fn wait(&self, target: u64) {
+        self.target.store(target, Ordering::Release);
+        while self.handled.load(Ordering::Acquire) < target {
+            let _ = tokio::time::timeout(Duration::from_millis(50), self.done.notified()).await;
+        }
+    }
+}
+
+fn xadd_pipe(key: &str) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    for id in 0..MESSAGES {
+        let json = serde_json::to_string(&Event {
+            id,
+            kind: "webhook".into(),
+        })
+        .unwrap();
+        pipe.cmd("XADD")
+            .arg(key)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(100_000)
+            .arg("*")
+            .arg("payload")
+            .arg(json)
+            .ignore();
+    }
+    pipe
+}
+
+/// Runs `iters` iterations: publish MESSAGES, wait until all were handled.
+async fn drive(
+    shared: &mut MultiplexedConnection,
+    key: &str,
+    progress: &Progress,
+    iters: u64,
+) -> Duration {
+    let pipe = xadd_pipe(key);
+    let base = progress.handled.load(Ordering::Acquire);
+    let started = Instant::now();
+    for i in 1..=iters {
+        let () = pipe.query_async(shared).await.unwrap();
+        progress.wait(base + i * MESSAGES).await;
+    }
+    started.elapsed()
+}
+
+/// The hand-written loop: XREADGROUP, decode, count, XACK the batch.
+async fn raw_loop(
+    client: redis::Client,
+    mut shared: MultiplexedConnection,
+    key: String,
+    batch: usize,
+    progress: Arc<Progress>,
+) {
+    let blocking = AsyncConnectionConfig::new().set_response_timeout(None);
+    let mut reader = client
+        .get_multiplexed_async_connection_with_config(&blocking)
+        .await
+        .unwrap();
+    loop {
+        let reply: Option<redis::streams::StreamReadReply> = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("g")
+            .arg("raw")
+            .arg("COUNT")
+            .arg(batch)
+            .arg("BLOCK")
+            .arg(1000)
+            .arg("STREAMS")
+            .arg(&key)
+            .arg(">")
+            .query_async(&mut reader)
+            .await
+            .unwrap();
+        let Some(reply) = reply else { continue };
+        let mut ids = Vec::new();
+        for stream in reply.keys {
+            for entry in stream.ids {
+                let payload: Vec<u8> = entry.get("payload").unwrap();
+                let event: Event = serde_json::from_slice(&payload).unwrap();
+                std::hint::black_box(event);
+                ids.push(entry.id);
+            }
+        }
+        progress.handled(ids.len() as u64);
+        let _: i64 = redis::cmd("XACK")
+            .arg(&key)
+            .arg("g")
+            .arg(&ids)
+            .query_async(&mut shared)
+            .await
+            .unwrap();
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = aether_redis::testkit::shared_server().unwrap();
+    let mut config = server.config.clone();
+    config.key_prefix = aether_redis::testkit::namespace("bench_stream");
+    let redis: Redis = rt.block_on(Redis::connect(config.clone())).unwrap();
+    let client = redis::Client::open(format!("redis://{}:{}", config.host, config.port)).unwrap();
+    let shared = rt
+        .block_on(client.get_multiplexed_async_connection())
+        .unwrap();
+
+    let mut group = c.benchmark_group("stream_e2e");
+    group.throughput(Throughput::Elements(MESSAGES));
+
+    for batch in [1usize, 10, 100] {
+        let name = format!("raw_b{batch}");
+        let key = format!("{}{name}", config.key_prefix);
+        rt.block_on(redis.streams().create_group(&name, "g", StartFrom::New))
+            .unwrap();
+        let progress = Arc::new(Progress::default());
+        let task = rt.spawn(raw_loop(
+            client.clone(),
+            shared.clone(),
+            key.clone(),
+            batch,
+            progress.clone(),
+        ));
+        group.bench_function(format!("raw/batch{batch}"), |b| {
+            b.to_async(&rt).iter_custom(|iters| {
+                let (mut shared, key, progress) = (shared.clone(), key.clone(), progress.clone());
+                async move { drive(&mut shared, &key, &progress, iters).await }
+            })
+        });
+        task.abort();
+
+        let mut runs = vec![(1usize, false), (8, false)];
+        if batch > 1 {
+            runs.push((8, true));
+        }
+        for (handlers, idempotency) in runs {
+            let name = format!("ours_b{batch}_h{handlers}_i{}", u8::from(idempotency));
+            let key = format!("{}{name}", config.key_prefix);
+            let options = ConsumerOptions::default()
+                .with_batch(batch)
+                .with_concurrency(handlers)
+                .with_block(Duration::from_secs(1))
+                .with_start(StartFrom::New)
+                .with_idempotency_ttl(idempotency.then_some(Duration::from_secs(600)));
+            let progress = Arc::new(Progress::default());
+            let p = progress.clone();
+            let consumer = redis
+                .streams()
+                .consumer::<Event>(&name, "g", options)
+                .unwrap();
+            let running = rt.block_on(async {
+                redis
+                    .streams()
+                    .create_group(&name, "g", StartFrom::New)
+                    .await
+                    .unwrap();
+                consumer.spawn(move |msg: StreamMessage<Event>| {
+                    std::hint::black_box(&msg.payload);
+                    p.handled(1);
+                    async { Ok::<_, std::io::Error>(()) }
+                })
+            });
+            let label = format!(
+                "ours/batch{batch}/handlers{handlers}/idempotency_{}",
+                if idempotency { "on" } else { "off" }
+            );
+            group.bench_function(label, |b| {
+                b.to_async(&rt).iter_custom(|iters| {
+                    let (mut shared, key, progress) =
+                        (shared.clone(), key.clone(), progress.clone());
+                    async move { drive(&mut shared, &key, &progress, iters).await }
+                })
+            });
+            let metrics = rt.block_on(running.shutdown()).unwrap();
+            assert_eq!(metrics.errors, 0);
+        }
+    }
+    group.finish();
+    rt.block_on(async {
+        let mut conn = redis.connection().await.unwrap();
+        let mut cursor = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("*{}*", config.key_prefix))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            if !keys.is_empty() {
+                let _: i64 = redis::cmd("DEL")
+                    .arg(&keys)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    });
+    drop(shared);
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,1055 @@
+//! The consumer: read, dispatch to concurrent handlers, ack, claim, dead-letter.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use redis::Value;
+use serde::de::DeserializeOwned;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
+
+use super::reply::{self, RawEntry};
+use super::{
+    DEFAULT_DEAD_LETTER_RETENTION, DEFAULT_IDEMPOTENCY_TTL, DeadLetterCall, FIELD_IDEMPOTENCY_KEY,
+    FIELD_PAYLOAD, FIELD_REPLAY_OF, StartFrom, StreamKeys, create_group, dead_letter_message,
+    is_server_code, millis, remove_idle_consumers,
+};
+use crate::codec::{from_json, int};
+use crate::error::{Error, Result};
+use crate::keyspace::validate_key_part;
+use crate::pool::{DedicatedConnection, Redis};
+use crate::script::{LuaScript, ScriptCall};
+
+/// The error a handler returns; its `Display` is recorded as the dead letter's `error`.
+pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One delivered message, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StreamMessage<T> {
+    /// The entry id.
+    pub id: String,
+    /// The decoded payload.
+    pub payload: T,
+    /// How many times the message has been delivered to the group, this delivery included.
+    pub delivery_count: u64,
+    /// The producer idempotency key, when it was published with one.
+    pub idempotency_key: Option<String>,
+    /// The original id when this message is a replayed dead letter.
+    pub replay_of: Option<String>,
+}
+
+/// Handles messages of type `T`. Return `Ok(())` to ack; an error leaves the message pending
+/// for redelivery (and, after `max_retries` deliveries, dead-letters it).
+///
+/// Closures `Fn(StreamMessage<T>) -> impl Future<Output = Result<(), E>>` implement it.
+#[async_trait::async_trait]
+pub trait StreamHandler<T>: Send + Sync + 'static {
+    /// Handles one message.
+    async fn handle(&self, message: StreamMessage<T>) -> Result<(), HandlerError>;
+}
+
+#[async_trait::async_trait]
+impl<T, F, Fut, E> StreamHandler<T> for F
+where
+    T: Send + 'static,
+    F: Fn(StreamMessage<T>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), E>> + Send,
+    E: Into<HandlerError>,
+{
+    async fn handle(&self, message: StreamMessage<T>) -> Result<(), HandlerError> {
+        (self)(message).await.map_err(Into::into)
+    }
+}
+
+/// Settings of a [`StreamConsumer`]. Defaults: batch 100, block 5 s, 8 concurrent handlers,
+/// claim after 60 s idle (checked every 30 s), dead letter after 3 deliveries, dead letters
+/// kept 7 days, idempotency records kept 24 h, idle consumers with empty pending lists
+/// removed after 1 h.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ConsumerOptions {
+    /// Entries per `XREADGROUP` / `XAUTOCLAIM` (`COUNT`).
+    pub batch: usize,
+    /// How long one `XREADGROUP` blocks waiting for new entries.
+    pub block: Duration,
+    /// Handlers running at once.
+    pub concurrency: usize,
+    /// Pending entries idle this long (of any consumer, crashed ones included) are claimed.
+    pub claim_min_idle: Duration,
+    /// How often to claim; `None` = half of `claim_min_idle`.
+    pub claim_interval: Option<Duration>,
+    /// Deliveries after which a failing message goes to the dead-letter stream.
+    pub max_retries: u64,
+    /// Dead letters older than this are trimmed (by id age) whenever one is added.
+    pub dead_letter_retention: Duration,
+    /// Lifetime of `processed` records; `None` turns consumer-side idempotency off.
+    pub idempotency_ttl: Option<Duration>,
+    /// Where the group starts if this consumer creates it; `None` = the documented default
+    /// ([`StartFrom::default_for`]).
+    pub start: Option<StartFrom>,
+    /// The consumer's name; `None` = `<host>-<pid>-<random>`.
+    pub consumer_name: Option<String>,
+    /// Consumers of the group idle this long with nothing pending are deleted; `None` = never.
+    pub remove_idle_consumers_after: Option<Duration>,
+}
+
+impl Default for ConsumerOptions {
+    fn default() -> Self {
+        ConsumerOptions {
+            batch: 100,
+            block: Duration::from_secs(5),
+            concurrency: 8,
+            claim_min_idle: Duration::from_secs(60),
+            claim_interval: None,
+            max_retries: 3,
+            dead_letter_retention: DEFAULT_DEAD_LETTER_RETENTION,
+            idempotency_ttl: Some(DEFAULT_IDEMPOTENCY_TTL),
+            start: None,
+            consumer_name: None,
+            remove_idle_consumers_after: Some(Duration::from_secs(3600)),
+        }
+    }
+}
+
+impl ConsumerOptions {
+    /// Sets [`ConsumerOptions::batch`].
+    pub fn with_batch(mut self, batch: usize) -> Self {
+        self.batch = batch;
+        self
+    }
+    /// Sets [`ConsumerOptions::block`].
+    pub fn with_block(mut self, block: Duration) -> Self {
+        self.block = block;
+        self
+    }
+    /// Sets [`ConsumerOptions::concurrency`].
+    pub fn with_concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = concurrency;
+        self
+    }
+    /// Sets [`ConsumerOptions::claim_min_idle`].
+    pub fn with_claim_min_idle(mut self, idle: Duration) -> Self {
+        self.claim_min_idle = idle;
+        self
+    }
+    /// Sets [`ConsumerOptions::claim_interval`].
+    pub fn with_claim_interval(mut self, interval: Duration) -> Self {
+        self.claim_interval = Some(interval);
+        self
+    }
+    /// Sets [`ConsumerOptions::max_retries`].
+    pub fn with_max_retries(mut self, max_retries: u64) -> Self {
+        self.max_retries = max_retries;
+        self
+    }
+    /// Sets [`ConsumerOptions::dead_letter_retention`].
+    pub fn with_dead_letter_retention(mut self, retention: Duration) -> Self {
+        self.dead_letter_retention = retention;
+        self
+    }
+    /// Sets [`ConsumerOptions::idempotency_ttl`] (`None` = off).
+    pub fn with_idempotency_ttl(mut self, ttl: Option<Duration>) -> Self {
+        self.idempotency_ttl = ttl;
+        self
+    }
+    /// Sets [`ConsumerOptions::start`].
+    pub fn with_start(mut self, start: StartFrom) -> Self {
+        self.start = Some(start);
+        self
+    }
+    /// Sets [`ConsumerOptions::consumer_name`].
+    pub fn with_consumer_name(mut self, name: impl Into<String>) -> Self {
+        self.consumer_name = Some(name.into());
+        self
+    }
+    /// Sets [`ConsumerOptions::remove_idle_consumers_after`].
+    pub fn with_remove_idle_consumers_after(mut self, after: Option<Duration>) -> Self {
+        self.remove_idle_consumers_after = after;
+        self
+    }
+
+    fn claim_every(&self) -> Duration {
+        self.claim_interval
+            .unwrap_or(self.claim_min_idle / 2)
+            .max(Duration::from_millis(10))
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.batch == 0 || self.batch > 10_000 {
+            return Err(Error::invalid("batch", "must be 1..=10000"));
+        }
+        if self.concurrency == 0 || self.concurrency > 10_000 {
+            return Err(Error::invalid("concurrency", "must be 1..=10000"));
+        }
+        if self.max_retries == 0 {
+            return Err(Error::invalid("max_retries", "must be at least 1"));
+        }
+        if self.block < Duration::from_millis(1) {
+            return Err(Error::invalid(
+                "block",
+                "must be at least 1 ms (BLOCK 0 would wait forever)",
+            ));
+        }
+        if self.claim_min_idle < Duration::from_millis(1) {
+            return Err(Error::invalid("claim_min_idle", "must be at least 1 ms"));
+        }
+        if self
+            .idempotency_ttl
+            .is_some_and(|t| t < Duration::from_millis(1))
+        {
+            return Err(Error::invalid("idempotency_ttl", "must be at least 1 ms"));
+        }
+        Ok(())
+    }
+}
+
+/// A snapshot of a consumer's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct ConsumerMetrics {
+    /// Messages handled successfully and acknowledged.
+    pub processed: u64,
+    /// Messages acknowledged without running the handler: already processed (idempotency).
+    pub duplicates: u64,
+    /// Failed deliveries left pending for another attempt.
+    pub retried: u64,
+    /// Messages moved to the dead-letter stream.
+    pub dead_lettered: u64,
+    /// Pending entries whose message had been trimmed or deleted: cleared, never handled.
+    pub cleared: u64,
+    /// Entries taken over by `XAUTOCLAIM` (idle in this or another consumer).
+    pub claimed: u64,
+    /// Acknowledgements that found the message no longer pending (acked elsewhere).
+    pub already_acked: u64,
+    /// Redis errors met by the loop (each retried after a pause).
+    pub errors: u64,
+    /// Handlers running now.
+    pub in_flight: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    processed: AtomicU64,
+    duplicates: AtomicU64,
+    retried: AtomicU64,
+    dead_lettered: AtomicU64,
+    cleared: AtomicU64,
+    claimed: AtomicU64,
+    already_acked: AtomicU64,
+    errors: AtomicU64,
+    in_flight: AtomicU64,
+}
+
+impl Counters {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> ConsumerMetrics {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ConsumerMetrics {
+            processed: get(&self.processed),
+            duplicates: get(&self.duplicates),
+            retried: get(&self.retried),
+            dead_lettered: get(&self.dead_lettered),
+            cleared: get(&self.cleared),
+            claimed: get(&self.claimed),
+            already_acked: get(&self.already_acked),
+            errors: get(&self.errors),
+            in_flight: get(&self.in_flight),
+        }
+    }
+}
+
+/// A consumer of one group of one stream. Obtained from [`super::Streams::consumer`].
+///
+/// Run it with [`StreamConsumer::spawn`] (a task and a [`ConsumerHandle`]) or
+/// [`StreamConsumer::run`] (until a shutdown future completes).
+///
+/// Per loop: one `XREADGROUP .. BLOCK` on a dedicated connection (bounded by block + a margin;
+/// the shared connection is never blocked); with idempotency on, one `MGET` of the batch's
+/// `processed` records; then one atomic ack per group of finished messages (`XACK`, or a
+/// script doing `SET processed .. PX` + `XACK`). Every claim interval: `XAUTOCLAIM` plus one
+/// pipelined `XPENDING` round trip for the claimed entries' delivery counts.
+pub struct StreamConsumer<T> {
+    redis: Redis,
+    keys: StreamKeys,
+    group: String,
+    name: String,
+    options: ConsumerOptions,
+    counters: Arc<Counters>,
+    _payload: PhantomData<fn() -> T>,
+}
+
+impl<T> std::fmt::Debug for StreamConsumer<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamConsumer")
+            .field("stream", &self.keys.stream())
+            .field("group", &self.group)
+            .field("name", &self.name)
+            .field("options", &self.options)
+            .finish()
+    }
+}
+
+/// A running consumer (from [`StreamConsumer::spawn`]). Dropping it shuts the consumer down
+/// gracefully in the background.
+#[derive(Debug)]
+pub struct ConsumerHandle {
+    name: String,
+    counters: Arc<Counters>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<ConsumerMetrics>>,
+}
+
+impl ConsumerHandle {
+    /// The consumer's name in the group.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The counters now.
+    pub fn metrics(&self) -> ConsumerMetrics {
+        self.counters.snapshot()
+    }
+
+    /// Whether the consumer task has ended.
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Stops reading, waits for the handlers in flight, acks what finished, leaves the rest
+    /// pending, and returns the final counters.
+    pub async fn shutdown(mut self) -> Result<ConsumerMetrics> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match (&mut self.task).await {
+            Ok(result) => result,
+            Err(e) => Err(Error::Unavailable {
+                message: format!("the consumer task failed: {e}"),
+                source: None,
+            }),
+        }
+    }
+
+    /// Kills the consumer at once, as a crash would: handlers are dropped mid-message, nothing
+    /// more is acked, and its pending entries wait for another consumer's claim.
+    pub fn abort(&self) {
+        self.task.abort();
+    }
+}
+
+/// Generates `<host>-<pid>-<random>` from characters allowed in a key part.
+fn default_consumer_name() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .unwrap_or_else(|| "host".into());
+    let host: String = host
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    let host = if host.is_empty() { "host".into() } else { host };
+    format!("{host}-{}-{}", std::process::id(), crate::random::token(6))
+}
+
+impl<T: DeserializeOwned + Send + 'static> StreamConsumer<T> {
+    pub(crate) fn new(
+        redis: Redis,
+        keys: StreamKeys,
+        group: String,
+        options: ConsumerOptions,
+    ) -> Result<Self> {
+        options.validate()?;
+        redis.require_scripting("stream consumer (dead letters, idempotency records)")?;
+        let name = match &options.consumer_name {
+            Some(name) => validate_key_part("consumer name", name)?.to_owned(),
+            None => default_consumer_name(),
+        };
+        Ok(StreamConsumer {
+            redis,
+            keys,
+            group,
+            name,
+            options,
+            counters: Arc::new(Counters::default()),
+            _payload: PhantomData,
+        })
+    }
+
+    /// The consumer's name in the group.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The group.
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
+    /// The counters now.
+    pub fn metrics(&self) -> ConsumerMetrics {
+        self.counters.snapshot()
+    }
+
+    /// Runs on a new task until [`ConsumerHandle::shutdown`] (or the handle is dropped).
+    pub fn spawn<H: StreamHandler<T>>(self, handler: H) -> ConsumerHandle {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let name = self.name.clone();
+        let counters = self.counters.clone();
+        let task = tokio::spawn(async move {
+            self.run(handler, async move {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        ConsumerHandle {
+            name,
+            counters,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// Creates the group if needed (`MKSTREAM`; an existing group is fine), then consumes until
+    /// `shutdown` completes; then stops reading, waits for the handlers in flight, acks what
+    /// finished and returns the counters. Redis errors inside the loop are counted and retried
+    /// after a pause; only a failure to create the group ends it early.
+    pub async fn run<H: StreamHandler<T>>(
+        &self,
+        handler: H,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<ConsumerMetrics> {
+        let start = self
+            .options
+            .start
+            .unwrap_or_else(|| StartFrom::default_for(&self.group));
+        create_group(&self.redis, &self.keys, &self.group, start).await?;
+
+        let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+        let mut background = JoinSet::new();
+        background.spawn(acker(
+            self.redis.clone(),
+            self.keys.clone(),
+            self.group.clone(),
+            self.options.idempotency_ttl,
+            ack_rx,
+            self.counters.clone(),
+        ));
+        let ctx = Arc::new(Ctx {
+            redis: self.redis.clone(),
+            keys: self.keys.clone(),
+            group: self.group.clone(),
+            name: self.name.clone(),
+            options: self.options.clone(),
+            counters: self.counters.clone(),
+            handler,
+            acks: ack_tx,
+            _payload: PhantomData,
+        });
+        let mut state = LoopState {
+            ctx: ctx.clone(),
+            tasks: JoinSet::new(),
+            running: HashMap::new(),
+            in_flight: HashSet::new(),
+            permits: Arc::new(Semaphore::new(self.options.concurrency)),
+            conn: None,
+            next_claim: Instant::now(),
+            next_cleanup: Instant::now() + self.options.claim_every() * 10,
+            failures: 0,
+        };
+        let mut shutdown: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(shutdown);
+        loop {
+            state.reap().await;
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                () = state.step() => {}
+            }
+        }
+        // A read cut short may still have a reply on its way: never reuse that connection.
+        if let Some(conn) = state.conn.take() {
+            conn.discard();
+        }
+        while let Some(done) = state.tasks.join_next_with_id().await {
+            state.finished(done).await;
+        }
+        drop(state);
+        drop(ctx);
+        while background.join_next().await.is_some() {}
+        Ok(self.counters.snapshot())
+    }
+}
+
+struct Ctx<T, H> {
+    redis: Redis,
+    keys: StreamKeys,
+    group: String,
+    name: String,
+    options: ConsumerOptions,
+    counters: Arc<Counters>,
+    handler: H,
+    acks: mpsc::UnboundedSender<Ack>,
+    _payload: PhantomData<fn() -> T>,
+}
+
+/// A message ready for a handler.
+#[derive(Debug, Clone)]
+struct Job {
+    id: String,
+    fields: Vec<(String, Vec<u8>)>,
+    delivery_count: u64,
+    record: Option<String>,
+    /// Later entries of the same batch with the same idempotency record: acked with this one.
+    twins: Vec<String>,
+}
+
+/// Ids to acknowledge together.
+#[derive(Debug)]
+struct Ack {
+    ids: Vec<String>,
+    record: Option<String>,
+    handled: bool,
+}
+
+impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> Ctx<T, H> {
+    fn decode(&self, job: &Job) -> std::result::Result<StreamMessage<T>, String> {
+        let field = |name: &str| {
+            job.fields
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_slice())
+        };
+        let text = |name: &str| {
+            field(name)
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .map(str::to_owned)
+        };
+        let raw = field(FIELD_PAYLOAD)
+            .ok_or_else(|| format!("entry {} has no `{FIELD_PAYLOAD}` field", job.id))?;
+        let payload: T = from_json(self.keys.stream(), raw).map_err(|e| e.to_string())?;
+        Ok(StreamMessage {
+            id: job.id.clone(),
+            payload,
+            delivery_count: job.delivery_count,
+            idempotency_key: text(FIELD_IDEMPOTENCY_KEY),
+            replay_of: text(FIELD_REPLAY_OF),
+        })
+    }
+
+    async fn process(self: Arc<Self>, job: Arc<Job>) {
+        let outcome = match self.decode(&job) {
+            Ok(message) => self
+                .handler
+                .handle(message)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(format!("cannot decode the payload: {e}")),
+        };
+        match outcome {
+            Ok(()) => {
+                let mut ids = Vec::with_capacity(1 + job.twins.len());
+                ids.push(job.id.clone());
+                ids.extend(job.twins.iter().cloned());
+                let _ = self.acks.send(Ack {
+                    ids,
+                    record: job.record.clone(),
+                    handled: true,
+                });
+            }
+            Err(error) => self.fail(&job, &error).await,
+        }
+    }
+
+    /// A delivery failed: dead-letter it after `max_retries` deliveries, else leave it pending
+    /// for a claim to redeliver.
+    async fn fail(&self, job: &Job, error: &str) {
+        if job.delivery_count < self.options.max_retries {
+            Counters::add(&self.counters.retried, 1);
+            tracing::warn!(
+                stream = self.keys.stream(),
+                id = job.id,
+                delivery = job.delivery_count,
+                error,
+                "stream message failed; it stays pending for redelivery"
+            );
+            return;
+        }
+        let call = DeadLetterCall {
+            group: &self.group,
+            consumer: &self.name,
+            id: &job.id,
+            fields: &job.fields,
+            delivery_count: job.delivery_count,
+            error,
+            retention: self.options.dead_letter_retention,
+        };
+        match dead_letter_message(&self.redis, &self.keys, call).await {
+            Ok(true) => {
+                Counters::add(&self.counters.dead_lettered, 1);
+                tracing::warn!(
+                    stream = self.keys.stream(),
+                    id = job.id,
+                    delivery = job.delivery_count,
+                    error,
+                    "stream message dead-lettered"
+                );
+            }
+            Ok(false) => {}
+            Err(e) => {
+                Counters::add(&self.counters.errors, 1);
+                tracing::warn!(stream = self.keys.stream(), id = job.id, error = %e,
+                    "dead-lettering failed; the message stays pending");
+            }
+        }
+    }
+}
+
+/// Counts a running handler until dropped.
+struct InFlight(Arc<Counters>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+struct LoopState<T, H> {
+    ctx: Arc<Ctx<T, H>>,
+    tasks: JoinSet<()>,
+    running: HashMap<tokio::task::Id, Arc<Job>>,
+    in_flight: HashSet<String>,
+    permits: Arc<Semaphore>,
+    conn: Option<DedicatedConnection>,
+    next_claim: Instant,
+    next_cleanup: Instant,
+    failures: u32,
+}
+
+impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> LoopState<T, H> {
+    /// Collects finished handler tasks.
+    async fn reap(&mut self) {
+        while let Some(done) = self.tasks.try_join_next_with_id() {
+            self.finished(done).await;
+        }
+    }
+
+    async fn finished(
+        &mut self,
+        done: std::result::Result<(tokio::task::Id, ()), tokio::task::JoinError>,
+    ) {
+        let id = match &done {
+            Ok((id, ())) => *id,
+            Err(e) => e.id(),
+        };
+        let Some(job) = self.running.remove(&id) else {
+            return;
+        };
+        self.in_flight.remove(&job.id);
+        if let Err(e) = done
+            && e.is_panic()
+        {
+            self.ctx.fail(&job, "the handler panicked").await;
+        }
+    }
+
+    /// One claim pass when due, else one read.
+    async fn step(&mut self) {
+        let result = if Instant::now() >= self.next_claim {
+            self.next_claim = Instant::now() + self.ctx.options.claim_every();
+            let claimed = self.claim().await;
+            if claimed.is_ok() && Instant::now() >= self.next_cleanup {
+                self.next_cleanup = Instant::now() + self.ctx.options.claim_every() * 10;
+                self.cleanup().await
+            } else {
+                claimed
+            }
+        } else {
+            self.read().await
+        };
+        match result {
+            Ok(()) => self.failures = 0,
+            Err(e) => {
+                Counters::add(&self.ctx.counters.errors, 1);
+                self.failures = (self.failures + 1).min(6);
+                tracing::warn!(stream = self.ctx.keys.stream(), group = self.ctx.group, error = %e,
+                    "stream consumer error; retrying");
+                if is_server_code(&e, "NOGROUP") {
+                    let start = self
+                        .ctx
+                        .options
+                        .start
+                        .unwrap_or_else(|| StartFrom::default_for(&self.ctx.group));
+                    let _ =
+                        create_group(&self.ctx.redis, &self.ctx.keys, &self.ctx.group, start).await;
+                }
+                tokio::time::sleep(Duration::from_millis(25 << self.failures)).await;
+            }
+        }
+    }
+
+    async fn read(&mut self) -> Result<()> {
+        let ctx = self.ctx.clone();
+        let until_claim = self.next_claim.saturating_duration_since(Instant::now());
+        let block = ctx
+            .options
+            .block
+            .min(until_claim)
+            .max(Duration::from_millis(1));
+        if self.conn.is_none() {
+            self.conn = Some(ctx.redis.dedicated().await?);
+        }
+        // The connection stays in `self` while the read is in flight, so that a shutdown
+        // cutting the read short finds it and discards it.
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(());
+        };
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(&ctx.group)
+            .arg(&ctx.name)
+            .arg("COUNT")
+            .arg(ctx.options.batch)
+            .arg("BLOCK")
+            .arg(millis(block).max(1))
+            .arg("STREAMS")
+            .arg(ctx.keys.stream())
+            .arg(">");
+        let margin = ctx
+            .redis
+            .config()
+            .response_timeout
+            .max(Duration::from_secs(1));
+        let reply = match tokio::time::timeout(block + margin, cmd.query_async::<Value>(conn)).await
+        {
+            Err(_) => {
+                if let Some(conn) = self.conn.take() {
+                    conn.discard();
+                }
+                return Err(Error::Timeout {
+                    operation: "XREADGROUP",
+                    after: block + margin,
+                });
+            }
+            Ok(Err(e)) => {
+                let err = ctx.redis.fail("XREADGROUP", e);
+                if err.is_unavailable() || err.is_timeout() {
+                    if let Some(conn) = self.conn.take() {
+                        conn.discard();
+                    }
+                }
+                return Err(err);
+            }
+            Ok(Ok(reply)) => reply,
+        };
+        let entries = reply::read_group(ctx.keys.stream(), reply)?;
+        let jobs = entries.into_iter().map(|e| (e, 1)).collect::<Vec<_>>();
+        self.dispatch(jobs).await
+    }
+
+    /// `XAUTOCLAIM` pages of entries idle longer than `claim_min_idle`.
+    async fn claim(&mut self) -> Result<()> {
+        let ctx = self.ctx.clone();
+        let key = ctx.keys.stream();
+        let mut cursor = "0-0".to_owned();
+        for _ in 0..10 {
+            let reply = ctx
+                .redis
+                .query(
+                    "XAUTOCLAIM",
+                    redis::cmd("XAUTOCLAIM")
+                        .arg(key)
+                        .arg(&ctx.group)
+                        .arg(&ctx.name)
+                        .arg(millis(ctx.options.claim_min_idle))
+                        .arg(&cursor)
+                        .arg("COUNT")
+                        .arg(ctx.options.batch),
+                )
+                .await?;
+            let (next, claimed, deleted) = reply::autoclaim(key, reply)?;
+            // Redis 7 has already removed these from the pending list; count them.
+            Counters::add(&ctx.counters.cleared, deleted.len() as u64);
+            let (live, gone): (Vec<_>, Vec<_>) =
+                claimed.into_iter().partition(|e| e.fields.is_some());
+            if !gone.is_empty() {
+                let ids: Vec<&str> = gone.iter().map(|e| e.id.as_str()).collect();
+                ctx.redis
+                    .query(
+                        "XACK",
+                        redis::cmd("XACK").arg(key).arg(&ctx.group).arg(&ids),
+                    )
+                    .await?;
+                Counters::add(&ctx.counters.cleared, ids.len() as u64);
+            }
+            let live: Vec<RawEntry> = live
+                .into_iter()
+                .filter(|e| !self.in_flight.contains(&e.id))
+                .collect();
+            if !live.is_empty() {
+                Counters::add(&ctx.counters.claimed, live.len() as u64);
+                let mut pipe = redis::pipe();
+                for e in &live {
+                    pipe.cmd("XPENDING")
+                        .arg(key)
+                        .arg(&ctx.group)
+                        .arg(&e.id)
+                        .arg(&e.id)
+                        .arg(1);
+                }
+                let counts = ctx
+                    .redis
+                    .query_pipe("XPENDING", &pipe)
+                    .await?
+                    .unwrap_or_default();
+                let mut jobs = Vec::with_capacity(live.len());
+                for (entry, count) in live.into_iter().zip(counts) {
+                    // No longer pending (acked meanwhile): nothing to do.
+                    if let Some(n) = reply::pending_deliveries(key, count)? {
+                        jobs.push((entry, n));
+                    }
+                }
+                self.dispatch(jobs).await?;
+            }
+            if next == "0-0" {
+                break;
+            }
+            cursor = next;
+        }
+        Ok(())
+    }
+
+    async fn cleanup(&mut self) -> Result<()> {
+        if let Some(after) = self.ctx.options.remove_idle_consumers_after {
+            let removed = remove_idle_consumers(
+                &self.ctx.redis,
+                &self.ctx.keys,
+                &self.ctx.group,
+                after,
+                &self.ctx.name,
+            )
+            .await?;
+            if !removed.is_empty() {
+                tracing::info!(stream = self.ctx.keys.stream(), group = self.ctx.group,
+                    removed = ?removed, "removed idle consumers");
+            }
+        }
+        Ok(())
+    }
+
+    /// Skips what this group already processed, dead-letters what was delivered too often, and
+    /// hands the rest to handlers as permits free up.
+    async fn dispatch(&mut self, entries: Vec<(RawEntry, u64)>) -> Result<()> {
+        let ctx = self.ctx.clone();
+        let mut jobs: Vec<Job> = Vec::with_capacity(entries.len());
+        for (entry, delivery_count) in entries {
+            let Some(fields) = entry.fields.clone() else {
+                continue;
+            };
+            let record = ctx.options.idempotency_ttl.map(|_| {
+                let key = entry.field_text(FIELD_IDEMPOTENCY_KEY);
+                let key = key.filter(|k| validate_key_part("idempotency key", k).is_ok());
+                let lineage = entry.field_text(FIELD_REPLAY_OF);
+                let id = lineage.as_deref().unwrap_or(&entry.id);
+                ctx.keys.processed(&ctx.group, key.as_deref(), id)
+            });
+            jobs.push(Job {
+                id: entry.id,
+                fields,
+                delivery_count,
+                record,
+                twins: Vec::new(),
+            });
+        }
+        if ctx.options.idempotency_ttl.is_some() && !jobs.is_empty() {
+            jobs = self.skip_processed(jobs).await?;
+        }
+        for job in jobs {
+            if job.delivery_count > ctx.options.max_retries {
+                let error = format!(
+                    "delivered {} times without success (the consumers holding it stopped \
+                     without an outcome)",
+                    job.delivery_count
+                );
+                ctx.fail(&job, &error).await;
+                continue;
+            }
+            let permit = self
+                .permits
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| Error::invalid("consumer", "the handler semaphore was closed"))?;
+            self.in_flight.insert(job.id.clone());
+            Counters::add(&ctx.counters.in_flight, 1);
+            let task_ctx = ctx.clone();
+            let job = Arc::new(job);
+            let task_job = job.clone();
+            let guard = InFlight(ctx.counters.clone());
+            let handle = self.tasks.spawn(async move {
+                // Dropped on return, panic or abort alike.
+                let _permit = permit;
+                let _guard = guard;
+                task_ctx.process(task_job).await;
+            });
+            self.running.insert(handle.id(), job);
+        }
+        Ok(())
+    }
+
+    /// One `MGET` of the batch's `processed` records: processed messages (and later twins of
+    /// one idempotency key within the batch) are acked without running the handler.
+    async fn skip_processed(&mut self, jobs: Vec<Job>) -> Result<Vec<Job>> {
+        let ctx = self.ctx.clone();
+        let records: Vec<&str> = jobs.iter().filter_map(|j| j.record.as_deref()).collect();
+        let reply = ctx
+            .redis
+            .query("MGET", redis::cmd("MGET").arg(&records))
+            .await?;
+        let Value::Array(found) = reply else {
+            return Err(Error::decode(
+                ctx.keys.stream(),
+                None,
+                format!("unexpected MGET reply {reply:?}"),
+            ));
+        };
+        let mut out: Vec<Job> = Vec::with_capacity(jobs.len());
+        let mut by_record: HashMap<String, usize> = HashMap::new();
+        for (job, seen) in jobs.into_iter().zip(found) {
+            let Some(record) = job.record.clone() else {
+                out.push(job);
+                continue;
+            };
+            if !matches!(seen, Value::Nil) {
+                let _ = ctx.acks.send(Ack {
+                    ids: vec![job.id],
+                    record: None,
+                    handled: false,
+                });
+                continue;
+            }
+            if let Some(&first) = by_record.get(&record) {
+                out[first].twins.push(job.id);
+                continue;
+            }
+            by_record.insert(record, out.len());
+            out.push(job);
+        }
+        Ok(out)
+    }
+}
+
+// Writes the `processed` records (value: the handled id) and acks, in one step.
+static ACK_PROCESSED: LazyLock<LuaScript> = LazyLock::new(|| {
+    LuaScript::new(
+        "stream_ack_processed",
+        r#"
+-- KEYS[1] stream, KEYS[2..] processed records; ARGV[1] group, ARGV[2] ttl ms,
+-- ARGV[3] number of records, ARGV[4..3+n] the id recorded in each, ARGV[4+n..] ids to ack
+local n = tonumber(ARGV[3])
+for i = 1, n do
+  redis.call('SET', KEYS[i + 1], ARGV[3 + i], 'PX', ARGV[2])
+end
+return redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 4 + n))
+"#,
+    )
+});
+
+/// Acknowledges finished messages, coalescing whatever finished while the previous ack was in
+/// flight into one command.
+async fn acker(
+    redis: Redis,
+    keys: StreamKeys,
+    group: String,
+    idempotency_ttl: Option<Duration>,
+    mut rx: mpsc::UnboundedReceiver<Ack>,
+    counters: Arc<Counters>,
+) {
+    const MAX_IDS: usize = 1000;
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        let mut ids = batch[0].ids.len();
+        while ids < MAX_IDS {
+            match rx.try_recv() {
+                Ok(ack) => {
+                    ids += ack.ids.len();
+                    batch.push(ack);
+                }
+                Err(_) => break,
+            }
+        }
+        let all: Vec<&str> = batch
+            .iter()
+            .flat_map(|a| a.ids.iter().map(String::as_str))
+            .collect();
+        let records: Vec<(&str, &str)> = batch
+            .iter()
+            .filter_map(|a| Some((a.record.as_deref()?, a.ids.first()?.as_str())))
+            .collect();
+        let result = redis
+            .retry_idempotent(|| async {
+                let reply = match idempotency_ttl {
+                    Some(ttl) if !records.is_empty() => {
+                        let mut call = ScriptCall::new().key(keys.stream());
+                        for (record, _) in &records {
+                            call = call.key(*record);
+                        }
+                        call = call.arg(&group).arg(millis(ttl).max(1)).arg(records.len());
+                        for (_, id) in &records {
+                            call = call.arg(*id);
+                        }
+                        for id in &all {
+                            call = call.arg(*id);
+                        }
+                        redis.eval_script(&ACK_PROCESSED, &call).await?
+                    }
+                    _ => {
+                        redis
+                            .query(
+                                "XACK",
+                                redis::cmd("XACK").arg(keys.stream()).arg(&group).arg(&all),
+                            )
+                            .await?
+                    }
+                };
+                int(keys.stream(), reply)
+            })
+            .await;
+        match result {
+            Ok(acked) => {
+                let acked = u64::try_from(acked).unwrap_or(0);
+                let handled = batch.iter().filter(|a| a.handled).count() as u64;
+                let skipped = (all.len() as u64).saturating_sub(handled);
+                Counters::add(&counters.processed, handled);
+                Counters::add(&counters.duplicates, skipped);
+                Counters::add(
+                    &counters.already_acked,
+                    (all.len() as u64).saturating_sub(acked),
+                );
+            }
+            Err(e) => {
+                Counters::add(&counters.errors, 1);
+                tracing::warn!(stream = keys.stream(), error = %e,
+                    "ack failed; the messages stay pending and will be redelivered");
+            }
+        }
+    }
+}

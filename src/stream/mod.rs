@@ -1,0 +1,739 @@
+//! Redis Streams: a typed producer, consumer groups, and a consumer that reclaims the work of
+//! crashed consumers, dead-letters poison messages and skips messages it already handled.
+//!
+//! - [`Streams`] (`redis.streams()`): groups, metrics (`XINFO`), dead letters and replay.
+//! - [`StreamProducer`]: `XADD` with approximate `MAXLEN`, optionally deduplicated by a producer
+//!   idempotency key.
+//! - [`StreamConsumer`]: `XREADGROUP` on a dedicated connection, N concurrent handlers, ack after
+//!   success, `XAUTOCLAIM` of idle entries, dead-letter after `max_retries` deliveries,
+//!   idempotency records, graceful shutdown.
+//!
+//! Delivery is at least once: a message stays in the group's pending entries list (PEL) until
+//! a handler succeeded on it (or it went to the dead-letter stream).
+//!
+//! # Keys
+//!
+//! A stream's key is `<prefix><name>` (the name is validated like any key part). Every key
+//! belonging to a stream is derived from it (`{<prefix><name>}:...`) and so lives in the stream's
+//! Cluster slot; see `docs/keyspace.md` (`## Streams`).
+//!
+//! ```no_run
+//! # async fn demo(redis: aether_redis::Redis) -> aether_redis::Result<()> {
+//! use aether_redis::stream::{ConsumerOptions, StreamMessage, TASK_EVENTS, TASK_WORKERS};
+//!
+//! #[derive(serde::Serialize, serde::Deserialize)]
+//! struct Task { id: u64 }
+//!
+//! let producer = redis.streams().producer::<Task>(TASK_EVENTS)?;
+//! producer.publish(&Task { id: 7 }).await?;
+//!
+//! let consumer = redis
+//!     .streams()
+//!     .consumer::<Task>(TASK_EVENTS, TASK_WORKERS, ConsumerOptions::default())?;
+//! let running = consumer.spawn(|msg: StreamMessage<Task>| async move {
+//!     println!("task {}", msg.payload.id);
+//!     Ok::<_, std::io::Error>(())
+//! });
+//! // ... later
+//! let report = running.shutdown().await?;
+//! println!("processed {}", report.processed);
+//! # Ok(()) }
+//! ```
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use redis::Value;
+use serde::de::DeserializeOwned;
+
+use crate::codec::{from_json, now_millis, text};
+use crate::error::{Error, Result};
+use crate::keyspace::validate_key_part;
+use crate::pool::Redis;
+use crate::script::{LuaScript, ScriptCall};
+
+mod consumer;
+mod producer;
+mod reply;
+
+pub use consumer::{
+    ConsumerHandle, ConsumerMetrics, ConsumerOptions, HandlerError, StreamConsumer, StreamHandler,
+    StreamMessage,
+};
+pub use producer::{Published, StreamProducer};
+
+/// Stream of incoming webhook events.
+pub const WEBHOOK_EVENTS: &str = "webhook_events";
+/// Consumer group of [`WEBHOOK_EVENTS`]; created at new messages (`$`).
+pub const WEBHOOK_WORKERS: &str = "webhook_workers";
+/// Stream of task events.
+pub const TASK_EVENTS: &str = "task_events";
+/// Consumer group of [`TASK_EVENTS`]; created at the beginning of the stream (`0`).
+pub const TASK_WORKERS: &str = "task_workers";
+/// Stream of agent messages.
+pub const AGENT_MESSAGES: &str = "agent_messages";
+
+/// Default approximate `MAXLEN` of a stream.
+pub const DEFAULT_MAX_LEN: u64 = 100_000;
+/// Default lifetime of producer idempotency keys and consumer `processed` records.
+pub const DEFAULT_IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Default retention of dead letters.
+pub const DEFAULT_DEAD_LETTER_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Entry field holding the JSON payload.
+pub const FIELD_PAYLOAD: &str = "payload";
+/// Entry field holding the producer idempotency key, when one was given.
+pub const FIELD_IDEMPOTENCY_KEY: &str = "idem";
+/// Entry field of a replayed message: the id of the message it replays (first generation).
+pub const FIELD_REPLAY_OF: &str = "replay_of";
+/// Prefix of the metadata fields a dead letter adds to the original fields.
+pub const DEAD_FIELD_PREFIX: &str = "dl:";
+
+/// Where a new consumer group starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StartFrom {
+    /// Only messages added after the group was created (`$`).
+    New,
+    /// Every message still in the stream (`0`).
+    Beginning,
+}
+
+impl StartFrom {
+    fn id(self) -> &'static str {
+        match self {
+            StartFrom::New => "$",
+            StartFrom::Beginning => "0",
+        }
+    }
+
+    /// The documented start of a known group: [`StartFrom::Beginning`] for [`TASK_WORKERS`],
+    /// [`StartFrom::New`] otherwise.
+    pub fn default_for(group: &str) -> StartFrom {
+        if group == TASK_WORKERS {
+            StartFrom::Beginning
+        } else {
+            StartFrom::New
+        }
+    }
+}
+
+/// The keys of one stream. Every key is in the stream's Cluster slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamKeys {
+    name: String,
+    stream: String,
+    dead: String,
+    keys: crate::keyspace::Keys,
+}
+
+impl StreamKeys {
+    /// The stream's name (without prefix).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `<prefix><name>`: the stream.
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    /// `{<prefix><name>}:dead`: the dead-letter stream.
+    pub fn dead(&self) -> &str {
+        &self.dead
+    }
+
+    /// `{<prefix><name>}:idem:<key>`: a producer idempotency key (holds the message id).
+    pub fn producer_idempotency(&self, key: &str) -> String {
+        self.keys.derived(&self.stream, &format!("idem:{key}"))
+    }
+
+    /// `{<prefix><name>}:processed:<group>:key:<idem>` or `...:id:<message id>`: the record that
+    /// `group` handled a message (keyed by its producer idempotency key when it has one).
+    pub fn processed(&self, group: &str, idempotency_key: Option<&str>, id: &str) -> String {
+        let suffix = match idempotency_key {
+            Some(key) => format!("processed:{group}:key:{key}"),
+            None => format!("processed:{group}:id:{id}"),
+        };
+        self.keys.derived(&self.stream, &suffix)
+    }
+}
+
+/// Counters of one consumer group, from `XINFO GROUPS` (one round trip).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GroupInfo {
+    /// The group's name.
+    pub name: String,
+    /// Consumers known to the group.
+    pub consumers: u64,
+    /// Entries delivered but not acknowledged.
+    pub pending: u64,
+    /// Id of the last entry delivered to the group.
+    pub last_delivered_id: String,
+    /// Entries in the stream not yet delivered to the group; `None` when Redis cannot tell
+    /// (after deletions in the middle of the stream).
+    pub lag: Option<u64>,
+}
+
+/// One consumer of a group, from `XINFO CONSUMERS`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConsumerInfo {
+    /// The consumer's name.
+    pub name: String,
+    /// Entries delivered to it and not acknowledged.
+    pub pending: u64,
+    /// Time since its last interaction with the group.
+    pub idle: Duration,
+}
+
+/// A message in the dead-letter stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeadLetter {
+    /// Id of the entry in the dead-letter stream (what [`Streams::replay_dead_letter`] takes).
+    pub id: String,
+    /// Id the message had in the source stream.
+    pub original_id: String,
+    /// Deliveries when it was dead-lettered.
+    pub delivery_count: u64,
+    /// The last handler (or decode) error.
+    pub error: String,
+    /// The consumer group that gave up on it.
+    pub group: String,
+    /// The consumer that gave up on it.
+    pub consumer: String,
+    /// When it was dead-lettered (ms since the Unix epoch).
+    pub failed_at: i64,
+    /// The original fields of the message, in order.
+    pub fields: Vec<(String, Vec<u8>)>,
+    key: String,
+}
+
+impl DeadLetter {
+    /// The original payload decoded as `T` (a decode error names the dead-letter key).
+    pub fn payload<T: DeserializeOwned>(&self) -> Result<T> {
+        let raw = self
+            .fields
+            .iter()
+            .find(|(k, _)| k == FIELD_PAYLOAD)
+            .map(|(_, v)| v.as_slice())
+            .ok_or_else(|| Error::decode(&self.key, Some(FIELD_PAYLOAD), "missing"))?;
+        from_json(&self.key, raw)
+    }
+}
+
+/// Streams, consumer groups, metrics and dead letters. Obtained from [`Redis::streams`].
+#[derive(Debug, Clone)]
+pub struct Streams {
+    redis: Redis,
+}
+
+impl Redis {
+    /// Streams: producers, consumers, groups and dead letters.
+    pub fn streams(&self) -> Streams {
+        Streams {
+            redis: self.clone(),
+        }
+    }
+}
+
+// Acks a message (if still pending) and adds it to the dead-letter stream, trimmed by age.
+// XADD comes before XACK so that a failed XADD changes nothing.
+static DEAD_LETTER: LazyLock<LuaScript> = LazyLock::new(|| {
+    LuaScript::new(
+        "stream_dead_letter",
+        r#"
+-- KEYS[1] source stream, KEYS[2] dead-letter stream
+-- ARGV[1] group, ARGV[2] id, ARGV[3] min id kept in the dead-letter stream, ARGV[4..] fields
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+if #pending == 0 then return false end
+local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4))
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XTRIM', KEYS[2], 'MINID', '~', ARGV[3])
+return id
+"#,
+    )
+});
+
+// Moves one dead letter back onto its source stream under a new id.
+static REPLAY: LazyLock<LuaScript> = LazyLock::new(|| {
+    LuaScript::new(
+        "stream_replay",
+        r#"
+-- KEYS[1] source stream, KEYS[2] dead-letter stream; ARGV[1] dead-letter id, ARGV[2] max len
+local found = redis.call('XRANGE', KEYS[2], ARGV[1], ARGV[1])
+if #found == 0 then return false end
+local f = found[1][2]
+local out = {}
+local original = nil
+local lineage = nil
+for i = 1, #f, 2 do
+  local k = f[i]
+  if k == 'dl:original_id' then original = f[i + 1] end
+  if k == 'replay_of' then lineage = f[i + 1] end
+  if string.sub(k, 1, 3) ~= 'dl:' and k ~= 'replay_of' then
+    out[#out + 1] = k
+    out[#out + 1] = f[i + 1]
+  end
+end
+out[#out + 1] = 'replay_of'
+out[#out + 1] = lineage or original or ARGV[1]
+local id
+if ARGV[2] == '0' then
+  id = redis.call('XADD', KEYS[1], '*', unpack(out))
+else
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(out))
+end
+redis.call('XDEL', KEYS[2], ARGV[1])
+return id
+"#,
+    )
+});
+
+// Deletes a consumer only if it still has no pending entries and is still idle: a consumer
+// deleted with pending entries would lose them.
+static REMOVE_IDLE_CONSUMERS: LazyLock<LuaScript> = LazyLock::new(|| {
+    LuaScript::new(
+        "stream_remove_idle_consumers",
+        r#"
+-- KEYS[1] stream; ARGV[1] group, ARGV[2] min idle ms, ARGV[3] consumer to keep
+local removed = {}
+local rows = redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+for _, row in ipairs(rows) do
+  local c = {}
+  for i = 1, #row, 2 do c[row[i]] = row[i + 1] end
+  if c['pending'] == 0 and c['idle'] >= tonumber(ARGV[2]) and c['name'] ~= ARGV[3] then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], c['name'])
+    removed[#removed + 1] = c['name']
+  end
+end
+return removed
+"#,
+    )
+});
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn is_server_code(err: &Error, code: &str) -> bool {
+    matches!(err, Error::Server(e) if e.code() == Some(code))
+}
+
+impl Streams {
+    /// The keys of stream `name` (validated: non-empty, no `:`, braces, globs or whitespace).
+    pub fn keys(&self, name: &str) -> Result<StreamKeys> {
+        validate_key_part("stream name", name)?;
+        let stream = format!("{}{name}", self.redis.keys().prefix());
+        let dead = self.redis.keys().derived(&stream, "dead");
+        Ok(StreamKeys {
+            name: name.to_owned(),
+            stream,
+            dead,
+            keys: self.redis.keys().clone(),
+        })
+    }
+
+    /// A producer of `T` (JSON) on stream `name`, with `MAXLEN ~ 100000` and 24 h idempotency
+    /// keys by default.
+    pub fn producer<T: serde::Serialize>(&self, name: &str) -> Result<StreamProducer<T>> {
+        Ok(StreamProducer::new(self.redis.clone(), self.keys(name)?))
+    }
+
+    /// A consumer of `T` in `group` of stream `name`. Needs Lua scripting (dead letters,
+    /// idempotency records); fails with [`Error::Unsupported`] otherwise.
+    pub fn consumer<T: DeserializeOwned + Send + 'static>(
+        &self,
+        name: &str,
+        group: &str,
+        options: ConsumerOptions,
+    ) -> Result<StreamConsumer<T>> {
+        validate_key_part("consumer group", group)?;
+        StreamConsumer::new(
+            self.redis.clone(),
+            self.keys(name)?,
+            group.to_owned(),
+            options,
+        )
+    }
+
+    /// Creates `group` on stream `name` (creating the stream too: `MKSTREAM`), starting at
+    /// `start`. Returns `false` when the group already existed (`BUSYGROUP`), which is not an
+    /// error. One round trip.
+    pub async fn create_group(&self, name: &str, group: &str, start: StartFrom) -> Result<bool> {
+        let keys = self.keys(name)?;
+        validate_key_part("consumer group", group)?;
+        create_group(&self.redis, &keys, group, start).await
+    }
+
+    /// Creates the documented groups: `webhook_workers` on `webhook_events` (new messages) and
+    /// `task_workers` on `task_events` (from the beginning). Two round trips.
+    pub async fn ensure_default_groups(&self) -> Result<()> {
+        self.create_group(WEBHOOK_EVENTS, WEBHOOK_WORKERS, StartFrom::New)
+            .await?;
+        self.create_group(TASK_EVENTS, TASK_WORKERS, StartFrom::Beginning)
+            .await?;
+        Ok(())
+    }
+
+    /// Entries in stream `name` (`XLEN`). One round trip.
+    pub async fn len(&self, name: &str) -> Result<u64> {
+        let keys = self.keys(name)?;
+        let v = self
+            .redis
+            .query("XLEN", redis::cmd("XLEN").arg(keys.stream()))
+            .await?;
+        Ok(u64::try_from(crate::codec::int(keys.stream(), v)?).unwrap_or(0))
+    }
+
+    /// Lag, pending count and consumers of `group` (`XINFO GROUPS`); `None` when the group (or
+    /// the stream) does not exist. One round trip.
+    pub async fn group_info(&self, name: &str, group: &str) -> Result<Option<GroupInfo>> {
+        let keys = self.keys(name)?;
+        let key = keys.stream();
+        let reply = match self
+            .redis
+            .query("XINFO GROUPS", redis::cmd("XINFO").arg("GROUPS").arg(key))
+            .await
+        {
+            Err(e) if e.to_string().contains("no such key") => return Ok(None),
+            other => other?,
+        };
+        for row in reply::info_rows(key, reply)? {
+            if reply::row_text(key, &row, "name")?.as_deref() != Some(group) {
+                continue;
+            }
+            let count = |field: &str| -> Result<u64> {
+                Ok(reply::row_int(key, &row, field)?
+                    .and_then(|v| u64::try_from(v).ok())
+                    .unwrap_or(0))
+            };
+            return Ok(Some(GroupInfo {
+                name: group.to_owned(),
+                consumers: count("consumers")?,
+                pending: count("pending")?,
+                last_delivered_id: reply::row_text(key, &row, "last-delivered-id")?
+                    .unwrap_or_default(),
+                lag: reply::row_int(key, &row, "lag")?.and_then(|v| u64::try_from(v).ok()),
+            }));
+        }
+        Ok(None)
+    }
+
+    /// The consumers of `group` (`XINFO CONSUMERS`). One round trip.
+    pub async fn consumers(&self, name: &str, group: &str) -> Result<Vec<ConsumerInfo>> {
+        let keys = self.keys(name)?;
+        validate_key_part("consumer group", group)?;
+        let key = keys.stream();
+        let reply = self
+            .redis
+            .query(
+                "XINFO CONSUMERS",
+                redis::cmd("XINFO").arg("CONSUMERS").arg(key).arg(group),
+            )
+            .await?;
+        reply::info_rows(key, reply)?
+            .into_iter()
+            .map(|row| {
+                Ok(ConsumerInfo {
+                    name: reply::row_text(key, &row, "name")?.unwrap_or_default(),
+                    pending: reply::row_int(key, &row, "pending")?
+                        .and_then(|v| u64::try_from(v).ok())
+                        .unwrap_or(0),
+                    idle: Duration::from_millis(
+                        reply::row_int(key, &row, "idle")?
+                            .and_then(|v| u64::try_from(v).ok())
+                            .unwrap_or(0),
+                    ),
+                })
+            })
+            .collect()
+    }
+
+    /// Deletes the consumers of `group` idle for at least `min_idle` whose pending list is
+    /// empty, and returns their names. Atomic (one script, one round trip): a consumer that
+    /// received entries meanwhile is kept, so no pending entry is ever dropped.
+    pub async fn remove_idle_consumers(
+        &self,
+        name: &str,
+        group: &str,
+        min_idle: Duration,
+    ) -> Result<Vec<String>> {
+        let keys = self.keys(name)?;
+        validate_key_part("consumer group", group)?;
+        remove_idle_consumers(&self.redis, &keys, group, min_idle, "").await
+    }
+
+    /// Up to `count` dead letters of stream `name`, oldest first (`XRANGE`). One round trip.
+    pub async fn dead_letters(&self, name: &str, count: usize) -> Result<Vec<DeadLetter>> {
+        let keys = self.keys(name)?;
+        let key = keys.dead();
+        let reply = self
+            .redis
+            .query(
+                "XRANGE",
+                redis::cmd("XRANGE")
+                    .arg(key)
+                    .arg("-")
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(count.max(1)),
+            )
+            .await?;
+        reply::entries(key, reply)?
+            .into_iter()
+            .map(|e| dead_letter(key, e))
+            .collect()
+    }
+
+    /// Puts dead letter `dead_id` back onto its source stream (new id, with the field
+    /// `replay_of` = its first original id) and removes it from the dead-letter stream.
+    /// Atomic (one script, one round trip). Returns the new id, or `None` when there is no such
+    /// dead letter (already replayed or trimmed).
+    ///
+    /// Every group of the stream receives the replayed message; a group that already handled
+    /// the original (its `processed` record still exists) acks it without running its handler.
+    pub async fn replay_dead_letter(&self, name: &str, dead_id: &str) -> Result<Option<String>> {
+        let keys = self.keys(name)?;
+        validate_entry_id(dead_id)?;
+        replay(&self.redis, &keys, dead_id, DEFAULT_MAX_LEN).await
+    }
+
+    /// Replays up to `count` dead letters, oldest first; returns the new ids. One round trip to
+    /// list, one per dead letter (each replay atomic on its own).
+    pub async fn replay_dead_letters(&self, name: &str, count: usize) -> Result<Vec<String>> {
+        let keys = self.keys(name)?;
+        let mut ids = Vec::new();
+        for dead in self.dead_letters(name, count).await? {
+            if let Some(id) = replay(&self.redis, &keys, &dead.id, DEFAULT_MAX_LEN).await? {
+                ids.push(id);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Removes dead letters older than `retention` (`XTRIM MINID`, exact); returns how many.
+    /// Consumers also trim (approximately) every time they add a dead letter. One round trip.
+    pub async fn trim_dead_letters(&self, name: &str, retention: Duration) -> Result<u64> {
+        let keys = self.keys(name)?;
+        let v = self
+            .redis
+            .query(
+                "XTRIM",
+                redis::cmd("XTRIM")
+                    .arg(keys.dead())
+                    .arg("MINID")
+                    .arg(min_id(retention)),
+            )
+            .await?;
+        Ok(u64::try_from(crate::codec::int(keys.dead(), v)?).unwrap_or(0))
+    }
+}
+
+/// The smallest stream id younger than `retention`.
+fn min_id(retention: Duration) -> String {
+    let cutoff = now_millis().saturating_sub(i64::try_from(millis(retention)).unwrap_or(i64::MAX));
+    format!("{}-0", cutoff.max(0))
+}
+
+fn validate_entry_id(id: &str) -> Result<()> {
+    let mut parts = id.splitn(2, '-');
+    let ok = parts.next().is_some_and(|ms| ms.parse::<u64>().is_ok())
+        && parts.next().is_none_or(|seq| seq.parse::<u64>().is_ok());
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "stream entry id",
+            format!("{id:?} is not of the form <ms>-<seq>"),
+        ))
+    }
+}
+
+pub(crate) async fn create_group(
+    redis: &Redis,
+    keys: &StreamKeys,
+    group: &str,
+    start: StartFrom,
+) -> Result<bool> {
+    let result = redis
+        .query(
+            "XGROUP CREATE",
+            redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(keys.stream())
+                .arg(group)
+                .arg(start.id())
+                .arg("MKSTREAM"),
+        )
+        .await;
+    match result {
+        Ok(_) => Ok(true),
+        Err(e) if is_server_code(&e, "BUSYGROUP") => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+pub(crate) async fn remove_idle_consumers(
+    redis: &Redis,
+    keys: &StreamKeys,
+    group: &str,
+    min_idle: Duration,
+    keep: &str,
+) -> Result<Vec<String>> {
+    let reply = redis
+        .eval_script(
+            &REMOVE_IDLE_CONSUMERS,
+            &ScriptCall::new()
+                .key(keys.stream())
+                .arg(group)
+                .arg(millis(min_idle))
+                .arg(keep),
+        )
+        .await?;
+    match reply {
+        Value::Array(names) => names
+            .into_iter()
+            .map(|n| text(keys.stream(), None, n))
+            .collect(),
+        Value::Nil => Ok(Vec::new()),
+        other => Err(Error::decode(
+            keys.stream(),
+            None,
+            format!("unexpected reply {other:?}"),
+        )),
+    }
+}
+
+/// What a consumer records about a message it gives up on.
+pub(crate) struct DeadLetterCall<'a> {
+    pub(crate) group: &'a str,
+    pub(crate) consumer: &'a str,
+    pub(crate) id: &'a str,
+    pub(crate) fields: &'a [(String, Vec<u8>)],
+    pub(crate) delivery_count: u64,
+    pub(crate) error: &'a str,
+    pub(crate) retention: Duration,
+}
+
+/// Dead-letters one pending message; `false` when it was no longer pending (someone else acked
+/// or dead-lettered it). Atomic: one script, one round trip.
+pub(crate) async fn dead_letter_message(
+    redis: &Redis,
+    keys: &StreamKeys,
+    call: DeadLetterCall<'_>,
+) -> Result<bool> {
+    let mut script = ScriptCall::new()
+        .key(keys.stream())
+        .key(keys.dead())
+        .arg(call.group)
+        .arg(call.id)
+        .arg(min_id(call.retention));
+    for (k, v) in call.fields {
+        if !k.starts_with(DEAD_FIELD_PREFIX) {
+            script = script.arg(k.as_str()).arg(v.as_slice());
+        }
+    }
+    script = script
+        .arg("dl:original_id")
+        .arg(call.id)
+        .arg("dl:delivery_count")
+        .arg(call.delivery_count)
+        .arg("dl:error")
+        .arg(call.error)
+        .arg("dl:group")
+        .arg(call.group)
+        .arg("dl:consumer")
+        .arg(call.consumer)
+        .arg("dl:failed_at")
+        .arg(now_millis());
+    let reply = redis.eval_script(&DEAD_LETTER, &script).await?;
+    Ok(!matches!(reply, Value::Nil))
+}
+
+async fn replay(
+    redis: &Redis,
+    keys: &StreamKeys,
+    dead_id: &str,
+    max_len: u64,
+) -> Result<Option<String>> {
+    let reply = redis
+        .eval_script(
+            &REPLAY,
+            &ScriptCall::new()
+                .key(keys.stream())
+                .key(keys.dead())
+                .arg(dead_id)
+                .arg(max_len),
+        )
+        .await?;
+    crate::codec::opt_text(keys.dead(), reply)
+}
+
+fn dead_letter(key: &str, entry: reply::RawEntry) -> Result<DeadLetter> {
+    let meta = |name: &str| -> Result<String> {
+        entry
+            .field_text(name)
+            .ok_or_else(|| Error::decode(key, Some(name), "missing"))
+    };
+    let number = |name: &str| -> Result<i64> {
+        let raw = meta(name)?;
+        raw.parse()
+            .map_err(|_| Error::decode(key, Some(name), format!("not a number: {raw:?}")))
+    };
+    Ok(DeadLetter {
+        original_id: meta("dl:original_id")?,
+        delivery_count: u64::try_from(number("dl:delivery_count")?).unwrap_or(0),
+        error: meta("dl:error")?,
+        group: meta("dl:group")?,
+        consumer: meta("dl:consumer")?,
+        failed_at: number("dl:failed_at")?,
+        fields: entry
+            .fields
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(k, _)| !k.starts_with(DEAD_FIELD_PREFIX))
+            .collect(),
+        id: entry.id,
+        key: key.to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_ids_are_validated() {
+        assert!(validate_entry_id("1700000000000-0").is_ok());
+        assert!(validate_entry_id("17").is_ok());
+        assert!(validate_entry_id("1-x").is_err());
+        assert!(validate_entry_id("-").is_err());
+        assert!(validate_entry_id("").is_err());
+    }
+
+    #[test]
+    fn derived_stream_keys_share_the_stream_slot() {
+        use crate::keyspace::cluster_slot;
+        let builder = crate::keyspace::Keys::new("p:", true);
+        let keys = StreamKeys {
+            name: "task_events".into(),
+            stream: "p:task_events".into(),
+            dead: builder.derived("p:task_events", "dead"),
+            keys: builder,
+        };
+        let slot = cluster_slot(keys.stream());
+        assert_eq!(cluster_slot(keys.dead()), slot);
+        assert_eq!(cluster_slot(&keys.producer_idempotency("k")), slot);
+        assert_eq!(cluster_slot(&keys.processed("g", None, "1-0")), slot);
+        assert_eq!(cluster_slot(&keys.processed("g", Some("k"), "1-0")), slot);
+        assert_eq!(keys.dead(), "{p:task_events}:dead");
+        assert_eq!(
+            keys.processed("g", Some("k"), "1-0"),
+            "{p:task_events}:processed:g:key:k"
+        );
+    }
+}

@@ -1,0 +1,310 @@
+//! Decoding of stream replies (RESP2 and RESP3 shapes) into owned entries.
+
+use redis::Value;
+
+use crate::codec::{int, opt_text, text};
+use crate::error::{Error, Result};
+
+/// One raw stream entry: its id and its fields in order. `fields` is `None` for a pending entry
+/// whose message was trimmed or deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RawEntry {
+    pub(crate) id: String,
+    pub(crate) fields: Option<Vec<(String, Vec<u8>)>>,
+}
+
+impl RawEntry {
+    pub(crate) fn field(&self, name: &str) -> Option<&[u8]> {
+        self.fields
+            .as_ref()?
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_slice())
+    }
+
+    pub(crate) fn field_text(&self, name: &str) -> Option<String> {
+        self.field(name)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map(str::to_owned)
+    }
+}
+
+fn bytes(key: &str, value: Value) -> Result<Vec<u8>> {
+    match value {
+        Value::BulkString(b) => Ok(b),
+        Value::SimpleString(s) => Ok(s.into_bytes()),
+        Value::VerbatimString { text, .. } => Ok(text.into_bytes()),
+        Value::Int(i) => Ok(i.to_string().into_bytes()),
+        other => Err(Error::decode(
+            key,
+            None,
+            format!("expected a stream field value, got {other:?}"),
+        )),
+    }
+}
+
+fn fields(key: &str, value: Value) -> Result<Option<Vec<(String, Vec<u8>)>>> {
+    let pairs: Vec<(Value, Value)> = match value {
+        Value::Nil => return Ok(None),
+        Value::Map(pairs) => pairs,
+        Value::Array(items) => {
+            if items.len() % 2 != 0 {
+                return Err(Error::decode(
+                    key,
+                    None,
+                    "stream entry has an odd field list",
+                ));
+            }
+            let mut iter = items.into_iter();
+            let mut pairs = Vec::new();
+            while let (Some(k), Some(v)) = (iter.next(), iter.next()) {
+                pairs.push((k, v));
+            }
+            pairs
+        }
+        other => {
+            return Err(Error::decode(
+                key,
+                None,
+                format!("expected stream entry fields, got {other:?}"),
+            ));
+        }
+    };
+    let mut out = Vec::with_capacity(pairs.len());
+    for (k, v) in pairs {
+        out.push((text(key, None, k)?, bytes(key, v)?));
+    }
+    Ok(Some(out))
+}
+
+/// `[[id, fields], ...]` as returned by XRANGE, XAUTOCLAIM and per stream by XREADGROUP.
+pub(crate) fn entries(key: &str, value: Value) -> Result<Vec<RawEntry>> {
+    let items = match value {
+        Value::Nil => return Ok(Vec::new()),
+        Value::Array(items) => items,
+        other => {
+            return Err(Error::decode(
+                key,
+                None,
+                format!("expected a list of stream entries, got {other:?}"),
+            ));
+        }
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        match item {
+            Value::Array(mut pair) if pair.len() == 2 => {
+                let f = pair.pop().unwrap_or(Value::Nil);
+                let id = pair.pop().unwrap_or(Value::Nil);
+                out.push(RawEntry {
+                    id: text(key, None, id)?,
+                    fields: fields(key, f)?,
+                });
+            }
+            // RESP2 servers may answer a deleted entry as a bare nil id list.
+            Value::Nil => {}
+            other => {
+                return Err(Error::decode(
+                    key,
+                    None,
+                    format!("expected [id, fields], got {other:?}"),
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// An XREADGROUP reply for one stream (RESP2 `[[name, entries]]`, RESP3 `{name: entries}`).
+pub(crate) fn read_group(key: &str, value: Value) -> Result<Vec<RawEntry>> {
+    match value {
+        Value::Nil => Ok(Vec::new()),
+        Value::Map(pairs) => {
+            let mut out = Vec::new();
+            for (_, v) in pairs {
+                out.extend(entries(key, v)?);
+            }
+            Ok(out)
+        }
+        Value::Array(streams) => {
+            let mut out = Vec::new();
+            for stream in streams {
+                match stream {
+                    Value::Array(mut pair) if pair.len() == 2 => {
+                        out.extend(entries(key, pair.pop().unwrap_or(Value::Nil))?);
+                    }
+                    other => {
+                        return Err(Error::decode(
+                            key,
+                            None,
+                            format!("expected [stream, entries], got {other:?}"),
+                        ));
+                    }
+                }
+            }
+            Ok(out)
+        }
+        other => Err(Error::decode(
+            key,
+            None,
+            format!("unexpected XREADGROUP reply {other:?}"),
+        )),
+    }
+}
+
+/// An XAUTOCLAIM reply: `(next cursor, claimed entries, deleted ids)`.
+pub(crate) fn autoclaim(key: &str, value: Value) -> Result<(String, Vec<RawEntry>, Vec<String>)> {
+    let Value::Array(items) = value else {
+        return Err(Error::decode(
+            key,
+            None,
+            format!("unexpected XAUTOCLAIM reply {value:?}"),
+        ));
+    };
+    let mut iter = items.into_iter();
+    let cursor = text(key, None, iter.next().unwrap_or(Value::Nil))?;
+    let claimed = entries(key, iter.next().unwrap_or(Value::Nil))?;
+    let deleted = match iter.next() {
+        None | Some(Value::Nil) => Vec::new(),
+        Some(Value::Array(ids)) => ids
+            .into_iter()
+            .map(|v| text(key, None, v))
+            .collect::<Result<_>>()?,
+        Some(other) => {
+            return Err(Error::decode(
+                key,
+                None,
+                format!("expected the deleted ids of XAUTOCLAIM, got {other:?}"),
+            ));
+        }
+    };
+    Ok((cursor, claimed, deleted))
+}
+
+/// The delivery count from an `XPENDING key group id id 1` reply (`None` when not pending).
+pub(crate) fn pending_deliveries(key: &str, value: Value) -> Result<Option<u64>> {
+    let Value::Array(rows) = value else {
+        return Err(Error::decode(
+            key,
+            None,
+            format!("unexpected XPENDING reply {value:?}"),
+        ));
+    };
+    let Some(Value::Array(row)) = rows.into_iter().next() else {
+        return Ok(None);
+    };
+    let count = row.into_iter().nth(3).unwrap_or(Value::Nil);
+    Ok(Some(u64::try_from(int(key, count)?).unwrap_or(0)))
+}
+
+/// An XINFO row (RESP2 flat `[name, value, ...]` or RESP3 map) as `(field, value)` pairs.
+pub(crate) fn info_row(key: &str, value: Value) -> Result<Vec<(String, Value)>> {
+    let pairs: Vec<(Value, Value)> = match value {
+        Value::Map(pairs) => pairs,
+        Value::Array(items) => {
+            let mut iter = items.into_iter();
+            let mut pairs = Vec::new();
+            while let (Some(k), Some(v)) = (iter.next(), iter.next()) {
+                pairs.push((k, v));
+            }
+            pairs
+        }
+        other => {
+            return Err(Error::decode(
+                key,
+                None,
+                format!("unexpected XINFO row {other:?}"),
+            ));
+        }
+    };
+    pairs
+        .into_iter()
+        .map(|(k, v)| Ok((text(key, None, k)?, v)))
+        .collect()
+}
+
+/// A list of XINFO rows.
+pub(crate) fn info_rows(key: &str, value: Value) -> Result<Vec<Vec<(String, Value)>>> {
+    match value {
+        Value::Array(rows) => rows.into_iter().map(|r| info_row(key, r)).collect(),
+        Value::Nil => Ok(Vec::new()),
+        other => Err(Error::decode(
+            key,
+            None,
+            format!("unexpected XINFO reply {other:?}"),
+        )),
+    }
+}
+
+/// A field of an XINFO row as an integer (`None` when absent or nil).
+pub(crate) fn row_int(key: &str, row: &[(String, Value)], field: &str) -> Result<Option<i64>> {
+    match row.iter().find(|(k, _)| k == field) {
+        None | Some((_, Value::Nil)) => Ok(None),
+        Some((_, v)) => int(key, v.clone())
+            .map(Some)
+            .map_err(|_| Error::decode(key, Some(field), format!("not an integer: {v:?}"))),
+    }
+}
+
+/// A field of an XINFO row as text (`None` when absent or nil).
+pub(crate) fn row_text(key: &str, row: &[(String, Value)], field: &str) -> Result<Option<String>> {
+    match row.iter().find(|(k, _)| k == field) {
+        None => Ok(None),
+        Some((_, v)) => opt_text(key, v.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn resp2_and_resp3_read_replies_decode_alike() {
+        let entry = Value::Array(vec![b("1-0"), Value::Array(vec![b("payload"), b("{}")])]);
+        let resp2 = Value::Array(vec![Value::Array(vec![
+            b("s"),
+            Value::Array(vec![entry.clone()]),
+        ])]);
+        let resp3 = Value::Map(vec![(b("s"), Value::Array(vec![entry]))]);
+        let a = read_group("s", resp2).unwrap();
+        assert_eq!(a, read_group("s", resp3).unwrap());
+        assert_eq!(a[0].id, "1-0");
+        assert_eq!(a[0].field("payload"), Some(&b"{}"[..]));
+    }
+
+    #[test]
+    fn deleted_entries_have_no_fields() {
+        let reply = Value::Array(vec![Value::Array(vec![b("1-0"), Value::Nil])]);
+        let e = entries("s", reply).unwrap();
+        assert_eq!(e[0].fields, None);
+    }
+
+    #[test]
+    fn autoclaim_reply_with_deleted_ids() {
+        let reply = Value::Array(vec![
+            b("0-0"),
+            Value::Array(vec![]),
+            Value::Array(vec![b("1-0"), b("2-0")]),
+        ]);
+        let (cursor, claimed, deleted) = autoclaim("s", reply).unwrap();
+        assert_eq!(cursor, "0-0");
+        assert!(claimed.is_empty());
+        assert_eq!(deleted, vec!["1-0", "2-0"]);
+    }
+
+    #[test]
+    fn malformed_replies_are_decode_errors() {
+        assert!(matches!(
+            entries("s", Value::Int(1)),
+            Err(Error::Decode { .. })
+        ));
+        assert!(matches!(
+            read_group("s", Value::Array(vec![Value::Int(1)])),
+            Err(Error::Decode { .. })
+        ));
+    }
+}
