@@ -159,6 +159,9 @@ async fn demo_rate_limit(redis: &Redis) -> Result<(), Box<dyn std::error::Error>
     );
     limiter.reset("user-42", "mfa-verify").await?;
     println!("rate limit: reset by an administrator");
+    Ok(())
+}
+
 async fn demo_streams(redis: &Redis) -> Result<(), Box<dyn std::error::Error>> {
     use aether_redis::stream::{ConsumerOptions, StartFrom, StreamMessage};
     use std::time::Duration;
