@@ -404,7 +404,7 @@ impl Events {
     /// writer and reader of one metric must use the same width.
     pub fn with_metric_bucket(mut self, width: Duration) -> Result<Self> {
         let ms = width.as_millis();
-        if ms == 0 || ms > 86_400_000 || width.subsec_nanos() % 1_000_000 != 0 {
+        if ms == 0 || ms > 86_400_000 || !width.subsec_nanos().is_multiple_of(1_000_000) {
             return Err(Error::invalid(
                 "metric bucket",
                 "must be whole milliseconds in 1 ms..=1 day",
@@ -656,7 +656,7 @@ impl Events {
             .map(|((start, key), reply)| {
                 let mut counts = BTreeMap::new();
                 if let Some(fields) = codec::HashFields::from_reply(&key, reply)? {
-                    for (label, _) in fields.fields() {
+                    for label in fields.fields().keys() {
                         counts.insert(label.clone(), fields.parse::<i64>(label)?);
                     }
                 }
