@@ -22,6 +22,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     demo_sessions(&redis).await?;
     demo_cache(&redis).await?;
+    demo_rate_limit(&redis).await?;
     demo_user_prefs(&redis).await?;
     demo_tokens(&redis).await?;
     demo_events(&redis).await?;
@@ -52,7 +53,75 @@ async fn connect() -> Result<Redis, Box<dyn std::error::Error>> {
     Ok(Redis::connect(disposable).await?)
 }
 
-async fn demo_sessions(_redis: &Redis) -> Result<(), Box<dyn std::error::Error>> {
+/// Sessions: create, read (which slides the idle TTL), update, rotate the id, list and log out
+/// everywhere.
+async fn demo_sessions(redis: &Redis) -> Result<(), Box<dyn std::error::Error>> {
+    use aether_redis::session::{NewSession, Role, SessionId, SessionUpdate};
+    let sessions = redis.sessions();
+    let session = sessions
+        .create(
+            NewSession::new("user-1", "ada@example.com", Role::User)
+                .ip_address("203.0.113.9")
+                .user_agent("quickstart")
+                .permissions(["mail:read"])
+                .extra("csrfToken", aether_redis::random::secret_token(16)?),
+        )
+        .await?;
+    println!(
+        "sessions: created {:?} for {} (idle TTL {:?}, lifetime cap {:?}, {})",
+        session.id, // Debug is redacted: the id is a secret
+        session.user_id,
+        sessions.idle_ttl(),
+        sessions.max_lifetime(),
+        if sessions.uses_scripts() {
+            "Lua scripts"
+        } else {
+            "WATCH/MULTI"
+        }
+    );
+    // What a cookie would carry comes back through FromStr, which rejects hostile ids.
+    let id: SessionId = session.id.to_string().parse()?;
+    let read = sessions.get(&id).await?.ok_or("session vanished")?;
+    println!(
+        "sessions: get -> role {}, lastAccessAt {} (slid in the same round trip)",
+        read.role, read.last_access_at
+    );
+    let updated = sessions
+        .update(
+            &id,
+            &SessionUpdate::new()
+                .role(Role::Moderator)
+                .permissions(["mail:read", "mail:moderate"]),
+        )
+        .await?
+        .ok_or("session vanished")?;
+    println!(
+        "sessions: update -> role {}, permissions {:?}",
+        updated.role, updated.permissions
+    );
+    let rotated = sessions.rotate_id(&id).await?.ok_or("session vanished")?;
+    println!(
+        "sessions: rotate_id -> old id gone: {}, new id works: {}",
+        sessions.get(&id).await?.is_none(),
+        sessions.get(&rotated).await?.is_some()
+    );
+    sessions
+        .create(
+            NewSession::new("user-1", "ada@example.com", Role::User).user_agent("second device"),
+        )
+        .await?;
+    println!(
+        "sessions: user-1 has {} sessions",
+        sessions.list_user("user-1").await?.len()
+    );
+    println!(
+        "sessions: destroy_user (log out everywhere) destroyed {}",
+        sessions.destroy_user("user-1").await?
+    );
+    match "bad:id".parse::<SessionId>() {
+        Err(e) => println!("sessions: a hostile id is rejected: {e}"),
+        Ok(_) => return Err("a hostile id was accepted".into()),
+    }
     Ok(())
 }
 
@@ -60,6 +129,38 @@ async fn demo_cache(_redis: &Redis) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+async fn demo_rate_limit(redis: &Redis) -> Result<(), Box<dyn std::error::Error>> {
+    use aether_redis::rate_limit::TierName;
+    // Tiers from RATE_LIMIT_* (MFA: 5 per 60 s by default), GCRA on the server's clock.
+    let limiter = redis.rate_limiter()?;
+    let mut admitted = 0;
+    let mut last = None;
+    for _ in 0..7 {
+        let decision = limiter
+            .check("user-42", "mfa-verify", &TierName::Mfa)
+            .await?;
+        admitted += u32::from(decision.allowed);
+        last = Some(decision);
+    }
+    if let Some(denied) = last {
+        let headers = denied.headers();
+        println!(
+            "rate limit: {admitted} of 7 MFA attempts admitted; then 429 with RateLimit-Policy: {}, \
+             RateLimit: {}, Retry-After: {}",
+            headers.policy,
+            headers.rate_limit,
+            headers.retry_after.unwrap_or_default()
+        );
+    }
+    let status = limiter
+        .peek("user-42", "mfa-verify", &TierName::Mfa)
+        .await?;
+    println!(
+        "rate limit: peek says {} remaining, resets in {:?}",
+        status.remaining, status.reset_after
+    );
+    limiter.reset("user-42", "mfa-verify").await?;
+    println!("rate limit: reset by an administrator");
 async fn demo_user_prefs(redis: &Redis) -> Result<(), Box<dyn std::error::Error>> {
     use aether_redis::user_prefs::{Pref, Theme};
     let prefs = redis.user_prefs();

@@ -423,10 +423,10 @@ impl Config {
             }
             config.db = db;
         }
-        if let Some(v) = get("REDIS_TLS") {
-            if parse_bool("REDIS_TLS", &v)? {
-                config.tls.get_or_insert_with(TlsConfig::default);
-            }
+        if let Some(v) = get("REDIS_TLS")
+            && parse_bool("REDIS_TLS", &v)?
+        {
+            config.tls.get_or_insert_with(TlsConfig::default);
         }
         for (variable, slot) in [
             ("REDIS_TLS_CA_FILE", 0),
@@ -689,14 +689,14 @@ impl Config {
                 "must be at least 1",
             ));
         }
-        if let Some(tls) = &self.tls {
-            if tls.cert_file.is_some() != tls.key_file.is_some() {
-                return Err(ConfigError::invalid(
-                    "REDIS_TLS_CERT_FILE",
-                    "",
-                    "REDIS_TLS_CERT_FILE and REDIS_TLS_KEY_FILE must be given together",
-                ));
-            }
+        if let Some(tls) = &self.tls
+            && tls.cert_file.is_some() != tls.key_file.is_some()
+        {
+            return Err(ConfigError::invalid(
+                "REDIS_TLS_CERT_FILE",
+                "",
+                "REDIS_TLS_CERT_FILE and REDIS_TLS_KEY_FILE must be given together",
+            ));
         }
         if matches!(self.topology, Topology::Cluster { .. }) && self.db != 0 {
             return Err(ConfigError::invalid(

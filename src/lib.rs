@@ -2,17 +2,17 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: [`Config`] from the environment, a URL or a builder; [`ConfigError`].
-//! - [`keyspace`]: the documented keyspaces ([`Keyspace`]) and the one key builder ([`Keys`]).
-//! - [`ttl`]: the per-environment TTL table as data ([`TtlTable`]).
-//! - [`pool`]: the [`Redis`] handle: shared multiplexed connections, a pool of dedicated ones,
+//! - [`config`] — [`Config`] from the environment, a URL or a builder; [`ConfigError`].
+//! - [`keyspace`] — the documented keyspaces ([`Keyspace`]) and the one key builder ([`Keys`]).
+//! - [`ttl`] — the per-environment TTL table as data ([`TtlTable`]).
+//! - [`pool`] — the [`Redis`] handle: shared multiplexed connections, a pool of dedicated ones,
 //!   capabilities, health.
-//! - [`codec`]: hash and JSON decoding whose errors name key and field.
-//! - [`script`]: Lua scripts by SHA under the configured (renamed) command names.
-//! - [`error`]: [`Error`], with `is_retryable()` / `is_timeout()`.
-//! - [`session`]: [`SessionStore`].
-//! - [`cache`]: [`CacheManager`].
-//! - `testkit` (feature `testkit`): disposable Redis servers for tests.
+//! - [`codec`] — hash and JSON decoding whose errors name key and field.
+//! - [`script`] — Lua scripts by SHA under the configured (renamed) command names.
+//! - [`error`] — [`Error`], with `is_retryable()` / `is_timeout()`.
+//! - [`session`] — [`SessionStore`].
+//! - [`cache`] — [`CacheManager`].
+//! - `testkit` (feature `testkit`) — disposable Redis servers for tests.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]

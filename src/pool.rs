@@ -70,8 +70,8 @@ enum Connector {
     Sentinel(tokio::sync::Mutex<redis::sentinel::SentinelClient>),
     #[cfg(feature = "cluster")]
     Cluster {
-        shared: redis::cluster::ClusterClient,
-        blocking: redis::cluster::ClusterClient,
+        shared: Box<redis::cluster::ClusterClient>,
+        blocking: Box<redis::cluster::ClusterClient>,
     },
 }
 
@@ -223,9 +223,9 @@ impl Connector {
                         .map_err(|e| config_error("REDIS_CLUSTER_NODES", e))
                 };
                 Ok(Connector::Cluster {
-                    shared: build(config.response_timeout)?,
+                    shared: Box::new(build(config.response_timeout)?),
                     // Blocking commands bound their own wait; a day is "no response timeout".
-                    blocking: build(Duration::from_secs(86_400))?,
+                    blocking: Box::new(build(Duration::from_secs(86_400))?),
                 })
             }
             #[cfg(not(feature = "cluster"))]
@@ -342,8 +342,7 @@ impl DedicatedConnection {
 
 /// One shared multiplexed connection, replaced after the connection breaks.
 struct SharedSlot {
-    conn: RwLock<Option<(u64, Connection)>>,
-    generation: AtomicUsize,
+    conn: RwLock<Option<Connection>>,
     reconnect: tokio::sync::Mutex<()>,
 }
 
@@ -502,8 +501,7 @@ impl Redis {
 
         let shared = (0..config.shared_connections)
             .map(|i| SharedSlot {
-                conn: RwLock::new((i == 0).then(|| (0, first.clone()))),
-                generation: AtomicUsize::new(0),
+                conn: RwLock::new((i == 0).then(|| first.clone())),
                 reconnect: tokio::sync::Mutex::new(()),
             })
             .collect();
@@ -588,11 +586,11 @@ impl Redis {
             inner.next_shared.fetch_add(1, Ordering::Relaxed) % inner.shared.len()
         };
         let slot = &inner.shared[index];
-        if let Some((_, conn)) = slot.conn.read().ok().and_then(|g| g.clone()) {
+        if let Some(conn) = slot.conn.read().ok().and_then(|g| g.clone()) {
             return Ok(conn);
         }
         let _guard = slot.reconnect.lock().await;
-        if let Some((_, conn)) = slot.conn.read().ok().and_then(|g| g.clone()) {
+        if let Some(conn) = slot.conn.read().ok().and_then(|g| g.clone()) {
             return Ok(conn);
         }
         let config = &inner.config;
@@ -611,9 +609,8 @@ impl Redis {
             message: format!("cannot reconnect: {e}"),
             source: Some(e),
         })?;
-        let generation = slot.generation.fetch_add(1, Ordering::Relaxed) as u64 + 1;
         if let Ok(mut guard) = slot.conn.write() {
-            *guard = Some((generation, conn.clone()));
+            *guard = Some(conn.clone());
         }
         Ok(conn)
     }

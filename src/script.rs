@@ -113,17 +113,30 @@ impl Scripts {
         }
     }
 
-    /// Runs a trivial script; the error says why scripting is unusable.
+    /// Runs a trivial script through the configured `EVAL` name — the one `NOSCRIPT` recovery
+    /// depends on — and then by SHA; the error says why scripting is unusable.
     pub(crate) async fn probe<C: ConnectionLike>(&self, conn: &mut C) -> Result<(), String> {
         let probe = LuaScript::new("probe", PROBE);
-        match self.run(conn, &probe, &ScriptCall::new()).await {
+        let call = ScriptCall::new();
+        let names = format!(
+            "{} / {}",
+            self.eval.as_deref().unwrap_or("<disabled EVAL>"),
+            self.evalsha.as_deref().unwrap_or("<disabled EVALSHA>"),
+        );
+        let Some(eval) = &self.eval else {
+            return Err(format!("EVAL is disabled ({names})"));
+        };
+        let loaded: redis::RedisResult<Value> =
+            call.command(eval, probe.source).query_async(conn).await;
+        match loaded {
+            Ok(Value::Int(1)) => {}
+            Ok(other) => return Err(format!("unexpected probe reply {other:?}")),
+            Err(e) => return Err(format!("running a script with {names} failed: {e}")),
+        }
+        match self.run(conn, &probe, &call).await {
             Ok(Value::Int(1)) => Ok(()),
             Ok(other) => Err(format!("unexpected probe reply {other:?}")),
-            Err(e) => Err(format!(
-                "running a script with {} / {} failed: {e}",
-                self.evalsha.as_deref().unwrap_or("<disabled EVALSHA>"),
-                self.eval.as_deref().unwrap_or("<disabled EVAL>"),
-            )),
+            Err(e) => Err(format!("running a script with {names} failed: {e}")),
         }
     }
 }

@@ -1,18 +1,1610 @@
-//! Sessions.
+//! Sessions: one record per session at `session:<id>`, with a sliding idle TTL, an absolute
+//! lifetime cap and a self-cleaning per-user index.
+//!
+//! The layout is the documented wire contract (`docs/keyspace.md`, `## session:*`): a hash with
+//! `userId`, `email`, `role`, `createdAt`, `lastAccessAt`, `ipAddress`, `userAgent`,
+//! `permissions` (JSON array) and any application-defined fields, or — with
+//! [`SessionLayout::Json`] — one JSON object with the same members. Sessions written by the
+//! documented TypeScript service (`HSET` + `EXPIRE 86400`) read back here, and ours read back
+//! there.
+//!
+//! # Atomicity
+//! Reads that slide the TTL (`get`, `touch`, `update`) never recreate a session deleted or
+//! expired in between: with scripting they run as one Lua script (one round trip); without
+//! scripting (see [`SessionStore::uses_scripts`]) as an optimistic `WATCH`/`MULTI` transaction
+//! on a dedicated connection. No path leaves a session key without a TTL.
+//!
+//! ```no_run
+//! # async fn demo(redis: aether_redis::Redis) -> aether_redis::Result<()> {
+//! use aether_redis::session::{NewSession, Role};
+//! let sessions = redis.sessions();
+//! let session = sessions
+//!     .create(NewSession::new("u-42", "ada@example.com", Role::User).ip_address("10.0.0.7"))
+//!     .await?;
+//! let cookie = session.id.to_string(); // the secret to hand to the browser
+//! let id = cookie.parse()?; // validated: hostile ids are rejected here
+//! assert!(sessions.get(&id).await?.is_some());
+//! sessions.destroy(&id).await?;
+//! # Ok(()) }
+//! ```
 
-use crate::pool::Redis;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::str::FromStr;
+use std::sync::LazyLock;
+use std::time::Duration;
 
-/// User sessions.
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use redis::Value;
+use serde_json::{Map, Value as Json};
+
+use crate::codec::{HashFields, now_millis};
+use crate::config::SessionLayout;
+use crate::error::{Error, Result};
+use crate::keyspace::{Keys, Keyspace, cluster_slot, validate_key_part};
+use crate::pool::{DedicatedConnection, Redis};
+use crate::script::{LuaScript, ScriptCall};
+
+/// Random bytes in a generated session id (256 bits; 242 bits remain after [`SessionStore::rotate_id`]
+/// picks an id in the old id's Cluster slot).
+pub const SESSION_ID_BYTES: usize = 32;
+
+/// How often `create`/`rotate_id` draw a new id after a collision before giving up.
+const MAX_ID_ATTEMPTS: usize = 8;
+/// How often a script-free transaction is retried after a concurrent write aborted it.
+const MAX_WATCH_ATTEMPTS: usize = 16;
+/// Index members younger than this whose session is absent are kept: their session may be in
+/// the middle of being created (the index entry is written first).
+const DEFAULT_INDEX_GRACE: Duration = Duration::from_secs(60);
+/// Index key part that marks the per-user index (`session:by-user:<userId>`).
+const INDEX_PART: &str = "by-user";
+
+/// Hash field and JSON member names, as documented.
+pub mod fields {
+    /// The owning user.
+    pub const USER_ID: &str = "userId";
+    /// The user's email address.
+    pub const EMAIL: &str = "email";
+    /// `admin`, `user` or `moderator`.
+    pub const ROLE: &str = "role";
+    /// Creation time, ms since the Unix epoch.
+    pub const CREATED_AT: &str = "createdAt";
+    /// Last access time, ms since the Unix epoch.
+    pub const LAST_ACCESS_AT: &str = "lastAccessAt";
+    /// Client IP address.
+    pub const IP_ADDRESS: &str = "ipAddress";
+    /// Client user agent.
+    pub const USER_AGENT: &str = "userAgent";
+    /// JSON array of permission names; missing means none.
+    pub const PERMISSIONS: &str = "permissions";
+    /// Every documented field; any other field is application-defined.
+    pub const ALL: [&str; 8] = [
+        USER_ID,
+        EMAIL,
+        ROLE,
+        CREATED_AT,
+        LAST_ACCESS_AT,
+        IP_ADDRESS,
+        USER_AGENT,
+        PERMISSIONS,
+    ];
+}
+
+/// The Lua scripts behind `get`, `touch` and `update`, public so that services in other
+/// languages can run the very same code on the shared data (see `docs/keyspace.md`).
+pub mod lua {
+    /// Hash layout. `KEYS[1]` = session key. `ARGV` = now (ms), idle TTL (ms), lifetime cap
+    /// (ms), mode (`get` | `touch` | `update`), `n`, then `n` field/value pairs to set, then
+    /// fields to delete. Returns nil when the session is gone (nothing is written then);
+    /// `{1, fields}` for `get`/`update`, `1` for `touch`; `{0, fields}` without writing when
+    /// `createdAt` is missing or not a number.
+    pub const ACCESS_HASH: &str = r#"
+local key = KEYS[1]
+local h = redis.call('HGETALL', key)
+if #h == 0 then return false end
+local now = tonumber(ARGV[1])
+local created
+for i = 1, #h, 2 do
+  if h[i] == 'createdAt' then created = tonumber(h[i + 1]) end
+end
+if not created then return {0, h} end
+local left = math.floor(math.min(tonumber(ARGV[2]), created + tonumber(ARGV[3]) - now))
+if left <= 0 then
+  redis.call('DEL', key)
+  return false
+end
+local n = tonumber(ARGV[5])
+local set = {'lastAccessAt', ARGV[1]}
+for i = 6, 5 + 2 * n do set[#set + 1] = ARGV[i] end
+redis.call('HSET', key, unpack(set))
+if #ARGV > 5 + 2 * n then redis.call('HDEL', key, unpack(ARGV, 6 + 2 * n)) end
+redis.call('PEXPIRE', key, left)
+local mode = ARGV[4]
+if mode == 'touch' then return 1 end
+if mode == 'update' then return {1, redis.call('HGETALL', key)} end
+local found = false
+for i = 1, #h, 2 do
+  if h[i] == 'lastAccessAt' then
+    h[i + 1] = ARGV[1]
+    found = true
+  end
+end
+if not found then
+  h[#h + 1] = 'lastAccessAt'
+  h[#h + 1] = ARGV[1]
+end
+return {1, h}
+"#;
+
+    /// JSON layout. `KEYS[1]` = session key. `ARGV` = now (ms), idle TTL (ms), lifetime cap
+    /// (ms), mode (`get` | `touch`). The document is not re-encoded (Lua's cjson would turn
+    /// `[]` into `{}` and round large numbers): the top-level `lastAccessAt` number is replaced
+    /// in the text, and the result is checked by decoding it; if the check fails the document is
+    /// kept as it was and only the TTL slides. Returns nil when the session is gone; `{1, json}`
+    /// for `get`, `1` for `touch`; `{0, json}` without writing when the value is not a JSON
+    /// object with a numeric `createdAt`.
+    pub const ACCESS_JSON: &str = r#"
+local key = KEYS[1]
+local v = redis.call('GET', key)
+if not v then return false end
+local ok, obj = pcall(cjson.decode, v)
+if not ok or type(obj) ~= 'table' then return {0, v} end
+local created = tonumber(obj['createdAt'])
+if not created then return {0, v} end
+local now = tonumber(ARGV[1])
+local left = math.floor(math.min(tonumber(ARGV[2]), created + tonumber(ARGV[3]) - now))
+if left <= 0 then
+  redis.call('DEL', key)
+  return false
+end
+local nv, n = string.gsub(v, '"lastAccessAt"%s*:%s*%-?[%d%.eE%+%-]+', '"lastAccessAt":' .. ARGV[1], 1)
+if n == 0 then nv = string.gsub(v, '^%s*{', '{"lastAccessAt":' .. ARGV[1] .. ',', 1) end
+local ok2, check = pcall(cjson.decode, nv)
+if not ok2 or type(check) ~= 'table' or check['lastAccessAt'] ~= now then nv = v end
+redis.call('SET', key, nv, 'PX', left)
+if ARGV[4] == 'touch' then return 1 end
+return {1, nv}
+"#;
+}
+
+static ACCESS_HASH: LazyLock<LuaScript> =
+    LazyLock::new(|| LuaScript::new("session_access_hash", lua::ACCESS_HASH));
+static ACCESS_JSON: LazyLock<LuaScript> =
+    LazyLock::new(|| LuaScript::new("session_access_json", lua::ACCESS_JSON));
+
+/// A session id: the secret a client presents. `Display` writes it out (for the cookie);
+/// `Debug` never does.
+///
+/// Generated ids are 32 bytes from the OS CSPRNG, base64url without padding (43 characters).
+/// Parsed ids (e.g. from a cookie) are checked like every key part: 1–512 bytes, no `:`, braces,
+/// glob characters, whitespace or control characters, so a hostile id cannot address another
+/// key.
+///
+/// ```
+/// use aether_redis::session::SessionId;
+/// let id = SessionId::generate().unwrap();
+/// assert_eq!(id.as_str().len(), 43);
+/// assert_eq!(format!("{id:?}"), "SessionId(<redacted>)");
+/// assert!("abc:def".parse::<SessionId>().is_err());
+/// assert!("*".parse::<SessionId>().is_err());
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct SessionId(String);
+
+impl SessionId {
+    /// A new random id.
+    pub fn generate() -> Result<SessionId> {
+        crate::random::secret_token(SESSION_ID_BYTES).map(SessionId)
+    }
+
+    /// A new random id whose key (`keys`' layout) lies in Cluster slot `slot`. Draws ids until
+    /// one fits: about 16,384 candidates (a few milliseconds of CRC16) on average.
+    fn generate_in_slot(keys: &Keys, slot: u16) -> Result<SessionId> {
+        const BATCH: usize = 128;
+        // 2^20 candidates: the chance of finding none is e^-64.
+        for _ in 0..(1 << 20) / BATCH {
+            let random = crate::random::bytes(BATCH * SESSION_ID_BYTES)?;
+            for chunk in random.chunks_exact(SESSION_ID_BYTES) {
+                let id = URL_SAFE_NO_PAD.encode(chunk);
+                if cluster_slot(&keys.key_unchecked(Keyspace::Session, &[&id])) == slot {
+                    return Ok(SessionId(id));
+                }
+            }
+        }
+        Err(Error::Unavailable {
+            message: "no session id in the required cluster slot was found".into(),
+            source: None,
+        })
+    }
+
+    /// The id as text (a secret: do not log it).
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SessionId(<redacted>)")
+    }
+}
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for SessionId {
+    type Err = Error;
+
+    /// Validates an id received from a client: [`Error::InvalidInput`] naming `session id`.
+    fn from_str(s: &str) -> Result<Self> {
+        validate_key_part("session id", s).map(|s| SessionId(s.to_owned()))
+    }
+}
+
+/// A user's role, stored as `admin`, `user` or `moderator`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Role {
+    /// `admin`
+    Admin,
+    /// `user`
+    User,
+    /// `moderator`
+    Moderator,
+}
+
+impl Role {
+    /// The stored text.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::User => "user",
+            Role::Moderator => "moderator",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Role {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "admin" => Ok(Role::Admin),
+            "user" => Ok(Role::User),
+            "moderator" => Ok(Role::Moderator),
+            other => Err(Error::invalid(
+                "role",
+                format!("{other:?} is not one of admin, user, moderator"),
+            )),
+        }
+    }
+}
+
+/// A stored session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Session {
+    /// Its id (the secret).
+    pub id: SessionId,
+    /// `userId`.
+    pub user_id: String,
+    /// `email`.
+    pub email: String,
+    /// `role`.
+    pub role: Role,
+    /// `createdAt`, ms since the Unix epoch.
+    pub created_at: i64,
+    /// `lastAccessAt`, ms since the Unix epoch.
+    pub last_access_at: i64,
+    /// `ipAddress`.
+    pub ip_address: String,
+    /// `userAgent`.
+    pub user_agent: String,
+    /// `permissions` (empty when the field is missing).
+    pub permissions: Vec<String>,
+    /// Application-defined fields (e.g. `csrfToken`), kept and returned as they are. In the
+    /// JSON layout a non-string member is returned as its JSON text.
+    pub extra: BTreeMap<String, String>,
+}
+
+impl Session {
+    /// Whether the session grants `permission`.
+    pub fn has_permission(&self, permission: &str) -> bool {
+        self.permissions.iter().any(|p| p == permission)
+    }
+
+    /// The hash fields, in documented order, then the extra fields.
+    fn hash_fields(&self) -> Result<Vec<(String, String)>> {
+        let mut out = vec![
+            (fields::USER_ID.into(), self.user_id.clone()),
+            (fields::EMAIL.into(), self.email.clone()),
+            (fields::ROLE.into(), self.role.as_str().into()),
+            (fields::CREATED_AT.into(), self.created_at.to_string()),
+            (
+                fields::LAST_ACCESS_AT.into(),
+                self.last_access_at.to_string(),
+            ),
+            (fields::IP_ADDRESS.into(), self.ip_address.clone()),
+            (fields::USER_AGENT.into(), self.user_agent.clone()),
+            (
+                fields::PERMISSIONS.into(),
+                crate::codec::to_json("permissions", &self.permissions)?,
+            ),
+        ];
+        out.extend(self.extra.iter().map(|(k, v)| (k.clone(), v.clone())));
+        Ok(out)
+    }
+
+    /// The JSON object, documented members first.
+    fn to_json_object(&self) -> Map<String, Json> {
+        let mut m = Map::new();
+        m.insert(fields::USER_ID.into(), self.user_id.clone().into());
+        m.insert(fields::EMAIL.into(), self.email.clone().into());
+        m.insert(fields::ROLE.into(), self.role.as_str().into());
+        m.insert(fields::CREATED_AT.into(), self.created_at.into());
+        m.insert(fields::LAST_ACCESS_AT.into(), self.last_access_at.into());
+        m.insert(fields::IP_ADDRESS.into(), self.ip_address.clone().into());
+        m.insert(fields::USER_AGENT.into(), self.user_agent.clone().into());
+        m.insert(
+            fields::PERMISSIONS.into(),
+            Json::Array(
+                self.permissions
+                    .iter()
+                    .map(|p| Json::String(p.clone()))
+                    .collect(),
+            ),
+        );
+        for (k, v) in &self.extra {
+            m.insert(k.clone(), Json::String(v.clone()));
+        }
+        m
+    }
+
+    fn from_hash(id: SessionId, h: &HashFields) -> Result<Session> {
+        let role = h.required(fields::ROLE)?;
+        let role = role.parse::<Role>().map_err(|_| {
+            Error::decode(
+                h.key(),
+                Some(fields::ROLE),
+                format!("{role:?} is not one of admin, user, moderator"),
+            )
+        })?;
+        Ok(Session {
+            id,
+            user_id: h.required(fields::USER_ID)?.to_owned(),
+            email: h.required(fields::EMAIL)?.to_owned(),
+            role,
+            created_at: h.parse(fields::CREATED_AT)?,
+            last_access_at: h.parse(fields::LAST_ACCESS_AT)?,
+            ip_address: h.required(fields::IP_ADDRESS)?.to_owned(),
+            user_agent: h.required(fields::USER_AGENT)?.to_owned(),
+            permissions: h.json(fields::PERMISSIONS)?.unwrap_or_default(),
+            extra: h
+                .fields()
+                .iter()
+                .filter(|(k, _)| !fields::ALL.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        })
+    }
+
+    fn from_json_object(id: SessionId, key: &str, m: &Map<String, Json>) -> Result<Session> {
+        let string = |field: &'static str| -> Result<String> {
+            match m.get(field) {
+                Some(Json::String(s)) => Ok(s.clone()),
+                Some(other) => Err(Error::decode(
+                    key,
+                    Some(field),
+                    format!("expected a string, got {other}"),
+                )),
+                None => Err(Error::decode(key, Some(field), "missing")),
+            }
+        };
+        let millis = |field: &'static str| -> Result<i64> {
+            match m.get(field) {
+                Some(Json::Number(n)) => n.as_i64(),
+                Some(Json::String(s)) => s.parse().ok(),
+                None => return Err(Error::decode(key, Some(field), "missing")),
+                _ => None,
+            }
+            .ok_or_else(|| {
+                Error::decode(
+                    key,
+                    Some(field),
+                    "expected milliseconds since the Unix epoch as an integer",
+                )
+            })
+        };
+        let role = string(fields::ROLE)?;
+        let role = role.parse::<Role>().map_err(|_| {
+            Error::decode(
+                key,
+                Some(fields::ROLE),
+                format!("{role:?} is not one of admin, user, moderator"),
+            )
+        })?;
+        let permissions = match m.get(fields::PERMISSIONS) {
+            None | Some(Json::Null) => Vec::new(),
+            Some(Json::Array(items)) => items
+                .iter()
+                .map(|p| match p {
+                    Json::String(s) => Ok(s.clone()),
+                    other => Err(Error::decode(
+                        key,
+                        Some(fields::PERMISSIONS),
+                        format!("expected an array of strings, found {other}"),
+                    )),
+                })
+                .collect::<Result<_>>()?,
+            Some(other) => {
+                return Err(Error::decode(
+                    key,
+                    Some(fields::PERMISSIONS),
+                    format!("expected an array of strings, got {other}"),
+                ));
+            }
+        };
+        Ok(Session {
+            id,
+            user_id: string(fields::USER_ID)?,
+            email: string(fields::EMAIL)?,
+            role,
+            created_at: millis(fields::CREATED_AT)?,
+            last_access_at: millis(fields::LAST_ACCESS_AT)?,
+            ip_address: string(fields::IP_ADDRESS)?,
+            user_agent: string(fields::USER_AGENT)?,
+            permissions,
+            extra: m
+                .iter()
+                .filter(|(k, _)| !fields::ALL.contains(&k.as_str()))
+                .map(|(k, v)| {
+                    let text = match v {
+                        Json::String(s) => s.clone(),
+                        other => other.to_string(),
+                    };
+                    (k.clone(), text)
+                })
+                .collect(),
+        })
+    }
+}
+
+fn validate_extra_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 512 {
+        return Err(Error::invalid(
+            "session field",
+            "a field name must be 1-512 bytes",
+        ));
+    }
+    if fields::ALL.contains(&name) {
+        return Err(Error::invalid(
+            "session field",
+            format!("{name:?} is a documented field; set it through its own method"),
+        ));
+    }
+    Ok(())
+}
+
+/// What [`SessionStore::create`] stores.
+///
+/// ```
+/// use aether_redis::session::{NewSession, Role};
+/// let new = NewSession::new("u-42", "ada@example.com", Role::Admin)
+///     .ip_address("10.0.0.7")
+///     .user_agent("Mozilla/5.0")
+///     .permissions(["mail:read", "mail:send"])
+///     .extra("csrfToken", "t0k3n");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewSession {
+    user_id: String,
+    email: String,
+    role: Role,
+    ip_address: String,
+    user_agent: String,
+    permissions: Vec<String>,
+    extra: BTreeMap<String, String>,
+}
+
+impl NewSession {
+    /// A session for `user_id` (a key part: 1–512 bytes, no `:`, braces or globs).
+    pub fn new(user_id: impl Into<String>, email: impl Into<String>, role: Role) -> Self {
+        NewSession {
+            user_id: user_id.into(),
+            email: email.into(),
+            role,
+            ip_address: String::new(),
+            user_agent: String::new(),
+            permissions: Vec::new(),
+            extra: BTreeMap::new(),
+        }
+    }
+
+    /// `ipAddress` (default empty).
+    pub fn ip_address(mut self, ip: impl Into<String>) -> Self {
+        self.ip_address = ip.into();
+        self
+    }
+
+    /// `userAgent` (default empty).
+    pub fn user_agent(mut self, agent: impl Into<String>) -> Self {
+        self.user_agent = agent.into();
+        self
+    }
+
+    /// `permissions` (default none).
+    pub fn permissions<I, S>(mut self, permissions: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.permissions = permissions.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// An application-defined field (not one of the documented names).
+    pub fn extra(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.extra.insert(name.into(), value.into());
+        self
+    }
+
+    fn validate(&self) -> Result<()> {
+        validate_key_part("user id", &self.user_id)?;
+        self.extra.keys().try_for_each(|k| validate_extra_name(k))
+    }
+}
+
+/// A partial change for [`SessionStore::update`]: only what is set is written. `userId` and
+/// `createdAt` cannot change (the index and the lifetime cap rest on them).
+///
+/// ```
+/// use aether_redis::session::{Role, SessionUpdate};
+/// let change = SessionUpdate::new().role(Role::Moderator).extra("csrfToken", "n3w").remove_extra("draft");
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionUpdate {
+    email: Option<String>,
+    role: Option<Role>,
+    ip_address: Option<String>,
+    user_agent: Option<String>,
+    permissions: Option<Vec<String>>,
+    set_extra: BTreeMap<String, String>,
+    remove_extra: BTreeSet<String>,
+}
+
+impl SessionUpdate {
+    /// No change (an update with nothing set still counts as an access).
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Sets `email`.
+    pub fn email(mut self, email: impl Into<String>) -> Self {
+        self.email = Some(email.into());
+        self
+    }
+    /// Sets `role`.
+    pub fn role(mut self, role: Role) -> Self {
+        self.role = Some(role);
+        self
+    }
+    /// Sets `ipAddress`.
+    pub fn ip_address(mut self, ip: impl Into<String>) -> Self {
+        self.ip_address = Some(ip.into());
+        self
+    }
+    /// Sets `userAgent`.
+    pub fn user_agent(mut self, agent: impl Into<String>) -> Self {
+        self.user_agent = Some(agent.into());
+        self
+    }
+    /// Replaces `permissions`.
+    pub fn permissions<I, S>(mut self, permissions: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.permissions = Some(permissions.into_iter().map(Into::into).collect());
+        self
+    }
+    /// Sets an application-defined field.
+    pub fn extra(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        let name = name.into();
+        self.remove_extra.remove(&name);
+        self.set_extra.insert(name, value.into());
+        self
+    }
+    /// Removes an application-defined field.
+    pub fn remove_extra(mut self, name: impl Into<String>) -> Self {
+        let name = name.into();
+        self.set_extra.remove(&name);
+        self.remove_extra.insert(name);
+        self
+    }
+
+    fn validate(&self) -> Result<()> {
+        self.set_extra
+            .keys()
+            .chain(self.remove_extra.iter())
+            .try_for_each(|k| validate_extra_name(k))
+    }
+
+    /// Field/value pairs to set (hash layout).
+    fn hash_sets(&self) -> Result<Vec<(&str, String)>> {
+        let mut out = Vec::new();
+        if let Some(v) = &self.email {
+            out.push((fields::EMAIL, v.clone()));
+        }
+        if let Some(v) = self.role {
+            out.push((fields::ROLE, v.as_str().to_owned()));
+        }
+        if let Some(v) = &self.ip_address {
+            out.push((fields::IP_ADDRESS, v.clone()));
+        }
+        if let Some(v) = &self.user_agent {
+            out.push((fields::USER_AGENT, v.clone()));
+        }
+        if let Some(v) = &self.permissions {
+            out.push((
+                fields::PERMISSIONS,
+                crate::codec::to_json("permissions", v)?,
+            ));
+        }
+        for (k, v) in &self.set_extra {
+            out.push((k.as_str(), v.clone()));
+        }
+        Ok(out)
+    }
+
+    /// Applies the change to a JSON object, leaving untouched members exactly as stored.
+    fn apply_json(&self, m: &mut Map<String, Json>) {
+        if let Some(v) = &self.email {
+            m.insert(fields::EMAIL.into(), v.clone().into());
+        }
+        if let Some(v) = self.role {
+            m.insert(fields::ROLE.into(), v.as_str().into());
+        }
+        if let Some(v) = &self.ip_address {
+            m.insert(fields::IP_ADDRESS.into(), v.clone().into());
+        }
+        if let Some(v) = &self.user_agent {
+            m.insert(fields::USER_AGENT.into(), v.clone().into());
+        }
+        if let Some(v) = &self.permissions {
+            m.insert(
+                fields::PERMISSIONS.into(),
+                Json::Array(v.iter().map(|p| Json::String(p.clone())).collect()),
+            );
+        }
+        for (k, v) in &self.set_extra {
+            m.insert(k.clone(), v.clone().into());
+        }
+        for k in &self.remove_extra {
+            m.shift_remove(k);
+        }
+    }
+}
+
+/// What a script-free transaction does to a live session.
+enum Change<'a> {
+    Get,
+    Touch,
+    Update(&'a SessionUpdate),
+}
+
+/// The session repository, from [`Redis::sessions`].
+///
+/// Keys: `session:<id>` (hash, or JSON string with [`SessionLayout::Json`]) and the per-user
+/// index `session:by-user:<userId>` (sorted set of session ids scored by their absolute
+/// deadline). TTL: the `session` row of the TTL table as the idle timeout, slid on every access,
+/// never beyond `createdAt + Config::session_max_lifetime`.
 #[derive(Debug, Clone)]
 pub struct SessionStore {
     redis: Redis,
+    layout: SessionLayout,
+    idle_ms: i64,
+    cap_ms: i64,
+    scripts: bool,
+    index_grace_ms: i64,
+}
+
+fn millis_i64(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1)
 }
 
 impl Redis {
-    /// The session repository.
+    /// The session repository. It runs on Lua scripts when the server allows them under the
+    /// configured command names, else on `WATCH`/`MULTI` (see [`SessionStore::uses_scripts`]).
     pub fn sessions(&self) -> SessionStore {
         SessionStore {
             redis: self.clone(),
+            layout: self.config().session_layout,
+            idle_ms: millis_i64(self.ttl().get(Keyspace::Session)),
+            cap_ms: millis_i64(self.config().session_max_lifetime),
+            scripts: self.capabilities().scripting,
+            index_grace_ms: millis_i64(DEFAULT_INDEX_GRACE),
         }
+    }
+}
+
+impl SessionStore {
+    /// Forces the script-free mode (for servers where scripting is disabled by ACL or
+    /// renaming). `get`, `touch` and `update` then run as optimistic `WATCH`/`MULTI`
+    /// transactions on a dedicated connection: two round trips plus the pool checkout, retried
+    /// when a concurrent write aborts them. Same guarantees otherwise.
+    pub fn without_scripts(mut self) -> Self {
+        self.scripts = false;
+        self
+    }
+
+    /// How long an index member whose session is absent is kept before it is pruned (default
+    /// 60 s: a session being created is indexed just before it is written).
+    pub fn with_index_grace(mut self, grace: Duration) -> Self {
+        self.index_grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
+        self
+    }
+
+    /// Whether `get`/`touch`/`update` run as Lua scripts (one round trip) rather than
+    /// `WATCH`/`MULTI` transactions.
+    pub fn uses_scripts(&self) -> bool {
+        self.scripts
+    }
+
+    /// The idle TTL (the `session` row of the TTL table in force).
+    pub fn idle_ttl(&self) -> Duration {
+        Duration::from_millis(self.idle_ms.unsigned_abs())
+    }
+
+    /// The absolute lifetime cap.
+    pub fn max_lifetime(&self) -> Duration {
+        Duration::from_millis(self.cap_ms.unsigned_abs())
+    }
+
+    /// The key of session `id` (with the configured prefix).
+    pub fn key(&self, id: &SessionId) -> String {
+        self.redis
+            .keys()
+            .key_unchecked(Keyspace::Session, &[id.as_str()])
+    }
+
+    /// The per-user index key, `session:by-user:<userId>`.
+    pub fn index_key(&self, user_id: &str) -> Result<String> {
+        validate_key_part("user id", user_id)?;
+        Ok(self
+            .redis
+            .keys()
+            .key_unchecked(Keyspace::Session, &[INDEX_PART, user_id]))
+    }
+
+    /// TTL (ms) left for a session created at `created_at`, accessed `now`: the idle TTL, cut
+    /// at the lifetime cap.
+    fn remaining(&self, created_at: i64, now: i64) -> i64 {
+        self.idle_ms
+            .min(created_at.saturating_add(self.cap_ms).saturating_sub(now))
+    }
+
+    /// Creates a session with a fresh id. Never overwrites an existing key: on an id collision
+    /// a new id is drawn.
+    ///
+    /// Round trips: two. First the user index entry (`ZADD` + `PEXPIRE` in one `MULTI`), then the
+    /// session itself, atomically with its TTL: hash layout as one `MULTI` (`HSET` into a
+    /// temporary key in the same slot, `PEXPIRE`, `RENAMENX` onto the session key, `DEL` of the
+    /// temporary key when the name was taken); JSON layout as `SET .. NX PX`. The TTL is the
+    /// idle TTL, cut at the lifetime cap.
+    #[tracing::instrument(name = "session.create", skip_all)]
+    pub async fn create(&self, new: NewSession) -> Result<Session> {
+        new.validate()?;
+        let index = self.index_key(&new.user_id)?;
+        let now = now_millis();
+        let ttl = self.remaining(now, now);
+        let NewSession {
+            user_id,
+            email,
+            role,
+            ip_address,
+            user_agent,
+            permissions,
+            extra,
+        } = new;
+        let mut session = Session {
+            id: SessionId::generate()?,
+            user_id,
+            email,
+            role,
+            created_at: now,
+            last_access_at: now,
+            ip_address,
+            user_agent,
+            permissions,
+            extra,
+        };
+        for _ in 0..MAX_ID_ATTEMPTS {
+            self.index_add(&index, &session.id, now.saturating_add(self.cap_ms), now)
+                .await?;
+            let key = self.key(&session.id);
+            let created = match self.layout {
+                SessionLayout::Hash => {
+                    let tmp = self.redis.keys().derived(&key, "create");
+                    let mut pipe = redis::pipe();
+                    pipe.atomic();
+                    pipe.cmd("DEL").arg(&tmp).ignore();
+                    let hset = pipe.cmd("HSET").arg(&tmp);
+                    for (k, v) in session.hash_fields()? {
+                        hset.arg(k).arg(v);
+                    }
+                    hset.ignore();
+                    pipe.cmd("PEXPIRE").arg(&tmp).arg(ttl).ignore();
+                    pipe.cmd("RENAMENX").arg(&tmp).arg(&key);
+                    pipe.cmd("DEL").arg(&tmp).ignore();
+                    let reply = self.redis.query_pipe("session.create", &pipe).await?;
+                    matches!(reply.as_deref(), Some([Value::Int(1)]))
+                }
+                SessionLayout::Json => {
+                    let doc = crate::codec::to_json("session", &session.to_json_object())?;
+                    let mut cmd = redis::cmd("SET");
+                    cmd.arg(&key).arg(doc).arg("NX").arg("PX").arg(ttl);
+                    !matches!(self.redis.query("session.create", &cmd).await?, Value::Nil)
+                }
+            };
+            if created {
+                return Ok(session);
+            }
+            // The id is taken by another session; its index entry is ours and stays harmless
+            // (ownership is checked before anything is read or deleted through the index).
+            session.id = SessionId::generate()?;
+        }
+        Err(Error::Unavailable {
+            message: "no free session id found".into(),
+            source: None,
+        })
+    }
+
+    /// Returns the session and records the access: `lastAccessAt` = now and the idle TTL slid
+    /// (never beyond the lifetime cap). `None` when the session does not exist, expired, or
+    /// passed its lifetime cap (it is then deleted).
+    ///
+    /// Round trips: one (`EVALSHA` of [`lua::ACCESS_HASH`] / [`lua::ACCESS_JSON`]), atomic: a
+    /// session deleted or expired concurrently is never recreated. Script-free mode: a `WATCH`
+    /// transaction (two round trips plus the pool checkout), same guarantee.
+    #[tracing::instrument(name = "session.get", skip_all)]
+    pub async fn get(&self, id: &SessionId) -> Result<Option<Session>> {
+        if !self.scripts {
+            return self.transact(id, Change::Get).await;
+        }
+        let key = self.key(id);
+        let now = now_millis();
+        let reply = self.access_script(&key, now, "get", None).await?;
+        self.decode_access(id.clone(), &key, reply)
+    }
+
+    /// Records an access without reading the session: `lastAccessAt` = now, idle TTL slid.
+    /// `false` when the session is gone (nothing is written then).
+    ///
+    /// Round trips: one script call, atomic (script-free: a `WATCH` transaction).
+    #[tracing::instrument(name = "session.touch", skip_all)]
+    pub async fn touch(&self, id: &SessionId) -> Result<bool> {
+        if !self.scripts {
+            return Ok(self.transact(id, Change::Touch).await?.is_some());
+        }
+        let key = self.key(id);
+        let reply = self
+            .access_script(&key, now_millis(), "touch", None)
+            .await?;
+        match reply {
+            Value::Nil => Ok(false),
+            Value::Int(1) => Ok(true),
+            other => self
+                .decode_access(id.clone(), &key, other)
+                .map(|s| s.is_some()),
+        }
+    }
+
+    /// Changes some fields of a live session (and records the access). `None` when the session
+    /// is gone: an update never recreates a deleted or expired session.
+    ///
+    /// Round trips: hash layout with scripting, one script call (atomic). JSON layout, or
+    /// without scripting: a `WATCH` read-modify-write transaction (two round trips plus the pool
+    /// checkout, retried on conflict) that rewrites only the changed members.
+    #[tracing::instrument(name = "session.update", skip_all)]
+    pub async fn update(&self, id: &SessionId, change: &SessionUpdate) -> Result<Option<Session>> {
+        change.validate()?;
+        if !self.scripts || self.layout == SessionLayout::Json {
+            return self.transact(id, Change::Update(change)).await;
+        }
+        let key = self.key(id);
+        let reply = self
+            .access_script(&key, now_millis(), "update", Some(change))
+            .await?;
+        self.decode_access(id.clone(), &key, reply)
+    }
+
+    /// Deletes a session and its index entry. `false` when there was none.
+    ///
+    /// Round trips: one atomic read-and-delete (`MULTI HGET userId, DEL` / `GETDEL`), then
+    /// `ZREM` on the owner's index when a session was deleted.
+    #[tracing::instrument(name = "session.destroy", skip_all)]
+    pub async fn destroy(&self, id: &SessionId) -> Result<bool> {
+        let key = self.key(id);
+        let owner = match self.layout {
+            SessionLayout::Hash => {
+                let mut pipe = redis::pipe();
+                pipe.atomic();
+                pipe.cmd("HGET").arg(&key).arg(fields::USER_ID);
+                pipe.cmd("DEL").arg(&key);
+                let reply = self
+                    .redis
+                    .query_pipe("session.destroy", &pipe)
+                    .await?
+                    .unwrap_or_default();
+                match reply.as_slice() {
+                    [_, Value::Int(0)] => return Ok(false),
+                    [owner, _] => crate::codec::opt_text(&key, owner.clone()).ok().flatten(),
+                    _ => None,
+                }
+            }
+            SessionLayout::Json => {
+                let reply = self
+                    .redis
+                    .query("session.destroy", redis::cmd("GETDEL").arg(&key))
+                    .await?;
+                match crate::codec::opt_text(&key, reply)? {
+                    None => return Ok(false),
+                    Some(doc) => serde_json::from_str::<Map<String, Json>>(&doc)
+                        .ok()
+                        .and_then(|m| match m.get(fields::USER_ID) {
+                            Some(Json::String(s)) => Some(s.clone()),
+                            _ => None,
+                        }),
+                }
+            }
+        };
+        // An owner that is not a valid key part cannot have an index entry.
+        if let Some(index) = owner.and_then(|u| self.index_key(&u).ok()) {
+            self.redis
+                .query(
+                    "session.destroy",
+                    redis::cmd("ZREM").arg(&index).arg(id.as_str()),
+                )
+                .await?;
+        }
+        Ok(true)
+    }
+
+    /// Replaces the session's id with a fresh one (session fixation defence) and returns it;
+    /// the old id stops working at once. Data, TTL and `createdAt` (so the lifetime cap) carry
+    /// over. `None` when the session is gone.
+    ///
+    /// Atomic: one `RENAMENX old new`, which never overwrites a key (a collision draws another
+    /// id) and fails when the old session is gone. In Cluster the new id is drawn so that its
+    /// key hashes to the old key's slot (about 16,384 CRC16 candidates, a few ms), so the rename
+    /// is a single-slot command on every topology and the key names stay the documented ones.
+    /// Round trips: four (read owner, index `ZADD` of the new id, `RENAMENX`, index `ZREM` of
+    /// the old id); the index gains the new id before the rename so that it always lists every
+    /// live session.
+    #[tracing::instrument(name = "session.rotate_id", skip_all)]
+    pub async fn rotate_id(&self, id: &SessionId) -> Result<Option<SessionId>> {
+        let old_key = self.key(id);
+        let Some((owner, created_at)) = self.owner_and_created(&old_key).await? else {
+            return Ok(None);
+        };
+        let index = self.index_key(&owner).ok();
+        for _ in 0..MAX_ID_ATTEMPTS {
+            let new_id = if self.redis.keys().is_cluster() {
+                let keys = self.redis.keys().clone();
+                let slot = cluster_slot(&old_key);
+                tokio::task::spawn_blocking(move || SessionId::generate_in_slot(&keys, slot))
+                    .await
+                    .map_err(|e| Error::Unavailable {
+                        message: format!("session id search failed: {e}"),
+                        source: None,
+                    })??
+            } else {
+                SessionId::generate()?
+            };
+            let now = now_millis();
+            if let Some(index) = &index {
+                self.index_add(index, &new_id, created_at.saturating_add(self.cap_ms), now)
+                    .await?;
+            }
+            let new_key = self.key(&new_id);
+            let renamed = self
+                .redis
+                .query(
+                    "session.rotate_id",
+                    redis::cmd("RENAMENX").arg(&old_key).arg(&new_key),
+                )
+                .await;
+            let outcome = match renamed {
+                Ok(Value::Int(1)) => Some(true),
+                Ok(_) => None, // the new id is taken: draw another
+                Err(Error::Server(e)) if e.detail().is_some_and(|d| d.contains("no such key")) => {
+                    Some(false)
+                }
+                Err(e) => return Err(e),
+            };
+            match outcome {
+                None => continue,
+                Some(done) => {
+                    if let Some(index) = &index {
+                        let gone = if done { id.as_str() } else { new_id.as_str() };
+                        self.redis
+                            .query("session.rotate_id", redis::cmd("ZREM").arg(index).arg(gone))
+                            .await?;
+                    }
+                    return Ok(done.then_some(new_id));
+                }
+            }
+        }
+        Err(Error::Unavailable {
+            message: "no free session id found".into(),
+            source: None,
+        })
+    }
+
+    /// The live sessions of `user_id`, oldest first, read without recording an access.
+    ///
+    /// Prunes the index on the way: members past their absolute deadline
+    /// (`ZREMRANGEBYSCORE`), and members whose session is gone or belongs to someone else
+    /// (after the index grace). Round trips: one `MULTI` on the index, one pipeline of reads
+    /// (in Cluster: concurrent single-key reads), one `ZREM` when something is pruned. A
+    /// listed session whose stored data does not decode fails the call with [`Error::Decode`]
+    /// naming its key and field (`destroy_user` still erases it).
+    #[tracing::instrument(name = "session.list_user", skip_all)]
+    pub async fn list_user(&self, user_id: &str) -> Result<Vec<Session>> {
+        let index = self.index_key(user_id)?;
+        let now = now_millis();
+        let members = self.index_members(&index, now, true).await?;
+        let read = match self.layout {
+            SessionLayout::Hash => "HGETALL",
+            SessionLayout::Json => "GET",
+        };
+        let cmds = members
+            .iter()
+            .map(|(id, _)| {
+                let mut c = redis::cmd(read);
+                c.arg(self.key(id));
+                c
+            })
+            .collect();
+        let replies = self.per_key("session.list_user", cmds).await?;
+        let mut sessions = Vec::new();
+        let mut prune = Vec::new();
+        for ((id, deadline), reply) in members.into_iter().zip(replies) {
+            let key = self.key(&id);
+            let session = self.decode_stored(id.clone(), &key, reply)?;
+            match session {
+                Some(s) if s.user_id == user_id => sessions.push(s),
+                _ => {
+                    if self.prunable(deadline, now) {
+                        prune.push(id);
+                    }
+                }
+            }
+        }
+        self.index_remove(&index, &prune).await?;
+        sessions.sort_by_key(|s| (s.created_at, s.id.0.clone()));
+        Ok(sessions)
+    }
+
+    /// Destroys every session of `user_id` ("log out everywhere", erasure) and returns how many
+    /// were destroyed. Sessions are deleted only when their `userId` is `user_id`; stored data
+    /// that does not decode is deleted too when its owner field says so.
+    ///
+    /// Round trips: one to read the index, one to read the owners, one to delete (in Cluster
+    /// the per-session steps are concurrent single-key commands), one `ZREM`. A session created
+    /// concurrently with this call may survive it (it is then still listed in the index).
+    #[tracing::instrument(name = "session.destroy_user", skip_all)]
+    pub async fn destroy_user(&self, user_id: &str) -> Result<u64> {
+        let index = self.index_key(user_id)?;
+        let now = now_millis();
+        let members = self.index_members(&index, now, false).await?;
+        let owner_cmds = members
+            .iter()
+            .map(|(id, _)| {
+                let key = self.key(id);
+                match self.layout {
+                    SessionLayout::Hash => {
+                        let mut c = redis::cmd("HGET");
+                        c.arg(key).arg(fields::USER_ID);
+                        c
+                    }
+                    SessionLayout::Json => {
+                        let mut c = redis::cmd("GET");
+                        c.arg(key);
+                        c
+                    }
+                }
+            })
+            .collect();
+        let owners = self.per_key("session.destroy_user", owner_cmds).await?;
+        let mut doomed = Vec::new();
+        let mut prune = Vec::new();
+        for ((id, deadline), owner) in members.into_iter().zip(owners) {
+            let key = self.key(&id);
+            let owner = crate::codec::opt_text(&key, owner).unwrap_or(None);
+            let owner = match (self.layout, owner) {
+                (SessionLayout::Json, Some(doc)) => serde_json::from_str::<Map<String, Json>>(&doc)
+                    .ok()
+                    .and_then(|m| {
+                        m.get(fields::USER_ID)
+                            .and_then(Json::as_str)
+                            .map(str::to_owned)
+                    }),
+                (_, owner) => owner,
+            };
+            if owner.as_deref() == Some(user_id) {
+                doomed.push(id);
+            } else if self.prunable(deadline, now) {
+                prune.push(id);
+            }
+        }
+        let del_cmds = doomed
+            .iter()
+            .map(|id| {
+                let mut c = redis::cmd("DEL");
+                c.arg(self.key(id));
+                c
+            })
+            .collect();
+        let deleted = self.per_key("session.destroy_user", del_cmds).await?;
+        let count = deleted
+            .iter()
+            .filter(|v| matches!(v, Value::Int(1)))
+            .count() as u64;
+        prune.extend(doomed);
+        self.index_remove(&index, &prune).await?;
+        Ok(count)
+    }
+
+    // ---- internals -------------------------------------------------------------------------
+
+    /// An absent or foreign member may go once it is older than the grace (its deadline tells
+    /// its creation time) or past its deadline.
+    fn prunable(&self, deadline: i64, now: i64) -> bool {
+        let created = deadline.saturating_sub(self.cap_ms);
+        deadline <= now || created.saturating_add(self.index_grace_ms) <= now
+    }
+
+    /// `ZADD` + TTL of the index in one `MULTI`; the index lives as long as its longest-lived
+    /// member (`PEXPIRE NX` sets a first TTL, `PEXPIRE GT` only ever extends it).
+    async fn index_add(&self, index: &str, id: &SessionId, deadline: i64, now: i64) -> Result<()> {
+        let ttl = deadline.saturating_sub(now).max(1);
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        pipe.cmd("ZREMRANGEBYSCORE")
+            .arg(index)
+            .arg("-inf")
+            .arg(now)
+            .ignore();
+        pipe.cmd("ZADD")
+            .arg(index)
+            .arg(deadline)
+            .arg(id.as_str())
+            .ignore();
+        pipe.cmd("PEXPIRE").arg(index).arg(ttl).arg("NX").ignore();
+        pipe.cmd("PEXPIRE").arg(index).arg(ttl).arg("GT").ignore();
+        self.redis.query_pipe("session.index", &pipe).await?;
+        Ok(())
+    }
+
+    /// The index members with their deadlines; `prune_expired` first drops members past their
+    /// deadline (same `MULTI`).
+    async fn index_members(
+        &self,
+        index: &str,
+        now: i64,
+        prune_expired: bool,
+    ) -> Result<Vec<(SessionId, i64)>> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        if prune_expired {
+            pipe.cmd("ZREMRANGEBYSCORE")
+                .arg(index)
+                .arg("-inf")
+                .arg(now)
+                .ignore();
+        }
+        pipe.cmd("ZRANGE")
+            .arg(index)
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES");
+        let reply = self
+            .redis
+            .query_pipe("session.index", &pipe)
+            .await?
+            .unwrap_or_default();
+        let flat: Vec<Value> = match reply.into_iter().next() {
+            Some(Value::Array(items)) => items,
+            Some(Value::Nil) | None => Vec::new(),
+            Some(other) => {
+                return Err(Error::decode(
+                    index,
+                    None,
+                    format!("expected a sorted set, got {other:?}"),
+                ));
+            }
+        };
+        let mut out = Vec::new();
+        let mut push = |member: Value, score: Value| -> Result<()> {
+            let member = crate::codec::text(index, None, member)?;
+            let score = match score {
+                Value::Double(d) => d,
+                other => crate::codec::text(index, None, other)?
+                    .parse::<f64>()
+                    .map_err(|e| Error::decode(index, None, format!("bad score: {e}")))?,
+            };
+            // Members are written by this module only; a malformed one is skipped, not fatal.
+            if let Ok(id) = member.parse::<SessionId>() {
+                out.push((id, score as i64));
+            }
+            Ok(())
+        };
+        let mut iter = flat.into_iter();
+        while let Some(item) = iter.next() {
+            match item {
+                // RESP3: [member, score] pairs.
+                Value::Array(pair) => {
+                    let mut p = pair.into_iter();
+                    if let (Some(m), Some(s)) = (p.next(), p.next()) {
+                        push(m, s)?;
+                    }
+                }
+                member => {
+                    if let Some(score) = iter.next() {
+                        push(member, score)?;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn index_remove(&self, index: &str, ids: &[SessionId]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut cmd = redis::cmd("ZREM");
+        cmd.arg(index);
+        for id in ids {
+            cmd.arg(id.as_str());
+        }
+        self.redis.query("session.index", &cmd).await?;
+        Ok(())
+    }
+
+    /// Single-key commands on many keys: one pipeline standalone, concurrent commands on the
+    /// shared connection in Cluster (a Cluster pipeline must stay in one slot).
+    async fn per_key(&self, op: &'static str, cmds: Vec<redis::Cmd>) -> Result<Vec<Value>> {
+        if cmds.is_empty() {
+            return Ok(Vec::new());
+        }
+        if !self.redis.keys().is_cluster() {
+            let mut pipe = redis::pipe();
+            for c in cmds {
+                pipe.add_command(c);
+            }
+            return Ok(self.redis.query_pipe(op, &pipe).await?.unwrap_or_default());
+        }
+        let mut set = tokio::task::JoinSet::new();
+        let n = cmds.len();
+        for (i, c) in cmds.into_iter().enumerate() {
+            let redis = self.redis.clone();
+            set.spawn(async move { (i, redis.query(op, &c).await) });
+        }
+        let mut out = vec![Value::Nil; n];
+        while let Some(joined) = set.join_next().await {
+            let (i, reply) = joined.map_err(|e| Error::Unavailable {
+                message: format!("{op}: {e}"),
+                source: None,
+            })?;
+            if let Some(slot) = out.get_mut(i) {
+                *slot = reply?;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn owner_and_created(&self, key: &str) -> Result<Option<(String, i64)>> {
+        let id = SessionId(String::new());
+        let reply = match self.layout {
+            SessionLayout::Hash => {
+                self.redis
+                    .query("session.read", redis::cmd("HGETALL").arg(key))
+                    .await?
+            }
+            SessionLayout::Json => {
+                self.redis
+                    .query("session.read", redis::cmd("GET").arg(key))
+                    .await?
+            }
+        };
+        Ok(self
+            .decode_stored(id, key, reply)?
+            .map(|s| (s.user_id, s.created_at)))
+    }
+
+    async fn access_script(
+        &self,
+        key: &str,
+        now: i64,
+        mode: &str,
+        change: Option<&SessionUpdate>,
+    ) -> Result<Value> {
+        let mut call = ScriptCall::new()
+            .key(key)
+            .arg(now)
+            .arg(self.idle_ms)
+            .arg(self.cap_ms)
+            .arg(mode);
+        let script = match self.layout {
+            SessionLayout::Hash => {
+                let sets = match change {
+                    Some(c) => c.hash_sets()?,
+                    None => Vec::new(),
+                };
+                call = call.arg(sets.len());
+                for (k, v) in sets {
+                    call = call.arg(k).arg(v);
+                }
+                if let Some(c) = change {
+                    for k in &c.remove_extra {
+                        call = call.arg(k.as_str());
+                    }
+                }
+                &*ACCESS_HASH
+            }
+            SessionLayout::Json => &*ACCESS_JSON,
+        };
+        self.redis.eval_script(script, &call).await
+    }
+
+    /// Decodes `nil` | `{status, stored}` from an access script.
+    fn decode_access(&self, id: SessionId, key: &str, reply: Value) -> Result<Option<Session>> {
+        match reply {
+            Value::Nil => Ok(None),
+            Value::Array(mut items) if items.len() == 2 => {
+                let stored = items.pop().unwrap_or(Value::Nil);
+                match self.decode_stored(id, key, stored)? {
+                    Some(s) => Ok(Some(s)),
+                    None => Err(Error::decode(key, None, "empty session record")),
+                }
+            }
+            other => Err(Error::decode(
+                key,
+                None,
+                format!("unexpected script reply {other:?}"),
+            )),
+        }
+    }
+
+    /// Decodes an `HGETALL` / `GET` reply in the configured layout.
+    fn decode_stored(&self, id: SessionId, key: &str, stored: Value) -> Result<Option<Session>> {
+        match self.layout {
+            SessionLayout::Hash => match HashFields::from_reply(key, stored)? {
+                None => Ok(None),
+                Some(h) => Session::from_hash(id, &h).map(Some),
+            },
+            SessionLayout::Json => match crate::codec::opt_text(key, stored)? {
+                None => Ok(None),
+                Some(doc) => {
+                    let m: Map<String, Json> = crate::codec::from_json(key, doc.as_bytes())?;
+                    Session::from_json_object(id, key, &m).map(Some)
+                }
+            },
+        }
+    }
+
+    /// The script-free path: `WATCH key`, read, decide, `MULTI` write, `EXEC`; retried when a
+    /// concurrent write aborts the `EXEC`. On a dedicated connection, bounded by twice the
+    /// response timeout.
+    async fn transact(&self, id: &SessionId, change: Change<'_>) -> Result<Option<Session>> {
+        let mut conn = self.redis.dedicated().await?;
+        let limit = self.redis.config().response_timeout.saturating_mul(2);
+        let outcome = tokio::time::timeout(limit, self.transact_on(&mut conn, id, &change)).await;
+        match outcome {
+            Ok(result) => {
+                if result.is_err() {
+                    let _: redis::RedisResult<()> =
+                        redis::cmd("UNWATCH").query_async(&mut conn).await;
+                }
+                result
+            }
+            Err(_) => {
+                conn.discard();
+                Err(Error::Timeout {
+                    operation: "session transaction",
+                    after: limit,
+                })
+            }
+        }
+    }
+
+    async fn transact_on(
+        &self,
+        conn: &mut DedicatedConnection,
+        id: &SessionId,
+        change: &Change<'_>,
+    ) -> Result<Option<Session>> {
+        let key = self.key(id);
+        let op = "session transaction";
+        for _ in 0..MAX_WATCH_ATTEMPTS {
+            let mut read = redis::pipe();
+            read.cmd("WATCH").arg(&key).ignore();
+            match self.layout {
+                SessionLayout::Hash => read.cmd("HGETALL").arg(&key),
+                SessionLayout::Json => read.cmd("GET").arg(&key),
+            };
+            let stored: Vec<Value> = read
+                .query_async(conn)
+                .await
+                .map_err(|e| self.redis.fail(op, e))?;
+            let stored = stored.into_iter().next().unwrap_or(Value::Nil);
+            let now = now_millis();
+            let mut write = redis::pipe();
+            write.atomic();
+            let session = match self.layout {
+                SessionLayout::Hash => {
+                    let Some(h) = HashFields::from_reply(&key, stored)? else {
+                        let _: () = redis::cmd("UNWATCH")
+                            .query_async(conn)
+                            .await
+                            .map_err(|e| self.redis.fail(op, e))?;
+                        return Ok(None);
+                    };
+                    let mut session = Session::from_hash(id.clone(), &h)?;
+                    let left = self.remaining(session.created_at, now);
+                    if left <= 0 {
+                        write.cmd("DEL").arg(&key).ignore();
+                    } else {
+                        session.last_access_at = now;
+                        let hset = write.cmd("HSET").arg(&key);
+                        hset.arg(fields::LAST_ACCESS_AT).arg(now);
+                        if let Change::Update(c) = change {
+                            for (k, v) in c.hash_sets()? {
+                                hset.arg(k).arg(v);
+                            }
+                        }
+                        hset.ignore();
+                        if let Change::Update(c) = change
+                            && !c.remove_extra.is_empty()
+                        {
+                            write
+                                .cmd("HDEL")
+                                .arg(&key)
+                                .arg(c.remove_extra.iter().collect::<Vec<_>>())
+                                .ignore();
+                        }
+                        write.cmd("PEXPIRE").arg(&key).arg(left).ignore();
+                    }
+                    (left > 0).then_some(session)
+                }
+                SessionLayout::Json => {
+                    let Some(doc) = crate::codec::opt_text(&key, stored)? else {
+                        let _: () = redis::cmd("UNWATCH")
+                            .query_async(conn)
+                            .await
+                            .map_err(|e| self.redis.fail(op, e))?;
+                        return Ok(None);
+                    };
+                    let mut m: Map<String, Json> = crate::codec::from_json(&key, doc.as_bytes())?;
+                    let created = Session::from_json_object(id.clone(), &key, &m)?.created_at;
+                    let left = self.remaining(created, now);
+                    if left <= 0 {
+                        write.cmd("DEL").arg(&key).ignore();
+                        None
+                    } else {
+                        m.insert(fields::LAST_ACCESS_AT.into(), now.into());
+                        if let Change::Update(c) = change {
+                            c.apply_json(&mut m);
+                        }
+                        let doc = crate::codec::to_json("session", &m)?;
+                        write
+                            .cmd("SET")
+                            .arg(&key)
+                            .arg(doc)
+                            .arg("PX")
+                            .arg(left)
+                            .ignore();
+                        Some(Session::from_json_object(id.clone(), &key, &m)?)
+                    }
+                }
+            };
+            let done: Option<Vec<Value>> = write
+                .query_async(conn)
+                .await
+                .map_err(|e| self.redis.fail(op, e))?;
+            if done.is_some() {
+                return match (session, change) {
+                    (Some(mut s), Change::Update(c)) if self.layout == SessionLayout::Hash => {
+                        apply_to_session(&mut s, c);
+                        Ok(Some(s))
+                    }
+                    (s, _) => Ok(s),
+                };
+            }
+        }
+        Err(Error::Unavailable {
+            message: "session transaction kept conflicting with concurrent writes".into(),
+            source: None,
+        })
+    }
+}
+
+fn apply_to_session(s: &mut Session, c: &SessionUpdate) {
+    if let Some(v) = &c.email {
+        s.email = v.clone();
+    }
+    if let Some(v) = c.role {
+        s.role = v;
+    }
+    if let Some(v) = &c.ip_address {
+        s.ip_address = v.clone();
+    }
+    if let Some(v) = &c.user_agent {
+        s.user_agent = v.clone();
+    }
+    if let Some(v) = &c.permissions {
+        s.permissions = v.clone();
+    }
+    for (k, v) in &c.set_extra {
+        s.extra.insert(k.clone(), v.clone());
+    }
+    for k in &c.remove_extra {
+        s.extra.remove(k);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_long_url_safe_and_redacted() {
+        let a = SessionId::generate().unwrap();
+        let b = SessionId::generate().unwrap();
+        assert_ne!(a, b);
+        assert_eq!(a.as_str().len(), 43);
+        assert!(
+            a.as_str()
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        );
+        assert!(!format!("{a:?}").contains(a.as_str()));
+        assert_eq!(a.to_string().parse::<SessionId>().unwrap(), a);
+    }
+
+    #[test]
+    fn slot_search_finds_an_id_in_the_slot() {
+        let keys = Keys::new("p:", true);
+        let old = SessionId::generate().unwrap();
+        let slot = cluster_slot(&keys.key_unchecked(Keyspace::Session, &[old.as_str()]));
+        let new = SessionId::generate_in_slot(&keys, slot).unwrap();
+        assert_ne!(old, new);
+        assert_eq!(
+            cluster_slot(&keys.key_unchecked(Keyspace::Session, &[new.as_str()])),
+            slot
+        );
+    }
+
+    #[test]
+    fn extra_names_may_not_shadow_documented_fields() {
+        let new = NewSession::new("u1", "e", Role::User).extra("userId", "x");
+        assert!(matches!(new.validate(), Err(Error::InvalidInput { .. })));
+        assert!(NewSession::new("u:1", "e", Role::User).validate().is_err());
+        assert!(
+            SessionUpdate::new()
+                .extra("role", "admin")
+                .validate()
+                .is_err()
+        );
     }
 }

@@ -133,12 +133,13 @@ fn start_shared() -> Result<SharedServer> {
 }
 
 fn base_config(host: &str, port: u16) -> Config {
-    let mut config = Config::default();
-    config.host = host.to_owned();
-    config.port = port;
-    config.environment = Environment::Test;
-    config.connect_timeout = Duration::from_secs(5);
-    config
+    Config {
+        host: host.to_owned(),
+        port,
+        environment: Environment::Test,
+        connect_timeout: Duration::from_secs(5),
+        ..Config::default()
+    }
 }
 
 fn start_docker() -> Result<(String, u16)> {
@@ -227,6 +228,7 @@ pub fn config_for(topology: TestTopology, test_name: &str) -> Result<Config> {
 
 /// A connected handle for `test_name` on `topology`. Panics with the reason when no server can
 /// be had (tests fail loudly; they never skip).
+#[allow(clippy::panic)] // A test helper: failing the test is its way to report.
 pub async fn redis_for(topology: TestTopology, test_name: &str) -> Redis {
     let config = match tokio::task::spawn_blocking({
         let name = test_name.to_owned();
@@ -423,16 +425,15 @@ impl LocalServer {
     fn wait_ready(&self, limit: Duration) -> Result<()> {
         let started = Instant::now();
         loop {
-            if let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{}", self.port)) {
-                if let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_millis(200))
-                {
-                    let pong: redis::RedisResult<String> = redis::cmd("PING").query(&mut conn);
-                    match pong {
-                        Ok(_) => return Ok(()),
-                        // NOAUTH / NOPERM still prove the server is up.
-                        Err(e) if e.code().is_some() => return Ok(()),
-                        Err(_) => {}
-                    }
+            if let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{}", self.port))
+                && let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_millis(200))
+            {
+                let pong: redis::RedisResult<String> = redis::cmd("PING").query(&mut conn);
+                match pong {
+                    Ok(_) => return Ok(()),
+                    // NOAUTH / NOPERM still prove the server is up.
+                    Err(e) if e.code().is_some() => return Ok(()),
+                    Err(_) => {}
                 }
             }
             if started.elapsed() > limit {

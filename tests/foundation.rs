@@ -66,3 +66,238 @@ fn topology_kind_is_standalone_for_the_shared_server() {
     let config = testkit::config_for(TestTopology::Standalone, "x").unwrap();
     assert!(config.key_prefix.starts_with("t:x:"));
 }
+
+/// A TLS-only port with a CA of the test's own; the client trusts that CA through
+/// `TlsConfig::ca_file`, as `REDIS_TLS_CA_FILE` would configure it.
+#[cfg(feature = "tls")]
+#[tokio::test]
+async fn tls_connects_and_round_trips() {
+    use aether_redis::config::TlsConfig;
+    use aether_redis::testkit::{LocalOptions, LocalServer};
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, &ca_key);
+    let server_key = KeyPair::generate().unwrap();
+    let server_cert =
+        CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .unwrap()
+            .signed_by(&server_key, &issuer)
+            .unwrap();
+
+    let tls_port = testkit::free_port().unwrap();
+    let dir = std::env::temp_dir().join(format!("aether-redis-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca, cert, key) = (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    );
+    std::fs::write(&ca, ca_cert.pem()).unwrap();
+    std::fs::write(&cert, server_cert.pem()).unwrap();
+    std::fs::write(&key, server_key.serialize_pem()).unwrap();
+
+    let options = LocalOptions {
+        config_lines: vec![
+            format!("tls-port {tls_port}"),
+            format!("tls-cert-file {}", cert.display()),
+            format!("tls-key-file {}", key.display()),
+            format!("tls-ca-cert-file {}", ca.display()),
+            "tls-auth-clients no".into(),
+        ],
+        ..LocalOptions::default()
+    };
+    let server = tokio::task::spawn_blocking(move || LocalServer::start(options))
+        .await
+        .unwrap()
+        .unwrap();
+
+    let mut tls = TlsConfig::default();
+    tls.ca_file = Some(ca.clone());
+    let config = Config::builder()
+        .host("127.0.0.1")
+        .port(tls_port)
+        .tls(tls)
+        .build()
+        .unwrap();
+    let redis = Redis::connect(config).await.unwrap();
+    let mut conn = redis.connection().await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("tls-k")
+        .arg("over-tls")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let v: String = redis::cmd("GET")
+        .arg("tls-k")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(v, "over-tls");
+
+    // Without trusting the CA the handshake must fail: TLS is really verified.
+    let untrusted = Config::builder()
+        .host("127.0.0.1")
+        .port(tls_port)
+        .tls(TlsConfig::default())
+        .connect_timeout(std::time::Duration::from_secs(2))
+        .build()
+        .unwrap();
+    assert!(Redis::connect(untrusted).await.is_err());
+    drop(server);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn local(lines: &[&str]) -> aether_redis::testkit::LocalServer {
+    aether_redis::testkit::LocalServer::start(aether_redis::testkit::LocalOptions {
+        config_lines: lines.iter().map(|l| l.to_string()).collect(),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+async fn start_local(lines: &'static [&'static str]) -> aether_redis::testkit::LocalServer {
+    tokio::task::spawn_blocking(move || local(lines))
+        .await
+        .unwrap()
+}
+
+const HARDENED: &[&str] = &[
+    "rename-command EVAL EVAL_b835c3f9a8",
+    "rename-command SCRIPT SCRIPT_b835c3f9a8",
+    "rename-command CONFIG \"\"",
+    "rename-command KEYS \"\"",
+    "rename-command FLUSHDB \"\"",
+    "rename-command FLUSHALL \"\"",
+    "rename-command DEBUG \"\"",
+    "user default on nopass ~* &* +@all",
+    "user app on >pw ~* &* +@all -@dangerous",
+];
+
+fn app_user(server: &aether_redis::testkit::LocalServer) -> aether_redis::ConfigBuilder {
+    Config::builder()
+        .port(server.port())
+        .username("app")
+        .password("pw")
+}
+
+#[tokio::test]
+async fn hardened_server_scripting_follows_the_configured_names() {
+    let server = start_local(HARDENED).await;
+    let renamed = app_user(&server)
+        .renamed_command("EVAL", "EVAL_b835c3f9a8")
+        .renamed_command("SCRIPT", "SCRIPT_b835c3f9a8")
+        .build()
+        .unwrap();
+    let redis = Redis::connect(renamed).await.unwrap();
+    assert!(redis.capabilities().scripting, "{:?}", redis.capabilities());
+    let script = LuaScript::new("hardened-echo", "return ARGV[1]");
+    let call = ScriptCall::new().key("k").arg("x");
+    // First call loads the script through the renamed EVAL.
+    assert_eq!(
+        redis.eval_script(&script, &call).await.unwrap(),
+        redis::Value::BulkString(b"x".to_vec())
+    );
+    // INFO is @dangerous for this user: health must still answer.
+    let health = redis.health().await.unwrap();
+    assert_eq!(health.role, "master");
+    assert!(health.version.starts_with("7."));
+
+    // Without the names, scripting is detected as unusable at connect, not mid-request.
+    let unaware = Redis::connect(app_user(&server).build().unwrap())
+        .await
+        .unwrap();
+    assert!(!unaware.capabilities().scripting);
+    let err = unaware.require_scripting("a limiter").unwrap_err();
+    assert!(
+        matches!(err, Error::Unsupported(ref m) if m.contains("a limiter")),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn shared_connection_recovers_after_a_server_restart() {
+    let mut server = start_local(&[]).await;
+    let redis = Redis::connect(server.config()).await.unwrap();
+    let ping = || async {
+        let mut conn = redis.connection().await?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map_err(aether_redis::Error::from)
+    };
+    assert_eq!(ping().await.unwrap(), "PONG");
+    let mut server = tokio::task::spawn_blocking(move || {
+        server.kill();
+        server
+    })
+    .await
+    .unwrap();
+    let err = redis.health().await.unwrap_err();
+    assert!(err.is_retryable(), "{err:?}");
+    server = tokio::task::spawn_blocking(move || {
+        server.restart().unwrap();
+        server
+    })
+    .await
+    .unwrap();
+    // The broken connection was dropped; the next call reconnects.
+    let mut recovered = false;
+    for _ in 0..20 {
+        if redis.health().await.is_ok() {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(recovered, "no reconnect after restart");
+    drop(server);
+}
+
+#[tokio::test]
+async fn a_stalled_server_is_a_timeout_with_unknown_outcome() {
+    let server = start_local(&[]).await;
+    let config = Config::builder()
+        .port(server.port())
+        .response_timeout(std::time::Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let redis = Redis::connect(config).await.unwrap();
+    let mut admin = redis.dedicated().await.unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1500)
+        .arg("ALL")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let err = redis.health().await.unwrap_err();
+    assert!(err.is_timeout(), "{err:?}");
+    assert!(err.to_string().contains("outcome is unknown"), "{err}");
+}
+
+#[tokio::test]
+async fn blocking_commands_use_dedicated_connections_without_response_timeout() {
+    let server = start_local(&[]).await;
+    let config = Config::builder()
+        .port(server.port())
+        .response_timeout(std::time::Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let redis = Redis::connect(config).await.unwrap();
+    let mut blocking = redis.dedicated().await.unwrap();
+    let started = std::time::Instant::now();
+    let popped: Option<(String, String)> = redis::cmd("BLPOP")
+        .arg("nothing-here")
+        .arg(1)
+        .query_async(&mut blocking)
+        .await
+        .unwrap();
+    assert_eq!(popped, None);
+    assert!(started.elapsed() >= std::time::Duration::from_millis(900));
+    // Meanwhile the shared connection keeps its short timeout and still works.
+    assert!(redis.health().await.is_ok());
+}

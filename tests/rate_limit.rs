@@ -1,0 +1,606 @@
+//! RateLimiter: exactness under concurrency, server clock, cost/peek/reset, tier parsing,
+//! hostile ids, interoperability with the documented TypeScript counter, failure policies with
+//! the circuit breaker, and the hardened server.
+
+use std::time::{Duration, Instant};
+
+use aether_redis::rate_limit::{
+    Algorithm, BreakerSettings, BreakerState, DecisionSource, FailurePolicy, RateLimiter,
+    RateLimiterConfig, Tier, TierName,
+};
+use aether_redis::testkit::{LocalOptions, LocalServer};
+use aether_redis::{Config, Error, Redis};
+
+const ALGORITHMS: [Algorithm; 3] = [
+    Algorithm::Gcra,
+    Algorithm::FixedWindow,
+    Algorithm::SlidingWindow,
+];
+
+/// A limiter with one custom tier `t`: `limit` per `window` with `algorithm`.
+fn limiter(redis: &Redis, algorithm: Algorithm, limit: u64, window: Duration) -> RateLimiter {
+    let tier = Tier::new(limit, window).unwrap().with_algorithm(algorithm);
+    redis
+        .rate_limiter_with(RateLimiterConfig::default().tier(TierName::custom("t"), tier))
+        .unwrap()
+}
+
+/// Server time in µs.
+async fn server_time_us(redis: &Redis) -> i64 {
+    let mut conn = redis.connection().await.unwrap();
+    let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    secs * 1_000_000 + micros
+}
+
+/// 64 tasks × 500 checks on one key; returns how many were admitted.
+async fn hammer(limiter: &RateLimiter, user: &str) -> u64 {
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let limiter = limiter.clone();
+        let user = user.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let mut admitted = 0u64;
+            for _ in 0..500 {
+                let d = limiter
+                    .check(&user, "api", &TierName::custom("t"))
+                    .await
+                    .unwrap();
+                assert_eq!(d.source, DecisionSource::Redis);
+                if d.allowed {
+                    admitted += 1;
+                    assert!(d.retry_after.is_none());
+                } else {
+                    assert!(d.retry_after.is_some_and(|r| r > Duration::ZERO));
+                }
+            }
+            admitted
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    total
+}
+
+async fn pttl(redis: &Redis, key: &str) -> i64 {
+    let mut conn = redis.connection().await.unwrap();
+    redis::cmd("PTTL")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
+aether_redis::contract_tests! {
+    async fn fixed_window_admits_exactly_the_limit_under_concurrency(redis) {
+        let window = Duration::from_secs(3600);
+        let limiter = limiter(&redis, Algorithm::FixedWindow, 100, window);
+        let admitted = hammer(&limiter, "u1").await;
+        assert_eq!(admitted, 100);
+        let key = limiter.key("u1", "api").unwrap();
+        let ttl = pttl(&redis, &key).await;
+        assert!(ttl > 0 && ttl <= 3_600_000, "{ttl}");
+        // Every hit counted, denied ones too (the documented counter).
+        let mut conn = redis.connection().await.unwrap();
+        let count: u64 = redis::cmd("GET").arg(&key).query_async(&mut conn).await.unwrap();
+        assert_eq!(count, 64 * 500);
+    }
+
+    async fn gcra_admits_exactly_burst_plus_elapsed_over_period(redis) {
+        // 100 per hour: period 36 s, burst 100.
+        let limiter = limiter(&redis, Algorithm::Gcra, 100, Duration::from_secs(3600));
+        let period_us = 36_000_000;
+        let started = server_time_us(&redis).await;
+        let admitted = hammer(&limiter, "u1").await;
+        let ended = server_time_us(&redis).await;
+        let allowed_by_formula = 100 + ((ended - started) / period_us) as u64;
+        assert_eq!(admitted, allowed_by_formula);
+        let key = limiter.key("u1", "api").unwrap();
+        let ttl = pttl(&redis, &key).await;
+        assert!(ttl > 0 && ttl <= 3_600_000 + 36_000, "{ttl}");
+        let d = limiter.check("u1", "api", &TierName::custom("t")).await.unwrap();
+        assert!(!d.allowed);
+        assert!(d.retry_after.unwrap() <= Duration::from_secs(36));
+    }
+
+    async fn gcra_refills_one_per_period(redis) {
+        // 5 per second: period 200 ms, burst 5.
+        let limiter = limiter(&redis, Algorithm::Gcra, 5, Duration::from_secs(1));
+        let t = TierName::custom("t");
+        for i in 0..5 {
+            assert!(limiter.check("u", "e", &t).await.unwrap().allowed, "check {i}");
+        }
+        let denied = limiter.check("u", "e", &t).await.unwrap();
+        assert!(!denied.allowed);
+        let wait = denied.retry_after.unwrap();
+        assert!(wait <= Duration::from_millis(200), "{wait:?}");
+        tokio::time::sleep(wait + Duration::from_millis(5)).await;
+        assert!(limiter.check("u", "e", &t).await.unwrap().allowed);
+        assert!(!limiter.check("u", "e", &t).await.unwrap().allowed);
+    }
+
+    async fn sliding_window_admits_exactly_the_limit_under_concurrency(redis) {
+        let limiter = limiter(&redis, Algorithm::SlidingWindow, 100, Duration::from_secs(3600));
+        let admitted = hammer(&limiter, "u1").await;
+        assert_eq!(admitted, 100);
+        let key = limiter.key("u1", "api").unwrap();
+        let ttl = pttl(&redis, &key).await;
+        assert!(ttl > 0 && ttl <= 2 * 3_600_000, "{ttl}");
+    }
+
+    async fn skewed_client_clocks_admit_the_same_totals(redis) {
+        for algorithm in ALGORITHMS {
+            let tier = Tier::new(20, Duration::from_secs(3600)).unwrap().with_algorithm(algorithm);
+            let make = |offset_ms: i64| {
+                redis
+                    .rate_limiter_with(
+                        RateLimiterConfig::default()
+                            .tier(TierName::custom("t"), tier.clone())
+                            .with_clock_offset(offset_ms),
+                    )
+                    .unwrap()
+            };
+            let (ahead, behind, exact) = (make(5_000), make(-5_000), make(0));
+            let t = TierName::custom("t");
+            let (skewed_user, reference_user) = (format!("skewed-{algorithm}"), format!("reference-{algorithm}"));
+            let mut skewed = 0;
+            let mut reference = 0;
+            for i in 0..60 {
+                let client = if i % 2 == 0 { &ahead } else { &behind };
+                skewed += u64::from(client.check(&skewed_user, "e", &t).await.unwrap().allowed);
+                reference += u64::from(exact.check(&reference_user, "e", &t).await.unwrap().allowed);
+            }
+            assert_eq!(skewed, reference, "{algorithm}");
+            assert_eq!(skewed, 20, "{algorithm}");
+        }
+    }
+
+    async fn cost_peek_and_reset(redis) {
+        for algorithm in ALGORITHMS {
+            let limiter = limiter(&redis, algorithm, 10, Duration::from_secs(600));
+            let t = TierName::custom("t");
+            let user = format!("u-{algorithm}");
+            let fresh = limiter.peek(&user, "e", &t).await.unwrap();
+            assert!(fresh.allowed);
+            assert_eq!(fresh.remaining, 10, "{algorithm}");
+            let d = limiter.check_n(&user, "e", &t, 4).await.unwrap();
+            assert!(d.allowed);
+            assert_eq!(d.remaining, 6, "{algorithm}");
+            // Peeking twice consumes nothing.
+            for _ in 0..2 {
+                let p = limiter.peek(&user, "e", &t).await.unwrap();
+                assert!(p.allowed);
+                assert_eq!(p.remaining, 6, "{algorithm}");
+            }
+            let d = limiter.check_n(&user, "e", &t, 6).await.unwrap();
+            assert!(d.allowed, "{algorithm}");
+            assert_eq!(d.remaining, 0);
+            let d = limiter.check(&user, "e", &t).await.unwrap();
+            assert!(!d.allowed, "{algorithm}");
+            assert!(d.retry_after.is_some());
+            let p = limiter.peek(&user, "e", &t).await.unwrap();
+            assert!(!p.allowed, "{algorithm}");
+            // A cost beyond the tier's capacity can never pass: rejected, nothing sent.
+            for bad in [0, 11] {
+                assert!(
+                    matches!(
+                        limiter.check_n(&user, "e", &t, bad).await,
+                        Err(Error::InvalidInput { .. })
+                    ),
+                    "{algorithm} cost {bad}"
+                );
+            }
+            assert!(limiter.reset(&user, "e").await.unwrap());
+            assert!(!limiter.reset(&user, "e").await.unwrap());
+            let d = limiter.check(&user, "e", &t).await.unwrap();
+            assert!(d.allowed);
+            assert_eq!(d.remaining, 9, "{algorithm}");
+        }
+    }
+
+    async fn every_key_has_a_ttl_and_the_documented_name(redis) {
+        let mut conn = redis.connection().await.unwrap();
+        for (algorithm, kind) in [
+            (Algorithm::Gcra, "hash"),
+            (Algorithm::FixedWindow, "string"),
+            (Algorithm::SlidingWindow, "hash"),
+        ] {
+            let limiter = limiter(&redis, algorithm, 3, Duration::from_secs(60));
+            let user = format!("user-{algorithm}");
+            for _ in 0..5 {
+                limiter.check(&user, "send", &TierName::custom("t")).await.unwrap();
+            }
+            let key = limiter.key(&user, "send").unwrap();
+            assert_eq!(key, format!("{}rate-limit:{user}:send", redis.keys().prefix()));
+            let kind_now: String = redis::cmd("TYPE").arg(&key).query_async(&mut conn).await.unwrap();
+            assert_eq!(kind_now, kind, "{algorithm}");
+            let ttl = pttl(&redis, &key).await;
+            assert!(ttl > 0 && ttl <= 120_000, "{algorithm}: {ttl}");
+        }
+    }
+
+    async fn hostile_ids_and_unknown_tiers_are_rejected(redis) {
+        let limiter = limiter(&redis, Algorithm::Gcra, 3, Duration::from_secs(60));
+        let t = TierName::custom("t");
+        let long = "x".repeat(513);
+        for (user, endpoint) in [
+            ("a:b", "e"),
+            ("{tag}", "e"),
+            ("*", "e"),
+            ("u", "a?"),
+            ("", "e"),
+            ("u", ""),
+            ("u", "two words"),
+            (long.as_str(), "e"),
+        ] {
+            assert!(
+                matches!(limiter.check(user, endpoint, &t).await, Err(Error::InvalidInput { .. })),
+                "{user:?} {endpoint:?}"
+            );
+            assert!(matches!(limiter.peek(user, endpoint, &t).await, Err(Error::InvalidInput { .. })));
+            assert!(matches!(limiter.reset(user, endpoint).await, Err(Error::InvalidInput { .. })));
+        }
+        let err = limiter.check("u", "e", &TierName::custom("nope")).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidInput { .. }), "{err}");
+        assert!(err.to_string().contains("nope"), "{err}");
+        assert_eq!(limiter.stats().redis_calls, 0);
+    }
+
+    async fn fixed_window_shares_the_typescript_counter(redis) {
+        let limiter = limiter(&redis, Algorithm::FixedWindow, 5, Duration::from_secs(900));
+        let t = TierName::custom("t");
+        let key = limiter.key("ts-user", "login").unwrap();
+        let mut conn = redis.connection().await.unwrap();
+        // The documented TypeScript checkRateLimit: INCR, then EXPIRE on the first hit.
+        let ts_check = |mut conn: aether_redis::pool::Connection, key: String| async move {
+            let current: i64 = redis::cmd("INCR").arg(&key).query_async(&mut conn).await.unwrap();
+            if current == 1 {
+                let _: i64 = redis::cmd("EXPIRE").arg(&key).arg(900).query_async(&mut conn).await.unwrap();
+            }
+            current <= 5
+        };
+        assert!(ts_check(conn.clone(), key.clone()).await);
+        assert!(ts_check(conn.clone(), key.clone()).await);
+        let d = limiter.check("ts-user", "login", &t).await.unwrap();
+        assert!(d.allowed);
+        assert_eq!(d.remaining, 2);
+        assert!(ts_check(conn.clone(), key.clone()).await);
+        let p = limiter.peek("ts-user", "login", &t).await.unwrap();
+        assert_eq!(p.remaining, 1);
+        // getRateLimitStatus: GET + TTL.
+        let current: i64 = redis::cmd("GET").arg(&key).query_async(&mut conn).await.unwrap();
+        assert_eq!(current, 4);
+        assert!(limiter.check("ts-user", "login", &t).await.unwrap().allowed);
+        assert!(!ts_check(conn.clone(), key.clone()).await);
+        assert!(!limiter.check("ts-user", "login", &t).await.unwrap().allowed);
+
+        // A TypeScript client that crashed between INCR and EXPIRE left a counter without TTL:
+        // the next check gives it the window.
+        let orphan = limiter.key("crashed", "login").unwrap();
+        let _: i64 = redis::cmd("INCR").arg(&orphan).query_async(&mut conn).await.unwrap();
+        assert_eq!(pttl(&redis, &orphan).await, -1);
+        let d = limiter.check("crashed", "login", &t).await.unwrap();
+        assert_eq!(d.remaining, 3);
+        let ttl = pttl(&redis, &orphan).await;
+        assert!(ttl > 0 && ttl <= 900_000, "{ttl}");
+    }
+
+    async fn script_flush_between_calls_never_surfaces_noscript(redis) {
+        for algorithm in [Algorithm::Gcra, Algorithm::SlidingWindow] {
+            let limiter = limiter(&redis, algorithm, 10, Duration::from_secs(60));
+            let t = TierName::custom("t");
+            for i in 0..3 {
+                let d = limiter.check("flush", "e", &t).await.unwrap();
+                assert_eq!(d.remaining, 9 - i, "{algorithm}");
+                let mut conn = redis.connection().await.unwrap();
+                let _: () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut conn).await.unwrap();
+            }
+            limiter.reset("flush", "e").await.unwrap();
+        }
+    }
+
+    async fn headers_from_a_real_decision(redis) {
+        let limiter = limiter(&redis, Algorithm::FixedWindow, 2, Duration::from_secs(60));
+        let t = TierName::custom("t");
+        let ok = limiter.check("h", "e", &t).await.unwrap();
+        let h = ok.headers();
+        assert_eq!(h.policy, "\"t\";q=2;w=60");
+        assert!(h.rate_limit.starts_with("\"t\";r=1;t="), "{}", h.rate_limit);
+        assert_eq!(h.retry_after, None);
+        limiter.check("h", "e", &t).await.unwrap();
+        let denied = limiter.check("h", "e", &t).await.unwrap();
+        let h = denied.headers();
+        let retry: u64 = h.retry_after.unwrap().parse().unwrap();
+        assert!((1..=60).contains(&retry), "{retry}");
+    }
+
+    async fn default_tier_comes_from_the_connection_config(redis) {
+        let limiter = redis.rate_limiter_with(RateLimiterConfig::default()).unwrap();
+        let tier = limiter.tier(&TierName::Default).unwrap();
+        assert_eq!(tier.limit(), 100);
+        // The test environment's TTL row for rate-limit: 30 s.
+        assert_eq!(tier.window(), Duration::from_secs(30));
+        assert_eq!(limiter.tier(&TierName::Auth).unwrap().failure_policy(), FailurePolicy::FailClosed);
+        let d = limiter.check("d", "e", &TierName::Default).await.unwrap();
+        assert_eq!((d.allowed, d.remaining), (true, 99));
+    }
+}
+
+#[tokio::test]
+async fn default_tier_honours_redis_rate_limit_variables() {
+    let server = tokio::task::spawn_blocking(aether_redis::testkit::shared_server)
+        .await
+        .unwrap()
+        .unwrap();
+    let vars = [
+        ("REDIS_RATE_LIMIT_MAX", "7".to_owned()),
+        ("REDIS_RATE_LIMIT_WINDOW", "45".to_owned()),
+        ("REDIS_PORT", server.config.port.to_string()),
+        ("REDIS_HOST", server.config.host.clone()),
+    ];
+    let config = Config::from_lookup(|k| {
+        vars.iter()
+            .find(|(n, _)| *n == k)
+            .map(|(_, v)| v.to_string())
+    })
+    .unwrap();
+    let redis = Redis::connect(config).await.unwrap();
+    let limiter = redis
+        .rate_limiter_with(RateLimiterConfig::default())
+        .unwrap();
+    let tier = limiter.tier(&TierName::Default).unwrap();
+    assert_eq!((tier.limit(), tier.window()), (7, Duration::from_secs(45)));
+}
+
+#[test]
+fn malformed_tier_variables_name_the_variable() {
+    for (var, value) in [
+        ("RATE_LIMIT_GENERAL", "120"),
+        ("RATE_LIMIT_AUTH", "0,60"),
+        ("RATE_LIMIT_MFA", "a,b"),
+        ("RATE_LIMIT_FINANCIAL", "20,"),
+    ] {
+        let err =
+            RateLimiterConfig::from_lookup(|k| (k == var).then(|| value.to_owned())).unwrap_err();
+        assert_eq!(err.variable(), var, "{err}");
+    }
+    let ok = RateLimiterConfig::from_lookup(|k| (k == "RATE_LIMIT_ADMIN").then(|| "50,10".into()))
+        .unwrap();
+    let admin = ok.get(&TierName::Admin).unwrap();
+    assert_eq!(
+        (admin.limit(), admin.window()),
+        (50, Duration::from_secs(10))
+    );
+}
+
+async fn start(options: LocalOptions) -> LocalServer {
+    tokio::task::spawn_blocking(move || LocalServer::start(options))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stopped_mid_run_each_policy_then_recovery() {
+    let mut server = start(LocalOptions::default()).await;
+    let redis = Redis::connect(server.config()).await.unwrap();
+    let window = Duration::from_secs(3600);
+    let tier = |policy| Tier::new(5, window).unwrap().with_failure_policy(policy);
+    let (open, closed, local) = (
+        TierName::custom("open"),
+        TierName::custom("closed"),
+        TierName::custom("local"),
+    );
+    let limiter = redis
+        .rate_limiter_with(
+            RateLimiterConfig::default()
+                .tier(open.clone(), tier(FailurePolicy::FailOpen))
+                .tier(closed.clone(), tier(FailurePolicy::FailClosed))
+                .tier(local.clone(), tier(FailurePolicy::Local))
+                .timeout(Duration::from_millis(300))
+                .breaker(BreakerSettings::new(3, Duration::from_secs(3))),
+        )
+        .unwrap();
+    for t in [&open, &closed, &local] {
+        let d = limiter.check("u", t.as_str(), t).await.unwrap();
+        assert_eq!((d.allowed, d.source), (true, DecisionSource::Redis));
+    }
+
+    let mut server = tokio::task::spawn_blocking(move || {
+        server.kill();
+        server
+    })
+    .await
+    .unwrap();
+
+    // Fail open: allowed, and says so.
+    let d = limiter.check("u", "open", &open).await.unwrap();
+    assert_eq!((d.allowed, d.source), (true, DecisionSource::FailOpen));
+    assert!(d.is_degraded());
+    // Fail closed: an error, never a denial.
+    let err = limiter.check("u", "closed", &closed).await.unwrap_err();
+    assert!(err.is_unavailable() || err.is_timeout(), "{err:?}");
+    // Local: the same limit enforced in process (5 per hour from a fresh local state).
+    let mut local_admitted = 0;
+    for _ in 0..8 {
+        let d = limiter.check("u", "local", &local).await.unwrap();
+        assert_eq!(d.source, DecisionSource::Local);
+        local_admitted += u64::from(d.allowed);
+    }
+    assert_eq!(local_admitted, 5);
+    assert_eq!(limiter.breaker_state(), BreakerState::Open);
+
+    // While the breaker is open nothing is sent to Redis and every call returns at once.
+    let before = limiter.stats();
+    let started = Instant::now();
+    for i in 0..100 {
+        match i % 3 {
+            0 => assert!(limiter.check("u", "open", &open).await.unwrap().allowed),
+            1 => assert!(limiter.check("u", "closed", &closed).await.is_err()),
+            _ => assert_eq!(
+                limiter.check("u", "local", &local).await.unwrap().source,
+                DecisionSource::Local
+            ),
+        }
+    }
+    let elapsed = started.elapsed();
+    let after = limiter.stats();
+    assert_eq!(after.redis_calls, before.redis_calls);
+    assert_eq!(after.short_circuited - before.short_circuited, 100);
+    // Loose bound: short-circuited calls take microseconds; had each paid the 300 ms timeout,
+    // 100 would take 30 s.
+    assert!(elapsed < Duration::from_secs(3), "{elapsed:?}");
+
+    let _server = tokio::task::spawn_blocking(move || {
+        server.restart().unwrap();
+        server
+    })
+    .await
+    .unwrap();
+    // After the cooldown one trial call goes through, succeeds and closes the breaker.
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    let mut recovered = None;
+    for _ in 0..20 {
+        match limiter.check("u2", "closed", &closed).await {
+            Ok(d) => {
+                recovered = Some(d);
+                break;
+            }
+            Err(e) => {
+                eprintln!("not yet recovered: {e:?} {:?}", limiter.breaker_state());
+                tokio::time::sleep(Duration::from_millis(3100)).await
+            }
+        }
+    }
+    let d = recovered.expect("Redis decisions resume after restart");
+    assert_eq!((d.allowed, d.source), (true, DecisionSource::Redis));
+    assert_eq!(limiter.breaker_state(), BreakerState::Closed);
+    let d = limiter.check("u", "local", &local).await.unwrap();
+    assert_eq!(d.source, DecisionSource::Redis);
+}
+
+const HARDENED: [&str; 7] = [
+    "rename-command EVAL EVAL_b835c3f9a8",
+    "rename-command SCRIPT SCRIPT_b835c3f9a8",
+    "rename-command CONFIG \"\"",
+    "rename-command KEYS \"\"",
+    "rename-command FLUSHDB \"\"",
+    "rename-command FLUSHALL \"\"",
+    "rename-command DEBUG \"\"",
+];
+
+#[tokio::test]
+async fn hardened_server_with_renamed_eval_runs_every_algorithm() {
+    let server = start(LocalOptions {
+        config_lines: HARDENED.iter().map(|s| s.to_string()).collect(),
+        ..LocalOptions::default()
+    })
+    .await;
+    let config = server
+        .config()
+        .to_builder()
+        .renamed_command("EVAL", "EVAL_b835c3f9a8")
+        .renamed_command("SCRIPT", "SCRIPT_b835c3f9a8")
+        .renamed_command("CONFIG", "")
+        .renamed_command("KEYS", "")
+        .renamed_command("FLUSHDB", "")
+        .renamed_command("FLUSHALL", "")
+        .renamed_command("DEBUG", "")
+        .build()
+        .unwrap();
+    let redis = Redis::connect(config).await.unwrap();
+    let mut conn = redis.connection().await.unwrap();
+    for algorithm in ALGORITHMS {
+        let limiter = limiter(&redis, algorithm, 3, Duration::from_secs(60));
+        let t = TierName::custom("t");
+        let mut admitted = 0;
+        for _ in 0..5 {
+            admitted += u64::from(limiter.check("h", "e", &t).await.unwrap().allowed);
+            // The script cache emptied between calls: recovered through the renamed EVAL.
+            let _: () = redis::cmd("SCRIPT_b835c3f9a8")
+                .arg("FLUSH")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        assert_eq!(admitted, 3, "{algorithm}");
+        limiter.reset("h", "e").await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn scripting_disabled_fails_script_tiers_at_construction_fixed_window_works() {
+    let mut lines: Vec<String> = HARDENED.iter().map(|s| s.to_string()).collect();
+    lines[0] = "rename-command EVAL \"\"".into();
+    lines.push("rename-command EVALSHA \"\"".into());
+    let server = start(LocalOptions {
+        config_lines: lines,
+        ..LocalOptions::default()
+    })
+    .await;
+    let config = server
+        .config()
+        .to_builder()
+        .renamed_command("EVAL", "")
+        .renamed_command("EVALSHA", "")
+        .renamed_command("SCRIPT", "SCRIPT_b835c3f9a8")
+        .build()
+        .unwrap();
+    let redis = Redis::connect(config).await.unwrap();
+    assert!(!redis.capabilities().scripting);
+
+    // The default tiers are GCRA: refused now, with a reason, not on first use.
+    let err = redis
+        .rate_limiter_with(RateLimiterConfig::default())
+        .unwrap_err();
+    assert!(matches!(err, Error::Unsupported(_)), "{err:?}");
+    let message = err.to_string();
+    assert!(
+        message.contains("gcra") && message.contains("FixedWindow"),
+        "{message}"
+    );
+    let sliding = Tier::new(3, Duration::from_secs(60))
+        .unwrap()
+        .with_algorithm(Algorithm::SlidingWindow);
+    let err = redis
+        .rate_limiter_with(
+            RateLimiterConfig::default()
+                .algorithm_for_all(Algorithm::FixedWindow)
+                .tier(TierName::custom("s"), sliding),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("sliding-window"), "{err}");
+
+    // Fixed window needs no scripting.
+    let limiter = redis
+        .rate_limiter_with(
+            RateLimiterConfig::default()
+                .algorithm_for_all(Algorithm::FixedWindow)
+                .tier(
+                    TierName::custom("t"),
+                    Tier::new(3, Duration::from_secs(60))
+                        .unwrap()
+                        .with_algorithm(Algorithm::FixedWindow),
+                ),
+        )
+        .unwrap();
+    let mut admitted = 0;
+    for _ in 0..5 {
+        admitted += u64::from(
+            limiter
+                .check("h", "e", &TierName::custom("t"))
+                .await
+                .unwrap()
+                .allowed,
+        );
+    }
+    assert_eq!(admitted, 3);
+    assert!(
+        limiter
+            .peek("h", "other", &TierName::Mfa)
+            .await
+            .unwrap()
+            .allowed
+    );
+}
