@@ -161,6 +161,9 @@ async fn demo_rate_limit(redis: &Redis) -> Result<(), Box<dyn std::error::Error>
     );
     limiter.reset("user-42", "mfa-verify").await?;
     println!("rate limit: reset by an administrator");
+    Ok(())
+}
+
 async fn demo_user_prefs(redis: &Redis) -> Result<(), Box<dyn std::error::Error>> {
     use aether_redis::user_prefs::{Pref, Theme};
     let prefs = redis.user_prefs();

@@ -1,7 +1,9 @@
 //! Everything stored about one user, erased or exported on request (GDPR right to erasure and
 //! to data portability).
 //!
-//! A user's keys are found without `KEYS`: by name where the layout allows
+//! Sessions are removed and listed through the session store's per-user index
+//! ([`SessionStore::destroy_user`](crate::session::SessionStore::destroy_user)). The other keys
+//! are found without `KEYS`: by name where the layout allows
 //! (`user-prefs:<id>`, `notifications:<id>`, `2fa:<id>`, `security-events:<id>`), through the
 //! per-user token indexes (`email-verify:user:<id>`, `password-reset:user:<id>`), and by `SCAN`
 //! (on every master in Cluster) for the families keyed `<keyspace>:<id>:*`
@@ -28,8 +30,10 @@ const SCAN_COUNT: usize = 1_000;
 #[serde(rename_all = "camelCase")]
 #[non_exhaustive]
 pub struct ErasureReport {
-    /// Keys deleted (tokens, preferences, notifications, 2FA, security events, rate limits,
-    /// domain challenges; sessions are counted in `sessions`).
+    /// Sessions destroyed.
+    pub sessions: u64,
+    /// Keys deleted besides sessions (tokens, preferences, notifications, 2FA, security
+    /// events, rate limits, domain challenges).
     pub keys_deleted: u64,
     /// Rate-limit keys among them.
     pub rate_limit_keys: u64,
@@ -207,7 +211,9 @@ impl UserData {
         Ok(deleted)
     }
 
-    /// Erases everything stored about `user_id` in this crate's keyspaces and appends a
+    /// Erases everything stored about `user_id` — its sessions (through the session index),
+    /// preferences, notifications, link tokens, 2FA state, security events, domain challenges
+    /// and rate-limit keys — and appends a
     /// `user.erased` record (actor `system`, target the user id, details the counts) to the
     /// audit log, which is retained by design. Keys of other users are never touched.
     ///
@@ -218,6 +224,8 @@ impl UserData {
         validate_key_part("user id", user_id)?;
         let tokens = self.redis.tokens();
         let events = self.redis.events();
+        // Sessions first: an erased user must not stay logged in while the rest goes.
+        let sessions = self.redis.sessions().destroy_user(user_id).await?;
         let mut keys_deleted = 0;
         for purpose in LinkPurpose::ALL {
             keys_deleted += tokens.revoke_all(purpose, user_id).await?;
@@ -236,12 +244,14 @@ impl UserData {
                 &AuditEntry::new("system", "user.erased")
                     .target(user_id)
                     .details(serde_json::json!({
+                        "sessions": sessions,
                         "keysDeleted": keys_deleted,
                         "rateLimitKeys": rate_limit_keys,
                     })),
             )
             .await?;
         Ok(ErasureReport {
+            sessions,
             keys_deleted,
             rate_limit_keys,
             audit_id,
@@ -249,9 +259,11 @@ impl UserData {
     }
 
     /// Everything stored about `user_id`, as one JSON document:
-    /// `{userId, exportedAt, preferences, notifications, securityEvents, tokens, twoFactor,
-    /// domainChallenges, rateLimits}`. Token values are never included (only their hashes,
-    /// payloads and issue times; 2FA state without the code). Appends a `user.exported` audit
+    /// `{userId, exportedAt, sessions, preferences, notifications, securityEvents, tokens,
+    /// twoFactor, domainChallenges, rateLimits}`. Secrets are never included: sessions are
+    /// listed without their ids (bearer credentials) and with the names, not the values, of
+    /// their application-defined fields (which hold e.g. CSRF tokens); link tokens appear as
+    /// hashes with their payloads and issue times; 2FA state without the code. Appends a `user.exported` audit
     /// record. Reading the preferences refreshes their TTL, as every read does.
     ///
     /// Read-only apart from the audit record; not a snapshot (about fifteen round trips plus
@@ -260,6 +272,26 @@ impl UserData {
         validate_key_part("user id", user_id)?;
         let tokens = self.redis.tokens();
         let events = self.redis.events();
+        let sessions: Vec<serde_json::Value> = self
+            .redis
+            .sessions()
+            .list_user(user_id)
+            .await?
+            .into_iter()
+            .map(|s| {
+                serde_json::json!({
+                    "userId": s.user_id,
+                    "email": s.email,
+                    "role": s.role.as_str(),
+                    "createdAt": s.created_at,
+                    "lastAccessAt": s.last_access_at,
+                    "ipAddress": s.ip_address,
+                    "userAgent": s.user_agent,
+                    "permissions": s.permissions,
+                    "extraFields": s.extra.keys().collect::<Vec<_>>(),
+                })
+            })
+            .collect();
         let preferences = self.redis.user_prefs().get_record(user_id).await?;
         let notifications = events.notifications(user_id, 100_000).await?;
         let security_events = events
@@ -307,6 +339,7 @@ impl UserData {
         let document = serde_json::json!({
             "userId": user_id,
             "exportedAt": codec::now_millis(),
+            "sessions": sessions,
             "preferences": preferences,
             "notifications": notifications,
             "securityEvents": security_events,

@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 
 use aether_redis::events::{NewNotification, SecurityEvent};
+use aether_redis::rate_limit::TierName;
+use aether_redis::session::{NewSession, Role};
 use aether_redis::tokens::LinkPurpose;
 use aether_redis::user_data::scan_keys;
 use aether_redis::user_prefs::{Layout, Pref, Theme, UserPreferences};
@@ -64,12 +66,17 @@ async fn snapshot(redis: &Redis, key: &str) -> (String, Vec<String>, bool) {
         "set" => redis::cmd("SMEMBERS"),
         "list" => redis::cmd("LRANGE"),
         "stream" => redis::cmd("XRANGE"),
+        "zset" => redis::cmd("ZRANGE"),
+        "none" => return ("none".into(), Vec::new(), false),
         other => panic!("unexpected type {other} of {key}"),
     };
     cmd.arg(key);
     match kind.as_str() {
         "list" => {
             cmd.arg(0).arg(-1);
+        }
+        "zset" => {
+            cmd.arg(0).arg(-1).arg("WITHSCORES");
         }
         "stream" => {
             cmd.arg("-").arg("+");
@@ -126,21 +133,33 @@ async fn populate(redis: &Redis, user: &str) {
         .record_security_event(user, &SecurityEvent::new("login.ok"))
         .await
         .unwrap();
-    // Rate-limit keys as the rate limiter lays them out: `rate-limit:<user>:<endpoint>`.
+    // Rate-limit keys as the TypeScript services write them (`INCR` + `PEXPIRE` on
+    // `rate-limit:<user>:<endpoint>`); the limiter's own keys may expire within a second or two,
+    // which would make the counts below racy.
     let mut conn = redis.connection().await.unwrap();
     for endpoint in ["login", "send", "search", "api.v1.users"] {
         let key = redis
             .keys()
             .key(Keyspace::RateLimit, &[user, endpoint])
             .unwrap();
-        let _: () = redis::cmd("SET")
+        let _: () = redis::pipe()
+            .atomic()
+            .cmd("INCR")
             .arg(&key)
-            .arg("3:1700000000000")
-            .arg("PX")
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(&key)
             .arg(60_000)
+            .ignore()
             .query_async(&mut conn)
             .await
             .unwrap();
+    }
+    let sessions = redis.sessions();
+    for agent in ["firefox", "curl"] {
+        let new =
+            NewSession::new(user, format!("{user}@example.com"), Role::User).user_agent(agent);
+        sessions.create(new).await.unwrap();
     }
 }
 
@@ -316,17 +335,39 @@ aether_redis::contract_tests! {
         for user in [&victim, &bystander, &lookalike] {
             populate(&redis, user).await;
         }
+        // And one key written by the rate limiter itself (GCRA, whole burst used: the key
+        // lives until the bucket refills, 60 s).
+        let limiter = redis.rate_limiter().unwrap();
+        limiter.check_n(&victim, "mfa", &TierName::Mfa, 5).await.unwrap();
         let victim_keys = keys_containing(&redis, &victim).await;
         assert!(victim_keys.len() >= 12, "populate wrote {victim_keys:?}");
+        // Session keys are named by session id, not user id: take them from the index.
+        let session_keys = |user: String| {
+            let redis = redis.clone();
+            async move {
+                let sessions = redis.sessions().list_user(&user).await.unwrap();
+                sessions
+                    .iter()
+                    .map(|s| redis.keys().key(Keyspace::Session, &[s.id.as_str()]).unwrap())
+                    .collect::<Vec<_>>()
+            }
+        };
+        let victim_sessions = session_keys(victim.clone()).await;
+        assert_eq!(victim_sessions.len(), 2);
         let mut others = keys_containing(&redis, &bystander).await;
         others.extend(keys_containing(&redis, &lookalike).await);
+        others.extend(session_keys(bystander.clone()).await);
+        others.extend(session_keys(lookalike.clone()).await);
+        others.sort();
         let mut before = Vec::new();
         for key in &others {
             before.push(snapshot(&redis, key).await);
         }
 
+        assert_eq!(redis.sessions().list_user(&victim).await.unwrap().len(), 2);
         let report = redis.user_data().erase_user(&victim).await.unwrap();
-        assert_eq!(report.rate_limit_keys, 4);
+        assert_eq!(report.sessions, 2);
+        assert_eq!(report.rate_limit_keys, 5, "{report:?}");
         assert!(report.keys_deleted >= 12, "{report:?}");
 
         let left: Vec<_> = keys_containing(&redis, &victim)
@@ -335,8 +376,14 @@ aether_redis::contract_tests! {
             .filter(|k| !k.contains(&lookalike))
             .collect();
         assert!(left.is_empty(), "left behind: {left:?}");
+        for key in &victim_sessions {
+            assert_eq!(snapshot(&redis, key).await.0, "none", "{key} survived");
+        }
         let mut after_keys = keys_containing(&redis, &bystander).await;
         after_keys.extend(keys_containing(&redis, &lookalike).await);
+        after_keys.extend(session_keys(bystander.clone()).await);
+        after_keys.extend(session_keys(lookalike.clone()).await);
+        after_keys.sort();
         assert_eq!(after_keys, others, "another user's key disappeared");
         for (key, snap) in others.iter().zip(before) {
             assert_eq!(snapshot(&redis, key).await, snap, "{key} changed");
@@ -345,9 +392,12 @@ aether_redis::contract_tests! {
         let erased = audit.iter().find(|r| r.id == report.audit_id).unwrap();
         assert_eq!((erased.action.as_str(), erased.target.as_str()), ("user.erased", victim.as_str()));
 
+        assert!(redis.sessions().list_user(&victim).await.unwrap().is_empty());
+        assert_eq!(redis.sessions().list_user(&bystander).await.unwrap().len(), 2);
+
         // Erasing again is harmless and finds nothing.
         let again = redis.user_data().erase_user(&victim).await.unwrap();
-        assert_eq!(again.keys_deleted, 0);
+        assert_eq!((again.sessions, again.keys_deleted), (0, 0));
         assert!(matches!(
             redis.user_data().erase_user("*").await,
             Err(Error::InvalidInput { what: "user id", .. })
@@ -369,8 +419,13 @@ aether_redis::contract_tests! {
         assert_eq!(doc["twoFactor"]["attempts"], 0);
         assert_eq!(doc["domainChallenges"][0]["domain"], "u-11.example.com");
         assert_eq!(doc["rateLimits"].as_array().unwrap().len(), 4);
+        assert_eq!(doc["sessions"].as_array().unwrap().len(), 2);
+        assert_eq!(doc["sessions"][0]["email"], "u-11@example.com");
         let text = doc.to_string();
         assert!(!text.contains(link.token.expose()), "the export holds a token");
+        for session in redis.sessions().list_user("u-11").await.unwrap() {
+            assert!(!text.contains(session.id.as_str()), "the export holds a session id");
+        }
         assert!(!text.contains("u-12"), "the export holds another user's data");
     }
 }
