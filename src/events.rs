@@ -435,6 +435,7 @@ impl Events {
     /// the cap and resets the TTL of the list and its read marks.
     ///
     /// One round trip, atomic: `MULTI LPUSH LTRIM PEXPIRE PEXPIRE EXEC`.
+    #[tracing::instrument(name = "events.push_notification", skip_all)]
     pub async fn push_notification(
         &self,
         user_id: &str,
@@ -483,6 +484,7 @@ impl Events {
 
     /// The newest `limit` notifications, newest first, with their read flags.
     /// One round trip: `MULTI LRANGE SMEMBERS EXEC` (a consistent snapshot). Read-only.
+    #[tracing::instrument(name = "events.notifications", skip_all)]
     pub async fn notifications(&self, user_id: &str, limit: usize) -> Result<Vec<Notification>> {
         let (list, read) = self.notification_keys(user_id)?;
         check_limit(limit)?;
@@ -525,7 +527,9 @@ impl Events {
 
     /// Marks the given notifications read (ids not in the list are ignored); returns how many
     /// were newly marked. One round trip, atomic (a Lua script on the list and its read-mark
-    /// set, which share a Cluster slot).
+    /// set, which share a Cluster slot); needs Lua scripting ([`Error::Unsupported`] without
+    /// it).
+    #[tracing::instrument(name = "events.mark_read", skip_all)]
     pub async fn mark_read(&self, user_id: &str, ids: &[&str]) -> Result<u64> {
         if ids.is_empty() {
             return Ok(0);
@@ -537,12 +541,14 @@ impl Events {
     }
 
     /// Marks every notification in the list read. Same as [`Events::mark_read`].
+    #[tracing::instrument(name = "events.mark_all_read", skip_all)]
     pub async fn mark_all_read(&self, user_id: &str) -> Result<u64> {
         self.run_mark_read(user_id, &[]).await
     }
 
     async fn run_mark_read(&self, user_id: &str, ids: &[&str]) -> Result<u64> {
         let (list, read) = self.notification_keys(user_id)?;
+        self.redis.require_scripting("marking notifications read")?;
         let mut call = ScriptCall::new()
             .key(&list)
             .key(&read)
@@ -556,6 +562,7 @@ impl Events {
 
     /// Deletes the user's notifications and read marks. One round trip (`DEL` of two keys in
     /// one slot, atomic); `true` if there were any.
+    #[tracing::instrument(name = "events.clear_notifications", skip_all)]
     pub async fn clear_notifications(&self, user_id: &str) -> Result<bool> {
         let (list, read) = self.notification_keys(user_id)?;
         let n: i64 = self
@@ -586,11 +593,13 @@ impl Events {
     /// Cluster), whose TTL is reset to the table's on every increment.
     ///
     /// One round trip, atomic: `MULTI HINCRBY PEXPIRE EXEC`.
+    #[tracing::instrument(name = "events.incr", skip_all)]
     pub async fn incr(&self, metric: &str, label: &str, by: i64) -> Result<i64> {
         self.incr_at(metric, label, by, codec::now_millis()).await
     }
 
     /// [`Events::incr`] in the bucket holding `at_ms` (for backfills and tests).
+    #[tracing::instrument(name = "events.incr_at", skip_all)]
     pub async fn incr_at(&self, metric: &str, label: &str, by: i64, at_ms: i64) -> Result<i64> {
         check_text("metric label", label, 1, 256)?;
         let key = self.metric_key(metric, self.bucket_of(at_ms))?;
@@ -614,6 +623,7 @@ impl Events {
     /// Every bucket of `metric` from the one holding `from_ms` to the one holding `to_ms`,
     /// oldest first (at most [`MAX_WINDOW_BUCKETS`]). One round trip: a pipeline of `HGETALL`s
     /// (one Cluster slot per metric), read-only.
+    #[tracing::instrument(name = "events.metric_window", skip_all)]
     pub async fn metric_window(
         &self,
         metric: &str,
@@ -675,6 +685,7 @@ impl Events {
     /// and the stream expires one TTL after its last append.
     ///
     /// One round trip, atomic: `MULTI XADD XTRIM MINID XTRIM MAXLEN PEXPIRE EXEC`.
+    #[tracing::instrument(name = "events.record_security_event", skip_all)]
     pub async fn record_security_event(
         &self,
         user_id: &str,
@@ -747,6 +758,7 @@ impl Events {
 
     /// The user's security events recorded in `from_ms..=to_ms` (server clock), oldest first,
     /// at most `limit`. One round trip (`XRANGE .. COUNT`), read-only.
+    #[tracing::instrument(name = "events.security_events", skip_all)]
     pub async fn security_events(
         &self,
         user_id: &str,
@@ -785,6 +797,7 @@ impl Events {
     }
 
     /// Deletes the user's security-event stream (for erasure). One round trip (`DEL`).
+    #[tracing::instrument(name = "events.delete_security_events", skip_all)]
     pub async fn delete_security_events(&self, user_id: &str) -> Result<bool> {
         let key = self.security_key(user_id)?;
         let n: i64 = self
@@ -809,6 +822,7 @@ impl Events {
     /// ever removes or changes one.
     ///
     /// One round trip, atomic: `MULTI XADD XTRIM MINID PEXPIRE EXEC`.
+    #[tracing::instrument(name = "events.audit", skip_all)]
     pub async fn audit(&self, entry: &AuditEntry) -> Result<String> {
         check_text("audit actor", &entry.actor, 1, 256)?;
         check_text("audit action", &entry.action, 1, 256)?;
@@ -832,6 +846,7 @@ impl Events {
 
     /// Audit records appended in `from_ms..=to_ms` (server clock), oldest first, at most
     /// `limit`. One round trip (`XRANGE .. COUNT`), read-only.
+    #[tracing::instrument(name = "events.audit_range", skip_all)]
     pub async fn audit_range(
         &self,
         from_ms: i64,

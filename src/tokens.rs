@@ -389,6 +389,7 @@ impl OneTimeTokens {
 
     /// Issues a link token for `subject` (a user id) carrying `payload`; previous tokens of the
     /// subject stay valid. See [`OneTimeTokens::issue_with_options`].
+    #[tracing::instrument(name = "tokens.issue", skip_all)]
     pub async fn issue(
         &self,
         purpose: LinkPurpose,
@@ -410,6 +411,7 @@ impl OneTimeTokens {
     /// are not one transaction; the token is written first, so every token is indexed by the
     /// time `issue` returns, and under concurrent revoking issues for one subject exactly the
     /// token whose index swap came last survives.
+    #[tracing::instrument(name = "tokens.issue_with_options", skip_all)]
     pub async fn issue_with_options(
         &self,
         purpose: LinkPurpose,
@@ -486,6 +488,7 @@ impl OneTimeTokens {
     /// number of concurrent redemptions exactly one gets the payload. `None` when the token is
     /// unknown, expired, revoked or already redeemed. The subject's index keeps the stale hash
     /// until it expires; it is never used to find a token.
+    #[tracing::instrument(name = "tokens.redeem", skip_all)]
     pub async fn redeem(&self, purpose: LinkPurpose, token: &str) -> Result<Option<Redeemed>> {
         if token.is_empty() || token.len() > MAX_PRESENTED_TOKEN_LEN {
             return Err(Error::invalid(
@@ -513,6 +516,7 @@ impl OneTimeTokens {
     }
 
     /// Revokes one token without redeeming it. One round trip (`DEL`); `true` if it existed.
+    #[tracing::instrument(name = "tokens.revoke", skip_all)]
     pub async fn revoke(&self, purpose: LinkPurpose, token: &str) -> Result<bool> {
         let key = self.link_key(purpose, &link_token_hash(token));
         let n: i64 = self
@@ -524,6 +528,7 @@ impl OneTimeTokens {
 
     /// Revokes every outstanding token of `purpose` for `subject`; returns how many existed.
     /// Two round trips: `MULTI SMEMBERS DEL EXEC` on the index, then one `DEL` of the tokens.
+    #[tracing::instrument(name = "tokens.revoke_all", skip_all)]
     pub async fn revoke_all(&self, purpose: LinkPurpose, subject: &str) -> Result<u64> {
         let index = self.index_key(purpose, subject)?;
         let mut pipe = redis::pipe();
@@ -553,6 +558,7 @@ impl OneTimeTokens {
 
     /// The subject's outstanding tokens of `purpose` (hashes and payloads, never tokens).
     /// Two round trips: `SMEMBERS`, `MGET`. Read-only.
+    #[tracing::instrument(name = "tokens.pending", skip_all)]
     pub async fn pending(&self, purpose: LinkPurpose, subject: &str) -> Result<Vec<PendingToken>> {
         let index = self.index_key(purpose, subject)?;
         let members = self
@@ -596,6 +602,7 @@ impl OneTimeTokens {
     /// Stored at `2fa:<userId>` as a hash of the code's digest, attempts and cap.
     ///
     /// One round trip, atomic: `MULTI DEL HSET PEXPIRE EXEC`.
+    #[tracing::instrument(name = "tokens.issue_2fa", skip_all)]
     pub async fn issue_2fa(&self, user_id: &str) -> Result<TwoFactorCode> {
         let key = self.two_factor_key(user_id)?;
         let code = six_digit_code()?;
@@ -627,15 +634,18 @@ impl OneTimeTokens {
         })
     }
 
-    /// Checks a code. One round trip, atomic (a Lua script): compare, consume on success,
+    /// Checks a code (needs Lua scripting: [`Error::Unsupported`] without it). One round
+    /// trip, atomic (a Lua script): compare, consume on success,
     /// count a wrong guess, burn the code at the cap — so however many guesses race, at most
     /// `max_attempts` are ever compared against one code. A code that is not six ASCII digits
     /// is an [`Error::InvalidInput`] and costs no attempt.
+    #[tracing::instrument(name = "tokens.verify_2fa", skip_all)]
     pub async fn verify_2fa(&self, user_id: &str, code: &str) -> Result<TwoFactorOutcome> {
         let key = self.two_factor_key(user_id)?;
         if code.len() != 6 || !code.bytes().all(|b| b.is_ascii_digit()) {
             return Err(Error::invalid("2FA code", "must be six digits"));
         }
+        self.redis.require_scripting("2FA verification")?;
         let reply = self
             .redis
             .eval_script(
@@ -664,6 +674,7 @@ impl OneTimeTokens {
 
     /// The pending 2FA state of `user_id` (never the code), or `None`. One round trip
     /// (`HGETALL`), read-only.
+    #[tracing::instrument(name = "tokens.two_factor_state", skip_all)]
     pub async fn two_factor_state(&self, user_id: &str) -> Result<Option<TwoFactorState>> {
         let key = self.two_factor_key(user_id)?;
         let reply = self
@@ -681,6 +692,7 @@ impl OneTimeTokens {
     }
 
     /// Cancels a pending 2FA code. One round trip (`DEL`); `true` if one was pending.
+    #[tracing::instrument(name = "tokens.cancel_2fa", skip_all)]
     pub async fn cancel_2fa(&self, user_id: &str) -> Result<bool> {
         let key = self.two_factor_key(user_id)?;
         let n: i64 = self
@@ -703,6 +715,7 @@ impl OneTimeTokens {
     /// own, so nobody can confirm a domain with a record someone else published.
     ///
     /// One round trip, atomic: `SET .. NX GET PX` (creates, or returns the existing one).
+    #[tracing::instrument(name = "tokens.domain_challenge", skip_all)]
     pub async fn domain_challenge(&self, owner: &str, domain: &str) -> Result<DomainChallenge> {
         let domain = normalize_domain(domain)?;
         let key = self.domain_key(owner, &domain)?;
@@ -733,6 +746,7 @@ impl OneTimeTokens {
     }
 
     /// The pending challenge, if any. One round trip (`GET`), read-only.
+    #[tracing::instrument(name = "tokens.get_domain_challenge", skip_all)]
     pub async fn get_domain_challenge(
         &self,
         owner: &str,
@@ -755,7 +769,9 @@ impl OneTimeTokens {
     /// one; on a match the challenge is removed and returned.
     ///
     /// Two round trips: `GET`, then a compare-and-delete script, so of concurrent
-    /// confirmations exactly one gets [`DomainOutcome::Verified`].
+    /// confirmations exactly one gets [`DomainOutcome::Verified`]. Needs Lua scripting
+    /// ([`Error::Unsupported`] without it).
+    #[tracing::instrument(name = "tokens.confirm_domain", skip_all)]
     pub async fn confirm_domain(
         &self,
         owner: &str,
@@ -771,6 +787,7 @@ impl OneTimeTokens {
         let Some(raw) = codec::opt_text(&key, raw)? else {
             return Ok(DomainOutcome::Missing);
         };
+        self.redis.require_scripting("domain confirmation")?;
         let challenge: DomainChallenge = codec::from_json(&key, raw.as_bytes())?;
         let expected = challenge.txt_value();
         let matched = txt_values.iter().fold(subtle::Choice::from(0u8), |acc, v| {
@@ -791,6 +808,7 @@ impl OneTimeTokens {
     }
 
     /// Removes a pending challenge. One round trip (`DEL`); `true` if there was one.
+    #[tracing::instrument(name = "tokens.cancel_domain_challenge", skip_all)]
     pub async fn cancel_domain_challenge(&self, owner: &str, domain: &str) -> Result<bool> {
         let domain = normalize_domain(domain)?;
         let key = self.domain_key(owner, &domain)?;

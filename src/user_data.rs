@@ -220,6 +220,7 @@ impl UserData {
     /// Not atomic (the keys live in many Cluster slots): each step deletes by key, so running it
     /// again finishes an interrupted erasure. Data the user creates while the erasure runs may
     /// survive it. Round trips: about ten, plus the `SCAN` pages.
+    #[tracing::instrument(name = "user_data.erase_user", skip_all)]
     pub async fn erase_user(&self, user_id: &str) -> Result<ErasureReport> {
         validate_key_part("user id", user_id)?;
         let tokens = self.redis.tokens();
@@ -268,6 +269,7 @@ impl UserData {
     ///
     /// Read-only apart from the audit record; not a snapshot (about fifteen round trips plus
     /// the `SCAN` pages).
+    #[tracing::instrument(name = "user_data.export_user", skip_all)]
     pub async fn export_user(&self, user_id: &str) -> Result<serde_json::Value> {
         validate_key_part("user id", user_id)?;
         let tokens = self.redis.tokens();

@@ -487,6 +487,7 @@ impl UserPrefs {
     /// One round trip: `MULTI HGETALL PEXPIRE EXEC`, so reading refreshes the 7-day TTL
     /// atomically with the read. A stored value that does not decode is an [`Error::Decode`]
     /// naming its field.
+    #[tracing::instrument(name = "user_prefs.get", skip_all)]
     pub async fn get(&self, user_id: &str) -> Result<UserPreferences> {
         Ok(self
             .get_record(user_id)
@@ -497,6 +498,7 @@ impl UserPrefs {
 
     /// The stored record with the fields this version does not know, or `None` when the user
     /// has no record. One round trip (`MULTI HGETALL PEXPIRE EXEC`), refreshes the TTL.
+    #[tracing::instrument(name = "user_prefs.get_record", skip_all)]
     pub async fn get_record(&self, user_id: &str) -> Result<Option<PrefsRecord>> {
         let key = self.key(user_id)?;
         let mut pipe = redis::pipe();
@@ -544,6 +546,7 @@ impl UserPrefs {
     /// redis.user_prefs().update("u-42", &[Pref::Theme(Theme::Dark), Pref::PageSize(50)]).await?;
     /// # Ok(()) }
     /// ```
+    #[tracing::instrument(name = "user_prefs.update", skip_all)]
     pub async fn update(&self, user_id: &str, prefs: &[Pref]) -> Result<()> {
         let key = self.key(user_id)?;
         for pref in prefs {
@@ -569,11 +572,13 @@ impl UserPrefs {
 
     /// Writes every known preference; unknown fields are kept. Same round trip and atomicity
     /// as [`UserPrefs::update`].
+    #[tracing::instrument(name = "user_prefs.set", skip_all)]
     pub async fn set(&self, user_id: &str, prefs: &UserPreferences) -> Result<()> {
         self.update(user_id, &prefs.to_updates()).await
     }
 
     /// Deletes the record (all fields, known or not). One round trip; `true` if there was one.
+    #[tracing::instrument(name = "user_prefs.delete", skip_all)]
     pub async fn delete(&self, user_id: &str) -> Result<bool> {
         let key = self.key(user_id)?;
         let n: i64 = self

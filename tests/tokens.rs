@@ -334,3 +334,44 @@ aether_redis::contract_tests! {
         ));
     }
 }
+
+/// On a server with scripting disabled link tokens work and script-backed checks are refused
+/// with a typed error (never half-working).
+#[tokio::test]
+async fn without_scripting_links_work_and_2fa_is_refused() {
+    use aether_redis::testkit::{LocalOptions, LocalServer};
+    let server = tokio::task::spawn_blocking(|| {
+        LocalServer::start(LocalOptions {
+            config_lines: vec![
+                "rename-command EVAL \"\"".into(),
+                "rename-command EVALSHA \"\"".into(),
+            ],
+            ..LocalOptions::default()
+        })
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let redis = Redis::connect(server.config()).await.unwrap();
+    assert!(!redis.capabilities().scripting);
+    let tokens = redis.tokens();
+    let link = tokens
+        .issue(LinkPurpose::EmailVerify, "u-1", &json!(1))
+        .await
+        .unwrap();
+    assert!(
+        tokens
+            .redeem(LinkPurpose::EmailVerify, link.token.expose())
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let code = tokens.issue_2fa("u-1").await.unwrap();
+    assert!(matches!(
+        tokens.verify_2fa("u-1", code.code.expose()).await,
+        Err(Error::Unsupported(_))
+    ));
+    tokio::task::spawn_blocking(move || drop(server))
+        .await
+        .unwrap();
+}
