@@ -24,6 +24,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     demo_cache(&redis).await?;
     demo_rate_limit(&redis).await?;
     demo_streams(&redis).await?;
+    demo_user_prefs(&redis).await?;
+    demo_tokens(&redis).await?;
+    demo_events(&redis).await?;
 
     println!("done");
     Ok(())
@@ -219,5 +222,124 @@ async fn demo_streams(redis: &Redis) -> Result<(), Box<dyn std::error::Error>> {
         metrics.processed,
         info.map(|i| i.pending).unwrap_or_default()
     );
+    Ok(())
+}
+async fn demo_user_prefs(redis: &Redis) -> Result<(), Box<dyn std::error::Error>> {
+    use aether_redis::user_prefs::{Pref, Theme};
+    let prefs = redis.user_prefs();
+    prefs
+        .update("demo-user", &[Pref::Theme(Theme::Dark), Pref::PageSize(50)])
+        .await?;
+    let p = prefs.get("demo-user").await?;
+    println!(
+        "user-prefs: theme {:?}, page size {}, language {} (default), timezone {} (default)",
+        p.theme, p.ui.page_size, p.language, p.timezone
+    );
+    match prefs.update("demo-user", &[Pref::PageSize(0)]).await {
+        Err(e) => println!("user-prefs: rejected as expected: {e}"),
+        Ok(()) => println!("user-prefs: a page size of 0 was accepted (unexpected)"),
+    }
+    Ok(())
+}
+
+async fn demo_tokens(redis: &Redis) -> Result<(), Box<dyn std::error::Error>> {
+    use aether_redis::tokens::{IssueOptions, LinkPurpose, TwoFactorOutcome};
+    let tokens = redis.tokens();
+    let link = tokens
+        .issue_with_options(
+            LinkPurpose::PasswordReset,
+            "demo-user",
+            &serde_json::json!({"ip": "198.51.100.7"}),
+            IssueOptions::new().revoke_previous(true),
+        )
+        .await?;
+    println!(
+        "tokens: issued a password-reset link valid for {:?} (Redis holds only its hash {})",
+        link.expires_in, link.token_hash
+    );
+    let first = tokens
+        .redeem(LinkPurpose::PasswordReset, link.token.expose())
+        .await?;
+    let second = tokens
+        .redeem(LinkPurpose::PasswordReset, link.token.expose())
+        .await?;
+    println!(
+        "tokens: first redemption for {:?}, second redemption {:?}",
+        first.map(|r| r.subject),
+        second.map(|r| r.subject)
+    );
+    let code = tokens.issue_2fa("demo-user").await?;
+    let wrong = if code.code.expose() == "000000" {
+        "000001"
+    } else {
+        "000000"
+    };
+    let outcome = tokens.verify_2fa("demo-user", wrong).await?;
+    println!("tokens: 2FA with a wrong code: {outcome:?}");
+    let outcome = tokens.verify_2fa("demo-user", code.code.expose()).await?;
+    assert_eq!(outcome, TwoFactorOutcome::Valid);
+    println!("tokens: 2FA with the right code: {outcome:?}");
+    let challenge = tokens.domain_challenge("demo-user", "example.com").await?;
+    println!(
+        "tokens: publish TXT {} = {}",
+        challenge.txt_name(),
+        challenge.txt_value()
+    );
+    let outcome = tokens
+        .confirm_domain("demo-user", "example.com", &[challenge.txt_value()])
+        .await?;
+    println!(
+        "tokens: domain confirmed: {}",
+        matches!(outcome, aether_redis::tokens::DomainOutcome::Verified(_))
+    );
+    Ok(())
+}
+
+async fn demo_events(redis: &Redis) -> Result<(), Box<dyn std::error::Error>> {
+    use aether_redis::events::{AuditEntry, NewNotification, SecurityEvent};
+    let events = redis.events();
+    let n = events
+        .push_notification(
+            "demo-user",
+            &NewNotification::new("mail.received", "New message").body("From: alice"),
+        )
+        .await?;
+    events.mark_read("demo-user", &[&n.id]).await?;
+    let list = events.notifications("demo-user", 10).await?;
+    println!(
+        "events: {} notification(s), newest {:?} read={}",
+        list.len(),
+        list[0].title,
+        list[0].read
+    );
+    events.incr("mail.sent", "ok", 3).await?;
+    let now = aether_redis::codec::now_millis();
+    let window = events.metric_window("mail.sent", now - 60_000, now).await?;
+    let sent: i64 = window.iter().filter_map(|b| b.counts.get("ok")).sum();
+    println!("events: mail.sent ok = {sent} over the last minute");
+    events
+        .record_security_event(
+            "demo-user",
+            &SecurityEvent::new("login.failed").ip("203.0.113.9"),
+        )
+        .await?;
+    let recent = events
+        .security_events("demo-user", now - 60_000, now + 60_000, 10)
+        .await?;
+    println!(
+        "events: {} security event(s) in the last minute",
+        recent.len()
+    );
+    events
+        .audit(&AuditEntry::new("admin", "role.changed").target("demo-user"))
+        .await?;
+    let report = redis.user_data().erase_user("demo-user").await?;
+    println!(
+        "user data: erased demo-user ({} keys), audit record {}",
+        report.keys_deleted, report.audit_id
+    );
+    let audit = events.audit_range(now - 60_000, now + 60_000, 10).await?;
+    let actions: Vec<_> = audit.iter().map(|r| r.action.as_str()).collect();
+    println!("events: audit log {actions:?}");
     Ok(())
 }

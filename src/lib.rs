@@ -35,6 +35,7 @@ pub mod stream;
 pub mod testkit;
 pub mod tokens;
 pub mod ttl;
+pub mod user_data;
 pub mod user_prefs;
 
 pub use cache::CacheManager;

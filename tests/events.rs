@@ -1,0 +1,293 @@
+//! Event keyspaces: notifications, metrics, security events, audit; TTLs per environment; no
+//! key without a TTL after random traffic over every keyspace of this crate's user data.
+
+use std::time::Duration;
+
+use aether_redis::events::{AuditEntry, NewNotification, SecurityEvent};
+use aether_redis::tokens::{IssueOptions, LinkPurpose};
+use aether_redis::user_data::scan_keys;
+use aether_redis::user_prefs::{Pref, Theme};
+use aether_redis::{Environment, Error, Keyspace, Redis};
+use futures::StreamExt;
+use futures::future::join_all;
+use serde_json::json;
+
+/// Every key of this test's namespace, base and derived (`{<prefix>...}:suffix`).
+async fn all_keys(redis: &Redis) -> Vec<String> {
+    let prefix = redis.keys().prefix().to_owned();
+    let mut keys = scan_keys(redis, &format!("{prefix}*")).await.unwrap();
+    keys.extend(scan_keys(redis, &format!("{{{prefix}*")).await.unwrap());
+    keys
+}
+
+async fn pttl(redis: &Redis, key: &str) -> i64 {
+    let mut conn = redis.connection().await.unwrap();
+    redis::cmd("PTTL")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
+async fn with_environment(redis: &Redis, environment: Environment) -> Redis {
+    let mut config = redis.config().clone();
+    config.environment = environment;
+    config.key_prefix = format!("{}{environment}:", config.key_prefix);
+    Redis::connect(config).await.unwrap()
+}
+
+fn assert_ttl(actual_ms: i64, expected_secs: u64, what: &str) {
+    let expected = i64::try_from(expected_secs * 1000).unwrap();
+    assert!(
+        actual_ms <= expected && actual_ms > expected - 5_000,
+        "{what}: PTTL {actual_ms} ms, table says {expected} ms"
+    );
+}
+
+fn now_ms() -> i64 {
+    aether_redis::codec::now_millis()
+}
+
+/// A tiny xorshift generator: reproducible from its seed, printed on failure.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+aether_redis::contract_tests! {
+    async fn notifications_are_newest_first_capped_and_markable(redis) {
+        let events = redis.events().with_notification_cap(10).unwrap();
+        let mut pushed = Vec::new();
+        for i in 0..25 {
+            let n = events
+                .push_notification("u-1", &NewNotification::new("mail.received", format!("#{i}")).data(json!({"i": i})))
+                .await
+                .unwrap();
+            pushed.push(n);
+        }
+        let list = events.notifications("u-1", 100).await.unwrap();
+        assert_eq!(list.len(), 10, "capped at 10");
+        let titles: Vec<_> = list.iter().map(|n| n.title.as_str()).collect();
+        assert_eq!(titles.first(), Some(&"#24"), "newest first");
+        assert_eq!(titles.last(), Some(&"#15"));
+        assert!(list.iter().all(|n| !n.read));
+        assert_eq!(list[0].data, json!({"i": 24}));
+
+        assert_eq!(events.mark_read("u-1", &[&pushed[24].id, &pushed[0].id]).await.unwrap(), 1, "#0 was trimmed");
+        assert_eq!(events.mark_read("u-1", &[&pushed[24].id]).await.unwrap(), 0, "already read");
+        let list = events.notifications("u-1", 2).await.unwrap();
+        assert_eq!(list.len(), 2);
+        assert!(list[0].read && !list[1].read);
+        assert_eq!(events.mark_all_read("u-1").await.unwrap(), 9);
+        assert!(events.notifications("u-1", 100).await.unwrap().iter().all(|n| n.read));
+
+        // Read marks of trimmed notifications are dropped: the mark set never outgrows the list.
+        for i in 0..10 {
+            events.push_notification("u-1", &NewNotification::new("k", format!("new {i}"))).await.unwrap();
+        }
+        assert_eq!(events.mark_read("u-1", &[&pushed[24].id]).await.unwrap(), 0);
+        let list_key = redis.keys().key(Keyspace::Notifications, &["u-1"]).unwrap();
+        let read_key = redis.keys().derived(&list_key, "read");
+        let mut conn = redis.connection().await.unwrap();
+        let marks: i64 = redis::cmd("SCARD").arg(&read_key).query_async(&mut conn).await.unwrap();
+        assert_eq!(marks, 0);
+
+        assert!(events.clear_notifications("u-1").await.unwrap());
+        assert!(events.notifications("u-1", 100).await.unwrap().is_empty());
+        assert!(matches!(
+            events.push_notification("u-1", &NewNotification::new("", "t")).await,
+            Err(Error::InvalidInput { what: "notification kind", .. })
+        ));
+        assert!(matches!(
+            events.notifications("a*", 10).await,
+            Err(Error::InvalidInput { what: "user id", .. })
+        ));
+    }
+
+    async fn concurrent_pushes_keep_the_cap_exactly(redis) {
+        let events = redis.events().with_notification_cap(50).unwrap();
+        let pushes = (0..200).map(|i| {
+            let events = events.clone();
+            tokio::spawn(async move {
+                events.push_notification("u-2", &NewNotification::new("k", format!("{i}"))).await.unwrap()
+            })
+        });
+        join_all(pushes).await.into_iter().for_each(|r| { r.unwrap(); });
+        let list = events.notifications("u-2", 1000).await.unwrap();
+        assert_eq!(list.len(), 50);
+        let key = redis.keys().key(Keyspace::Notifications, &["u-2"]).unwrap();
+        assert!(pttl(&redis, &key).await > 0);
+    }
+
+    async fn metrics_count_in_buckets_and_read_a_window(redis) {
+        let events = redis.events().with_metric_bucket(Duration::from_secs(10)).unwrap();
+        let base = (now_ms() / 10_000) * 10_000;
+        let incrs = (0..100).map(|i| {
+            let events = events.clone();
+            tokio::spawn(async move { events.incr_at("mail.sent", "ok", 1, base + (i % 3) * 10_000).await.unwrap() })
+        });
+        join_all(incrs).await.into_iter().for_each(|r| { r.unwrap(); });
+        events.incr_at("mail.sent", "failed", 5, base + 1).await.unwrap();
+        assert_eq!(events.incr_at("mail.sent", "failed", -2, base + 9_999).await.unwrap(), 3);
+        let window = events.metric_window("mail.sent", base, base + 39_999).await.unwrap();
+        let starts: Vec<_> = window.iter().map(|b| b.start).collect();
+        assert_eq!(starts, vec![base, base + 10_000, base + 20_000, base + 30_000]);
+        assert_eq!(window[0].counts.get("ok"), Some(&34));
+        assert_eq!(window[0].counts.get("failed"), Some(&3));
+        assert_eq!(window[1].counts.get("ok"), Some(&33));
+        assert_eq!(window[2].counts.get("ok"), Some(&33));
+        assert!(window[3].counts.is_empty());
+        assert!(matches!(
+            events.metric_window("mail.sent", base, base + 10_000 * 20_000).await,
+            Err(Error::InvalidInput { what: "time range", .. })
+        ));
+    }
+
+    async fn security_events_are_per_user_and_queryable_by_time(redis) {
+        let events = redis.events();
+        let before = now_ms();
+        let first = events
+            .record_security_event("u-3", &SecurityEvent::new("login.failed").ip("203.0.113.9").details(json!({"n": 1})))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let middle = now_ms();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        events
+            .record_security_event("u-3", &SecurityEvent::new("password.changed").user_agent("curl/8"))
+            .await
+            .unwrap();
+        events.record_security_event("u-4", &SecurityEvent::new("login.failed")).await.unwrap();
+        let all = events.security_events("u-3", before - 1_000, now_ms() + 1_000, 100).await.unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].id, first);
+        assert_eq!(all[0].kind, "login.failed");
+        assert_eq!(all[0].ip.as_deref(), Some("203.0.113.9"));
+        assert_eq!(all[0].details, json!({"n": 1}));
+        assert_eq!(all[1].user_agent.as_deref(), Some("curl/8"));
+        let early = events.security_events("u-3", before - 1_000, middle, 100).await.unwrap();
+        assert_eq!(early.len(), 1);
+        let late = events.security_events("u-3", middle, now_ms() + 1_000, 100).await.unwrap();
+        assert_eq!(late.len(), 1);
+        assert_eq!(late[0].kind, "password.changed");
+        assert_eq!(events.security_events("u-3", 0, i64::MAX, 1).await.unwrap().len(), 1, "limit");
+
+        // The cap keeps the newest.
+        let capped = redis.events().with_security_event_cap(3).unwrap();
+        for i in 0..6 {
+            capped.record_security_event("u-5", &SecurityEvent::new(format!("e{i}"))).await.unwrap();
+        }
+        let kinds: Vec<_> = capped.security_events("u-5", 0, i64::MAX, 100).await.unwrap().into_iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, vec!["e3", "e4", "e5"]);
+    }
+
+    async fn audit_is_append_only_and_queryable_by_time(redis) {
+        let events = redis.events();
+        let before = now_ms();
+        let appends = (0..20).map(|i| {
+            let events = events.clone();
+            tokio::spawn(async move {
+                events.audit(&AuditEntry::new("admin-1", "role.changed").target(format!("u-{i}")).details(json!({"to": "admin"}))).await.unwrap()
+            })
+        });
+        let ids: Vec<_> = join_all(appends).await.into_iter().map(|r| r.unwrap()).collect();
+        let records = events.audit_range(before - 1_000, now_ms() + 1_000, 1_000).await.unwrap();
+        assert_eq!(records.len(), 20);
+        let mut sorted = ids.clone();
+        sorted.sort_by_key(|id| {
+            let (ms, seq) = id.split_once('-').unwrap();
+            (ms.parse::<u64>().unwrap(), seq.parse::<u64>().unwrap())
+        });
+        assert_eq!(records.iter().map(|r| r.id.clone()).collect::<Vec<_>>(), sorted, "oldest first");
+        assert!(records.iter().all(|r| r.actor == "admin-1" && r.action == "role.changed" && r.details == json!({"to": "admin"})));
+        assert!(events.audit_range(0, before - 1_000, 10).await.unwrap().is_empty());
+        assert!(matches!(events.audit_range(10, 5, 10).await, Err(Error::InvalidInput { .. })));
+    }
+
+    async fn event_ttls_equal_the_table_in_every_environment(redis) {
+        // (environment, notifications, metrics, security-events, audit) in seconds.
+        for (environment, notifications, metrics, security, audit) in [
+            (Environment::Production, 86_400, 300, 7 * 86_400, 30 * 86_400),
+            (Environment::Development, 3_600, 120, 1_800, 86_400),
+            (Environment::Test, 60, 30, 120, 120),
+        ] {
+            let redis = with_environment(&redis, environment).await;
+            let events = redis.events();
+            let n = events.push_notification("u-6", &NewNotification::new("k", "t")).await.unwrap();
+            events.mark_read("u-6", &[&n.id]).await.unwrap();
+            events.incr_at("m", "l", 1, 0).await.unwrap();
+            events.record_security_event("u-6", &SecurityEvent::new("k")).await.unwrap();
+            events.audit(&AuditEntry::new("a", "b")).await.unwrap();
+            let keys = redis.keys();
+            let list = keys.key(Keyspace::Notifications, &["u-6"]).unwrap();
+            assert_ttl(pttl(&redis, &list).await, notifications, "notifications");
+            assert_ttl(pttl(&redis, &keys.derived(&list, "read")).await, notifications, "read marks");
+            assert_ttl(pttl(&redis, &keys.family(Keyspace::Metrics, "m", "0")).await, metrics, "metrics");
+            assert_ttl(pttl(&redis, &keys.key(Keyspace::SecurityEvents, &["u-6"]).unwrap()).await, security, "security-events");
+            assert_ttl(pttl(&redis, &keys.key(Keyspace::Audit, &["log"]).unwrap()).await, audit, "audit");
+        }
+    }
+
+    async fn no_key_without_ttl_after_10000_random_operations(redis) {
+        let seed = u64::from_le_bytes(aether_redis::random::bytes(8).unwrap().try_into().unwrap()) | 1;
+        eprintln!("seed {seed}");
+        let mut rng = Rng(seed);
+        let plan: Vec<(u64, u64, u64)> = (0..10_000).map(|_| (rng.below(16), rng.below(20), rng.below(1_000_000))).collect();
+        let ops = futures::stream::iter(plan).map(|(op, user, r)| {
+            let redis = redis.clone();
+            async move {
+                let user = format!("u-{user}");
+                let tokens = redis.tokens();
+                let events = redis.events().with_notification_cap(5).unwrap();
+                let purpose = if r % 2 == 0 { LinkPurpose::EmailVerify } else { LinkPurpose::PasswordReset };
+                match op {
+                    0 => redis.user_prefs().update(&user, &[Pref::Theme(Theme::Dark), Pref::PageSize(10 + (r % 50) as u32)]).await.map(drop),
+                    1 => redis.user_prefs().get(&user).await.map(drop),
+                    2 => tokens.issue_with_options(purpose, &user, &json!(r), IssueOptions::new().revoke_previous(r % 3 == 0)).await.map(drop),
+                    3 => {
+                        let t = tokens.issue(purpose, &user, &json!(r)).await?;
+                        tokens.redeem(purpose, t.token.expose()).await.map(drop)
+                    }
+                    4 => tokens.revoke_all(purpose, &user).await.map(drop),
+                    5 => tokens.issue_2fa(&user).await.map(drop),
+                    6 => tokens.verify_2fa(&user, &format!("{:06}", r)).await.map(drop),
+                    7 => tokens.domain_challenge(&user, &format!("d{}.example.com", r % 4)).await.map(drop),
+                    8 => tokens.confirm_domain(&user, &format!("d{}.example.com", r % 4), &[]).await.map(drop),
+                    9 => events.push_notification(&user, &NewNotification::new("k", "t")).await.map(drop),
+                    10 => events.mark_all_read(&user).await.map(drop),
+                    11 => events.clear_notifications(&user).await.map(drop),
+                    12 => events.incr(&format!("m{}", r % 5), "l", 1).await.map(drop),
+                    13 => events.record_security_event(&user, &SecurityEvent::new("k")).await.map(drop),
+                    14 => events.audit(&AuditEntry::new(user.as_str(), "act")).await.map(drop),
+                    _ => {
+                        let list = events.notifications(&user, 5).await?;
+                        match list.first() {
+                            Some(n) => events.mark_read(&user, &[&n.id]).await.map(drop),
+                            None => Ok(()),
+                        }
+                    }
+                }
+            }
+        });
+        let results: Vec<aether_redis::Result<()>> = ops.buffer_unordered(64).collect().await;
+        for r in &results {
+            r.as_ref().unwrap();
+        }
+        let keys = all_keys(&redis).await;
+        assert!(keys.len() > 100, "only {} keys", keys.len());
+        let mut without_ttl = Vec::new();
+        for key in &keys {
+            let ttl = pttl(&redis, key).await;
+            if ttl == -1 {
+                without_ttl.push(key.clone());
+            }
+        }
+        assert!(without_ttl.is_empty(), "keys without TTL (seed {seed}): {without_ttl:?}");
+    }
+}

@@ -1,0 +1,377 @@
+//! One-time tokens: single use under concurrency, the 2FA attempt cap, nothing secret at rest,
+//! TTLs per environment, domain challenges.
+
+use std::time::Duration;
+
+use aether_redis::tokens::{DomainOutcome, IssueOptions, LinkPurpose, TwoFactorOutcome};
+use aether_redis::user_data::scan_keys;
+use aether_redis::{Environment, Error, Redis};
+use futures::future::join_all;
+use redis::Value;
+use serde_json::json;
+
+/// Every key of this test's namespace, base and derived (`{<prefix>...}:suffix`).
+async fn all_keys(redis: &Redis) -> Vec<String> {
+    let prefix = redis.keys().prefix().to_owned();
+    let mut keys = scan_keys(redis, &format!("{prefix}*")).await.unwrap();
+    keys.extend(scan_keys(redis, &format!("{{{prefix}*")).await.unwrap());
+    keys
+}
+
+fn flatten(value: Value, out: &mut Vec<String>) {
+    match value {
+        Value::BulkString(b) => out.push(String::from_utf8_lossy(&b).into_owned()),
+        Value::SimpleString(s) => out.push(s),
+        Value::Int(i) => out.push(i.to_string()),
+        Value::Array(items) | Value::Set(items) => items.into_iter().for_each(|v| flatten(v, out)),
+        Value::Map(pairs) => pairs.into_iter().for_each(|(k, v)| {
+            flatten(k, out);
+            flatten(v, out);
+        }),
+        _ => {}
+    }
+}
+
+/// The key name and every string stored in it (values, fields, members, stream entries).
+async fn dump(redis: &Redis, key: &str) -> Vec<String> {
+    let mut conn = redis.connection().await.unwrap();
+    let kind: String = redis::cmd("TYPE")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut cmd = match kind.as_str() {
+        "string" => redis::cmd("GET"),
+        "hash" => redis::cmd("HGETALL"),
+        "set" => redis::cmd("SMEMBERS"),
+        "list" => {
+            let mut c = redis::cmd("LRANGE");
+            c.arg(key).arg(0).arg(-1);
+            c
+        }
+        "stream" => {
+            let mut c = redis::cmd("XRANGE");
+            c.arg(key).arg("-").arg("+");
+            c
+        }
+        other => panic!("unexpected type {other} of {key}"),
+    };
+    if matches!(kind.as_str(), "string" | "hash" | "set") {
+        cmd.arg(key);
+    }
+    let value: Value = cmd.query_async(&mut conn).await.unwrap();
+    let mut out = vec![key.to_owned()];
+    flatten(value, &mut out);
+    out
+}
+
+async fn pttl(redis: &Redis, key: &str) -> i64 {
+    let mut conn = redis.connection().await.unwrap();
+    redis::cmd("PTTL")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
+async fn with_environment(redis: &Redis, environment: Environment) -> Redis {
+    let mut config = redis.config().clone();
+    config.environment = environment;
+    config.key_prefix = format!("{}{environment}:", config.key_prefix);
+    Redis::connect(config).await.unwrap()
+}
+
+fn assert_ttl(actual_ms: i64, expected_secs: u64, what: &str) {
+    let expected = i64::try_from(expected_secs * 1000).unwrap();
+    assert!(
+        actual_ms <= expected && actual_ms > expected - 5_000,
+        "{what}: PTTL {actual_ms} ms, table says {expected} ms"
+    );
+}
+
+aether_redis::contract_tests! {
+    async fn link_token_redeems_exactly_once_under_50_concurrent_attempts(redis) {
+        let tokens = redis.tokens();
+        let issued = tokens
+            .issue(LinkPurpose::EmailVerify, "u-1", &json!({"email": "a@example.com"}))
+            .await
+            .unwrap();
+        assert_eq!(issued.token.expose().len(), 43, "256 bits in base64url");
+        let attempts = (0..50).map(|_| {
+            let tokens = tokens.clone();
+            let token = issued.token.expose().to_owned();
+            tokio::spawn(async move { tokens.redeem(LinkPurpose::EmailVerify, &token).await })
+        });
+        let results: Vec<_> = join_all(attempts)
+            .await
+            .into_iter()
+            .map(|r| r.unwrap().unwrap())
+            .collect();
+        let winners: Vec<_> = results.iter().flatten().collect();
+        assert_eq!(winners.len(), 1, "exactly one redemption succeeds");
+        assert_eq!(winners[0].subject, "u-1");
+        assert_eq!(winners[0].payload, json!({"email": "a@example.com"}));
+    }
+
+    async fn redeem_is_scoped_by_purpose_and_rejects_garbage(redis) {
+        let tokens = redis.tokens();
+        let issued = tokens
+            .issue(LinkPurpose::PasswordReset, "u-2", &json!(null))
+            .await
+            .unwrap();
+        let t = issued.token.expose();
+        assert_eq!(tokens.redeem(LinkPurpose::EmailVerify, t).await.unwrap(), None);
+        assert_eq!(tokens.redeem(LinkPurpose::PasswordReset, "no-such-token").await.unwrap(), None);
+        assert!(matches!(
+            tokens.redeem(LinkPurpose::PasswordReset, "").await,
+            Err(Error::InvalidInput { what: "token", .. })
+        ));
+        assert!(matches!(
+            tokens.issue(LinkPurpose::PasswordReset, "a:b", &json!(null)).await,
+            Err(Error::InvalidInput { what: "subject", .. })
+        ));
+        assert!(tokens.redeem(LinkPurpose::PasswordReset, t).await.unwrap().is_some());
+        assert_eq!(tokens.redeem(LinkPurpose::PasswordReset, t).await.unwrap(), None);
+        assert!(!format!("{issued:?}").contains(t), "Debug must not print the token");
+    }
+
+    async fn a_new_reset_token_revokes_the_previous_ones(redis) {
+        let tokens = redis.tokens();
+        let revoke = IssueOptions::new().revoke_previous(true);
+        let first = tokens.issue(LinkPurpose::PasswordReset, "u-3", &json!(1)).await.unwrap();
+        let kept = tokens.issue(LinkPurpose::EmailVerify, "u-3", &json!(2)).await.unwrap();
+        let second = tokens
+            .issue_with_options(LinkPurpose::PasswordReset, "u-3", &json!(3), revoke)
+            .await
+            .unwrap();
+        assert_eq!(tokens.redeem(LinkPurpose::PasswordReset, first.token.expose()).await.unwrap(), None);
+        assert!(tokens.redeem(LinkPurpose::EmailVerify, kept.token.expose()).await.unwrap().is_some());
+
+        // Concurrent revoking issues: exactly one token (plus none of the older) survives.
+        let racers = (0..20).map(|i| {
+            let tokens = tokens.clone();
+            tokio::spawn(async move {
+                tokens
+                    .issue_with_options(LinkPurpose::PasswordReset, "u-3", &json!(i), revoke)
+                    .await
+                    .unwrap()
+            })
+        });
+        let issued: Vec<_> = join_all(racers).await.into_iter().map(|r| r.unwrap()).collect();
+        let mut alive = 0;
+        for t in issued.iter().chain([&second]) {
+            if tokens.redeem(LinkPurpose::PasswordReset, t.token.expose()).await.unwrap().is_some() {
+                alive += 1;
+            }
+        }
+        assert_eq!(alive, 1);
+    }
+
+    async fn revoke_all_and_pending(redis) {
+        let tokens = redis.tokens();
+        let a = tokens.issue(LinkPurpose::EmailVerify, "u-4", &json!("a")).await.unwrap();
+        tokens.issue(LinkPurpose::EmailVerify, "u-4", &json!("b")).await.unwrap();
+        let other = tokens.issue(LinkPurpose::EmailVerify, "u-5", &json!("c")).await.unwrap();
+        let pending = tokens.pending(LinkPurpose::EmailVerify, "u-4").await.unwrap();
+        assert_eq!(pending.len(), 2);
+        assert!(pending.iter().any(|p| p.token_hash == a.token_hash && p.payload == json!("a")));
+        assert_eq!(tokens.revoke_all(LinkPurpose::EmailVerify, "u-4").await.unwrap(), 2);
+        assert!(tokens.pending(LinkPurpose::EmailVerify, "u-4").await.unwrap().is_empty());
+        assert_eq!(tokens.redeem(LinkPurpose::EmailVerify, a.token.expose()).await.unwrap(), None);
+        assert!(tokens.redeem(LinkPurpose::EmailVerify, other.token.expose()).await.unwrap().is_some());
+    }
+
+    async fn two_factor_wrong_attempt_cap_is_exact_under_concurrency(redis) {
+        let tokens = redis.tokens();
+        let code = tokens.issue_2fa("u-6").await.unwrap();
+        assert_eq!(code.max_attempts, 5);
+        let right = code.code.expose().to_owned();
+        let wrong = format!("{:06}", (right.parse::<u32>().unwrap() + 1) % 1_000_000);
+        let guesses = (0..50).map(|_| {
+            let tokens = tokens.clone();
+            let wrong = wrong.clone();
+            tokio::spawn(async move { tokens.verify_2fa("u-6", &wrong).await.unwrap() })
+        });
+        let outcomes: Vec<_> = join_all(guesses).await.into_iter().map(|r| r.unwrap()).collect();
+        let wrongs = outcomes.iter().filter(|o| matches!(o, TwoFactorOutcome::Wrong { .. })).count();
+        let burned = outcomes.iter().filter(|o| **o == TwoFactorOutcome::Burned).count();
+        let missing = outcomes.iter().filter(|o| **o == TwoFactorOutcome::Missing).count();
+        assert_eq!((wrongs, burned, missing), (4, 1, 45), "{outcomes:?}");
+        for left in 1..=4 {
+            assert!(outcomes.contains(&TwoFactorOutcome::Wrong { attempts_left: left }));
+        }
+        // The right code is useless once burned.
+        assert_eq!(tokens.verify_2fa("u-6", &right).await.unwrap(), TwoFactorOutcome::Missing);
+        assert_eq!(tokens.two_factor_state("u-6").await.unwrap(), None);
+    }
+
+    async fn two_factor_code_is_single_use_and_survives_fewer_wrong_guesses(redis) {
+        let tokens = redis.tokens().with_max_2fa_attempts(3).unwrap();
+        let code = tokens.issue_2fa("u-7").await.unwrap();
+        let right = code.code.expose().to_owned();
+        let wrong = format!("{:06}", (right.parse::<u32>().unwrap() + 7) % 1_000_000);
+        assert_eq!(
+            tokens.verify_2fa("u-7", &wrong).await.unwrap(),
+            TwoFactorOutcome::Wrong { attempts_left: 2 }
+        );
+        assert_eq!(tokens.two_factor_state("u-7").await.unwrap().unwrap().attempts, 1);
+        assert!(matches!(
+            tokens.verify_2fa("u-7", "12a456").await,
+            Err(Error::InvalidInput { what: "2FA code", .. })
+        ));
+        let racers = (0..50).map(|_| {
+            let tokens = tokens.clone();
+            let right = right.clone();
+            tokio::spawn(async move { tokens.verify_2fa("u-7", &right).await.unwrap() })
+        });
+        let outcomes: Vec<_> = join_all(racers).await.into_iter().map(|r| r.unwrap()).collect();
+        assert_eq!(outcomes.iter().filter(|o| **o == TwoFactorOutcome::Valid).count(), 1);
+        assert_eq!(outcomes.iter().filter(|o| **o == TwoFactorOutcome::Missing).count(), 49);
+        // A new code replaces the old one and resets the count.
+        let first = tokens.issue_2fa("u-7").await.unwrap();
+        let second = tokens.issue_2fa("u-7").await.unwrap();
+        if first.code.expose() != second.code.expose() {
+            assert!(matches!(
+                tokens.verify_2fa("u-7", first.code.expose()).await.unwrap(),
+                TwoFactorOutcome::Wrong { .. }
+            ));
+        }
+        assert_eq!(tokens.verify_2fa("u-7", second.code.expose()).await.unwrap(), TwoFactorOutcome::Valid);
+    }
+
+    async fn no_raw_token_value_appears_anywhere_in_redis(redis) {
+        let tokens = redis.tokens();
+        let mut link_tokens = Vec::new();
+        let mut codes = Vec::new();
+        for i in 0..10 {
+            let user = format!("u-{i}");
+            for purpose in LinkPurpose::ALL {
+                let t = tokens.issue(purpose, &user, &json!({"n": i})).await.unwrap();
+                link_tokens.push(t.token.expose().to_owned());
+            }
+            let t = tokens
+                .issue_with_options(LinkPurpose::PasswordReset, &user, &json!(i), IssueOptions::new().revoke_previous(true))
+                .await
+                .unwrap();
+            link_tokens.push(t.token.expose().to_owned());
+            codes.push(tokens.issue_2fa(&user).await.unwrap().code.expose().to_owned());
+        }
+        let keys = all_keys(&redis).await;
+        assert!(keys.len() >= 10 * 4, "found only {} keys", keys.len());
+        let mut stored = Vec::new();
+        for key in &keys {
+            stored.extend(dump(&redis, key).await);
+        }
+        for token in &link_tokens {
+            assert!(!stored.iter().any(|s| s.contains(token.as_str())), "a link token is stored");
+        }
+        for code in &codes {
+            // A 6-digit string may occur by chance inside a timestamp or digest, so the test
+            // is that no key, field or value *is* the code.
+            assert!(!stored.iter().any(|s| s == code), "a 2FA code is stored");
+        }
+    }
+
+    async fn ttls_equal_the_table_in_every_environment(redis) {
+        // (environment, 2fa, email-verify, password-reset, domain-verify) in seconds.
+        for (environment, two_fa, verify, reset, domain) in [
+            (Environment::Production, 300, 3_600, 1_800, 86_400),
+            (Environment::Development, 120, 600, 300, 1_800),
+            (Environment::Test, 30, 30, 60, 60),
+        ] {
+            let redis = with_environment(&redis, environment).await;
+            let tokens = redis.tokens();
+            let v = tokens.issue(LinkPurpose::EmailVerify, "u-8", &json!(null)).await.unwrap();
+            let r = tokens.issue(LinkPurpose::PasswordReset, "u-8", &json!(null)).await.unwrap();
+            tokens.issue_2fa("u-8").await.unwrap();
+            let challenge = tokens.domain_challenge("u-8", "example.org").await.unwrap();
+            assert_eq!(v.expires_in, Duration::from_secs(verify));
+            let keys = redis.keys();
+            let k = |ks, parts: &[&str]| keys.key(ks, parts).unwrap();
+            use aether_redis::Keyspace as K;
+            assert_ttl(pttl(&redis, &k(K::EmailVerify, &[&v.token_hash])).await, verify, "email-verify");
+            assert_ttl(pttl(&redis, &k(K::EmailVerify, &["user", "u-8"])).await, verify, "email-verify index");
+            assert_ttl(pttl(&redis, &k(K::PasswordReset, &[&r.token_hash])).await, reset, "password-reset");
+            assert_ttl(pttl(&redis, &k(K::PasswordReset, &["user", "u-8"])).await, reset, "password-reset index");
+            assert_ttl(pttl(&redis, &k(K::TwoFactor, &["u-8"])).await, two_fa, "2fa");
+            assert_ttl(pttl(&redis, &k(K::DomainVerify, &["u-8", &challenge.domain])).await, domain, "domain-verify");
+        }
+    }
+
+    async fn domain_challenge_is_readable_until_confirmed(redis) {
+        let tokens = redis.tokens();
+        let challenge = tokens.domain_challenge("org-1", "Mail.Example.COM.").await.unwrap();
+        assert_eq!(challenge.domain, "mail.example.com");
+        assert_eq!(challenge.txt_name(), "_aether-verify.mail.example.com");
+        assert_eq!(tokens.domain_challenge("org-1", "mail.example.com").await.unwrap(), challenge);
+        assert_eq!(
+            tokens.get_domain_challenge("org-1", "mail.example.com").await.unwrap(),
+            Some(challenge.clone())
+        );
+        let rival = tokens.domain_challenge("org-2", "mail.example.com").await.unwrap();
+        assert_ne!(rival.token, challenge.token, "each owner has a token of its own");
+        assert_eq!(
+            tokens.confirm_domain("org-2", "mail.example.com", &[challenge.txt_value()]).await.unwrap(),
+            DomainOutcome::NotFound,
+            "a record published for another owner does not verify"
+        );
+        assert_eq!(
+            tokens.confirm_domain("org-1", "mail.example.com", &["v=spf1 -all".into()]).await.unwrap(),
+            DomainOutcome::NotFound
+        );
+        assert!(tokens.get_domain_challenge("org-1", "mail.example.com").await.unwrap().is_some());
+        let confirmations = (0..10).map(|_| {
+            let tokens = tokens.clone();
+            let values = vec!["v=spf1 -all".to_owned(), challenge.txt_value()];
+            tokio::spawn(async move { tokens.confirm_domain("org-1", "mail.example.com", &values).await.unwrap() })
+        });
+        let outcomes: Vec<_> = join_all(confirmations).await.into_iter().map(|r| r.unwrap()).collect();
+        assert_eq!(outcomes.iter().filter(|o| matches!(o, DomainOutcome::Verified(_))).count(), 1);
+        assert_eq!(tokens.get_domain_challenge("org-1", "mail.example.com").await.unwrap(), None);
+        assert!(matches!(
+            tokens.domain_challenge("org-1", "not a domain").await,
+            Err(Error::InvalidInput { what: "domain", .. })
+        ));
+    }
+}
+
+/// On a server with scripting disabled link tokens work and script-backed checks are refused
+/// with a typed error (never half-working).
+#[tokio::test]
+async fn without_scripting_links_work_and_2fa_is_refused() {
+    use aether_redis::testkit::{LocalOptions, LocalServer};
+    let server = tokio::task::spawn_blocking(|| {
+        LocalServer::start(LocalOptions {
+            config_lines: vec![
+                "rename-command EVAL \"\"".into(),
+                "rename-command EVALSHA \"\"".into(),
+            ],
+            ..LocalOptions::default()
+        })
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let redis = Redis::connect(server.config()).await.unwrap();
+    assert!(!redis.capabilities().scripting);
+    let tokens = redis.tokens();
+    let link = tokens
+        .issue(LinkPurpose::EmailVerify, "u-1", &json!(1))
+        .await
+        .unwrap();
+    assert!(
+        tokens
+            .redeem(LinkPurpose::EmailVerify, link.token.expose())
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let code = tokens.issue_2fa("u-1").await.unwrap();
+    assert!(matches!(
+        tokens.verify_2fa("u-1", code.code.expose()).await,
+        Err(Error::Unsupported(_))
+    ));
+    tokio::task::spawn_blocking(move || drop(server))
+        .await
+        .unwrap();
+}
