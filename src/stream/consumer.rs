@@ -751,10 +751,10 @@ impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> LoopState<T, H> 
             }
             Ok(Err(e)) => {
                 let err = ctx.redis.fail("XREADGROUP", e);
-                if err.is_unavailable() || err.is_timeout() {
-                    if let Some(conn) = self.conn.take() {
-                        conn.discard();
-                    }
+                if (err.is_unavailable() || err.is_timeout())
+                    && let Some(conn) = self.conn.take()
+                {
+                    conn.discard();
                 }
                 return Err(err);
             }

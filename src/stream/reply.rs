@@ -5,12 +5,15 @@ use redis::Value;
 use crate::codec::{int, opt_text, text};
 use crate::error::{Error, Result};
 
+/// The fields of a stream entry, in order.
+pub(crate) type Fields = Vec<(String, Vec<u8>)>;
+
 /// One raw stream entry: its id and its fields in order. `fields` is `None` for a pending entry
 /// whose message was trimmed or deleted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct RawEntry {
     pub(crate) id: String,
-    pub(crate) fields: Option<Vec<(String, Vec<u8>)>>,
+    pub(crate) fields: Option<Fields>,
 }
 
 impl RawEntry {
@@ -43,7 +46,7 @@ fn bytes(key: &str, value: Value) -> Result<Vec<u8>> {
     }
 }
 
-fn fields(key: &str, value: Value) -> Result<Option<Vec<(String, Vec<u8>)>>> {
+fn fields(key: &str, value: Value) -> Result<Option<Fields>> {
     let pairs: Vec<(Value, Value)> = match value {
         Value::Nil => return Ok(None),
         Value::Map(pairs) => pairs,
