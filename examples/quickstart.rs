@@ -22,6 +22,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     demo_sessions(&redis).await?;
     demo_cache(&redis).await?;
+    demo_email_queue(&redis).await?;
 
     println!("done");
     Ok(())
@@ -54,5 +55,59 @@ async fn demo_sessions(_redis: &Redis) -> Result<(), Box<dyn std::error::Error>>
 }
 
 async fn demo_cache(_redis: &Redis) -> Result<(), Box<dyn std::error::Error>> {
+    Ok(())
+}
+
+async fn demo_email_queue(redis: &Redis) -> Result<(), Box<dyn std::error::Error>> {
+    use aether_redis::email_queue::{
+        EmailJob, Enqueued, JobId, Priority, WorkerOptions, handler_fn,
+    };
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let queue = redis.email_queue()?;
+    let welcome = EmailJob::new(
+        ["ada@example.com"],
+        "noreply@example.com",
+        "Welcome",
+        "Hello!",
+    )?
+    .with_id(JobId::new("welcome-ada")?)
+    .with_priority(Priority::High);
+    let first = queue.enqueue(welcome.clone()).await?;
+    let again = queue.enqueue(welcome).await?;
+    assert_eq!((first, again), (Enqueued::New, Enqueued::Duplicate));
+    let digest = EmailJob::new(["ada@example.com"], "noreply@example.com", "Digest", "News")?
+        .with_priority(Priority::Low);
+    queue.enqueue(digest).await?;
+    println!(
+        "email queue: enqueued 2 jobs (a second enqueue of `welcome-ada` was a no-op): {:?}",
+        queue.stats().await?
+    );
+
+    let handled = Arc::new(AtomicUsize::new(0));
+    let h = handled.clone();
+    let mut options = WorkerOptions::default();
+    options.concurrency = 1;
+    let worker = queue
+        .worker(handler_fn(move |job: EmailJob| {
+            println!(
+                "email queue: sending {:?} [{}] to {:?}",
+                job.subject, job.priority, job.to
+            );
+            h.fetch_add(1, Ordering::SeqCst);
+            async { Ok(()) }
+        }))
+        .with_options(options)?
+        .spawn();
+    while handled.load(Ordering::SeqCst) < 2 {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let report = worker.shutdown().await?;
+    println!(
+        "email queue: worker sent {} (high before low), queue now {:?}",
+        report.completed,
+        queue.stats().await?
+    );
     Ok(())
 }

@@ -66,7 +66,10 @@ async fn wait_stats(
         if done(&stats) {
             return stats;
         }
-        assert!(started.elapsed() < limit, "timed out waiting for {what}: {stats:?}");
+        assert!(
+            started.elapsed() < limit,
+            "timed out waiting for {what}: {stats:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -754,10 +757,14 @@ async fn redis_killed_during_enqueues_keeps_every_acknowledged_job() {
     let progress = Arc::new(AtomicUsize::new(0));
     let mut producers = Vec::new();
     for p in 0..PRODUCERS {
-        let (queue, ok, failed, progress) = (queue.clone(), ok.clone(), failed.clone(), progress.clone());
+        let (queue, ok, failed, progress) =
+            (queue.clone(), ok.clone(), failed.clone(), progress.clone());
         producers.push(tokio::spawn(async move {
             for i in (p..JOBS).step_by(PRODUCERS) {
-                match queue.enqueue(job(&format!("k{i}"), Priority::ALL[i % 3])).await {
+                match queue
+                    .enqueue(job(&format!("k{i}"), Priority::ALL[i % 3]))
+                    .await
+                {
                     Ok(Enqueued::New) => ok.lock().unwrap().push(i),
                     Ok(Enqueued::Duplicate) => panic!("k{i} enqueued twice"),
                     Err(_) => {
@@ -769,12 +776,20 @@ async fn redis_killed_during_enqueues_keeps_every_acknowledged_job() {
             }
         }));
     }
-    wait_for("3000 enqueues", Duration::from_secs(60), || progress.load(Ordering::SeqCst) >= 3000).await;
+    wait_for("3000 enqueues", Duration::from_secs(60), || {
+        progress.load(Ordering::SeqCst) >= 3000
+    })
+    .await;
     let s = server.clone();
-    tokio::task::spawn_blocking(move || s.lock().unwrap().kill()).await.unwrap();
+    tokio::task::spawn_blocking(move || s.lock().unwrap().kill())
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let s = server.clone();
-    tokio::task::spawn_blocking(move || s.lock().unwrap().restart()).await.unwrap().unwrap();
+    tokio::task::spawn_blocking(move || s.lock().unwrap().restart())
+        .await
+        .unwrap()
+        .unwrap();
     for p in producers {
         p.await.unwrap();
     }
@@ -785,13 +800,20 @@ async fn redis_killed_during_enqueues_keeps_every_acknowledged_job() {
 
     let present = waiting_ids(&redis, &queue).await;
     for i in &ok {
-        assert_eq!(present.get(&format!("k{i}")), Some(&1), "acknowledged k{i} lost or duplicated");
+        assert_eq!(
+            present.get(&format!("k{i}")),
+            Some(&1),
+            "acknowledged k{i} lost or duplicated"
+        );
     }
     assert!(present.values().all(|&n| n == 1));
 
     // Failed enqueues may or may not have been applied; retrying them is safe (idempotent).
     for i in &failed {
-        queue.enqueue(job(&format!("k{i}"), Priority::ALL[i % 3])).await.unwrap();
+        queue
+            .enqueue(job(&format!("k{i}"), Priority::ALL[i % 3]))
+            .await
+            .unwrap();
     }
     let present = waiting_ids(&redis, &queue).await;
     assert_eq!(present.len(), JOBS);
@@ -800,13 +822,16 @@ async fn redis_killed_during_enqueues_keeps_every_acknowledged_job() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scripting_disabled_is_refused_at_construction() {
-    let config = aether_redis::testkit::config_for(aether_redis::testkit::TestTopology::Standalone, "noscript")
-        .unwrap()
-        .to_builder()
-        .renamed_command("EVAL", "")
-        .renamed_command("EVALSHA", "")
-        .build()
-        .unwrap();
+    let config = aether_redis::testkit::config_for(
+        aether_redis::testkit::TestTopology::Standalone,
+        "noscript",
+    )
+    .unwrap()
+    .to_builder()
+    .renamed_command("EVAL", "")
+    .renamed_command("EVALSHA", "")
+    .build()
+    .unwrap();
     let redis = Redis::connect(config).await.unwrap();
     let err = redis.email_queue().unwrap_err();
     assert!(matches!(err, Error::Unsupported(_)), "{err:?}");

@@ -329,18 +329,41 @@ mod tests {
     #[test]
     fn validation_names_the_field() {
         let job = EmailJob::new(Vec::<String>::new(), "f@x.io", "s", "b").unwrap();
-        assert!(matches!(job.validate(), Err(Error::InvalidInput { what: "to", .. })));
+        assert!(matches!(
+            job.validate(),
+            Err(Error::InvalidInput { what: "to", .. })
+        ));
         let job = EmailJob::new(["a@x.io", " "], "f@x.io", "s", "b").unwrap();
-        assert!(matches!(job.validate(), Err(Error::InvalidInput { what: "to", .. })));
+        assert!(matches!(
+            job.validate(),
+            Err(Error::InvalidInput { what: "to", .. })
+        ));
         let job = EmailJob::new(["a@x.io"], "", "s", "b").unwrap();
-        assert!(matches!(job.validate(), Err(Error::InvalidInput { what: "from", .. })));
+        assert!(matches!(
+            job.validate(),
+            Err(Error::InvalidInput { what: "from", .. })
+        ));
         let job = EmailJob::new(["a@x.io"], "f@x.io", "s".repeat(999), "b").unwrap();
-        assert!(matches!(job.validate(), Err(Error::InvalidInput { what: "subject", .. })));
+        assert!(matches!(
+            job.validate(),
+            Err(Error::InvalidInput {
+                what: "subject",
+                ..
+            })
+        ));
         let job = EmailJob::new(["a@x.io"], "f@x.io", "s", "b".repeat(MAX_BODY_LEN + 1)).unwrap();
-        assert!(matches!(job.validate(), Err(Error::InvalidInput { what: "body", .. })));
+        assert!(matches!(
+            job.validate(),
+            Err(Error::InvalidInput { what: "body", .. })
+        ));
         assert!(JobId::new("a b").is_err());
         assert!(JobId::new("").is_err());
         assert!(JobId::new("x".repeat(257)).is_err());
-        assert!(EmailJob::new(["a@x.io"], "f@x.io", "s", "b").unwrap().validate().is_ok());
+        assert!(
+            EmailJob::new(["a@x.io"], "f@x.io", "s", "b")
+                .unwrap()
+                .validate()
+                .is_ok()
+        );
     }
 }

@@ -49,8 +49,7 @@ pub use job::{
     PAYLOAD_VERSION, Priority,
 };
 pub use worker::{
-    HandlerFn, JobError, JobHandler, Worker, WorkerHandle, WorkerOptions, WorkerReport,
-    handler_fn,
+    HandlerFn, JobError, JobHandler, Worker, WorkerHandle, WorkerOptions, WorkerReport, handler_fn,
 };
 
 static SCRIPT: LazyLock<LuaScript> =
@@ -163,7 +162,10 @@ impl QueueOptions {
             ));
         }
         if self.aging.is_some_and(|a| a.is_zero()) {
-            return Err(Error::invalid("aging", "must be positive (None disables it)"));
+            return Err(Error::invalid(
+                "aging",
+                "must be positive (None disables it)",
+            ));
         }
         Ok(())
     }
@@ -552,11 +554,19 @@ impl EmailQueue {
             .await?
             .unwrap_or_default();
         let mut counts = Vec::with_capacity(7);
-        for (value, key) in values.into_iter().zip([0, 1, 2, K_SCHEDULED, K_ACTIVE, K_DEAD, K_COMPLETED]) {
+        for (value, key) in
+            values
+                .into_iter()
+                .zip([0, 1, 2, K_SCHEDULED, K_ACTIVE, K_DEAD, K_COMPLETED])
+        {
             counts.push(u64::try_from(int(&k[key], value)?).unwrap_or(0));
         }
         if counts.len() != 7 {
-            return Err(Error::decode(&k[0], None, "stats transaction was not applied"));
+            return Err(Error::decode(
+                &k[0],
+                None,
+                "stats transaction was not applied",
+            ));
         }
         Ok(QueueStats {
             high: counts[0],
@@ -612,9 +622,8 @@ impl EmailQueue {
                 continue;
             }
             let raw = text(&k[K_DEAD_JOBS], Some(&dead_id), value)?;
-            let record: DeadRecord = serde_json::from_str(&raw).map_err(|e| {
-                Error::decode(&k[K_DEAD_JOBS], Some(&dead_id), e.to_string())
-            })?;
+            let record: DeadRecord = serde_json::from_str(&raw)
+                .map_err(|e| Error::decode(&k[K_DEAD_JOBS], Some(&dead_id), e.to_string()))?;
             let (job, raw_job) = match record.job {
                 Some(value) => match serde_json::from_value::<EmailJob>(value.clone()) {
                     Ok(job) => (Some(job), None),
@@ -880,7 +889,13 @@ mod tests {
     fn options_are_validated() {
         let mut o = QueueOptions::default();
         o.max_attempts = 0;
-        assert!(matches!(o.validate(), Err(Error::InvalidInput { what: "max attempts", .. })));
+        assert!(matches!(
+            o.validate(),
+            Err(Error::InvalidInput {
+                what: "max attempts",
+                ..
+            })
+        ));
         let mut o = QueueOptions::default();
         o.visibility_timeout = Duration::from_millis(1);
         assert!(o.validate().is_err());

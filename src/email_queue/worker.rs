@@ -266,7 +266,10 @@ impl Worker {
     /// their lists and settles everything. Redis errors are logged and retried; they never end
     /// the loop. If the future is dropped instead (task aborted, process killed), in-flight
     /// jobs stay leased and return to their lists after the visibility timeout.
-    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> Result<WorkerReport> {
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<WorkerReport> {
         const MIN_IDLE: Duration = Duration::from_millis(1);
         let queue = self.queue.clone();
         let options = queue.options().clone();
@@ -481,31 +484,38 @@ impl Worker {
         let InFlight { id, token, job } = flight.remove(&task)?;
         let options = self.queue.options();
         let now = now_millis();
-        let dead = |reason: &str, error: &str, job: serde_json::Value, priority: super::Priority| {
-            let mut record = serde_json::Map::new();
-            record.insert("id".into(), id.clone().into());
-            record.insert("reason".into(), reason.into());
-            record.insert("error".into(), error.into());
-            record.insert("failedAt".into(), now.into());
-            record.insert("priority".into(), priority.as_str().into());
-            if job.is_string() {
-                record.insert("raw".into(), job);
-            } else {
-                record.insert("job".into(), job);
-            }
-            Settle::Dead {
-                id: id.clone(),
-                token: token.clone(),
-                record: serde_json::Value::Object(record).to_string(),
-            }
-        };
-        let as_value = |job: &EmailJob| serde_json::to_value(job).unwrap_or(serde_json::Value::Null);
+        let dead =
+            |reason: &str, error: &str, job: serde_json::Value, priority: super::Priority| {
+                let mut record = serde_json::Map::new();
+                record.insert("id".into(), id.clone().into());
+                record.insert("reason".into(), reason.into());
+                record.insert("error".into(), error.into());
+                record.insert("failedAt".into(), now.into());
+                record.insert("priority".into(), priority.as_str().into());
+                if job.is_string() {
+                    record.insert("raw".into(), job);
+                } else {
+                    record.insert("job".into(), job);
+                }
+                Settle::Dead {
+                    id: id.clone(),
+                    token: token.clone(),
+                    record: serde_json::Value::Object(record).to_string(),
+                }
+            };
+        let as_value =
+            |job: &EmailJob| serde_json::to_value(job).unwrap_or(serde_json::Value::Null);
         let mut job = match (job, outcome) {
             (Err((raw, priority)), Outcome::Malformed(reason)) => {
                 return Some(dead("malformed", &reason, raw.into(), priority));
             }
             (Err((raw, priority)), _) => {
-                return Some(dead("malformed", "payload did not decode", raw.into(), priority));
+                return Some(dead(
+                    "malformed",
+                    "payload did not decode",
+                    raw.into(),
+                    priority,
+                ));
             }
             (Ok(_), Outcome::Done(Ok(()))) => return Some(Settle::Ack { id, token }),
             (Ok(mut job), Outcome::Done(Err(JobError::Permanent(error)))) => {
@@ -596,7 +606,10 @@ mod tests {
     fn jitter_stays_in_the_upper_half() {
         for _ in 0..1000 {
             let d = jittered(Duration::from_millis(1000));
-            assert!(d >= Duration::from_millis(500) && d <= Duration::from_millis(1000), "{d:?}");
+            assert!(
+                d >= Duration::from_millis(500) && d <= Duration::from_millis(1000),
+                "{d:?}"
+            );
         }
     }
 
