@@ -23,21 +23,18 @@ pub const MAX_BODY_LEN: usize = 1024 * 1024;
 pub const MAX_ID_LEN: usize = 256;
 
 /// A job's priority: which list it waits in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Priority {
     /// `email-queue:high`, served first.
     High,
     /// `email-queue:normal`.
+    #[default]
     Normal,
     /// `email-queue:low`, served last unless it has waited longer than the aging bound.
     Low,
-}
-
-impl Default for Priority {
-    fn default() -> Self {
-        Priority::Normal
-    }
 }
 
 impl Priority {

@@ -266,6 +266,10 @@ impl Worker {
     /// their lists and settles everything. Redis errors are logged and retried; they never end
     /// the loop. If the future is dropped instead (task aborted, process killed), in-flight
     /// jobs stay leased and return to their lists after the visibility timeout.
+    ///
+    /// Round trips: one atomic script call per batch (it settles the finished jobs and leases
+    /// the next ones), one lease-extension script per third of the visibility timeout while
+    /// jobs run, and none while idle except the backed-off polls.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send,
