@@ -27,6 +27,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     demo_user_prefs(&redis).await?;
     demo_tokens(&redis).await?;
     demo_events(&redis).await?;
+    demo_email_queue(&redis).await?;
 
     println!("done");
     Ok(())
@@ -341,5 +342,59 @@ async fn demo_events(redis: &Redis) -> Result<(), Box<dyn std::error::Error>> {
     let audit = events.audit_range(now - 60_000, now + 60_000, 10).await?;
     let actions: Vec<_> = audit.iter().map(|r| r.action.as_str()).collect();
     println!("events: audit log {actions:?}");
+    Ok(())
+}
+
+async fn demo_email_queue(redis: &Redis) -> Result<(), Box<dyn std::error::Error>> {
+    use aether_redis::email_queue::{
+        EmailJob, Enqueued, JobId, Priority, WorkerOptions, handler_fn,
+    };
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let queue = redis.email_queue()?;
+    let welcome = EmailJob::new(
+        ["ada@example.com"],
+        "noreply@example.com",
+        "Welcome",
+        "Hello!",
+    )?
+    .with_id(JobId::new("welcome-ada")?)
+    .with_priority(Priority::High);
+    let first = queue.enqueue(welcome.clone()).await?;
+    let again = queue.enqueue(welcome).await?;
+    assert_eq!((first, again), (Enqueued::New, Enqueued::Duplicate));
+    let digest = EmailJob::new(["ada@example.com"], "noreply@example.com", "Digest", "News")?
+        .with_priority(Priority::Low);
+    queue.enqueue(digest).await?;
+    println!(
+        "email queue: enqueued 2 jobs (a second enqueue of `welcome-ada` was a no-op): {:?}",
+        queue.stats().await?
+    );
+
+    let handled = Arc::new(AtomicUsize::new(0));
+    let h = handled.clone();
+    let mut options = WorkerOptions::default();
+    options.concurrency = 1;
+    let worker = queue
+        .worker(handler_fn(move |job: EmailJob| {
+            println!(
+                "email queue: sending {:?} [{}] to {:?}",
+                job.subject, job.priority, job.to
+            );
+            h.fetch_add(1, Ordering::SeqCst);
+            async { Ok(()) }
+        }))
+        .with_options(options)?
+        .spawn();
+    while handled.load(Ordering::SeqCst) < 2 {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let report = worker.shutdown().await?;
+    println!(
+        "email queue: worker sent {} (high before low), queue now {:?}",
+        report.completed,
+        queue.stats().await?
+    );
     Ok(())
 }

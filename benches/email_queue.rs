@@ -1,0 +1,334 @@
+//! End-to-end email queue throughput: enqueue → handle → acknowledge, at 1, 8 and 32
+//! concurrency (producer tasks and handler slots), beside apalis-redis and a raw
+//! `LPUSH`/`BLMOVE`/`LREM` reliable-queue loop on the redis client, same server, same run.
+//!
+//! ```sh
+//! cargo bench --all-features --bench email_queue -- --warm-up-time 1 --measurement-time 3
+//! ```
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use aether_redis::email_queue::{EmailJob, EmailQueue, WorkerHandle, WorkerOptions, handler_fn};
+use aether_redis::{Config, Redis};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use tokio::runtime::Runtime;
+use tokio::sync::Notify;
+
+/// Jobs per measured iteration.
+const BATCH: u64 = 200;
+const CONCURRENCY: [usize; 3] = [1, 8, 32];
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct BenchMail {
+    to: Vec<String>,
+    from: String,
+    subject: String,
+    body: String,
+}
+
+fn mail() -> BenchMail {
+    BenchMail {
+        to: vec!["ada@example.com".into()],
+        from: "noreply@example.com".into(),
+        subject: "Your weekly digest".into(),
+        body: "x".repeat(512),
+    }
+}
+
+fn job() -> EmailJob {
+    let m = mail();
+    EmailJob::new(m.to, m.from, m.subject, m.body).unwrap()
+}
+
+/// Waits until `done` reaches `target`.
+async fn wait_done(done: &AtomicU64, notify: &Notify, target: u64) {
+    loop {
+        let notified = notify.notified();
+        if done.load(Ordering::Acquire) >= target {
+            return;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(5), notified).await;
+    }
+}
+
+/// `concurrency` producer tasks share `BATCH * iters` sends.
+async fn produce<F, Fut>(concurrency: usize, total: u64, send: F)
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let mut tasks = Vec::with_capacity(concurrency);
+    for p in 0..concurrency as u64 {
+        let send = send.clone();
+        let share = total / concurrency as u64 + u64::from(p < total % concurrency as u64);
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..share {
+                send().await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+struct Ours {
+    queue: EmailQueue,
+    done: Arc<AtomicU64>,
+    notify: Arc<Notify>,
+    worker: Option<WorkerHandle>,
+}
+
+impl Ours {
+    async fn start(redis: &Redis, concurrency: usize) -> Self {
+        let queue = redis
+            .email_queue_named(&format!("bench{concurrency}"))
+            .unwrap();
+        let done = Arc::new(AtomicU64::new(0));
+        let notify = Arc::new(Notify::new());
+        let (d, n) = (done.clone(), notify.clone());
+        let mut options = WorkerOptions::default();
+        options.concurrency = concurrency;
+        let worker = queue
+            .worker(handler_fn(move |_job| {
+                d.fetch_add(1, Ordering::Release);
+                n.notify_waiters();
+                async { Ok(()) }
+            }))
+            .with_options(options)
+            .unwrap()
+            .spawn();
+        Ours {
+            queue,
+            done,
+            notify,
+            worker: Some(worker),
+        }
+    }
+
+    async fn run(&self, concurrency: usize, total: u64) -> Duration {
+        let target = self.done.load(Ordering::Acquire) + total;
+        let started = Instant::now();
+        let queue = self.queue.clone();
+        produce(concurrency, total, move || {
+            let queue = queue.clone();
+            async move {
+                queue.enqueue(job()).await.unwrap();
+            }
+        })
+        .await;
+        wait_done(&self.done, &self.notify, target).await;
+        started.elapsed()
+    }
+}
+
+mod apalis_side {
+    use super::*;
+    use apalis::prelude::*;
+    use apalis_redis::RedisStorage;
+
+    pub(super) struct Apalis {
+        pub(super) storage: RedisStorage<BenchMail>,
+        pub(super) done: Arc<AtomicU64>,
+        pub(super) notify: Arc<Notify>,
+        stop: Arc<Notify>,
+        worker: tokio::task::JoinHandle<()>,
+    }
+
+    #[derive(Clone)]
+    struct Counter(Arc<AtomicU64>, Arc<Notify>);
+
+    async fn handle(_mail: BenchMail, counter: Data<Counter>) -> Result<(), BoxDynError> {
+        let Counter(done, notify) = &*counter;
+        done.fetch_add(1, Ordering::Release);
+        notify.notify_waiters();
+        Ok(())
+    }
+
+    impl Apalis {
+        pub(super) async fn start(url: &str, concurrency: usize) -> Self {
+            let conn = apalis_redis::connect(url).await.unwrap();
+            let config = apalis_redis::Config::default()
+                .queue(format!("apalis-bench-{concurrency}-{}", std::process::id()));
+            let storage = RedisStorage::<BenchMail>::new(conn).with_config(config);
+            let done = Arc::new(AtomicU64::new(0));
+            let notify = Arc::new(Notify::new());
+            let stop = Arc::new(Notify::new());
+            let worker = WorkerBuilder::new(format!("bench-{concurrency}"))
+                .backend(storage.clone())
+                .data(Counter(done.clone(), notify.clone()))
+                .concurrency(concurrency)
+                .build(handle);
+            let s = stop.clone();
+            let worker = tokio::spawn(async move {
+                let _ = worker
+                    .run_until(async move {
+                        s.notified().await;
+                        Ok::<(), WorkerError>(())
+                    })
+                    .await;
+            });
+            Apalis {
+                storage,
+                done,
+                notify,
+                stop,
+                worker,
+            }
+        }
+
+        pub(super) async fn run(&self, concurrency: usize, total: u64) -> Duration {
+            let target = self.done.load(Ordering::Acquire) + total;
+            let started = Instant::now();
+            let storage = self.storage.clone();
+            produce(concurrency, total, move || {
+                let mut storage = storage.clone();
+                async move {
+                    storage.push(mail()).await.unwrap();
+                }
+            })
+            .await;
+            wait_done(&self.done, &self.notify, target).await;
+            started.elapsed()
+        }
+
+        pub(super) async fn stop(self) {
+            self.stop.notify_one();
+            let _ = tokio::time::timeout(Duration::from_secs(5), self.worker).await;
+        }
+    }
+}
+
+/// The classic reliable queue with the raw client: `LPUSH`; consumers `BLMOVE` to a processing
+/// list (one connection each, as a blocking command needs) and `LREM` it when done.
+struct Raw {
+    conn: redis::aio::MultiplexedConnection,
+    list: String,
+    done: Arc<AtomicU64>,
+    notify: Arc<Notify>,
+    consumers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Raw {
+    async fn start(client: &redis::Client, concurrency: usize) -> Self {
+        let list = format!("raw-bench:{concurrency}:{}", std::process::id());
+        let done = Arc::new(AtomicU64::new(0));
+        let notify = Arc::new(Notify::new());
+        let mut consumers = Vec::new();
+        for i in 0..concurrency {
+            let mut blocking = client.get_multiplexed_async_connection().await.unwrap();
+            let (list, processing) = (list.clone(), format!("{list}:processing:{i}"));
+            let (done, notify) = (done.clone(), notify.clone());
+            consumers.push(tokio::spawn(async move {
+                loop {
+                    let item: Option<Vec<u8>> = redis::cmd("BLMOVE")
+                        .arg(&list)
+                        .arg(&processing)
+                        .arg("RIGHT")
+                        .arg("LEFT")
+                        .arg(1)
+                        .query_async(&mut blocking)
+                        .await
+                        .unwrap();
+                    let Some(item) = item else { continue };
+                    let _: BenchMail = serde_json::from_slice(&item).unwrap();
+                    let _: i64 = redis::cmd("LREM")
+                        .arg(&processing)
+                        .arg(1)
+                        .arg(&item)
+                        .query_async(&mut blocking)
+                        .await
+                        .unwrap();
+                    done.fetch_add(1, Ordering::Release);
+                    notify.notify_waiters();
+                }
+            }));
+        }
+        Raw {
+            conn: client.get_multiplexed_async_connection().await.unwrap(),
+            list,
+            done,
+            notify,
+            consumers,
+        }
+    }
+
+    async fn run(&self, concurrency: usize, total: u64) -> Duration {
+        let target = self.done.load(Ordering::Acquire) + total;
+        let started = Instant::now();
+        let (conn, list) = (self.conn.clone(), self.list.clone());
+        produce(concurrency, total, move || {
+            let (mut conn, list) = (conn.clone(), list.clone());
+            async move {
+                let payload = serde_json::to_string(&mail()).unwrap();
+                let _: i64 = redis::cmd("LPUSH")
+                    .arg(&list)
+                    .arg(payload)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+            }
+        })
+        .await;
+        wait_done(&self.done, &self.notify, target).await;
+        started.elapsed()
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = Runtime::new().unwrap();
+    let server = aether_redis::testkit::shared_server().unwrap();
+    let config: Config = {
+        let mut config = server.config.clone();
+        config.key_prefix = format!("bench:{}:", std::process::id());
+        config
+    };
+    let url = format!("redis://{}:{}", config.host, config.port);
+    let redis = rt.block_on(Redis::connect(config)).unwrap();
+    let client = redis::Client::open(url.as_str()).unwrap();
+
+    let mut group = c.benchmark_group("email_queue_end_to_end");
+    group.throughput(Throughput::Elements(BATCH));
+    for concurrency in CONCURRENCY {
+        let ours = rt.block_on(Ours::start(&redis, concurrency));
+        group.bench_function(BenchmarkId::new("aether_redis", concurrency), |b| {
+            b.to_async(&rt).iter_custom(|iters| {
+                let ours = &ours;
+                async move { ours.run(concurrency, iters * BATCH).await }
+            })
+        });
+        let mut ours = ours;
+        if let Some(worker) = ours.worker.take() {
+            rt.block_on(worker.shutdown()).unwrap();
+        }
+
+        let apalis = rt.block_on(apalis_side::Apalis::start(&url, concurrency));
+        group.bench_function(BenchmarkId::new("apalis_redis", concurrency), |b| {
+            b.to_async(&rt).iter_custom(|iters| {
+                let apalis = &apalis;
+                async move { apalis.run(concurrency, iters * BATCH).await }
+            })
+        });
+        rt.block_on(apalis.stop());
+
+        let raw = rt.block_on(Raw::start(&client, concurrency));
+        group.bench_function(
+            BenchmarkId::new("raw_lpush_blmove_lrem", concurrency),
+            |b| {
+                b.to_async(&rt).iter_custom(|iters| {
+                    let raw = &raw;
+                    async move { raw.run(concurrency, iters * BATCH).await }
+                })
+            },
+        );
+        for consumer in &raw.consumers {
+            consumer.abort();
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

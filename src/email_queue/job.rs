@@ -1,0 +1,366 @@
+//! The documented `EmailJob` JSON and its validation.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The payload version this crate writes (`"version"` in the job JSON). Jobs without the field
+/// (written by other producers) are version 1.
+pub const PAYLOAD_VERSION: u32 = 1;
+
+/// Most recipients one job may carry.
+pub const MAX_RECIPIENTS: usize = 1_000;
+/// Longest accepted address, in bytes (RFC 5321 path limit).
+pub const MAX_ADDRESS_LEN: usize = 320;
+/// Longest accepted subject, in bytes.
+pub const MAX_SUBJECT_LEN: usize = 998;
+/// Longest accepted body, in bytes (1 MiB: attachments belong in object storage).
+pub const MAX_BODY_LEN: usize = 1024 * 1024;
+/// Longest accepted job id, in bytes.
+pub const MAX_ID_LEN: usize = 256;
+
+/// A job's priority: which list it waits in.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    /// `email-queue:high`, served first.
+    High,
+    /// `email-queue:normal`.
+    #[default]
+    Normal,
+    /// `email-queue:low`, served last unless it has waited longer than the aging bound.
+    Low,
+}
+
+impl Priority {
+    /// Every priority, highest first.
+    pub const ALL: [Priority; 3] = [Priority::High, Priority::Normal, Priority::Low];
+
+    /// The wire name (`high`, `normal`, `low`), also the list key's last part.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Priority::High => "high",
+            Priority::Normal => "normal",
+            Priority::Low => "low",
+        }
+    }
+}
+
+impl fmt::Display for Priority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Priority {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "high" => Ok(Priority::High),
+            "normal" => Ok(Priority::Normal),
+            "low" => Ok(Priority::Low),
+            other => Err(Error::invalid(
+                "priority",
+                format!("{other:?} is not high, normal or low"),
+            )),
+        }
+    }
+}
+
+/// A job id: 1–256 bytes, no whitespace or control characters. Unique per queue while the job
+/// is known (waiting, scheduled, active, or retained as completed or dead).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JobId(String);
+
+impl JobId {
+    /// A validated id.
+    pub fn new(id: impl Into<String>) -> Result<Self> {
+        let id = id.into();
+        validate_id(&id)?;
+        Ok(JobId(id))
+    }
+
+    /// A fresh random id (128 bits from the OS CSPRNG, base64url).
+    pub fn generate() -> Result<Self> {
+        Ok(JobId(crate::random::secret_token(16)?))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for JobId {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        JobId::new(s)
+    }
+}
+
+impl AsRef<str> for JobId {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+fn validate_id(id: &str) -> Result<()> {
+    if id.is_empty() {
+        return Err(Error::invalid("job id", "must not be empty"));
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(Error::invalid(
+            "job id",
+            format!("is {} bytes long, the limit is {MAX_ID_LEN}", id.len()),
+        ));
+    }
+    if let Some(bad) = id
+        .chars()
+        .find(|c| c.is_whitespace() || c.is_control() || *c == '|' || *c == '#')
+    {
+        return Err(Error::invalid(
+            "job id",
+            format!("contains the forbidden character {bad:?}"),
+        ));
+    }
+    Ok(())
+}
+
+/// One outgoing email, as documented for `email-queue:{priority}`:
+///
+/// ```json
+/// {"id":"j-1","to":["a@example.com"],"from":"noreply@example.com","subject":"Hi",
+///  "body":"Hello","priority":"normal","attempts":0,"scheduledAt":1732233600000,
+///  "metadata":{},"version":1}
+/// ```
+///
+/// `attempts` counts failed attempts so far; `scheduledAt` is when the job became (or becomes)
+/// due, in ms since the epoch; `lastError` is set after a failed attempt. Members this crate
+/// does not know are kept as they are when the job is rewritten (a retry).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[non_exhaustive]
+pub struct EmailJob {
+    /// Unique id; idempotency key of [`enqueue`](super::EmailQueue::enqueue).
+    pub id: JobId,
+    /// Recipients (at least one).
+    pub to: Vec<String>,
+    /// Sender address.
+    pub from: String,
+    /// Subject line.
+    pub subject: String,
+    /// Message body.
+    pub body: String,
+    /// Which list the job waits in.
+    #[serde(default)]
+    pub priority: Priority,
+    /// Failed attempts so far.
+    #[serde(default)]
+    pub attempts: u32,
+    /// When the job became or becomes due (ms since the Unix epoch); 0 when unknown.
+    #[serde(default)]
+    pub scheduled_at: i64,
+    /// Free-form data for the handler.
+    #[serde(default)]
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    /// The error of the last failed attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Payload version (absent means 1).
+    #[serde(default = "version_one")]
+    pub version: u32,
+    /// Members written by other producers, kept on rewrite.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+fn version_one() -> u32 {
+    1
+}
+
+impl EmailJob {
+    /// A normal-priority job with a fresh random id.
+    pub fn new(
+        to: impl IntoIterator<Item = impl Into<String>>,
+        from: impl Into<String>,
+        subject: impl Into<String>,
+        body: impl Into<String>,
+    ) -> Result<Self> {
+        Ok(EmailJob {
+            id: JobId::generate()?,
+            to: to.into_iter().map(Into::into).collect(),
+            from: from.into(),
+            subject: subject.into(),
+            body: body.into(),
+            priority: Priority::Normal,
+            attempts: 0,
+            scheduled_at: 0,
+            metadata: serde_json::Map::new(),
+            last_error: None,
+            version: PAYLOAD_VERSION,
+            extra: serde_json::Map::new(),
+        })
+    }
+
+    /// Replaces the id (the idempotency key).
+    pub fn with_id(mut self, id: JobId) -> Self {
+        self.id = id;
+        self
+    }
+
+    /// Sets the priority.
+    pub fn with_priority(mut self, priority: Priority) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// Adds a metadata member.
+    pub fn with_metadata(mut self, key: impl Into<String>, value: serde_json::Value) -> Self {
+        self.metadata.insert(key.into(), value);
+        self
+    }
+
+    /// Checks what enqueue requires: a valid id, 1–[`MAX_RECIPIENTS`] recipients, non-empty
+    /// addresses of at most [`MAX_ADDRESS_LEN`] bytes, subject and body within
+    /// [`MAX_SUBJECT_LEN`] / [`MAX_BODY_LEN`] bytes, a known payload version.
+    pub fn validate(&self) -> Result<()> {
+        validate_id(&self.id.0)?;
+        if self.to.is_empty() {
+            return Err(Error::invalid("to", "at least one recipient is required"));
+        }
+        if self.to.len() > MAX_RECIPIENTS {
+            return Err(Error::invalid(
+                "to",
+                format!(
+                    "{} recipients, the limit is {MAX_RECIPIENTS}",
+                    self.to.len()
+                ),
+            ));
+        }
+        for address in &self.to {
+            check_address("to", address)?;
+        }
+        check_address("from", &self.from)?;
+        if self.subject.len() > MAX_SUBJECT_LEN {
+            return Err(Error::invalid(
+                "subject",
+                format!(
+                    "is {} bytes long, the limit is {MAX_SUBJECT_LEN}",
+                    self.subject.len()
+                ),
+            ));
+        }
+        if self.subject.contains(['\r', '\n']) {
+            return Err(Error::invalid("subject", "must not contain line breaks"));
+        }
+        if self.body.len() > MAX_BODY_LEN {
+            return Err(Error::invalid(
+                "body",
+                format!(
+                    "is {} bytes long, the limit is {MAX_BODY_LEN}",
+                    self.body.len()
+                ),
+            ));
+        }
+        if self.version == 0 || self.version > PAYLOAD_VERSION {
+            return Err(Error::invalid(
+                "version",
+                format!(
+                    "payload version {} is not supported (1..={PAYLOAD_VERSION})",
+                    self.version
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn check_address(what: &'static str, address: &str) -> Result<()> {
+    if address.trim().is_empty() {
+        return Err(Error::invalid(what, "an address is empty"));
+    }
+    if address.len() > MAX_ADDRESS_LEN {
+        return Err(Error::invalid(
+            what,
+            format!("an address is longer than {MAX_ADDRESS_LEN} bytes"),
+        ));
+    }
+    if address.contains(['\r', '\n']) {
+        return Err(Error::invalid(what, "an address contains a line break"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documented_json_without_version_decodes() {
+        let raw = r#"{"id":"j1","to":["a@x.io"],"from":"n@x.io","subject":"s","body":"b",
+            "priority":"low","attempts":0,"scheduledAt":1732233600000,"metadata":{"k":[]},
+            "tenant":"t9"}"#;
+        let job: EmailJob = serde_json::from_str(raw).unwrap();
+        assert_eq!(job.priority, Priority::Low);
+        assert_eq!(job.version, 1);
+        assert_eq!(job.scheduled_at, 1_732_233_600_000);
+        assert_eq!(job.extra["tenant"], "t9");
+        let back = serde_json::to_string(&job).unwrap();
+        assert!(back.contains(r#""tenant":"t9""#), "{back}");
+        assert!(back.contains(r#""scheduledAt":1732233600000"#), "{back}");
+        assert!(back.contains(r#""metadata":{"k":[]}"#), "{back}");
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let job = EmailJob::new(Vec::<String>::new(), "f@x.io", "s", "b").unwrap();
+        assert!(matches!(
+            job.validate(),
+            Err(Error::InvalidInput { what: "to", .. })
+        ));
+        let job = EmailJob::new(["a@x.io", " "], "f@x.io", "s", "b").unwrap();
+        assert!(matches!(
+            job.validate(),
+            Err(Error::InvalidInput { what: "to", .. })
+        ));
+        let job = EmailJob::new(["a@x.io"], "", "s", "b").unwrap();
+        assert!(matches!(
+            job.validate(),
+            Err(Error::InvalidInput { what: "from", .. })
+        ));
+        let job = EmailJob::new(["a@x.io"], "f@x.io", "s".repeat(999), "b").unwrap();
+        assert!(matches!(
+            job.validate(),
+            Err(Error::InvalidInput {
+                what: "subject",
+                ..
+            })
+        ));
+        let job = EmailJob::new(["a@x.io"], "f@x.io", "s", "b".repeat(MAX_BODY_LEN + 1)).unwrap();
+        assert!(matches!(
+            job.validate(),
+            Err(Error::InvalidInput { what: "body", .. })
+        ));
+        assert!(JobId::new("a b").is_err());
+        assert!(JobId::new("").is_err());
+        assert!(JobId::new("x".repeat(257)).is_err());
+        assert!(
+            EmailJob::new(["a@x.io"], "f@x.io", "s", "b")
+                .unwrap()
+                .validate()
+                .is_ok()
+        );
+    }
+}

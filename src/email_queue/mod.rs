@@ -1,0 +1,903 @@
+//! `EmailQueue`: a priority job queue for outgoing mail that never loses a job.
+//!
+//! Producers [`enqueue`](EmailQueue::enqueue) [`EmailJob`]s; a [`Worker`] fetches them with a
+//! lease, runs a [`JobHandler`] and acknowledges. The wire layout (see `docs/keyspace.md`,
+//! `## email-queue:*`) keeps the documented lists `email-queue:high`, `email-queue:normal` and
+//! `email-queue:low`: a producer in another language may `LPUSH` the documented job JSON onto
+//! them and the job is consumed first-in first-out within its priority.
+//!
+//! Guarantees:
+//! - **Reliable fetch.** A fetched job moves atomically from its list to the lease set
+//!   (`active`, scored by lease deadline) and stays there until it is acknowledged, retried or
+//!   buried. A worker that dies (killed process, aborted task) stops extending its leases; when a
+//!   lease passes its deadline (the visibility timeout) the job goes back to the head of its list.
+//!   Recovery depends on deadlines only, never on worker ids, so two workers sharing an id cannot
+//!   hide each other's orphaned jobs.
+//! - **Strict priority with aging.** high before normal before low, except that a list head that
+//!   has waited longer than [`QueueOptions::aging`] is served first.
+//! - **Idempotent enqueue** by job id while the id is known (waiting, scheduled, active, or
+//!   retained as completed or dead).
+//! - **Retries** with exponential backoff and jitter, then the dead set with the last error.
+//! - **Nothing grows without bound**: completed ids and dead jobs are trimmed by count and age.
+//! - **Per-job TTL**: a job waiting longer than the `email-queue` TTL (24 h) goes to the dead
+//!   set with reason `expired`; the queue keys themselves never expire.
+//!
+//! Every operation that changes state is one Lua script call, atomic on the server. The queue
+//! needs scripting: with `EVAL`/`EVALSHA` disabled, [`Redis::email_queue`] returns
+//! [`Error::Unsupported`]. A queue's keys share one Cluster slot (one hash tag), so one queue is
+//! served by one Cluster shard; spread load over shards with several named queues.
+
+mod job;
+mod worker;
+
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redis::Value;
+use serde::Deserialize;
+use tokio::sync::Notify;
+
+use crate::codec::{int, now_millis, text};
+use crate::error::{Error, Result};
+use crate::keyspace::{Keyspace, validate_key_part};
+use crate::pool::Redis;
+use crate::script::{LuaScript, ScriptCall};
+
+pub use job::{
+    EmailJob, JobId, MAX_ADDRESS_LEN, MAX_BODY_LEN, MAX_ID_LEN, MAX_RECIPIENTS, MAX_SUBJECT_LEN,
+    PAYLOAD_VERSION, Priority,
+};
+pub use worker::{
+    HandlerFn, JobError, JobHandler, Worker, WorkerHandle, WorkerOptions, WorkerReport, handler_fn,
+};
+
+static SCRIPT: LazyLock<LuaScript> =
+    LazyLock::new(|| LuaScript::new("email_queue", include_str!("queue.lua")));
+
+/// The name of the default queue, whose standalone keys are the documented
+/// `email-queue:<member>`.
+pub const DEFAULT_QUEUE: &str = "default";
+
+/// Jobs per script call in bulk operations.
+const BULK_CHUNK: usize = 1_000;
+
+/// Key members of one queue, in the script's `KEYS` order.
+const MEMBERS: [&str; 11] = [
+    "high",
+    "normal",
+    "low",
+    "scheduled",
+    "active",
+    "leases",
+    "deliveries",
+    "ids",
+    "completed",
+    "dead",
+    "dead-jobs",
+];
+const K_SCHEDULED: usize = 3;
+const K_ACTIVE: usize = 4;
+const K_COMPLETED: usize = 8;
+const K_DEAD: usize = 9;
+const K_DEAD_JOBS: usize = 10;
+
+/// How long finished jobs are remembered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Retention {
+    /// At most this many are kept (the oldest go first).
+    pub max_count: u64,
+    /// None older than this is kept.
+    pub max_age: Duration,
+}
+
+impl Retention {
+    /// Keep at most `max_count`, none older than `max_age`.
+    pub fn new(max_count: u64, max_age: Duration) -> Self {
+        Retention { max_count, max_age }
+    }
+}
+
+/// Queue behaviour shared by producers and workers of one queue. Workers read it; every worker
+/// of a queue should use the same options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QueueOptions {
+    /// How long a fetched job stays leased without a lease extension before it is handed to
+    /// another worker (default 30 s). Workers extend their leases every third of it.
+    pub visibility_timeout: Duration,
+    /// Handler runs before a failing job is buried (default 3).
+    pub max_attempts: u32,
+    /// Delay before the first retry; doubled for each further one (default 2 s). The actual
+    /// delay is drawn uniformly from `[d/2, d]` (equal jitter).
+    pub backoff_base: Duration,
+    /// Cap of the retry delay (default 1 h).
+    pub backoff_max: Duration,
+    /// A normal or low job waiting longer than this is served before higher priorities
+    /// (default 5 min; `None`: strict priority).
+    pub aging: Option<Duration>,
+    /// Deliveries whose lease expired (the worker died) before the job is buried with reason
+    /// `abandoned` (default 5): a job that crashes every worker cannot loop forever.
+    pub max_deliveries: u32,
+    /// Completed job ids kept for idempotency and statistics (default 1000, 24 h).
+    pub completed_retention: Retention,
+    /// Dead jobs kept for inspection and replay (default 10 000, 7 days).
+    pub dead_retention: Retention,
+}
+
+impl Default for QueueOptions {
+    fn default() -> Self {
+        QueueOptions {
+            visibility_timeout: Duration::from_secs(30),
+            max_attempts: 3,
+            backoff_base: Duration::from_secs(2),
+            backoff_max: Duration::from_secs(3600),
+            aging: Some(Duration::from_secs(300)),
+            max_deliveries: 5,
+            completed_retention: Retention::new(1_000, Duration::from_secs(24 * 3600)),
+            dead_retention: Retention::new(10_000, Duration::from_secs(7 * 24 * 3600)),
+        }
+    }
+}
+
+impl QueueOptions {
+    fn validate(&self) -> Result<()> {
+        if self.visibility_timeout < Duration::from_millis(100) {
+            return Err(Error::invalid(
+                "visibility timeout",
+                "must be at least 100 ms",
+            ));
+        }
+        if self.max_attempts == 0 {
+            return Err(Error::invalid("max attempts", "must be at least 1"));
+        }
+        if self.max_deliveries == 0 {
+            return Err(Error::invalid("max deliveries", "must be at least 1"));
+        }
+        if self.backoff_max < self.backoff_base {
+            return Err(Error::invalid(
+                "backoff max",
+                "must not be smaller than the backoff base",
+            ));
+        }
+        if self.aging.is_some_and(|a| a.is_zero()) {
+            return Err(Error::invalid(
+                "aging",
+                "must be positive (None disables it)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The retry delay after `attempts` failed attempts, before jitter.
+    pub fn backoff(&self, attempts: u32) -> Duration {
+        let factor = 2u32.saturating_pow(attempts.saturating_sub(1));
+        self.backoff_base
+            .saturating_mul(factor)
+            .min(self.backoff_max)
+    }
+}
+
+/// The outcome of one enqueue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    /// The job was added.
+    New,
+    /// A job with this id is already known; nothing was added.
+    Duplicate,
+}
+
+/// Counts of one queue, read in one `MULTI`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct QueueStats {
+    /// Waiting in `high`.
+    pub high: u64,
+    /// Waiting in `normal`.
+    pub normal: u64,
+    /// Waiting in `low`.
+    pub low: u64,
+    /// Scheduled for later (delayed jobs and retries in backoff).
+    pub delayed: u64,
+    /// Leased by a worker.
+    pub active: u64,
+    /// In the dead set.
+    pub dead: u64,
+    /// Completed ids retained.
+    pub completed: u64,
+}
+
+impl QueueStats {
+    /// Waiting in all three lists.
+    pub fn waiting(&self) -> u64 {
+        self.high + self.normal + self.low
+    }
+}
+
+/// Which retained set [`EmailQueue::clean`] trims.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CleanTarget {
+    /// Completed job ids.
+    Completed,
+    /// Dead jobs.
+    Dead,
+}
+
+/// A job in the dead set.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct DeadJob {
+    /// Its member in the dead set (the job id; `<id>#duplicate-<ms>` or `malformed-<sha1>` for
+    /// entries that could not be filed under a job id).
+    pub dead_id: String,
+    /// Why it died: `failed` (attempts exhausted), `permanent` (the handler said so), `expired`
+    /// (waited longer than the job TTL), `abandoned` (its workers kept dying), `duplicate`,
+    /// `malformed`.
+    pub reason: String,
+    /// The last error.
+    pub error: String,
+    /// When it died (ms since the epoch, server clock).
+    pub failed_at: i64,
+    /// The list it came from.
+    pub priority: Priority,
+    /// The job, when its JSON decodes as an [`EmailJob`].
+    pub job: Option<EmailJob>,
+    /// The stored payload when it does not.
+    pub raw: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DeadRecord {
+    reason: String,
+    #[serde(default)]
+    error: String,
+    #[serde(default)]
+    failed_at: i64,
+    #[serde(default)]
+    priority: Option<Priority>,
+    #[serde(default)]
+    job: Option<serde_json::Value>,
+    #[serde(default)]
+    raw: Option<String>,
+}
+
+/// A job fetched by a worker.
+#[derive(Debug)]
+pub(crate) struct Fetched {
+    pub(crate) id: String,
+    pub(crate) payload: String,
+    pub(crate) priority: Priority,
+    pub(crate) deliveries: u32,
+}
+
+/// What a worker reports about one delivery.
+#[derive(Debug, Clone)]
+pub(crate) enum Settle {
+    Ack {
+        id: String,
+        token: Arc<str>,
+    },
+    Retry {
+        id: String,
+        token: Arc<str>,
+        due: i64,
+        priority: Priority,
+        payload: String,
+    },
+    Dead {
+        id: String,
+        token: Arc<str>,
+        record: String,
+    },
+    Release {
+        id: String,
+        token: Arc<str>,
+    },
+}
+
+struct Inner {
+    redis: Redis,
+    name: String,
+    keys: Vec<String>,
+    options: QueueOptions,
+    notify: Arc<Notify>,
+}
+
+/// A priority email queue (the default one or a named one). Cheap to clone.
+///
+/// ```no_run
+/// # async fn demo(redis: aether_redis::Redis) -> aether_redis::Result<()> {
+/// use aether_redis::email_queue::{EmailJob, Priority};
+/// let queue = redis.email_queue()?;
+/// let job = EmailJob::new(["ada@example.com"], "noreply@example.com", "Welcome", "Hello!")?
+///     .with_priority(Priority::High);
+/// queue.enqueue(job).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct EmailQueue {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for EmailQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmailQueue")
+            .field("name", &self.inner.name)
+            .field("options", &self.inner.options)
+            .finish_non_exhaustive()
+    }
+}
+
+/// In-process wake-up of idle workers when a job is enqueued through the same process.
+fn notifier(key: &str) -> Arc<Notify> {
+    static NOTIFIERS: LazyLock<Mutex<HashMap<String, Arc<Notify>>>> =
+        LazyLock::new(|| Mutex::new(HashMap::new()));
+    match NOTIFIERS.lock() {
+        Ok(mut map) => map.entry(key.to_owned()).or_default().clone(),
+        Err(_) => Arc::new(Notify::new()),
+    }
+}
+
+impl Redis {
+    /// The default email queue (`email-queue:high|normal|low`). Fails with
+    /// [`Error::Unsupported`] when Lua scripting is unavailable under the configured names.
+    pub fn email_queue(&self) -> Result<EmailQueue> {
+        EmailQueue::open(self, DEFAULT_QUEUE, QueueOptions::default())
+    }
+
+    /// A named email queue (`email-queue:<name>:high|normal|low`); `name` is a key part
+    /// (no `:`, braces, globs or whitespace). `"default"` is the default queue.
+    pub fn email_queue_named(&self, name: &str) -> Result<EmailQueue> {
+        EmailQueue::open(self, name, QueueOptions::default())
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn ms_since_epoch(at: SystemTime) -> Result<i64> {
+    at.duration_since(UNIX_EPOCH)
+        .ok()
+        .and_then(|d| i64::try_from(d.as_millis()).ok())
+        .ok_or_else(|| Error::invalid("scheduled time", "must be after the Unix epoch"))
+}
+
+impl EmailQueue {
+    fn open(redis: &Redis, name: &str, options: QueueOptions) -> Result<Self> {
+        validate_key_part("queue name", name)?;
+        if name.contains('|') {
+            return Err(Error::invalid(
+                "queue name",
+                "contains the forbidden character '|'",
+            ));
+        }
+        options.validate()?;
+        redis.require_scripting("the email queue")?;
+        let keys = redis.keys();
+        let mut built = Vec::with_capacity(MEMBERS.len());
+        for member in MEMBERS {
+            let key = if name == DEFAULT_QUEUE && !keys.is_cluster() {
+                keys.key(Keyspace::EmailQueue, &[member])?
+            } else {
+                keys.family(Keyspace::EmailQueue, name, member)
+            };
+            built.push(key);
+        }
+        let notify = notifier(&built[0]);
+        Ok(EmailQueue {
+            inner: Arc::new(Inner {
+                redis: redis.clone(),
+                name: name.to_owned(),
+                keys: built,
+                options,
+                notify,
+            }),
+        })
+    }
+
+    /// The same queue with other options (validated).
+    pub fn with_options(&self, options: QueueOptions) -> Result<Self> {
+        Self::open(&self.inner.redis, &self.inner.name, options)
+    }
+
+    /// The queue's name ([`DEFAULT_QUEUE`] for the default queue).
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The options in force.
+    pub fn options(&self) -> &QueueOptions {
+        &self.inner.options
+    }
+
+    /// The list a producer pushes `priority` jobs onto (`LPUSH <key> <job json>`).
+    pub fn list_key(&self, priority: Priority) -> &str {
+        &self.inner.keys[match priority {
+            Priority::High => 0,
+            Priority::Normal => 1,
+            Priority::Low => 2,
+        }]
+    }
+
+    /// The dead set's key (a ZSET of dead ids scored by time of death).
+    pub fn dead_key(&self) -> &str {
+        &self.inner.keys[K_DEAD]
+    }
+
+    pub(crate) fn notify(&self) -> &Arc<Notify> {
+        &self.inner.notify
+    }
+
+    fn call(&self) -> ScriptCall {
+        self.inner
+            .keys
+            .iter()
+            .fold(ScriptCall::new(), |call, key| call.key(key.as_str()))
+    }
+
+    fn the_ttl_ms(&self) -> u64 {
+        self.inner.redis.ttl().millis(Keyspace::EmailQueue)
+    }
+
+    /// Adds `job` to its priority list now. The job is validated, its `scheduledAt` set to now
+    /// and its `version` to [`PAYLOAD_VERSION`]. One round trip (one script, atomic): a job id
+    /// already known to the queue is not added again ([`Enqueued::Duplicate`]).
+    pub async fn enqueue(&self, job: EmailJob) -> Result<Enqueued> {
+        let mut out = self.enqueue_many(vec![(job, None)]).await?;
+        out.pop()
+            .ok_or_else(|| Error::decode(self.list_key(Priority::Normal), None, "empty reply"))
+    }
+
+    /// Adds `job` to run no earlier than `at` (it waits in the schedule until due, then joins
+    /// the tail of its list). One round trip, atomic, idempotent by id like
+    /// [`enqueue`](Self::enqueue).
+    pub async fn enqueue_at(&self, job: EmailJob, at: SystemTime) -> Result<Enqueued> {
+        let at = ms_since_epoch(at)?;
+        let mut out = self.enqueue_many(vec![(job, Some(at))]).await?;
+        out.pop()
+            .ok_or_else(|| Error::decode(self.list_key(Priority::Normal), None, "empty reply"))
+    }
+
+    /// Adds `job` to run after `delay`. See [`enqueue_at`](Self::enqueue_at).
+    pub async fn enqueue_in(&self, job: EmailJob, delay: Duration) -> Result<Enqueued> {
+        self.enqueue_at(job, SystemTime::now() + delay).await
+    }
+
+    /// Adds many jobs to run now, one result per job in order. Every job is validated before
+    /// anything is sent; then one round trip (one atomic script) per 1000 jobs.
+    pub async fn enqueue_bulk(&self, jobs: Vec<EmailJob>) -> Result<Vec<Enqueued>> {
+        self.enqueue_many(jobs.into_iter().map(|j| (j, None)).collect())
+            .await
+    }
+
+    async fn enqueue_many(&self, jobs: Vec<(EmailJob, Option<i64>)>) -> Result<Vec<Enqueued>> {
+        let now = now_millis();
+        let mut encoded = Vec::with_capacity(jobs.len());
+        for (mut job, at) in jobs {
+            job.validate()?;
+            job.version = PAYLOAD_VERSION;
+            job.scheduled_at = at.unwrap_or(now);
+            let payload = crate::codec::to_json("email job", &job)?;
+            encoded.push((job.id, job.priority, payload, at.unwrap_or(0)));
+        }
+        let mut out = Vec::with_capacity(encoded.len());
+        for chunk in encoded.chunks(BULK_CHUNK) {
+            let mut call = self.call().arg("enqueue");
+            for (id, priority, payload, due) in chunk {
+                call = call
+                    .arg(id.as_str())
+                    .arg(priority.as_str())
+                    .arg(payload.as_str())
+                    .arg(*due);
+            }
+            let reply = self.inner.redis.eval_script(&SCRIPT, &call).await?;
+            let flags = self.int_list(reply, self.list_key(Priority::Normal))?;
+            if flags.len() != chunk.len() {
+                return Err(Error::decode(
+                    self.list_key(Priority::Normal),
+                    None,
+                    format!("{} results for {} jobs", flags.len(), chunk.len()),
+                ));
+            }
+            out.extend(flags.into_iter().map(|f| {
+                if f == 1 {
+                    Enqueued::New
+                } else {
+                    Enqueued::Duplicate
+                }
+            }));
+        }
+        if out.contains(&Enqueued::New) {
+            self.inner.notify.notify_waiters();
+        }
+        Ok(out)
+    }
+
+    fn int_list(&self, reply: Value, key: &str) -> Result<Vec<i64>> {
+        match reply {
+            Value::Array(items) => items.into_iter().map(|v| int(key, v)).collect(),
+            other => Err(Error::decode(
+                key,
+                None,
+                format!("expected an array, got {other:?}"),
+            )),
+        }
+    }
+
+    /// Waiting per priority, delayed, active, dead and completed counts. One round trip
+    /// (`MULTI`: one consistent snapshot).
+    pub async fn stats(&self) -> Result<QueueStats> {
+        let k = &self.inner.keys;
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("LLEN")
+            .arg(&k[0])
+            .cmd("LLEN")
+            .arg(&k[1])
+            .cmd("LLEN")
+            .arg(&k[2])
+            .cmd("ZCARD")
+            .arg(&k[K_SCHEDULED])
+            .cmd("ZCARD")
+            .arg(&k[K_ACTIVE])
+            .cmd("ZCARD")
+            .arg(&k[K_DEAD])
+            .cmd("ZCARD")
+            .arg(&k[K_COMPLETED]);
+        let values = self
+            .inner
+            .redis
+            .query_pipe("email queue stats", &pipe)
+            .await?
+            .unwrap_or_default();
+        let mut counts = Vec::with_capacity(7);
+        for (value, key) in
+            values
+                .into_iter()
+                .zip([0, 1, 2, K_SCHEDULED, K_ACTIVE, K_DEAD, K_COMPLETED])
+        {
+            counts.push(u64::try_from(int(&k[key], value)?).unwrap_or(0));
+        }
+        if counts.len() != 7 {
+            return Err(Error::decode(
+                &k[0],
+                None,
+                "stats transaction was not applied",
+            ));
+        }
+        Ok(QueueStats {
+            high: counts[0],
+            normal: counts[1],
+            low: counts[2],
+            delayed: counts[3],
+            active: counts[4],
+            dead: counts[5],
+            completed: counts[6],
+        })
+    }
+
+    /// The `limit` oldest dead jobs, oldest first. Two round trips (`ZRANGE`, `HMGET`),
+    /// read-only; an entry removed in between is skipped.
+    pub async fn dead_jobs(&self, limit: usize) -> Result<Vec<DeadJob>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let k = &self.inner.keys;
+        let ids: Vec<String> = self
+            .inner
+            .redis
+            .query_as(
+                "email queue dead",
+                &k[K_DEAD],
+                redis::cmd("ZRANGE").arg(&k[K_DEAD]).arg(0).arg(limit - 1),
+            )
+            .await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let reply = self
+            .inner
+            .redis
+            .query(
+                "email queue dead",
+                redis::cmd("HMGET").arg(&k[K_DEAD_JOBS]).arg(&ids),
+            )
+            .await?;
+        let records = match reply {
+            Value::Array(items) => items,
+            other => {
+                return Err(Error::decode(
+                    &k[K_DEAD_JOBS],
+                    None,
+                    format!("expected an array, got {other:?}"),
+                ));
+            }
+        };
+        let mut out = Vec::with_capacity(ids.len());
+        for (dead_id, value) in ids.into_iter().zip(records) {
+            if value == Value::Nil {
+                continue;
+            }
+            let raw = text(&k[K_DEAD_JOBS], Some(&dead_id), value)?;
+            let record: DeadRecord = serde_json::from_str(&raw)
+                .map_err(|e| Error::decode(&k[K_DEAD_JOBS], Some(&dead_id), e.to_string()))?;
+            let (job, raw_job) = match record.job {
+                Some(value) => match serde_json::from_value::<EmailJob>(value.clone()) {
+                    Ok(job) => (Some(job), None),
+                    Err(_) => (None, Some(value.to_string())),
+                },
+                None => (None, record.raw),
+            };
+            out.push(DeadJob {
+                dead_id,
+                reason: record.reason,
+                error: record.error,
+                failed_at: record.failed_at,
+                priority: record.priority.unwrap_or_default(),
+                job,
+                raw: raw_job,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Moves up to `limit` of the oldest dead jobs back to the tail of their lists with
+    /// `attempts` reset, and returns how many moved. Dead entries whose payload is not an
+    /// [`EmailJob`] stay dead. Reads with [`dead_jobs`](Self::dead_jobs) (two round trips),
+    /// then one atomic script per 1000 jobs that moves only entries still in the dead set, so
+    /// concurrent replays never duplicate a job.
+    pub async fn replay(&self, limit: usize) -> Result<usize> {
+        let dead = self.dead_jobs(limit).await?;
+        self.replay_entries(dead).await
+    }
+
+    /// Moves the dead entry `dead_id` back to its list (see [`replay`](Self::replay)); false when
+    /// there is no such entry or it holds no valid job. Two round trips.
+    pub async fn replay_one(&self, dead_id: &str) -> Result<bool> {
+        let k = &self.inner.keys;
+        let raw: Option<String> = self
+            .inner
+            .redis
+            .query_as(
+                "email queue dead",
+                &k[K_DEAD_JOBS],
+                redis::cmd("HGET").arg(&k[K_DEAD_JOBS]).arg(dead_id),
+            )
+            .await?;
+        let Some(raw) = raw else { return Ok(false) };
+        let record: DeadRecord = serde_json::from_str(&raw)
+            .map_err(|e| Error::decode(&k[K_DEAD_JOBS], Some(dead_id), e.to_string()))?;
+        let job = record
+            .job
+            .and_then(|v| serde_json::from_value::<EmailJob>(v).ok());
+        let entry = DeadJob {
+            dead_id: dead_id.to_owned(),
+            reason: record.reason,
+            error: record.error,
+            failed_at: record.failed_at,
+            priority: record.priority.unwrap_or_default(),
+            job,
+            raw: None,
+        };
+        Ok(self.replay_entries(vec![entry]).await? == 1)
+    }
+
+    async fn replay_entries(&self, dead: Vec<DeadJob>) -> Result<usize> {
+        let now = now_millis();
+        let mut entries = Vec::new();
+        for entry in dead {
+            if let Some(mut job) = entry.job {
+                job.attempts = 0;
+                job.last_error = None;
+                job.scheduled_at = now;
+                let payload = crate::codec::to_json("email job", &job)?;
+                entries.push((entry.dead_id, job.id, job.priority, payload));
+            }
+        }
+        let mut moved = 0;
+        for chunk in entries.chunks(BULK_CHUNK) {
+            let mut call = self.call().arg("replay");
+            for (dead_id, id, priority, payload) in chunk {
+                call = call
+                    .arg(dead_id.as_str())
+                    .arg(id.as_str())
+                    .arg(priority.as_str())
+                    .arg(payload.as_str());
+            }
+            let reply = self.inner.redis.eval_script(&SCRIPT, &call).await?;
+            moved += self
+                .int_list(reply, self.dead_key())?
+                .into_iter()
+                .filter(|&f| f == 1)
+                .count();
+        }
+        if moved > 0 {
+            self.inner.notify.notify_waiters();
+        }
+        Ok(moved)
+    }
+
+    /// Removes entries of `target` older than `older_than`, and the oldest beyond `keep`;
+    /// returns how many went. Their ids are forgotten (a later enqueue with the same id is
+    /// new). One atomic script per 1000 removed entries.
+    pub async fn clean(&self, target: CleanTarget, older_than: Duration, keep: u64) -> Result<u64> {
+        const LIMIT: i64 = 1_000;
+        let which = match target {
+            CleanTarget::Completed => "completed",
+            CleanTarget::Dead => "dead",
+        };
+        let mut total = 0u64;
+        loop {
+            let call = self
+                .call()
+                .arg("clean")
+                .arg(which)
+                .arg(keep)
+                .arg(millis(older_than))
+                .arg(LIMIT);
+            let reply = self.inner.redis.eval_script(&SCRIPT, &call).await?;
+            let removed = int(self.dead_key(), reply)?;
+            total += u64::try_from(removed).unwrap_or(0);
+            if removed < LIMIT {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Settles finished deliveries, recovers expired leases, promotes due scheduled jobs, trims
+    /// retention and leases up to `fetch` jobs under `token`: one atomic script.
+    pub(crate) async fn work(
+        &self,
+        token: &str,
+        fetch: usize,
+        settles: &[Settle],
+    ) -> Result<(Vec<bool>, Vec<Fetched>)> {
+        let o = &self.inner.options;
+        let mut call = self
+            .call()
+            .arg("work")
+            .arg(token)
+            .arg(fetch)
+            .arg(millis(o.visibility_timeout))
+            .arg(o.aging.map(millis).unwrap_or(0))
+            .arg(self.the_ttl_ms())
+            .arg(o.max_deliveries)
+            .arg(o.completed_retention.max_count)
+            .arg(millis(o.completed_retention.max_age))
+            .arg(o.dead_retention.max_count)
+            .arg(millis(o.dead_retention.max_age))
+            .arg(settles.len());
+        for settle in settles {
+            call = match settle {
+                Settle::Ack { id, token } => call
+                    .arg("ack")
+                    .arg(id.as_str())
+                    .arg(&**token)
+                    .arg("")
+                    .arg("")
+                    .arg(""),
+                Settle::Retry {
+                    id,
+                    token,
+                    due,
+                    priority,
+                    payload,
+                } => call
+                    .arg("retry")
+                    .arg(id.as_str())
+                    .arg(&**token)
+                    .arg(*due)
+                    .arg(priority.as_str())
+                    .arg(payload.as_str()),
+                Settle::Dead { id, token, record } => call
+                    .arg("dead")
+                    .arg(id.as_str())
+                    .arg(&**token)
+                    .arg(record.as_str())
+                    .arg("")
+                    .arg(""),
+                Settle::Release { id, token } => call
+                    .arg("release")
+                    .arg(id.as_str())
+                    .arg(&**token)
+                    .arg("")
+                    .arg("")
+                    .arg(""),
+            };
+        }
+        let reply = self.inner.redis.eval_script(&SCRIPT, &call).await?;
+        let key = self.list_key(Priority::Normal).to_owned();
+        let bad = |what: &str| Error::decode(&key, None, format!("work reply: {what}"));
+        let Value::Array(mut parts) = reply else {
+            return Err(bad("not an array"));
+        };
+        if parts.len() != 2 {
+            return Err(bad("expected two parts"));
+        }
+        let jobs = parts.pop().unwrap_or(Value::Nil);
+        let settled = parts.pop().unwrap_or(Value::Nil);
+        let settled = match settled {
+            Value::Array(items) => items
+                .into_iter()
+                .map(|v| int(&key, v).map(|f| f == 1))
+                .collect::<Result<Vec<_>>>()?,
+            Value::Nil => Vec::new(),
+            _ => return Err(bad("settlements are not an array")),
+        };
+        let jobs = match jobs {
+            Value::Array(items) => items,
+            Value::Nil => Vec::new(),
+            _ => return Err(bad("jobs are not an array")),
+        };
+        let mut fetched = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let Value::Array(fields) = job else {
+                return Err(bad("a job is not an array"));
+            };
+            let mut fields = fields.into_iter();
+            let (Some(id), Some(payload), Some(priority), Some(deliveries)) =
+                (fields.next(), fields.next(), fields.next(), fields.next())
+            else {
+                return Err(bad("a job has fewer than 4 fields"));
+            };
+            fetched.push(Fetched {
+                id: text(&key, None, id)?,
+                payload: text(&key, None, payload)?,
+                priority: text(&key, None, priority)?.parse()?,
+                deliveries: u32::try_from(int(&key, deliveries)?).unwrap_or(u32::MAX),
+            });
+        }
+        Ok((settled, fetched))
+    }
+
+    /// Extends the leases `(id, token)` by the visibility timeout: one atomic script. Returns,
+    /// per lease, whether it was still held.
+    pub(crate) async fn extend(&self, leases: &[(String, Arc<str>)]) -> Result<Vec<bool>> {
+        let mut call = self
+            .call()
+            .arg("extend")
+            .arg(millis(self.inner.options.visibility_timeout));
+        for (id, token) in leases {
+            call = call.arg(id.as_str()).arg(&**token);
+        }
+        let reply = self.inner.redis.eval_script(&SCRIPT, &call).await?;
+        Ok(self
+            .int_list(reply, &self.inner.keys[K_ACTIVE])?
+            .into_iter()
+            .map(|f| f == 1)
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let o = QueueOptions::default();
+        assert_eq!(o.backoff(1), Duration::from_secs(2));
+        assert_eq!(o.backoff(2), Duration::from_secs(4));
+        assert_eq!(o.backoff(3), Duration::from_secs(8));
+        assert_eq!(o.backoff(60), Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn options_are_validated() {
+        let mut o = QueueOptions::default();
+        o.max_attempts = 0;
+        assert!(matches!(
+            o.validate(),
+            Err(Error::InvalidInput {
+                what: "max attempts",
+                ..
+            })
+        ));
+        let mut o = QueueOptions::default();
+        o.visibility_timeout = Duration::from_millis(1);
+        assert!(o.validate().is_err());
+    }
+}

@@ -1,0 +1,319 @@
+-- The email queue's server side: every operation that must be atomic, dispatched on ARGV[1].
+-- All KEYS belong to one queue and share one Cluster slot. Job JSON is never re-encoded here
+-- (cjson would rewrite numbers and empty arrays): payloads are read with cjson and stored as is.
+local HIGH, NORMAL, LOW = KEYS[1], KEYS[2], KEYS[3]
+local SCHED, ACTIVE, LEASES, DELIV = KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local IDS, DONE, DEAD, DEADJOBS = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
+local LISTS = { high = HIGH, normal = NORMAL, low = LOW }
+local ORDER = { HIGH, NORMAL, LOW }
+local NAMES = { 'high', 'normal', 'low' }
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function list_of(prio)
+  local key = LISTS[prio]
+  if not key then
+    return redis.error_reply('ERR email-queue: unknown priority ' .. tostring(prio))
+  end
+  return key
+end
+
+local function inspect(payload)
+  local ok, job = pcall(cjson.decode, payload)
+  if ok and type(job) == 'table' then
+    return job
+  end
+  return nil
+end
+
+local function record(id, reason, err, prio, payload, now, is_json)
+  local r = '{"id":' .. cjson.encode(id) .. ',"reason":' .. cjson.encode(reason)
+    .. ',"error":' .. cjson.encode(err) .. ',"failedAt":' .. string.format('%d', now)
+    .. ',"priority":' .. cjson.encode(prio)
+  if is_json then
+    return r .. ',"job":' .. payload .. '}'
+  end
+  return r .. ',"raw":' .. cjson.encode(payload) .. '}'
+end
+
+local function bury(id, rec, now)
+  redis.call('ZADD', DEAD, now, id)
+  redis.call('HSET', DEADJOBS, id, rec)
+  redis.call('SADD', IDS, id)
+end
+
+-- Removes members from a retention ZSET, its record hash and the known ids.
+local function forget(zkey, hkey, members)
+  local n = #members
+  for i = 1, n, 500 do
+    local chunk = {}
+    for j = i, math.min(i + 499, n) do
+      chunk[#chunk + 1] = members[j]
+    end
+    redis.call('ZREM', zkey, unpack(chunk))
+    if hkey then
+      redis.call('HDEL', hkey, unpack(chunk))
+    end
+    redis.call('SREM', IDS, unpack(chunk))
+  end
+  return n
+end
+
+-- Bounded retention: at most max_count members, none older than max_age ms. At most `limit`
+-- members go per call so that one call never blocks the server for long.
+local function trim(zkey, hkey, max_count, max_age, now, limit)
+  local removed = 0
+  if max_age >= 0 then
+    removed = forget(zkey, hkey,
+      redis.call('ZRANGEBYSCORE', zkey, '-inf', '(' .. string.format('%d', now - max_age),
+        'LIMIT', 0, limit))
+  end
+  local excess = redis.call('ZCARD', zkey) - max_count
+  if excess > 0 then
+    removed = removed + forget(zkey, hkey, redis.call('ZRANGE', zkey, 0, math.min(excess, limit) - 1))
+  end
+  return removed
+end
+
+-- A lease value is `<token>|<priority>|<payload>`.
+local function split_lease(lease)
+  local a = string.find(lease, '|', 1, true)
+  local b = string.find(lease, '|', a + 1, true)
+  return string.sub(lease, 1, a - 1), string.sub(lease, a + 1, b - 1), string.sub(lease, b + 1)
+end
+
+local function drop_lease(id)
+  redis.call('HDEL', LEASES, id)
+  redis.call('ZREM', ACTIVE, id)
+end
+
+local op = ARGV[1]
+
+if op == 'enqueue' then
+  -- ARGV: op, then (id, priority, payload, due ms or 0) per job. Reply: 1 new / 0 known, per job.
+  local now = now_ms()
+  local out = {}
+  for i = 2, #ARGV, 4 do
+    local id, prio, payload, due = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
+    local list = list_of(prio)
+    if type(list) == 'table' then return list end
+    if redis.call('SADD', IDS, id) == 1 then
+      if due > now then
+        redis.call('ZADD', SCHED, due, prio .. '|' .. payload)
+      else
+        redis.call('LPUSH', list, payload)
+      end
+      out[#out + 1] = 1
+    else
+      out[#out + 1] = 0
+    end
+  end
+  return out
+end
+
+if op == 'work' then
+  -- ARGV: op, token, fetch, visibility ms, aging ms, ttl ms, max deliveries, completed max,
+  -- completed age ms, dead max, dead age ms, settle count, then 6 fields per settlement:
+  -- kind, id, token, a, b, c.
+  local token, fetch = ARGV[2], tonumber(ARGV[3])
+  local visibility, aging, ttl = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+  local max_deliveries = tonumber(ARGV[7])
+  local done_max, done_age = tonumber(ARGV[8]), tonumber(ARGV[9])
+  local dead_max, dead_age = tonumber(ARGV[10]), tonumber(ARGV[11])
+  local settles = tonumber(ARGV[12])
+  local now = now_ms()
+
+  -- 1. Settle finished deliveries. A settlement applies only while its lease is still held.
+  local settled = {}
+  for s = 0, settles - 1 do
+    local base = 13 + s * 6
+    local kind, id, tok = ARGV[base], ARGV[base + 1], ARGV[base + 2]
+    local lease = redis.call('HGET', LEASES, id)
+    if lease and string.sub(lease, 1, #tok + 1) == tok .. '|' then
+      drop_lease(id)
+      if kind == 'ack' then
+        redis.call('HDEL', DELIV, id)
+        if done_max > 0 then
+          redis.call('ZADD', DONE, now, id)
+        else
+          redis.call('SREM', IDS, id)
+        end
+      elseif kind == 'retry' then
+        -- a = due ms, b = priority, c = payload with the attempt counted
+        redis.call('HDEL', DELIV, id)
+        redis.call('ZADD', SCHED, tonumber(ARGV[base + 3]), ARGV[base + 4] .. '|' .. ARGV[base + 5])
+      elseif kind == 'dead' then
+        -- a = dead record JSON
+        redis.call('HDEL', DELIV, id)
+        bury(id, ARGV[base + 3], now)
+      elseif kind == 'release' then
+        local _, prio, payload = split_lease(lease)
+        redis.call('RPUSH', LISTS[prio], payload)
+        redis.call('HINCRBY', DELIV, id, -1)
+      end
+      settled[#settled + 1] = 1
+    else
+      settled[#settled + 1] = 0
+    end
+  end
+
+  -- 2. Leases past their deadline: the worker died or hung. Back to the head of their list,
+  -- or to the dead set once delivered max_deliveries times.
+  local expired = redis.call('ZRANGEBYSCORE', ACTIVE, '-inf', now, 'LIMIT', 0, 100)
+  for _, id in ipairs(expired) do
+    local lease = redis.call('HGET', LEASES, id)
+    drop_lease(id)
+    if lease then
+      local _, prio, payload = split_lease(lease)
+      local d = tonumber(redis.call('HGET', DELIV, id)) or 0
+      if d >= max_deliveries then
+        redis.call('HDEL', DELIV, id)
+        bury(id, record(id, 'abandoned', 'lease expired after ' .. d .. ' deliveries', prio,
+          payload, now, true), now)
+      else
+        redis.call('RPUSH', LISTS[prio], payload)
+      end
+    end
+  end
+
+  -- 3. Due scheduled jobs (delayed and retries) join the tail of their list.
+  local due = redis.call('ZRANGEBYSCORE', SCHED, '-inf', now, 'LIMIT', 0, 500)
+  for _, member in ipairs(due) do
+    redis.call('ZREM', SCHED, member)
+    local bar = string.find(member, '|', 1, true)
+    local list = bar and LISTS[string.sub(member, 1, bar - 1)]
+    if list then
+      redis.call('LPUSH', list, string.sub(member, bar + 1))
+    else
+      bury('malformed-' .. redis.sha1hex(member),
+        record('malformed-' .. redis.sha1hex(member), 'malformed', 'schedule entry without priority',
+          'normal', member, now, false), now)
+    end
+  end
+
+  -- 4. Fetch: strict priority, except that a list head waiting longer than `aging` goes first.
+  local out = {}
+  local aged = {}
+  local fetched, guard = 0, 0
+  while fetched < fetch and guard < fetch + 100 do
+    guard = guard + 1
+    local idx, payload = nil, nil
+    if aging > 0 then
+      for j = 3, 2, -1 do
+        if aged[j] == nil then
+          aged[j] = false
+          local head = redis.call('LINDEX', ORDER[j], -1)
+          if head then
+            local job = inspect(head)
+            local at = job and tonumber(job.scheduledAt)
+            aged[j] = (at ~= nil and at > 0 and now - at > aging)
+          end
+        end
+        if aged[j] then
+          idx = j
+          break
+        end
+      end
+    end
+    if idx then
+      payload = redis.call('RPOP', ORDER[idx])
+    else
+      for j = 1, 3 do
+        payload = redis.call('RPOP', ORDER[j])
+        if payload then
+          idx = j
+          break
+        end
+      end
+    end
+    if not payload then
+      break
+    end
+    aged[idx] = nil
+    local prio = NAMES[idx]
+    local job = inspect(payload)
+    local id = job and job.id
+    if type(id) ~= 'string' or id == '' or string.len(id) > 512 then
+      local mid = 'malformed-' .. redis.sha1hex(payload)
+      bury(mid, record(mid, 'malformed', 'not a JSON object with a non-empty string id', prio,
+        payload, now, false), now)
+    else
+      local at = tonumber(job.scheduledAt) or 0
+      if at > now + 1000 then
+        redis.call('ZADD', SCHED, at, prio .. '|' .. payload)
+      elseif ttl > 0 and at > 0 and now - at > ttl then
+        bury(id, record(id, 'expired', 'waited ' .. string.format('%d', now - at)
+          .. ' ms, longer than the ' .. string.format('%d', ttl) .. ' ms job TTL', prio, payload,
+          now, true), now)
+      elseif redis.call('HEXISTS', LEASES, id) == 1 then
+        local did = id .. '#duplicate-' .. string.format('%d', now)
+        bury(did, record(did, 'duplicate', 'a job with this id is being processed', prio, payload,
+          now, true), now)
+      else
+        redis.call('HSET', LEASES, id, token .. '|' .. prio .. '|' .. payload)
+        redis.call('ZADD', ACTIVE, now + visibility, id)
+        redis.call('SADD', IDS, id)
+        local d = redis.call('HINCRBY', DELIV, id, 1)
+        out[#out + 1] = { id, payload, prio, d }
+        fetched = fetched + 1
+      end
+    end
+  end
+
+  -- 5. Bounded retention of completed ids and dead jobs.
+  trim(DONE, nil, done_max, done_age, now, 200)
+  trim(DEAD, DEADJOBS, dead_max, dead_age, now, 200)
+  return { settled, out }
+end
+
+if op == 'extend' then
+  -- ARGV: op, visibility ms, then (id, token) pairs. Reply: 1 extended / 0 lease lost, per job.
+  local deadline = now_ms() + tonumber(ARGV[2])
+  local out = {}
+  for i = 3, #ARGV, 2 do
+    local id, tok = ARGV[i], ARGV[i + 1]
+    local lease = redis.call('HGET', LEASES, id)
+    if lease and string.sub(lease, 1, #tok + 1) == tok .. '|' then
+      redis.call('ZADD', ACTIVE, 'XX', deadline, id)
+      out[#out + 1] = 1
+    else
+      out[#out + 1] = 0
+    end
+  end
+  return out
+end
+
+if op == 'replay' then
+  -- ARGV: op, then (dead id, job id, priority, payload). Reply: 1 replayed / 0 gone, per job.
+  local out = {}
+  for i = 2, #ARGV, 4 do
+    local did, id, prio, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+    local list = list_of(prio)
+    if type(list) == 'table' then return list end
+    if redis.call('ZREM', DEAD, did) == 1 then
+      redis.call('HDEL', DEADJOBS, did)
+      redis.call('HDEL', DELIV, id)
+      redis.call('SADD', IDS, id)
+      redis.call('LPUSH', list, payload)
+      out[#out + 1] = 1
+    else
+      out[#out + 1] = 0
+    end
+  end
+  return out
+end
+
+if op == 'clean' then
+  -- ARGV: op, 'completed' | 'dead', keep count, max age ms (-1: any age), limit. Reply: removed.
+  local now = now_ms()
+  local keep, age, limit = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+  if ARGV[2] == 'completed' then
+    return trim(DONE, nil, keep, age, now, limit)
+  end
+  return trim(DEAD, DEADJOBS, keep, age, now, limit)
+end
+
+return redis.error_reply('ERR email-queue: unknown operation ' .. tostring(op))

@@ -1,0 +1,628 @@
+//! The consuming side: [`Worker`], [`JobHandler`], graceful shutdown.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::oneshot;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::{EmailJob, EmailQueue, Fetched, PAYLOAD_VERSION, Settle};
+use crate::codec::now_millis;
+use crate::error::{Error, Result};
+use crate::keyspace::validate_key_part;
+
+/// Why a handler did not complete a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobError {
+    /// Try again later (with backoff) until the attempts run out.
+    Retry(String),
+    /// Do not try again: the job goes to the dead set now with reason `permanent`.
+    Permanent(String),
+}
+
+impl JobError {
+    /// A retryable failure.
+    pub fn retry(reason: impl std::fmt::Display) -> Self {
+        JobError::Retry(reason.to_string())
+    }
+
+    /// A permanent failure.
+    pub fn permanent(reason: impl std::fmt::Display) -> Self {
+        JobError::Permanent(reason.to_string())
+    }
+}
+
+impl std::fmt::Display for JobError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JobError::Retry(r) => write!(f, "retryable failure: {r}"),
+            JobError::Permanent(r) => write!(f, "permanent failure: {r}"),
+        }
+    }
+}
+
+impl std::error::Error for JobError {}
+
+/// Handles one job. `Ok(())` acknowledges it; see [`JobError`] for failures. A handler that
+/// panics or exceeds [`WorkerOptions::job_timeout`] counts as a retryable failure.
+///
+/// Delivery is at least once: a job whose worker died mid-job runs again, so handlers should be
+/// idempotent (e.g. pass the job id to the mail provider as an idempotency key).
+#[async_trait]
+pub trait JobHandler: Send + Sync + 'static {
+    /// Handles `job`. `job.attempts` is the number of failed attempts before this one.
+    async fn handle(&self, job: EmailJob) -> std::result::Result<(), JobError>;
+}
+
+/// A [`JobHandler`] made from an async closure; see [`handler_fn`].
+#[derive(Debug, Clone)]
+pub struct HandlerFn<F>(F);
+
+/// Wraps `f(job) -> impl Future<Output = Result<(), JobError>>` as a [`JobHandler`].
+///
+/// ```
+/// use aether_redis::email_queue::{handler_fn, JobError};
+/// let handler = handler_fn(|job| async move {
+///     if job.to.is_empty() { return Err(JobError::permanent("no recipient")); }
+///     Ok(())
+/// });
+/// # let _ = handler;
+/// ```
+pub fn handler_fn<F, Fut>(f: F) -> HandlerFn<F>
+where
+    F: Fn(EmailJob) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = std::result::Result<(), JobError>> + Send + 'static,
+{
+    HandlerFn(f)
+}
+
+#[async_trait]
+impl<F, Fut> JobHandler for HandlerFn<F>
+where
+    F: Fn(EmailJob) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = std::result::Result<(), JobError>> + Send + 'static,
+{
+    async fn handle(&self, job: EmailJob) -> std::result::Result<(), JobError> {
+        (self.0)(job).await
+    }
+}
+
+/// How one worker runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WorkerOptions {
+    /// Jobs handled at once (default 8).
+    pub concurrency: usize,
+    /// The worker's id (default `<host>-<pid>-<random>`). Leases carry it plus a per-run random
+    /// nonce, so two workers given the same id still never settle each other's jobs.
+    pub worker_id: Option<String>,
+    /// Longest sleep between fetches while the queue is empty (default 100 ms). Idle workers
+    /// back off from 1 ms to this; a job enqueued through the same process wakes them at once.
+    pub poll_interval: Duration,
+    /// On shutdown, how long in-flight jobs may run on before they are returned to the head of
+    /// their lists (default 30 s).
+    pub shutdown_timeout: Duration,
+    /// Longest one handler call may take before it counts as a retryable failure (default
+    /// 10 min). Leases are extended while a handler runs, so this bounds a hung handler.
+    pub job_timeout: Duration,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        WorkerOptions {
+            concurrency: 8,
+            worker_id: None,
+            poll_interval: Duration::from_millis(100),
+            shutdown_timeout: Duration::from_secs(30),
+            job_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// What a worker did, returned when it stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct WorkerReport {
+    /// Jobs acknowledged.
+    pub completed: u64,
+    /// Failed attempts scheduled for a retry.
+    pub retried: u64,
+    /// Jobs sent to the dead set.
+    pub dead: u64,
+    /// In-flight jobs returned to their lists at shutdown.
+    pub released: u64,
+    /// Settlements refused because the lease had expired and the job was handed to another
+    /// worker (the other delivery settles it).
+    pub lost_leases: u64,
+}
+
+/// A consumer of one queue. Build with [`EmailQueue::worker`], run with
+/// [`run_until`](Worker::run_until) or [`spawn`](Worker::spawn).
+///
+/// Fetching is polling, not a blocking pop: one script call atomically settles the previous
+/// jobs, recovers expired leases, promotes due jobs and leases a batch in priority order, which
+/// a blocking `BLMOVE` on one list cannot do. Under load a worker never sleeps (each call both
+/// acknowledges and fetches a batch); when idle it backs off to
+/// [`WorkerOptions::poll_interval`].
+pub struct Worker {
+    queue: EmailQueue,
+    handler: Arc<dyn JobHandler>,
+    options: WorkerOptions,
+    id: String,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("queue", &self.queue.name())
+            .field("id", &self.id)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+fn default_worker_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .unwrap_or_else(|| "host".to_owned());
+    let host: String = host
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    format!(
+        "{}-{}-{}",
+        if host.is_empty() { "host" } else { &host },
+        std::process::id(),
+        crate::random::token(6)
+    )
+}
+
+impl EmailQueue {
+    /// A worker of this queue running `handler` with default [`WorkerOptions`].
+    pub fn worker(&self, handler: impl JobHandler) -> Worker {
+        Worker {
+            queue: self.clone(),
+            handler: Arc::new(handler),
+            options: WorkerOptions::default(),
+            id: default_worker_id(),
+        }
+    }
+}
+
+/// A job being handled.
+struct InFlight {
+    id: String,
+    token: Arc<str>,
+    /// The decoded job, or the raw payload and its list when it did not decode.
+    job: std::result::Result<EmailJob, (String, super::Priority)>,
+}
+
+enum Outcome {
+    Done(std::result::Result<(), JobError>),
+    /// The payload did not decode; nothing ran.
+    Malformed(String),
+}
+
+impl Worker {
+    /// Replaces the options. Fails on a concurrency of 0, zero intervals or an invalid worker
+    /// id (a key part without `|` or `.`).
+    pub fn with_options(mut self, options: WorkerOptions) -> Result<Self> {
+        if options.concurrency == 0 {
+            return Err(Error::invalid("concurrency", "must be at least 1"));
+        }
+        if options.poll_interval.is_zero() || options.job_timeout.is_zero() {
+            return Err(Error::invalid(
+                "worker options",
+                "poll interval and job timeout must be positive",
+            ));
+        }
+        if let Some(id) = &options.worker_id {
+            validate_key_part("worker id", id)?;
+            if id.contains(['|', '.']) {
+                return Err(Error::invalid("worker id", "must not contain '|' or '.'"));
+            }
+            self.id = id.clone();
+        }
+        self.options = options;
+        Ok(self)
+    }
+
+    /// The worker's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Runs the worker on a task of its own; [`WorkerHandle::shutdown`] stops it gracefully.
+    pub fn spawn(self) -> WorkerHandle {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let join = tokio::spawn(self.run_until(async move {
+            let _ = stopped.await;
+        }));
+        WorkerHandle {
+            stop: Some(stop),
+            join,
+        }
+    }
+
+    /// Fetches and handles jobs until `shutdown` completes, then stops fetching, lets in-flight
+    /// jobs finish within [`WorkerOptions::shutdown_timeout`], returns the rest to the head of
+    /// their lists and settles everything. Redis errors are logged and retried; they never end
+    /// the loop. If the future is dropped instead (task aborted, process killed), in-flight
+    /// jobs stay leased and return to their lists after the visibility timeout.
+    ///
+    /// Round trips: one atomic script call per batch (it settles the finished jobs and leases
+    /// the next ones), one lease-extension script per third of the visibility timeout while
+    /// jobs run, and none while idle except the backed-off polls.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<WorkerReport> {
+        const MIN_IDLE: Duration = Duration::from_millis(1);
+        let queue = self.queue.clone();
+        let options = queue.options().clone();
+        let concurrency = self.options.concurrency;
+        let nonce = crate::random::token(4);
+        let mut seq: u64 = 0;
+        let mut report = WorkerReport::default();
+        let mut tasks: JoinSet<Outcome> = JoinSet::new();
+        let mut flight: HashMap<tokio::task::Id, InFlight> = HashMap::new();
+        let mut pending: Vec<Settle> = Vec::new();
+        let mut stopping = false;
+        let mut stop_deadline: Option<Instant> = None;
+        let mut want_fetch = true;
+        let mut idle = MIN_IDLE;
+        let mut retry_at: Option<Instant> = None;
+        let mut extend_every = tokio::time::interval(options.visibility_timeout / 3);
+        extend_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        extend_every.reset();
+        let notify = queue.notify().clone();
+        let mut shutdown = std::pin::pin!(shutdown);
+
+        loop {
+            while let Some(joined) = tasks.try_join_next_with_id() {
+                pending.extend(self.settlement(joined, &mut flight));
+            }
+            let free = if stopping {
+                0
+            } else {
+                concurrency - tasks.len()
+            };
+            let fetch = if want_fetch { free } else { 0 };
+            let may_call = retry_at.is_none_or(|t| Instant::now() >= t);
+            if may_call && (!pending.is_empty() || fetch > 0) {
+                seq += 1;
+                let token: Arc<str> = format!("{}.{nonce}.{seq}", self.id).into();
+                match queue.work(&token, fetch, &pending).await {
+                    Ok((settled, jobs)) => {
+                        retry_at = None;
+                        report.lost_leases += settled.iter().filter(|ok| !**ok).count() as u64;
+                        for (settle, ok) in pending.iter().zip(&settled) {
+                            if *ok {
+                                match settle {
+                                    Settle::Ack { .. } => report.completed += 1,
+                                    Settle::Retry { .. } => report.retried += 1,
+                                    Settle::Dead { .. } => report.dead += 1,
+                                    Settle::Release { .. } => report.released += 1,
+                                }
+                            }
+                        }
+                        pending.clear();
+                        if fetch > 0 {
+                            if jobs.is_empty() {
+                                want_fetch = false;
+                            } else {
+                                idle = MIN_IDLE;
+                            }
+                        }
+                        let got = jobs.len();
+                        for fetched in jobs {
+                            self.start(&mut tasks, &mut flight, fetched, token.clone());
+                        }
+                        if got > 0 && tasks.len() < concurrency {
+                            continue;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(queue = queue.name(), worker = %self.id, error = %e,
+                            "email queue: fetch/settle failed; retrying");
+                        if stopping && stop_deadline.is_none() {
+                            // Shutting down with Redis unreachable: leases expire and the jobs
+                            // return to their lists after the visibility timeout.
+                            break;
+                        }
+                        retry_at = Some(Instant::now() + self.options.poll_interval);
+                    }
+                }
+            }
+            if stopping && tasks.is_empty() && pending.is_empty() {
+                break;
+            }
+            let idle_sleep = idle;
+            tokio::select! {
+                biased;
+                () = &mut shutdown, if !stopping => {
+                    stopping = true;
+                    stop_deadline = Some(Instant::now() + self.options.shutdown_timeout);
+                }
+                Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                    pending.extend(self.settlement(joined, &mut flight));
+                    want_fetch = true;
+                }
+                () = tokio::time::sleep_until(stop_deadline.unwrap_or_else(Instant::now)),
+                    if stopping && stop_deadline.is_some() => {
+                    stop_deadline = None;
+                    tasks.abort_all();
+                    while let Some(joined) = tasks.join_next_with_id().await {
+                        let task = match &joined {
+                            Ok((id, _)) => *id,
+                            Err(e) => e.id(),
+                        };
+                        match joined {
+                            Ok(_) => pending.extend(self.settlement(joined, &mut flight)),
+                            Err(_) => {
+                                if let Some(f) = flight.remove(&task) {
+                                    pending.push(Settle::Release { id: f.id, token: f.token });
+                                }
+                            }
+                        }
+                    }
+                }
+                () = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)),
+                    if retry_at.is_some() => {}
+                () = notify.notified(), if !stopping && !want_fetch => {
+                    want_fetch = true;
+                    idle = MIN_IDLE;
+                }
+                () = tokio::time::sleep(idle_sleep), if !stopping && !want_fetch && free > 0 => {
+                    want_fetch = true;
+                    idle = (idle * 2).min(self.options.poll_interval);
+                }
+                _ = extend_every.tick() => {
+                    if !flight.is_empty() {
+                        let leases: Vec<(String, Arc<str>)> = flight
+                            .values()
+                            .map(|f| (f.id.clone(), f.token.clone()))
+                            .collect();
+                        match queue.extend(&leases).await {
+                            Ok(held) => {
+                                let lost = held.iter().filter(|h| !**h).count();
+                                if lost > 0 {
+                                    tracing::warn!(queue = queue.name(), worker = %self.id, lost,
+                                        "email queue: leases expired before they were extended");
+                                }
+                            }
+                            Err(e) => tracing::warn!(queue = queue.name(), worker = %self.id,
+                                error = %e, "email queue: lease extension failed"),
+                        }
+                    }
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    fn start(
+        &self,
+        tasks: &mut JoinSet<Outcome>,
+        flight: &mut HashMap<tokio::task::Id, InFlight>,
+        fetched: Fetched,
+        token: Arc<str>,
+    ) {
+        let decoded = serde_json::from_str::<EmailJob>(&fetched.payload)
+            .map_err(|e| format!("payload is not an EmailJob: {e}"))
+            .and_then(|job| {
+                if job.version == 0 || job.version > PAYLOAD_VERSION {
+                    Err(format!(
+                        "payload version {} is not supported (1..={PAYLOAD_VERSION})",
+                        job.version
+                    ))
+                } else {
+                    Ok(job)
+                }
+            });
+        let handler = self.handler.clone();
+        let timeout = self.options.job_timeout;
+        let (job, task) = match decoded {
+            Ok(job) => {
+                let run = job.clone();
+                let task = tasks.spawn(async move {
+                    match tokio::time::timeout(timeout, handler.handle(run)).await {
+                        Ok(result) => Outcome::Done(result),
+                        Err(_) => Outcome::Done(Err(JobError::Retry(format!(
+                            "handler exceeded the job timeout of {timeout:?}"
+                        )))),
+                    }
+                });
+                (Some(job), task)
+            }
+            Err(reason) => {
+                let task = tasks.spawn(async move { Outcome::Malformed(reason) });
+                (None, task)
+            }
+        };
+        tracing::trace!(id = %fetched.id, deliveries = fetched.deliveries, priority = %fetched.priority,
+            "email queue: job leased");
+        flight.insert(
+            task.id(),
+            InFlight {
+                id: fetched.id,
+                token,
+                job: job.ok_or((fetched.payload, fetched.priority)),
+            },
+        );
+    }
+
+    fn settlement(
+        &self,
+        joined: std::result::Result<(tokio::task::Id, Outcome), tokio::task::JoinError>,
+        flight: &mut HashMap<tokio::task::Id, InFlight>,
+    ) -> Option<Settle> {
+        let (task, outcome) = match joined {
+            Ok((task, outcome)) => (task, outcome),
+            Err(e) => {
+                let reason = if e.is_panic() {
+                    "handler panicked"
+                } else {
+                    "handler task was cancelled"
+                };
+                (e.id(), Outcome::Done(Err(JobError::Retry(reason.into()))))
+            }
+        };
+        let InFlight { id, token, job } = flight.remove(&task)?;
+        let options = self.queue.options();
+        let now = now_millis();
+        let dead =
+            |reason: &str, error: &str, job: serde_json::Value, priority: super::Priority| {
+                let mut record = serde_json::Map::new();
+                record.insert("id".into(), id.clone().into());
+                record.insert("reason".into(), reason.into());
+                record.insert("error".into(), error.into());
+                record.insert("failedAt".into(), now.into());
+                record.insert("priority".into(), priority.as_str().into());
+                if job.is_string() {
+                    record.insert("raw".into(), job);
+                } else {
+                    record.insert("job".into(), job);
+                }
+                Settle::Dead {
+                    id: id.clone(),
+                    token: token.clone(),
+                    record: serde_json::Value::Object(record).to_string(),
+                }
+            };
+        let as_value =
+            |job: &EmailJob| serde_json::to_value(job).unwrap_or(serde_json::Value::Null);
+        let mut job = match (job, outcome) {
+            (Err((raw, priority)), Outcome::Malformed(reason)) => {
+                return Some(dead("malformed", &reason, raw.into(), priority));
+            }
+            (Err((raw, priority)), _) => {
+                return Some(dead(
+                    "malformed",
+                    "payload did not decode",
+                    raw.into(),
+                    priority,
+                ));
+            }
+            (Ok(_), Outcome::Done(Ok(()))) => return Some(Settle::Ack { id, token }),
+            (Ok(mut job), Outcome::Done(Err(JobError::Permanent(error)))) => {
+                job.last_error = Some(error.clone());
+                return Some(dead("permanent", &error, as_value(&job), job.priority));
+            }
+            (Ok(job), Outcome::Malformed(reason)) => {
+                return Some(dead("malformed", &reason, as_value(&job), job.priority));
+            }
+            (Ok(mut job), Outcome::Done(Err(JobError::Retry(error)))) => {
+                job.attempts = job.attempts.saturating_add(1);
+                job.last_error = Some(error);
+                job
+            }
+        };
+        let error = job.last_error.clone().unwrap_or_default();
+        if job.attempts >= options.max_attempts {
+            return Some(dead("failed", &error, as_value(&job), job.priority));
+        }
+        let delay = jittered(options.backoff(job.attempts));
+        let due = now.saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
+        job.scheduled_at = due;
+        Some(match crate::codec::to_json("email job", &job) {
+            Ok(payload) => Settle::Retry {
+                id,
+                token,
+                due,
+                priority: job.priority,
+                payload,
+            },
+            Err(e) => dead(
+                "failed",
+                &format!("{error}; re-encoding failed: {e}"),
+                as_value(&job),
+                job.priority,
+            ),
+        })
+    }
+}
+
+/// A delay drawn uniformly from `[d/2, d]`.
+fn jittered(d: Duration) -> Duration {
+    let r = crate::random::bytes(8)
+        .ok()
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_le_bytes)
+        .unwrap_or(u64::MAX / 2);
+    let fraction = (r >> 11) as f64 / (1u64 << 53) as f64;
+    d.mul_f64(0.5 + 0.5 * fraction)
+}
+
+/// A running [`Worker`].
+#[derive(Debug)]
+pub struct WorkerHandle {
+    stop: Option<oneshot::Sender<()>>,
+    join: tokio::task::JoinHandle<Result<WorkerReport>>,
+}
+
+impl WorkerHandle {
+    /// Stops gracefully (see [`Worker::run_until`]) and waits for the report.
+    pub async fn shutdown(mut self) -> Result<WorkerReport> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.join.await.map_err(|e| Error::Unavailable {
+            message: format!("email queue worker task failed: {e}"),
+            source: None,
+        })?
+    }
+
+    /// Kills the worker task without any cleanup, as a crash would: its in-flight jobs return
+    /// to their lists after the visibility timeout.
+    pub fn abort(&self) {
+        self.join.abort();
+    }
+
+    /// Whether the worker has stopped.
+    pub fn is_finished(&self) -> bool {
+        self.join.is_finished()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_in_the_upper_half() {
+        for _ in 0..1000 {
+            let d = jittered(Duration::from_millis(1000));
+            assert!(
+                d >= Duration::from_millis(500) && d <= Duration::from_millis(1000),
+                "{d:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn default_worker_ids_are_unique_key_parts() {
+        let a = default_worker_id();
+        let b = default_worker_id();
+        assert_ne!(a, b);
+        validate_key_part("worker id", &a).unwrap();
+        assert!(!a.contains(['|', '.']));
+    }
+}

@@ -1,0 +1,838 @@
+//! EmailQueue contract: exactly-once handling in priority order, crash recovery (aborted task,
+//! SIGKILLed process, Redis killed with AOF on), retries, delays, idempotency, expiry, aging,
+//! graceful shutdown and wire compatibility with raw `LPUSH` producers.
+
+use std::collections::HashMap;
+use std::io::{BufRead, Write};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use aether_redis::email_queue::{
+    CleanTarget, EmailJob, EmailQueue, Enqueued, JobError, JobId, Priority, QueueOptions,
+    QueueStats, WorkerOptions, handler_fn,
+};
+use aether_redis::testkit::{LocalOptions, LocalServer};
+use aether_redis::{Config, Environment, Error, Keyspace, Redis, Topology};
+
+fn job(id: &str, priority: Priority) -> EmailJob {
+    EmailJob::new(["ada@example.com"], "noreply@example.com", "Hello", "Body")
+        .unwrap()
+        .with_id(JobId::new(id).unwrap())
+        .with_priority(priority)
+}
+
+/// Short timeouts so that recovery tests take about a second.
+fn fast(queue: &EmailQueue) -> EmailQueue {
+    let mut o = QueueOptions::default();
+    o.visibility_timeout = Duration::from_millis(1000);
+    o.backoff_base = Duration::from_millis(200);
+    o.aging = None;
+    queue.with_options(o).unwrap()
+}
+
+fn worker_options(concurrency: usize) -> WorkerOptions {
+    let mut w = WorkerOptions::default();
+    w.concurrency = concurrency;
+    w.poll_interval = Duration::from_millis(20);
+    w.shutdown_timeout = Duration::from_secs(10);
+    w
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+async fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn wait_stats(
+    queue: &EmailQueue,
+    what: &str,
+    limit: Duration,
+    done: impl Fn(&QueueStats) -> bool,
+) -> QueueStats {
+    let started = Instant::now();
+    loop {
+        let stats = queue.stats().await.unwrap();
+        if done(&stats) {
+            return stats;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "timed out waiting for {what}: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn rank(p: Priority) -> u8 {
+    match p {
+        Priority::High => 0,
+        Priority::Normal => 1,
+        Priority::Low => 2,
+    }
+}
+
+/// Every job id in the three lists, with how often it occurs.
+async fn waiting_ids(redis: &Redis, queue: &EmailQueue) -> HashMap<String, usize> {
+    let mut conn = redis.connection().await.unwrap();
+    let mut counts = HashMap::new();
+    for p in Priority::ALL {
+        let items: Vec<String> = redis::cmd("LRANGE")
+            .arg(queue.list_key(p))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        for item in items {
+            let job: EmailJob = serde_json::from_str(&item).unwrap();
+            *counts.entry(job.id.to_string()).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+fn documented_json(id: &str, priority: &str, scheduled_at: i64) -> String {
+    format!(
+        r#"{{"id":"{id}","to":["grace@example.com"],"from":"noreply@example.com","subject":"Raw {id}","body":"pushed by another service","priority":"{priority}","attempts":0,"scheduledAt":{scheduled_at},"metadata":{{"tenant":"t1","tags":[]}}}}"#
+    )
+}
+
+aether_redis::contract_tests! {
+    async fn eight_workers_handle_every_job_exactly_once_in_priority_order(redis) {
+        const JOBS: usize = 10_000;
+        let queue = fast(&redis.email_queue().unwrap());
+        let mut jobs = Vec::with_capacity(JOBS);
+        for i in 0..JOBS {
+            let p = Priority::ALL[(i * 7 + i / 3) % 3];
+            jobs.push(job(&format!("{}-{i:05}", p.as_str()), p));
+        }
+        let results = queue.enqueue_bulk(jobs).await.unwrap();
+        assert!(results.iter().all(|r| *r == Enqueued::New));
+        let stats = queue.stats().await.unwrap();
+        assert_eq!(stats.waiting(), JOBS as u64);
+
+        let handled = Arc::new(AtomicUsize::new(0));
+        let mut logs = Vec::new();
+        let mut workers = Vec::new();
+        for _ in 0..8 {
+            let log: Arc<Mutex<Vec<(Priority, usize)>>> = Arc::default();
+            logs.push(log.clone());
+            let handled = handled.clone();
+            let handler = handler_fn(move |job: EmailJob| {
+                let seq: usize = job.id.as_str().rsplit('-').next().unwrap().parse().unwrap();
+                log.lock().unwrap().push((job.priority, seq));
+                handled.fetch_add(1, Ordering::SeqCst);
+                async { Ok(()) }
+            });
+            workers.push(queue.worker(handler).with_options(worker_options(1)).unwrap().spawn());
+        }
+        wait_for("all jobs", Duration::from_secs(120), || handled.load(Ordering::SeqCst) >= JOBS).await;
+        let mut total = crate::WorkerTotals::default();
+        for w in workers {
+            total.add(w.shutdown().await.unwrap());
+        }
+        assert_eq!(total.completed, JOBS as u64);
+        assert_eq!(total.lost, 0);
+
+        let mut seen = HashMap::new();
+        for log in &logs {
+            let log = log.lock().unwrap();
+            // Each worker fetches one job per call, so its log is the order Redis gave them.
+            for pair in log.windows(2) {
+                let ((p1, s1), (p2, s2)) = (pair[0], pair[1]);
+                assert!(rank(p1) <= rank(p2), "{p2:?} {s2} served before {p1:?} {s1} ended");
+                if p1 == p2 {
+                    assert!(s1 < s2, "FIFO broken within {p1:?}: {s1} then {s2}");
+                }
+            }
+            for &(p, s) in log.iter() {
+                *seen.entry((p, s)).or_insert(0) += 1;
+            }
+        }
+        assert_eq!(seen.len(), JOBS, "some job was never handled");
+        assert!(seen.values().all(|&n| n == 1), "some job was handled twice");
+        let stats = queue.stats().await.unwrap();
+        assert_eq!((stats.waiting(), stats.active, stats.delayed, stats.dead), (0, 0, 0, 0));
+        // Completed ids are retained up to the bound (1000 by default), not all 10 000.
+        assert_eq!(stats.completed, 1000);
+    }
+
+    async fn aborted_worker_task_job_is_redelivered_after_the_visibility_timeout(redis) {
+        let queue = fast(&redis.email_queue().unwrap());
+        queue.enqueue(job("abort-me", Priority::Normal)).await.unwrap();
+        let started: Arc<Mutex<Option<Instant>>> = Arc::default();
+        let s = started.clone();
+        let stuck = queue
+            .worker(handler_fn(move |_job| {
+                *s.lock().unwrap() = Some(Instant::now());
+                async {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    Ok(())
+                }
+            }))
+            .with_options({
+                let mut w = worker_options(1);
+                w.worker_id = Some("replica-1".into());
+                w
+            })
+            .unwrap()
+            .spawn();
+        wait_for("the first delivery", Duration::from_secs(10), || started.lock().unwrap().is_some()).await;
+        stuck.abort();
+        assert_eq!(queue.stats().await.unwrap().active, 1);
+
+        // A replica with the same worker id cannot hide the orphan: recovery is by deadline.
+        let redelivered: Arc<Mutex<Vec<(String, u32, Instant)>>> = Arc::default();
+        let r = redelivered.clone();
+        let rescuer = queue
+            .worker(handler_fn(move |job: EmailJob| {
+                r.lock().unwrap().push((job.id.to_string(), job.attempts, Instant::now()));
+                async { Ok(()) }
+            }))
+            .with_options({
+                let mut w = worker_options(1);
+                w.worker_id = Some("replica-1".into());
+                w
+            })
+            .unwrap()
+            .spawn();
+        wait_for("the redelivery", Duration::from_secs(10), || !redelivered.lock().unwrap().is_empty()).await;
+        let report = rescuer.shutdown().await.unwrap();
+        assert_eq!(report.completed, 1);
+        let got = redelivered.lock().unwrap().clone();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0, "abort-me");
+        assert_eq!(got[0].1, 0, "a crash is not a failed attempt");
+        let first = started.lock().unwrap().unwrap();
+        assert!(got[0].2 - first >= Duration::from_millis(900), "redelivered before the visibility timeout");
+        let stats = queue.stats().await.unwrap();
+        assert_eq!((stats.waiting(), stats.active, stats.dead, stats.completed), (0, 0, 0, 1));
+    }
+
+    async fn sigkilled_worker_process_job_is_redelivered(redis) {
+        let queue = fast(&redis.email_queue().unwrap());
+        queue.enqueue(job("killed-mid-job", Priority::High)).await.unwrap();
+        let config = redis.config();
+        let (topology, nodes) = match &config.topology {
+            Topology::Cluster { nodes } => ("cluster", nodes.join(",")),
+            _ => ("standalone", format!("{}:{}", config.host, config.port)),
+        };
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "child_worker_process", "--ignored", "--nocapture", "--test-threads=1"])
+            .env("EQ_CHILD_TOPOLOGY", topology)
+            .env("EQ_CHILD_NODES", nodes)
+            .env("EQ_CHILD_PREFIX", &config.key_prefix)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        // A plain thread: a blocked read must not keep the runtime from shutting down.
+        std::thread::spawn(move || {
+            let leased = std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .find_map(|line| line.split_once("LEASED ").map(|(_, id)| id.trim().to_owned()));
+            let _ = tx.send(leased);
+        });
+        let leased = match tokio::time::timeout(Duration::from_secs(60), rx).await {
+            Ok(leased) => leased.unwrap(),
+            Err(_) => {
+                child.kill().unwrap();
+                panic!("the child worker never leased the job");
+            }
+        };
+        assert_eq!(leased.as_deref(), Some("killed-mid-job"));
+        child.kill().unwrap(); // SIGKILL
+        let killed_at = Instant::now();
+        child.wait().unwrap();
+        assert_eq!(queue.stats().await.unwrap().active, 1);
+
+        let handled: Arc<Mutex<Vec<String>>> = Arc::default();
+        let h = handled.clone();
+        let worker = queue
+            .worker(handler_fn(move |job: EmailJob| {
+                h.lock().unwrap().push(job.id.to_string());
+                async { Ok(()) }
+            }))
+            .with_options(worker_options(2))
+            .unwrap()
+            .spawn();
+        wait_for("the redelivery", Duration::from_secs(10), || !handled.lock().unwrap().is_empty()).await;
+        worker.shutdown().await.unwrap();
+        assert!(killed_at.elapsed() < Duration::from_secs(10));
+        assert_eq!(handled.lock().unwrap().as_slice(), ["killed-mid-job"]);
+        let stats = queue.stats().await.unwrap();
+        assert_eq!((stats.waiting(), stats.active, stats.dead, stats.completed), (0, 0, 0, 1));
+    }
+
+    async fn poison_job_dies_after_exactly_max_attempts_and_healthy_jobs_pass(redis) {
+        let queue = fast(&redis.email_queue().unwrap());
+        assert_eq!(queue.options().max_attempts, 3);
+        queue.enqueue(job("poison", Priority::Normal)).await.unwrap();
+        let healthy: Vec<EmailJob> = (0..100).map(|i| job(&format!("ok-{i}"), Priority::Normal)).collect();
+        queue.enqueue_bulk(healthy).await.unwrap();
+
+        let poison_runs: Arc<Mutex<Vec<(Instant, u32)>>> = Arc::default();
+        let ok = Arc::new(AtomicUsize::new(0));
+        let cured = Arc::new(AtomicBool::new(false));
+        let (p, o, c) = (poison_runs.clone(), ok.clone(), cured.clone());
+        let worker = queue
+            .worker(handler_fn(move |job: EmailJob| {
+                let result = if job.id.as_str() == "poison" && !c.load(Ordering::SeqCst) {
+                    p.lock().unwrap().push((Instant::now(), job.attempts));
+                    Err(JobError::retry("554 mailbox unavailable"))
+                } else {
+                    o.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                };
+                async move { result }
+            }))
+            .with_options(worker_options(4))
+            .unwrap()
+            .spawn();
+        wait_stats(&queue, "the poison job to die", Duration::from_secs(20), |s| s.dead == 1).await;
+        wait_for("healthy jobs", Duration::from_secs(20), || ok.load(Ordering::SeqCst) == 100).await;
+        // Give a wrongly scheduled extra attempt time to show up.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let runs = poison_runs.lock().unwrap().clone();
+        assert_eq!(runs.len(), 3, "attempts: {runs:?}");
+        assert_eq!(runs.iter().map(|r| r.1).collect::<Vec<_>>(), [0, 1, 2]);
+        // Equal jitter: the n-th retry waits between base*2^(n-1)/2 and base*2^(n-1).
+        assert!(runs[1].0 - runs[0].0 >= Duration::from_millis(100), "{runs:?}");
+        assert!(runs[2].0 - runs[1].0 >= Duration::from_millis(200), "{runs:?}");
+
+        let dead = queue.dead_jobs(10).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].reason, "failed");
+        assert_eq!(dead[0].error, "554 mailbox unavailable");
+        let dead_job = dead[0].job.clone().unwrap();
+        assert_eq!(dead_job.id.as_str(), "poison");
+        assert_eq!(dead_job.attempts, 3);
+        assert_eq!(dead_job.last_error.as_deref(), Some("554 mailbox unavailable"));
+
+        // Replay moves it back with its attempts reset.
+        cured.store(true, Ordering::SeqCst);
+        assert_eq!(queue.replay(10).await.unwrap(), 1);
+        wait_for("the replayed job", Duration::from_secs(10), || ok.load(Ordering::SeqCst) == 101).await;
+        let report = worker.shutdown().await.unwrap();
+        assert_eq!((report.retried, report.dead, report.completed), (2, 1, 101));
+        let stats = queue.stats().await.unwrap();
+        assert_eq!((stats.waiting(), stats.active, stats.delayed, stats.dead), (0, 0, 0, 0));
+    }
+
+    async fn permanent_failures_and_malformed_payloads_go_to_the_dead_set(redis) {
+        let queue = fast(&redis.email_queue().unwrap());
+        queue.enqueue(job("bounce", Priority::Low)).await.unwrap();
+        let mut conn = redis.connection().await.unwrap();
+        let _: () = redis::cmd("LPUSH").arg(queue.list_key(Priority::High)).arg("not json").query_async(&mut conn).await.unwrap();
+        let _: () = redis::cmd("LPUSH").arg(queue.list_key(Priority::High)).arg(r#"{"id":"no-recipients"}"#).query_async(&mut conn).await.unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        let worker = queue
+            .worker(handler_fn(move |_job| {
+                c.fetch_add(1, Ordering::SeqCst);
+                async { Err(JobError::permanent("550 no such user")) }
+            }))
+            .with_options(worker_options(2))
+            .unwrap()
+            .spawn();
+        wait_stats(&queue, "three dead jobs", Duration::from_secs(10), |s| s.dead == 3).await;
+        worker.shutdown().await.unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        let mut reasons: Vec<(String, String)> = queue
+            .dead_jobs(10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|d| (d.reason, d.raw.unwrap_or_else(|| d.job.unwrap().id.to_string())))
+            .collect();
+        reasons.sort();
+        assert_eq!(reasons[0], ("malformed".to_string(), "not json".to_string()));
+        assert_eq!(reasons[1].0, "malformed");
+        assert!(reasons[1].1.contains("no-recipients"), "{reasons:?}");
+        assert_eq!(reasons[2], ("permanent".to_string(), "bounce".to_string()));
+        assert_eq!(queue.clean(CleanTarget::Dead, Duration::ZERO, 0).await.unwrap(), 3);
+        assert_eq!(queue.stats().await.unwrap().dead, 0);
+    }
+
+    async fn delayed_jobs_run_no_earlier_than_scheduled(redis) {
+        let queue = fast(&redis.email_queue().unwrap());
+        let at = SystemTime::now() + Duration::from_millis(800);
+        let at_ms = at.duration_since(UNIX_EPOCH).unwrap().as_millis() as i64;
+        assert_eq!(queue.enqueue_at(job("later", Priority::High), at).await.unwrap(), Enqueued::New);
+        queue.enqueue_in(job("soon", Priority::Low), Duration::from_millis(300)).await.unwrap();
+        queue.enqueue(job("now", Priority::Low)).await.unwrap();
+        let stats = queue.stats().await.unwrap();
+        assert_eq!((stats.delayed, stats.waiting()), (2, 1));
+
+        let ran: Arc<Mutex<Vec<(String, i64)>>> = Arc::default();
+        let r = ran.clone();
+        let worker = queue
+            .worker(handler_fn(move |job: EmailJob| {
+                r.lock().unwrap().push((job.id.to_string(), now_ms()));
+                async { Ok(()) }
+            }))
+            .with_options(worker_options(2))
+            .unwrap()
+            .spawn();
+        wait_for("three jobs", Duration::from_secs(10), || ran.lock().unwrap().len() == 3).await;
+        worker.shutdown().await.unwrap();
+        let ran = ran.lock().unwrap().clone();
+        assert_eq!(ran.iter().map(|r| r.0.as_str()).collect::<Vec<_>>(), ["now", "soon", "later"]);
+        assert!(ran[2].1 >= at_ms, "ran at {} before {at_ms}", ran[2].1);
+        assert!(ran[1].1 >= at_ms - 500);
+    }
+
+    async fn enqueue_is_idempotent_by_id_even_under_concurrency(redis) {
+        let queue = fast(&redis.email_queue().unwrap());
+        assert_eq!(queue.enqueue(job("once", Priority::Normal)).await.unwrap(), Enqueued::New);
+        assert_eq!(queue.enqueue(job("once", Priority::High)).await.unwrap(), Enqueued::Duplicate);
+        let mut tasks = Vec::new();
+        for _ in 0..32 {
+            let q = queue.clone();
+            tasks.push(tokio::spawn(async move { q.enqueue(job("race", Priority::Low)).await.unwrap() }));
+        }
+        let mut new = 0;
+        for t in tasks {
+            if t.await.unwrap() == Enqueued::New {
+                new += 1;
+            }
+        }
+        assert_eq!(new, 1, "exactly one concurrent enqueue wins");
+        let bulk = queue
+            .enqueue_bulk(vec![job("b1", Priority::Low), job("once", Priority::Low), job("b1", Priority::Low)])
+            .await
+            .unwrap();
+        assert_eq!(bulk, [Enqueued::New, Enqueued::Duplicate, Enqueued::Duplicate]);
+        let stats = queue.stats().await.unwrap();
+        assert_eq!((stats.high, stats.normal, stats.low), (0, 1, 2));
+
+        // Known while retained as completed; forgotten once cleaned.
+        let worker = queue.worker(handler_fn(|_job| async { Ok(()) })).with_options(worker_options(2)).unwrap().spawn();
+        wait_stats(&queue, "three completed", Duration::from_secs(10), |s| s.completed == 3).await;
+        worker.shutdown().await.unwrap();
+        assert_eq!(queue.enqueue(job("once", Priority::Normal)).await.unwrap(), Enqueued::Duplicate);
+        assert_eq!(queue.clean(CleanTarget::Completed, Duration::ZERO, 0).await.unwrap(), 3);
+        assert_eq!(queue.enqueue(job("once", Priority::Normal)).await.unwrap(), Enqueued::New);
+    }
+
+    async fn invalid_jobs_are_rejected_before_anything_is_sent(redis) {
+        let queue = redis.email_queue().unwrap();
+        let no_rcpt = EmailJob::new(Vec::<String>::new(), "a@example.com", "s", "b").unwrap();
+        assert!(matches!(queue.enqueue(no_rcpt).await, Err(Error::InvalidInput { what: "to", .. })));
+        let huge = EmailJob::new(["a@example.com"], "a@example.com", "s", "x".repeat(2 << 20)).unwrap();
+        assert!(matches!(queue.enqueue(huge).await, Err(Error::InvalidInput { what: "body", .. })));
+        let bulk = vec![job("fine", Priority::Low), EmailJob::new(["a@example.com"], "", "s", "b").unwrap()];
+        assert!(matches!(queue.enqueue_bulk(bulk).await, Err(Error::InvalidInput { what: "from", .. })));
+        assert_eq!(queue.stats().await.unwrap().waiting(), 0, "a rejected bulk enqueue adds nothing");
+        assert!(matches!(redis.email_queue_named("a:b"), Err(Error::InvalidInput { .. })));
+        assert!(matches!(redis.email_queue_named("{x}"), Err(Error::InvalidInput { .. })));
+    }
+
+    async fn jobs_waiting_longer_than_their_ttl_expire_to_the_dead_set(redis) {
+        let config = redis.config().to_builder().ttl(Keyspace::EmailQueue, Duration::from_millis(800)).build().unwrap();
+        let short = Redis::connect(config).await.unwrap();
+        let queue = fast(&short.email_queue().unwrap());
+        queue.enqueue(job("stale", Priority::Normal)).await.unwrap();
+        let mut conn = short.connection().await.unwrap();
+        let pttl: i64 = redis::cmd("PTTL").arg(queue.list_key(Priority::Normal)).query_async(&mut conn).await.unwrap();
+        assert_eq!(pttl, -1, "queue keys never expire while they hold jobs");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        queue.enqueue(job("fresh", Priority::Normal)).await.unwrap();
+        let handled: Arc<Mutex<Vec<String>>> = Arc::default();
+        let h = handled.clone();
+        let worker = queue
+            .worker(handler_fn(move |job: EmailJob| {
+                h.lock().unwrap().push(job.id.to_string());
+                async { Ok(()) }
+            }))
+            .with_options(worker_options(1))
+            .unwrap()
+            .spawn();
+        wait_for("the fresh job", Duration::from_secs(10), || handled.lock().unwrap().len() == 1).await;
+        worker.shutdown().await.unwrap();
+        assert_eq!(handled.lock().unwrap().as_slice(), ["fresh"]);
+        let dead = queue.dead_jobs(10).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].reason, "expired");
+        assert_eq!(dead[0].job.as_ref().unwrap().id.as_str(), "stale");
+    }
+
+    async fn aging_serves_a_starved_low_job(redis) {
+        let mut o = fast(&redis.email_queue().unwrap()).options().clone();
+        o.aging = Some(Duration::from_millis(300));
+        let queue = redis.email_queue().unwrap().with_options(o).unwrap();
+        queue.enqueue(job("starved", Priority::Low)).await.unwrap();
+        let high: Vec<EmailJob> = (0..300).map(|i| job(&format!("h{i}"), Priority::High)).collect();
+        queue.enqueue_bulk(high).await.unwrap();
+        let order: Arc<Mutex<Vec<String>>> = Arc::default();
+        let r = order.clone();
+        let worker = queue
+            .worker(handler_fn(move |job: EmailJob| {
+                r.lock().unwrap().push(job.id.to_string());
+                async {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    Ok(())
+                }
+            }))
+            .with_options(worker_options(1))
+            .unwrap()
+            .spawn();
+        wait_for("all jobs", Duration::from_secs(30), || order.lock().unwrap().len() == 301).await;
+        worker.shutdown().await.unwrap();
+        let order = order.lock().unwrap().clone();
+        let pos = order.iter().position(|id| id == "starved").unwrap();
+        assert!(pos < 250, "the low job waited behind {pos} high jobs");
+    }
+
+    async fn long_jobs_extend_their_lease(redis) {
+        let queue = fast(&redis.email_queue().unwrap());
+        queue.enqueue(job("slow", Priority::Normal)).await.unwrap();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let mut workers = Vec::new();
+        for _ in 0..2 {
+            let r = runs.clone();
+            workers.push(
+                queue
+                    .worker(handler_fn(move |_job| {
+                        r.fetch_add(1, Ordering::SeqCst);
+                        async {
+                            tokio::time::sleep(Duration::from_millis(2600)).await;
+                            Ok(())
+                        }
+                    }))
+                    .with_options(worker_options(1))
+                    .unwrap()
+                    .spawn(),
+            );
+        }
+        wait_stats(&queue, "completion", Duration::from_secs(10), |s| s.completed == 1).await;
+        let mut completed = 0;
+        for w in workers {
+            completed += w.shutdown().await.unwrap().completed;
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "a leased job was handed to a second worker");
+        assert_eq!(completed, 1);
+    }
+
+    async fn graceful_shutdown_loses_nothing(redis) {
+        let queue = fast(&redis.email_queue().unwrap());
+        let ids: Vec<String> = (0..20).map(|i| format!("g{i:02}")).collect();
+        queue.enqueue_bulk(ids.iter().map(|id| job(id, Priority::Normal)).collect()).await.unwrap();
+
+        // 1. In-flight jobs finish within the deadline; the rest is never fetched.
+        let started = Arc::new(AtomicUsize::new(0));
+        let finished: Arc<Mutex<Vec<String>>> = Arc::default();
+        let (s, f) = (started.clone(), finished.clone());
+        let worker = queue
+            .worker(handler_fn(move |job: EmailJob| {
+                s.fetch_add(1, Ordering::SeqCst);
+                let f = f.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    f.lock().unwrap().push(job.id.to_string());
+                    Ok(())
+                }
+            }))
+            .with_options(worker_options(4))
+            .unwrap()
+            .spawn();
+        wait_for("four jobs in flight", Duration::from_secs(10), || started.load(Ordering::SeqCst) == 4).await;
+        let report = worker.shutdown().await.unwrap();
+        let done = finished.lock().unwrap().clone();
+        assert_eq!(started.load(Ordering::SeqCst), done.len());
+        assert_eq!(report.completed, done.len() as u64);
+        let stats = queue.stats().await.unwrap();
+        assert_eq!((stats.active, stats.waiting()), (0, 20 - done.len() as u64));
+
+        // 2. Jobs still running at the deadline go back to the head of their list at once.
+        let mut options = worker_options(4);
+        options.shutdown_timeout = Duration::from_millis(300);
+        let started2 = Arc::new(AtomicUsize::new(0));
+        let s2 = started2.clone();
+        let worker = queue
+            .worker(handler_fn(move |_job| {
+                s2.fetch_add(1, Ordering::SeqCst);
+                async {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    Ok(())
+                }
+            }))
+            .with_options(options)
+            .unwrap()
+            .spawn();
+        wait_for("four stuck jobs", Duration::from_secs(10), || started2.load(Ordering::SeqCst) == 4).await;
+        let report = worker.shutdown().await.unwrap();
+        assert_eq!(report.released, 4);
+        let stats = queue.stats().await.unwrap();
+        assert_eq!((stats.active, stats.waiting()), (0, 20 - done.len() as u64));
+
+        // 3. Everything is still there: a new worker handles exactly the rest.
+        let rest: Arc<Mutex<Vec<String>>> = Arc::default();
+        let r = rest.clone();
+        let worker = queue
+            .worker(handler_fn(move |job: EmailJob| {
+                r.lock().unwrap().push(job.id.to_string());
+                async { Ok(()) }
+            }))
+            .with_options(worker_options(4))
+            .unwrap()
+            .spawn();
+        wait_for("the rest", Duration::from_secs(10), || rest.lock().unwrap().len() + done.len() == 20).await;
+        worker.shutdown().await.unwrap();
+        let mut all: Vec<String> = done.into_iter().chain(rest.lock().unwrap().iter().cloned()).collect();
+        all.sort();
+        assert_eq!(all, ids);
+    }
+
+    async fn raw_lpush_with_the_documented_json_is_consumed_fifo(redis) {
+        let queue = fast(&redis.email_queue().unwrap());
+        if !redis.keys().is_cluster() {
+            let expected = format!("{}email-queue:normal", redis.config().key_prefix);
+            assert_eq!(queue.list_key(Priority::Normal), expected);
+            assert_eq!(queue.dead_key(), format!("{}email-queue:dead", redis.config().key_prefix));
+        } else {
+            let expected = format!("{}email-queue:{{default}}:normal", redis.config().key_prefix);
+            assert_eq!(queue.list_key(Priority::Normal), expected);
+        }
+        let now = now_ms();
+        let mut conn = redis.connection().await.unwrap();
+        for id in ["raw-1", "raw-2", "raw-3"] {
+            let _: () = redis::cmd("LPUSH")
+                .arg(queue.list_key(Priority::Normal))
+                .arg(documented_json(id, "normal", now))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        // And through redis-cli, as a shell script in another service would.
+        let config = redis.config();
+        let (host, port, cluster) = match &config.topology {
+            Topology::Cluster { nodes } => {
+                let (h, p) = nodes[0].rsplit_once(':').unwrap();
+                (h.to_owned(), p.to_owned(), true)
+            }
+            _ => (config.host.clone(), config.port.to_string(), false),
+        };
+        let mut cli = std::process::Command::new("redis-cli");
+        cli.args(["-h", &host, "-p", &port]);
+        if cluster {
+            cli.arg("-c");
+        }
+        let status = cli
+            .args(["LPUSH", queue.list_key(Priority::Normal), &documented_json("raw-4", "normal", now)])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("redis-cli is installed with redis-server");
+        assert!(status.success());
+
+        let seen: Arc<Mutex<Vec<EmailJob>>> = Arc::default();
+        let s = seen.clone();
+        let worker = queue
+            .worker(handler_fn(move |job: EmailJob| {
+                s.lock().unwrap().push(job);
+                async { Ok(()) }
+            }))
+            .with_options(worker_options(1))
+            .unwrap()
+            .spawn();
+        wait_for("four raw jobs", Duration::from_secs(10), || seen.lock().unwrap().len() == 4).await;
+        worker.shutdown().await.unwrap();
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), ["raw-1", "raw-2", "raw-3", "raw-4"]);
+        assert_eq!(seen[0].to, ["grace@example.com"]);
+        assert_eq!(seen[0].subject, "Raw raw-1");
+        assert_eq!(seen[0].version, 1);
+        assert_eq!(seen[0].metadata["tenant"], "t1");
+        let stats = queue.stats().await.unwrap();
+        assert_eq!((stats.waiting(), stats.active, stats.dead, stats.completed), (0, 0, 0, 4));
+    }
+
+    async fn named_queues_are_separate(redis) {
+        let a = fast(&redis.email_queue_named("bulk").unwrap());
+        let b = fast(&redis.email_queue().unwrap());
+        a.enqueue(job("same-id", Priority::Normal)).await.unwrap();
+        assert_eq!(b.enqueue(job("same-id", Priority::Normal)).await.unwrap(), Enqueued::New);
+        assert_eq!(a.stats().await.unwrap().normal, 1);
+        assert_eq!(b.stats().await.unwrap().normal, 1);
+        let prefix = &redis.config().key_prefix;
+        let expected = if redis.keys().is_cluster() {
+            format!("{prefix}email-queue:{{bulk}}:high")
+        } else {
+            format!("{prefix}email-queue:bulk:high")
+        };
+        assert_eq!(a.list_key(Priority::High), expected);
+        let slots: std::collections::HashSet<u16> = Priority::ALL
+            .iter()
+            .map(|p| aether_redis::keyspace::cluster_slot(a.list_key(*p)))
+            .chain([aether_redis::keyspace::cluster_slot(a.dead_key())])
+            .collect();
+        if redis.keys().is_cluster() {
+            assert_eq!(slots.len(), 1, "one queue, one slot");
+        }
+    }
+}
+
+#[derive(Default)]
+struct WorkerTotals {
+    completed: u64,
+    lost: u64,
+}
+
+impl WorkerTotals {
+    fn add(&mut self, r: aether_redis::email_queue::WorkerReport) {
+        self.completed += r.completed;
+        self.lost += r.lost_leases;
+    }
+}
+
+/// The worker process that `sigkilled_worker_process_job_is_redelivered` starts and kills.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "entry point of a child process started by sigkilled_worker_process_job_is_redelivered"]
+async fn child_worker_process() {
+    let prefix = std::env::var("EQ_CHILD_PREFIX").expect("started by the SIGKILL test");
+    let nodes = std::env::var("EQ_CHILD_NODES").unwrap();
+    let mut config = Config::default();
+    config.environment = Environment::Test;
+    config.key_prefix = prefix;
+    if std::env::var("EQ_CHILD_TOPOLOGY").unwrap() == "cluster" {
+        config.topology = Topology::Cluster {
+            nodes: nodes.split(',').map(str::to_owned).collect(),
+        };
+    } else {
+        let (host, port) = nodes.rsplit_once(':').unwrap();
+        config.host = host.to_owned();
+        config.port = port.parse().unwrap();
+    }
+    let redis = Redis::connect(config).await.unwrap();
+    let queue = fast(&redis.email_queue().unwrap());
+    let worker = queue
+        .worker(handler_fn(|job: EmailJob| async move {
+            println!("LEASED {}", job.id);
+            std::io::stdout().flush().unwrap();
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Ok(())
+        }))
+        .with_options(worker_options(1))
+        .unwrap();
+    worker.run_until(std::future::pending()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_during_enqueues_keeps_every_acknowledged_job() {
+    const JOBS: usize = 10_000;
+    const PRODUCERS: usize = 8;
+    let server = tokio::task::spawn_blocking(|| {
+        LocalServer::start(LocalOptions {
+            config_lines: vec!["appendonly yes".into(), "appendfsync always".into()],
+            ..LocalOptions::default()
+        })
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let mut config = server.config();
+    config.key_prefix = "kill9:".into();
+    config.connect_timeout = Duration::from_millis(500);
+    config.response_timeout = Duration::from_secs(2);
+    let server = Arc::new(Mutex::new(server));
+    let redis = Redis::connect(config).await.unwrap();
+    let queue = redis.email_queue().unwrap();
+
+    let ok: Arc<Mutex<Vec<usize>>> = Arc::default();
+    let failed: Arc<Mutex<Vec<usize>>> = Arc::default();
+    let progress = Arc::new(AtomicUsize::new(0));
+    let mut producers = Vec::new();
+    for p in 0..PRODUCERS {
+        let (queue, ok, failed, progress) =
+            (queue.clone(), ok.clone(), failed.clone(), progress.clone());
+        producers.push(tokio::spawn(async move {
+            for i in (p..JOBS).step_by(PRODUCERS) {
+                match queue
+                    .enqueue(job(&format!("k{i}"), Priority::ALL[i % 3]))
+                    .await
+                {
+                    Ok(Enqueued::New) => ok.lock().unwrap().push(i),
+                    Ok(Enqueued::Duplicate) => panic!("k{i} enqueued twice"),
+                    Err(_) => {
+                        failed.lock().unwrap().push(i);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                progress.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    wait_for("3000 enqueues", Duration::from_secs(60), || {
+        progress.load(Ordering::SeqCst) >= 3000
+    })
+    .await;
+    let s = server.clone();
+    tokio::task::spawn_blocking(move || s.lock().unwrap().kill())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let s = server.clone();
+    tokio::task::spawn_blocking(move || s.lock().unwrap().restart())
+        .await
+        .unwrap()
+        .unwrap();
+    for p in producers {
+        p.await.unwrap();
+    }
+    let ok = ok.lock().unwrap().clone();
+    let failed = failed.lock().unwrap().clone();
+    assert_eq!(ok.len() + failed.len(), JOBS);
+    assert!(!failed.is_empty(), "the kill happened while enqueues ran");
+
+    let present = waiting_ids(&redis, &queue).await;
+    for i in &ok {
+        assert_eq!(
+            present.get(&format!("k{i}")),
+            Some(&1),
+            "acknowledged k{i} lost or duplicated"
+        );
+    }
+    assert!(present.values().all(|&n| n == 1));
+
+    // Failed enqueues may or may not have been applied; retrying them is safe (idempotent).
+    for i in &failed {
+        queue
+            .enqueue(job(&format!("k{i}"), Priority::ALL[i % 3]))
+            .await
+            .unwrap();
+    }
+    let present = waiting_ids(&redis, &queue).await;
+    assert_eq!(present.len(), JOBS);
+    assert!(present.values().all(|&n| n == 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripting_disabled_is_refused_at_construction() {
+    let config = aether_redis::testkit::config_for(
+        aether_redis::testkit::TestTopology::Standalone,
+        "noscript",
+    )
+    .unwrap()
+    .to_builder()
+    .renamed_command("EVAL", "")
+    .renamed_command("EVALSHA", "")
+    .build()
+    .unwrap();
+    let redis = Redis::connect(config).await.unwrap();
+    let err = redis.email_queue().unwrap_err();
+    assert!(matches!(err, Error::Unsupported(_)), "{err:?}");
+}
