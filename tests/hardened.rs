@@ -1,0 +1,139 @@
+//! Both foundation repositories on a hardened server: `EVAL`/`SCRIPT` renamed, `CONFIG`, `KEYS`,
+//! `FLUSHDB`, `FLUSHALL` and `DEBUG` removed, and an ACL user that may run nothing `@dangerous`
+//! (so no `INFO` either).
+
+use aether_redis::cache::CacheEntry;
+use aether_redis::session::{NewSession, Role};
+use aether_redis::testkit::{LocalOptions, LocalServer};
+use aether_redis::{Config, Redis};
+
+const HARDENED: &[&str] = &[
+    "rename-command EVAL EVAL_b835c3f9a8",
+    "rename-command SCRIPT SCRIPT_b835c3f9a8",
+    "rename-command CONFIG \"\"",
+    "rename-command KEYS \"\"",
+    "rename-command FLUSHDB \"\"",
+    "rename-command FLUSHALL \"\"",
+    "rename-command DEBUG \"\"",
+    "user default on nopass ~* &* +@all",
+    "user app on >pw ~* &* +@all -@dangerous",
+];
+
+async fn hardened_server() -> LocalServer {
+    tokio::task::spawn_blocking(|| {
+        LocalServer::start(LocalOptions {
+            config_lines: HARDENED.iter().map(|l| l.to_string()).collect(),
+            ..LocalOptions::default()
+        })
+    })
+    .await
+    .unwrap()
+    .unwrap()
+}
+
+async fn app_user(server: &LocalServer) -> Redis {
+    let config = Config::builder()
+        .port(server.port())
+        .username("app")
+        .password("pw")
+        .renamed_command("EVAL", "EVAL_b835c3f9a8")
+        .renamed_command("SCRIPT", "SCRIPT_b835c3f9a8")
+        .renamed_command("CONFIG", "")
+        .renamed_command("KEYS", "")
+        .renamed_command("FLUSHDB", "")
+        .renamed_command("FLUSHALL", "")
+        .renamed_command("DEBUG", "")
+        .key_prefix("hardened:")
+        .build()
+        .unwrap();
+    Redis::connect(config).await.unwrap()
+}
+
+/// Flushes the script cache as an operator would (through the renamed SCRIPT, as `default`).
+async fn flush_scripts(server: &LocalServer) {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}", server.port())).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("SCRIPT_b835c3f9a8")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn sessions_work_on_a_hardened_server() {
+    let server = hardened_server().await;
+    let redis = app_user(&server).await;
+    assert!(redis.capabilities().scripting);
+    let sessions = redis.sessions();
+    assert!(sessions.uses_scripts());
+
+    let created = sessions
+        .create(NewSession::new("u-1", "a@example.com", Role::User).permissions(["read"]))
+        .await
+        .unwrap();
+    flush_scripts(&server).await;
+    // NOSCRIPT after the flush is recovered through the renamed EVAL inside the call.
+    let got = sessions.get(&created.id).await.unwrap().unwrap();
+    assert_eq!(got.user_id, "u-1");
+    assert!(sessions.touch(&created.id).await.unwrap());
+    let rotated = sessions.rotate_id(&created.id).await.unwrap().unwrap();
+    assert_eq!(sessions.list_user("u-1").await.unwrap().len(), 1);
+    assert!(sessions.destroy(&rotated).await.unwrap());
+    assert!(sessions.get(&rotated).await.unwrap().is_none());
+    assert_eq!(redis.health().await.unwrap().role, "master");
+}
+
+#[tokio::test]
+async fn cache_works_on_a_hardened_server() {
+    let server = hardened_server().await;
+    let redis = app_user(&server).await;
+    let cache = redis.cache();
+    let params = serde_json::json!({"page": 1});
+    cache
+        .set("users", &params, &CacheEntry::new(serde_json::json!(["ann", "bob"])))
+        .await
+        .unwrap();
+    let hit: CacheEntry<serde_json::Value> = cache.get("users", &params).await.unwrap().unwrap();
+    assert_eq!(hit.data, serde_json::json!(["ann", "bob"]));
+    let loaded: CacheEntry<u32> = cache
+        .get_or_set("counts", &params, || async {
+            Ok::<_, aether_redis::Error>(CacheEntry::new(7))
+        })
+        .await
+        .unwrap();
+    assert_eq!(loaded.data, 7);
+    // SCAN, never KEYS (which this server does not have).
+    assert_eq!(cache.invalidate_endpoint("users").await.unwrap(), 1);
+    assert!(
+        cache
+            .get::<serde_json::Value, _>("users", &params)
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn sessions_fall_back_to_transactions_without_scripting() {
+    let server = hardened_server().await;
+    // EVAL not configured: scripting is detected as unusable at connect.
+    let config = Config::builder()
+        .port(server.port())
+        .username("app")
+        .password("pw")
+        .build()
+        .unwrap();
+    let redis = Redis::connect(config).await.unwrap();
+    assert!(!redis.capabilities().scripting);
+    let sessions = redis.sessions();
+    assert!(!sessions.uses_scripts());
+    let created = sessions
+        .create(NewSession::new("u-2", "b@example.com", Role::Admin))
+        .await
+        .unwrap();
+    let got = sessions.get(&created.id).await.unwrap().unwrap();
+    assert_eq!(got.role, Role::Admin);
+    assert!(sessions.destroy(&created.id).await.unwrap());
+    assert!(sessions.get(&created.id).await.unwrap().is_none());
+}
