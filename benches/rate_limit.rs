@@ -44,13 +44,14 @@ async fn run(
         let limiter = limiter.clone();
         let mut raw = raw.clone();
         let key = keys[task].clone();
-        let user = format!("user{task}");
+        let user = format!("ours{task}");
+        let endpoint = algorithm.to_string();
         handles.push(tokio::spawn(async move {
             let tier = TierName::custom("bench");
             for _ in 0..n {
                 match side {
                     Side::Ours => {
-                        let d = limiter.check(&user, "api", &tier).await.unwrap();
+                        let d = limiter.check(&user, &endpoint, &tier).await.unwrap();
                         assert!(d.allowed);
                     }
                     Side::Raw => raw_check(&mut raw, algorithm, &key).await,
@@ -140,14 +141,6 @@ fn bench(c: &mut Criterion) {
                 .await
         })
         .unwrap();
-    let keys: Vec<String> = (0..64)
-        .map(|t| {
-            redis
-                .keys()
-                .key(Keyspace::RateLimit, &[&format!("raw{t}"), "api"])
-                .unwrap()
-        })
-        .collect();
 
     for algorithm in [
         Algorithm::Gcra,
@@ -166,11 +159,23 @@ fn bench(c: &mut Criterion) {
         let mut group = c.benchmark_group(format!("rate_limit/{algorithm}"));
         group.throughput(Throughput::Elements(1));
         for tasks in TASKS {
-            for (name, side) in [
-                ("aether", Side::Ours),
-                ("raw", Side::Raw),
-                ("naive_incr_expire", Side::Naive),
+            for (name, side, owner) in [
+                ("aether", Side::Ours, "ours"),
+                ("raw", Side::Raw, "raw"),
+                ("naive_incr_expire", Side::Naive, "naive"),
             ] {
+                // Each side and algorithm on keys of its own: the layouts differ by algorithm.
+                let keys: Vec<String> = (0..64)
+                    .map(|t| {
+                        redis
+                            .keys()
+                            .key(
+                                Keyspace::RateLimit,
+                                &[&format!("{owner}{t}"), &algorithm.to_string()],
+                            )
+                            .unwrap()
+                    })
+                    .collect();
                 group.bench_with_input(BenchmarkId::new(name, tasks), &tasks, |b, &tasks| {
                     b.to_async(&runtime).iter_custom(|iters| {
                         let limiter = limiter.clone();
