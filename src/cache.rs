@@ -187,16 +187,15 @@ fn canonical_bytes<P: Serialize + ?Sized>(params: &P) -> Result<Vec<u8>> {
 fn write_canonical(value: &serde_json::Value, out: &mut Vec<u8>) -> serde_json::Result<()> {
     match value {
         serde_json::Value::Object(map) => {
-            let mut members: Vec<_> = map.iter().collect();
-            members.sort_unstable_by(|a, b| a.0.cmp(b.0));
             out.push(b'{');
-            for (i, (name, member)) in members.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                serde_json::to_writer(&mut *out, name)?;
-                out.push(b':');
-                write_canonical(member, out)?;
+            // Maps keep insertion order; structs usually arrive sorted already, so sorting (and
+            // its allocation) is only paid when needed.
+            if map.keys().is_sorted() {
+                write_members(map.iter(), out)?;
+            } else {
+                let mut members: Vec<_> = map.iter().collect();
+                members.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                write_members(members.into_iter(), out)?;
             }
             out.push(b'}');
         }
@@ -210,8 +209,34 @@ fn write_canonical(value: &serde_json::Value, out: &mut Vec<u8>) -> serde_json::
             }
             out.push(b']');
         }
+        serde_json::Value::String(text) => write_string(text, out)?,
         scalar => serde_json::to_writer(&mut *out, scalar)?,
     }
+    Ok(())
+}
+
+fn write_members<'a>(
+    members: impl Iterator<Item = (&'a String, &'a serde_json::Value)>,
+    out: &mut Vec<u8>,
+) -> serde_json::Result<()> {
+    for (i, (name, member)) in members.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_string(name, out)?;
+        out.push(b':');
+        write_canonical(member, out)?;
+    }
+    Ok(())
+}
+
+fn write_string(text: &str, out: &mut Vec<u8>) -> serde_json::Result<()> {
+    if text.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        return serde_json::to_writer(&mut *out, text);
+    }
+    out.push(b'"');
+    out.extend_from_slice(text.as_bytes());
+    out.push(b'"');
     Ok(())
 }
 
@@ -900,6 +925,17 @@ mod tests {
             serde_json::from_str(r#"{"a":"é/\"\n","z":{"b":1,"a":[{"x":1,"y":2}]}}"#).unwrap();
         assert_eq!(params_hash(&a).unwrap(), params_hash(&b).unwrap());
         assert_eq!(params_hash(&a).unwrap().len(), 43);
+    }
+
+    #[test]
+    fn canonical_scalars_are_pinned() {
+        // Documented in docs/keyspace.md: the forms other languages must reproduce.
+        let v = json!({"s": "\u{1}\u{8}\u{c}\n\r\t\"\\/é😀", "f": [1.5, 1.0, 1e21, -0.0], "i": [0, -7, u64::MAX], "n": null, "b": [true, false]});
+        assert_eq!(
+            canonical_json(&v).unwrap(),
+            "{\"b\":[true,false],\"f\":[1.5,1.0,1e+21,-0.0],\"i\":[0,-7,18446744073709551615],\"n\":null,\"s\":\"\\u0001\\b\\f\\n\\r\\t\\\"\\\\/é😀\"}"
+        );
+        assert_eq!(canonical_json(&f64::NAN).unwrap(), "null");
     }
 
     #[test]
