@@ -127,7 +127,55 @@ async fn demo_sessions(redis: &Redis) -> Result<(), Box<dyn std::error::Error>> 
     Ok(())
 }
 
-async fn demo_cache(_redis: &Redis) -> Result<(), Box<dyn std::error::Error>> {
+async fn demo_cache(redis: &Redis) -> Result<(), Box<dyn std::error::Error>> {
+    use aether_redis::cache::CacheEntry;
+    use serde_json::json;
+
+    let cache = redis.cache();
+    let params = json!({"page": 1, "role": "admin"});
+    let key = cache.key("/api/users", &params)?;
+    cache
+        .set(
+            "/api/users",
+            &params,
+            &CacheEntry::new(json!(["ada", "alan"]))
+                .with_header("content-type", "application/json"),
+        )
+        .await?;
+    let hit = cache
+        .get::<serde_json::Value, _>("/api/users", &params)
+        .await?;
+    println!(
+        "cache: set and read {key} (TTL {:?}): {}",
+        cache.default_ttl(),
+        hit.map(|e| e.data.to_string()).unwrap_or_default()
+    );
+
+    // Eight concurrent callers miss the same key: one loader runs, the others get its entry.
+    let mut callers = Vec::new();
+    for _ in 0..8 {
+        let cache = cache.clone();
+        callers.push(tokio::spawn(async move {
+            cache
+                .get_or_set("/api/report", &json!({"year": 2024}), || async {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    Ok::<_, aether_redis::Error>(CacheEntry::new(json!({"total": 42})))
+                })
+                .await
+        }));
+    }
+    for caller in callers {
+        caller.await??;
+    }
+    let removed = cache.invalidate_endpoint("/api/users").await?;
+    let stats = cache.stats();
+    println!(
+        "cache: 8 concurrent get_or_set ran {} loader(s); invalidated {removed} /api/users entr{}; hits {}, misses {}",
+        stats.loads,
+        if removed == 1 { "y" } else { "ies" },
+        stats.hits,
+        stats.misses
+    );
     Ok(())
 }
 
