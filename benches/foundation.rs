@@ -43,7 +43,9 @@ fn bench(c: &mut Criterion) {
     let server = aether_redis::testkit::shared_server().expect("test server");
     let url = format!("redis://{}:{}", server.config.host, server.config.port);
     let (redis, raw, pool) = rt.block_on(async {
-        let redis = Redis::connect(server.config.clone()).await.expect("connect");
+        let redis = Redis::connect(server.config.clone())
+            .await
+            .expect("connect");
         let raw = redis::Client::open(url.as_str())
             .expect("client")
             .get_multiplexed_async_connection()

@@ -91,7 +91,11 @@ async fn cache_works_on_a_hardened_server() {
     let cache = redis.cache();
     let params = serde_json::json!({"page": 1});
     cache
-        .set("users", &params, &CacheEntry::new(serde_json::json!(["ann", "bob"])))
+        .set(
+            "users",
+            &params,
+            &CacheEntry::new(serde_json::json!(["ann", "bob"])),
+        )
         .await
         .unwrap();
     let hit: CacheEntry<serde_json::Value> = cache.get("users", &params).await.unwrap().unwrap();
