@@ -10,8 +10,17 @@
 //! - [`codec`] — hash and JSON decoding whose errors name key and field.
 //! - [`script`] — Lua scripts by SHA under the configured (renamed) command names.
 //! - [`error`] — [`Error`], with `is_retryable()` / `is_timeout()`.
-//! - [`session`] — [`SessionStore`].
-//! - [`cache`] — [`CacheManager`].
+//! - [`session`] — [`SessionStore`]: sessions with sliding expiry and user-wide logout.
+//! - [`cache`] — [`CacheManager`]: JSON response cache with stampede protection.
+//! - [`rate_limit`] — [`RateLimiter`]: tiers, GCRA / fixed / sliding windows, failure policies.
+//! - [`email_queue`] — [`EmailQueue`]: priority job queue with leases, retries and a dead set.
+//! - [`stream`] — [`Streams`]: producers and consumer groups with claim, dead letters and
+//!   idempotency.
+//! - [`user_prefs`] — [`UserPrefs`]: typed, partially updatable preferences.
+//! - [`tokens`] — [`OneTimeTokens`]: 2FA codes, email verification, password reset and domain
+//!   verification tokens.
+//! - [`events`] — [`Events`]: notifications, metrics, security events, audit logs.
+//! - [`user_data`] — erase and export everything stored about one user.
 //! - `testkit` (feature `testkit`) — disposable Redis servers for tests.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
@@ -38,10 +47,20 @@ pub mod ttl;
 pub mod user_data;
 pub mod user_prefs;
 
-pub use cache::CacheManager;
+pub use cache::{CacheEntry, CacheManager};
 pub use config::{Config, ConfigBuilder, ConfigError, Environment, SessionLayout, Topology};
+pub use email_queue::{EmailJob, EmailQueue};
 pub use error::{Error, Result};
+pub use events::Events;
 pub use keyspace::{Keys, Keyspace};
 pub use pool::{Health, Redis};
-pub use session::SessionStore;
+pub use rate_limit::{
+    Algorithm, Decision, FailurePolicy, RateLimiter, RateLimiterConfig, Tier, TierName,
+};
+pub use session::{NewSession, Role, Session, SessionId, SessionStore, SessionUpdate};
+pub use stream::{
+    ConsumerOptions, StreamConsumer, StreamHandler, StreamMessage, StreamProducer, Streams,
+};
+pub use tokens::OneTimeTokens;
 pub use ttl::TtlTable;
+pub use user_prefs::{UserPreferences, UserPrefs};
