@@ -1,6 +1,7 @@
 //! End-to-end email queue throughput: enqueue → handle → acknowledge, at 1, 8 and 32
-//! concurrency (producer tasks and handler slots), beside apalis-redis and a raw
-//! `LPUSH`/`BLMOVE`/`LREM` reliable-queue loop on the redis client, same server, same run.
+//! concurrency (producer tasks and handler slots), beside a raw `LPUSH`/`BLMOVE`/`LREM`
+//! reliable-queue loop on the redis client, same server, same run. The apalis-redis side runs
+//! with `EMAIL_QUEUE_BENCH_APALIS=1` (it stalls in this harness; see docs/performance.md).
 //!
 //! ```sh
 //! cargo bench --all-features --bench email_queue -- --warm-up-time 1 --measurement-time 3
@@ -223,15 +224,19 @@ impl Raw {
             let (done, notify) = (done.clone(), notify.clone());
             consumers.push(tokio::spawn(async move {
                 loop {
-                    let item: Option<Vec<u8>> = redis::cmd("BLMOVE")
+                    // The block time stays under the client's default response timeout.
+                    let item: Option<Vec<u8>> = match redis::cmd("BLMOVE")
                         .arg(&list)
                         .arg(&processing)
                         .arg("RIGHT")
                         .arg("LEFT")
-                        .arg(1)
+                        .arg(0.2)
                         .query_async(&mut blocking)
                         .await
-                        .unwrap();
+                    {
+                        Ok(item) => item,
+                        Err(_) => continue,
+                    };
                     let Some(item) = item else { continue };
                     let _: BenchMail = serde_json::from_slice(&item).unwrap();
                     let _: i64 = redis::cmd("LREM")
@@ -304,14 +309,18 @@ fn bench(c: &mut Criterion) {
             rt.block_on(worker.shutdown()).unwrap();
         }
 
-        let apalis = rt.block_on(apalis_side::Apalis::start(&url, concurrency));
-        group.bench_function(BenchmarkId::new("apalis_redis", concurrency), |b| {
-            b.to_async(&rt).iter_custom(|iters| {
-                let apalis = &apalis;
-                async move { apalis.run(concurrency, iters * BATCH).await }
-            })
-        });
-        rt.block_on(apalis.stop());
+        // apalis-redis 1.0 did not complete its jobs in our harness (the run stalls at
+        // concurrency 1); it runs only on request until that is understood.
+        if std::env::var("EMAIL_QUEUE_BENCH_APALIS").is_ok_and(|v| v == "1") {
+            let apalis = rt.block_on(apalis_side::Apalis::start(&url, concurrency));
+            group.bench_function(BenchmarkId::new("apalis_redis", concurrency), |b| {
+                b.to_async(&rt).iter_custom(|iters| {
+                    let apalis = &apalis;
+                    async move { apalis.run(concurrency, iters * BATCH).await }
+                })
+            });
+            rt.block_on(apalis.stop());
+        }
 
         let raw = rt.block_on(Raw::start(&client, concurrency));
         group.bench_function(
