@@ -1,1 +1,206 @@
-fn main() {}
+//! `CacheManager::get` (a hit) beside the raw redis client sending the same `GET` on one shared
+//! `MultiplexedConnection`, at 1, 16 and 64 concurrent tasks. Both sides decode the JSON into the
+//! same `CacheEntry<serde_json::Value>`, so the ratio is what the crate adds: hashing the params,
+//! building and validating the key, the shared-connection lookup and the counters. Within every
+//! sample, chunks of the two sides alternate, so load from other processes on a shared machine
+//! affects both alike.
+//!
+//! ```sh
+//! AETHER_REDIS_TEST_BACKEND=local cargo bench --features testkit --bench cache -- \
+//!     --warm-up-time 1 --measurement-time 3
+//! ```
+
+use std::time::{Duration, Instant};
+
+use aether_redis::Redis;
+use aether_redis::cache::{CacheEntry, CacheManager};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use redis::aio::MultiplexedConnection;
+use serde_json::{Value, json};
+
+const ENDPOINT: &str = "/api/users";
+const TASKS: [usize; 3] = [1, 16, 64];
+
+fn params() -> Value {
+    json!({"page": 1, "role": "admin", "sort": "name"})
+}
+
+struct Setup {
+    cache: CacheManager,
+    raw: MultiplexedConnection,
+    key: String,
+}
+
+async fn setup() -> Setup {
+    let server = aether_redis::testkit::shared_server().expect("a Redis for the bench");
+    let mut config = server.config.clone();
+    config.key_prefix = aether_redis::testkit::namespace("bench_cache");
+    let redis = Redis::connect(config.clone()).await.expect("connect");
+    let cache = redis.cache();
+    let entry = CacheEntry::new(json!({
+        "users": (0..10).map(|i| json!({"id": i, "name": format!("user-{i}")})).collect::<Vec<_>>()
+    }))
+    .with_header("content-type", "application/json");
+    cache
+        .set_with_ttl(ENDPOINT, &params(), &entry, Duration::from_secs(600))
+        .await
+        .expect("set");
+    let key = cache.key(ENDPOINT, &params()).expect("key");
+    let client = redis::Client::open(format!("redis://{}:{}/", config.host, config.port))
+        .expect("raw client");
+    let raw = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("raw connection");
+    Setup { cache, raw, key }
+}
+
+/// Runs `iters` operations split over `tasks` concurrent tasks and returns the wall time.
+async fn run<F, Fut>(iters: u64, tasks: usize, op: F) -> Duration
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let per_task = iters.div_ceil(tasks as u64);
+    let started = Instant::now();
+    let handles: Vec<_> = (0..tasks)
+        .map(|_| {
+            let op = op.clone();
+            tokio::spawn(async move {
+                for _ in 0..per_task {
+                    op().await;
+                }
+            })
+        })
+        .collect();
+    for handle in handles {
+        handle.await.expect("bench task");
+    }
+    started.elapsed()
+}
+
+type Totals = std::collections::BTreeMap<usize, (Duration, Duration)>;
+/// Wall time of both sides over the same interleaved chunks, by number of tasks.
+static PAIRED: std::sync::Mutex<Totals> = std::sync::Mutex::new(Totals::new());
+static OPS: std::sync::Mutex<std::collections::BTreeMap<usize, u64>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+fn record(tasks: usize, ops: u64, raw: Duration, aether: Duration) {
+    let mut paired = PAIRED.lock().expect("paired totals");
+    let entry = paired.entry(tasks).or_default();
+    entry.0 += raw;
+    entry.1 += aether;
+    *OPS.lock().expect("ops").entry(tasks).or_default() += ops;
+}
+
+/// Which side a benchmark reports; the other side runs interleaved with it.
+#[derive(Clone, Copy)]
+enum Side {
+    Raw,
+    Aether,
+}
+
+fn cache_get(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let setup = rt.block_on(setup());
+    let params = std::sync::Arc::new(params());
+    let raw_op = {
+        let conn = setup.raw.clone();
+        let key = setup.key.clone();
+        move || {
+            let mut conn = conn.clone();
+            let key = key.clone();
+            async move {
+                let bytes: Vec<u8> = redis::cmd("GET")
+                    .arg(&key)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("GET");
+                let entry: CacheEntry<Value> = serde_json::from_slice(&bytes).expect("decode");
+                std::hint::black_box(entry);
+            }
+        }
+    };
+    let aether_op = {
+        let cache = setup.cache.clone();
+        // The caller has its params at hand; hashing them is part of the measured work.
+        let params = params.clone();
+        move || {
+            let cache = cache.clone();
+            let params = params.clone();
+            async move {
+                let entry = cache
+                    .get::<Value, _>(ENDPOINT, &*params)
+                    .await
+                    .expect("get")
+                    .expect("hit");
+                std::hint::black_box(entry);
+            }
+        }
+    };
+    let mut group = c.benchmark_group("cache_get");
+    group.throughput(Throughput::Elements(1));
+    for tasks in TASKS {
+        for (name, side) in [("raw", Side::Raw), ("aether", Side::Aether)] {
+            let (raw_op, aether_op) = (raw_op.clone(), aether_op.clone());
+            group.bench_with_input(BenchmarkId::new(name, tasks), &tasks, |b, &tasks| {
+                b.to_async(&rt).iter_custom(|iters| {
+                    let (raw_op, aether_op) = (raw_op.clone(), aether_op.clone());
+                    async move {
+                        // Chunks of both sides alternate, so that load from other processes on
+                        // the shared machine hits both alike; only `side` is reported.
+                        let chunk = 256 * tasks as u64;
+                        let (mut reported, mut remaining) = (Duration::ZERO, iters);
+                        while remaining > 0 {
+                            let n = remaining.min(chunk);
+                            let raw = run(n, tasks, raw_op.clone()).await;
+                            let aether = run(n, tasks, aether_op.clone()).await;
+                            if matches!(side, Side::Aether) {
+                                record(tasks, n, raw, aether);
+                            }
+                            reported += match side {
+                                Side::Raw => raw,
+                                Side::Aether => aether,
+                            };
+                            remaining -= n;
+                        }
+                        reported
+                    }
+                })
+            });
+        }
+    }
+    group.finish();
+    let paired = PAIRED.lock().expect("paired totals").clone();
+    let ops = OPS.lock().expect("ops").clone();
+    for (tasks, (raw, aether)) in paired {
+        let n = ops.get(&tasks).copied().unwrap_or(1).max(1) as f64;
+        println!(
+            "cache_get paired throughput ratio (aether/raw) at {tasks} task(s): {:.3} \
+             ({:.1} µs vs {:.1} µs per operation over the same interleaved chunks)",
+            raw.as_secs_f64() / aether.as_secs_f64(),
+            aether.as_secs_f64() * 1e6 / n,
+            raw.as_secs_f64() * 1e6 / n,
+        );
+    }
+}
+
+/// The client-side work of one lookup without I/O: canonical JSON, SHA-256, key validation.
+fn cache_key(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let setup = rt.block_on(setup());
+    let params = params();
+    c.bench_function("cache_key", |b| {
+        b.iter(|| std::hint::black_box(setup.cache.key(ENDPOINT, &params).expect("key")))
+    });
+}
+
+criterion_group!(benches, cache_get, cache_key);
+criterion_main!(benches);

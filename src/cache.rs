@@ -786,12 +786,11 @@ impl CacheManager {
                 .keys()
                 .scan_pattern(Keyspace::Cache, &[endpoint])?;
             #[cfg(feature = "cluster")]
-            if self.redis.keys().is_cluster() {
-                if let crate::pool::Connection::Cluster(mut cluster) =
+            if self.redis.keys().is_cluster()
+                && let crate::pool::Connection::Cluster(mut cluster) =
                     self.redis.connection().await?
-                {
-                    return self.invalidate_cluster(&mut cluster, &pattern).await;
-                }
+            {
+                return self.invalidate_cluster(&mut cluster, &pattern).await;
             }
             let mut deleted = 0;
             let mut cursor = 0u64;
