@@ -39,11 +39,11 @@ async fn run(
 ) -> Duration {
     let started = Instant::now();
     let mut handles = Vec::with_capacity(tasks);
-    for task in 0..tasks {
+    for (task, key) in keys.iter().enumerate().take(tasks) {
         let n = iters / tasks as u64 + u64::from((task as u64) < iters % tasks as u64);
         let limiter = limiter.clone();
         let mut raw = raw.clone();
-        let key = keys[task].clone();
+        let key = key.clone();
         let user = format!("ours{task}");
         let endpoint = algorithm.to_string();
         handles.push(tokio::spawn(async move {

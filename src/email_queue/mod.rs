@@ -887,8 +887,10 @@ mod tests {
 
     #[test]
     fn options_are_validated() {
-        let mut o = QueueOptions::default();
-        o.max_attempts = 0;
+        let o = QueueOptions {
+            max_attempts: 0,
+            ..QueueOptions::default()
+        };
         assert!(matches!(
             o.validate(),
             Err(Error::InvalidInput {
@@ -896,8 +898,10 @@ mod tests {
                 ..
             })
         ));
-        let mut o = QueueOptions::default();
-        o.visibility_timeout = Duration::from_millis(1);
+        let o = QueueOptions {
+            visibility_timeout: Duration::from_millis(1),
+            ..QueueOptions::default()
+        };
         assert!(o.validate().is_err());
     }
 }
