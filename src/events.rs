@@ -295,35 +295,20 @@ fn encode_details(what: &'static str, value: &serde_json::Value) -> Result<Strin
 /// One stream entry: id and fields.
 type Entry = (String, BTreeMap<String, String>);
 
-/// Decodes an `XRANGE`/`XREVRANGE` reply.
+/// Decodes an `XRANGE`/`XREVRANGE` reply with the stream decoder, fields as text.
 fn stream_entries(key: &str, reply: Value) -> Result<Vec<Entry>> {
-    let items = match reply {
-        Value::Nil => return Ok(Vec::new()),
-        Value::Array(items) => items,
-        other => {
-            return Err(Error::decode(
-                key,
-                None,
-                format!("expected stream entries, got {other:?}"),
-            ));
-        }
-    };
-    let mut out = Vec::with_capacity(items.len());
-    for item in items {
-        let Value::Array(mut pair) = item else {
-            return Err(Error::decode(key, None, "stream entry is not an array"));
-        };
-        if pair.len() != 2 {
-            return Err(Error::decode(key, None, "stream entry is not [id, fields]"));
-        }
-        let fields = pair.pop().unwrap_or(Value::Nil);
-        let id = codec::text(key, None, pair.pop().unwrap_or(Value::Nil))?;
-        let fields = codec::HashFields::from_reply(key, fields)?
-            .map(codec::HashFields::into_fields)
-            .unwrap_or_default();
-        out.push((id, fields));
-    }
-    Ok(out)
+    crate::stream::reply::entries(key, reply)?
+        .into_iter()
+        .map(|entry| {
+            let mut fields = BTreeMap::new();
+            for (name, value) in entry.fields.unwrap_or_default() {
+                let text = String::from_utf8(value)
+                    .map_err(|_| Error::decode(key, Some(&name), "value is not UTF-8"))?;
+                fields.insert(name, text);
+            }
+            Ok((entry.id, fields))
+        })
+        .collect()
 }
 
 fn entry_millis(key: &str, id: &str) -> Result<i64> {

@@ -54,7 +54,7 @@ use crate::script::{LuaScript, ScriptCall};
 
 mod consumer;
 mod producer;
-mod reply;
+pub(crate) mod reply;
 
 pub use consumer::{
     ConsumerHandle, ConsumerMetrics, ConsumerOptions, HandlerError, StreamConsumer, StreamHandler,
