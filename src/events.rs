@@ -741,6 +741,33 @@ impl Events {
         codec::text(key, None, id)
     }
 
+    /// Entries of the stream at `key` in `from_ms..=to_ms`, oldest first, at most `limit`: the
+    /// one `XRANGE .. COUNT` round trip behind every range query.
+    async fn stream_range(
+        &self,
+        operation: &'static str,
+        key: &str,
+        from_ms: i64,
+        to_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<Entry>> {
+        let (from, to) = range_bounds(from_ms, to_ms)?;
+        check_limit(limit)?;
+        let reply = self
+            .redis
+            .query(
+                operation,
+                redis::cmd("XRANGE")
+                    .arg(key)
+                    .arg(from)
+                    .arg(to)
+                    .arg("COUNT")
+                    .arg(limit),
+            )
+            .await?;
+        stream_entries(key, reply)
+    }
+
     /// The user's security events recorded in `from_ms..=to_ms` (server clock), oldest first,
     /// at most `limit`. One round trip (`XRANGE .. COUNT`), read-only.
     #[tracing::instrument(name = "events.security_events", skip_all)]
@@ -752,21 +779,8 @@ impl Events {
         limit: usize,
     ) -> Result<Vec<SecurityEventRecord>> {
         let key = self.security_key(user_id)?;
-        let (from, to) = range_bounds(from_ms, to_ms)?;
-        check_limit(limit)?;
-        let reply = self
-            .redis
-            .query(
-                "events.security_events",
-                redis::cmd("XRANGE")
-                    .arg(&key)
-                    .arg(from)
-                    .arg(to)
-                    .arg("COUNT")
-                    .arg(limit),
-            )
-            .await?;
-        stream_entries(&key, reply)?
+        self.stream_range("events.security_events", &key, from_ms, to_ms, limit)
+            .await?
             .into_iter()
             .map(|(id, mut fields)| {
                 Ok(SecurityEventRecord {
@@ -839,21 +853,8 @@ impl Events {
         limit: usize,
     ) -> Result<Vec<AuditRecord>> {
         let key = self.audit_key();
-        let (from, to) = range_bounds(from_ms, to_ms)?;
-        check_limit(limit)?;
-        let reply = self
-            .redis
-            .query(
-                "events.audit_range",
-                redis::cmd("XRANGE")
-                    .arg(&key)
-                    .arg(from)
-                    .arg(to)
-                    .arg("COUNT")
-                    .arg(limit),
-            )
-            .await?;
-        stream_entries(&key, reply)?
+        self.stream_range("events.audit_range", &key, from_ms, to_ms, limit)
+            .await?
             .into_iter()
             .map(|(id, mut fields)| {
                 Ok(AuditRecord {
