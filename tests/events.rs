@@ -5,44 +5,14 @@ use std::time::Duration;
 
 use aether_redis::events::{AuditEntry, NewNotification, SecurityEvent};
 use aether_redis::tokens::{IssueOptions, LinkPurpose};
-use aether_redis::user_data::scan_keys;
 use aether_redis::user_prefs::{Pref, Theme};
-use aether_redis::{Environment, Error, Keyspace, Redis};
+use aether_redis::{Environment, Error, Keyspace};
 use futures::StreamExt;
 use futures::future::join_all;
 use serde_json::json;
 
-/// Every key of this test's namespace, base and derived (`{<prefix>...}:suffix`).
-async fn all_keys(redis: &Redis) -> Vec<String> {
-    let prefix = redis.keys().prefix().to_owned();
-    let mut keys = scan_keys(redis, &format!("{prefix}*")).await.unwrap();
-    keys.extend(scan_keys(redis, &format!("{{{prefix}*")).await.unwrap());
-    keys
-}
-
-async fn pttl(redis: &Redis, key: &str) -> i64 {
-    let mut conn = redis.connection().await.unwrap();
-    redis::cmd("PTTL")
-        .arg(key)
-        .query_async(&mut conn)
-        .await
-        .unwrap()
-}
-
-async fn with_environment(redis: &Redis, environment: Environment) -> Redis {
-    let mut config = redis.config().clone();
-    config.environment = environment;
-    config.key_prefix = format!("{}{environment}:", config.key_prefix);
-    Redis::connect(config).await.unwrap()
-}
-
-fn assert_ttl(actual_ms: i64, expected_secs: u64, what: &str) {
-    let expected = i64::try_from(expected_secs * 1000).unwrap();
-    assert!(
-        actual_ms <= expected && actual_ms > expected - 5_000,
-        "{what}: PTTL {actual_ms} ms, table says {expected} ms"
-    );
-}
+mod support;
+use support::{all_keys, assert_ttl, pttl, with_environment};
 
 fn now_ms() -> i64 {
     aether_redis::codec::now_millis()

@@ -4,33 +4,13 @@
 use std::time::Duration;
 
 use aether_redis::tokens::{DomainOutcome, IssueOptions, LinkPurpose, TwoFactorOutcome};
-use aether_redis::user_data::scan_keys;
 use aether_redis::{Environment, Error, Redis};
 use futures::future::join_all;
 use redis::Value;
 use serde_json::json;
 
-/// Every key of this test's namespace, base and derived (`{<prefix>...}:suffix`).
-async fn all_keys(redis: &Redis) -> Vec<String> {
-    let prefix = redis.keys().prefix().to_owned();
-    let mut keys = scan_keys(redis, &format!("{prefix}*")).await.unwrap();
-    keys.extend(scan_keys(redis, &format!("{{{prefix}*")).await.unwrap());
-    keys
-}
-
-fn flatten(value: Value, out: &mut Vec<String>) {
-    match value {
-        Value::BulkString(b) => out.push(String::from_utf8_lossy(&b).into_owned()),
-        Value::SimpleString(s) => out.push(s),
-        Value::Int(i) => out.push(i.to_string()),
-        Value::Array(items) | Value::Set(items) => items.into_iter().for_each(|v| flatten(v, out)),
-        Value::Map(pairs) => pairs.into_iter().for_each(|(k, v)| {
-            flatten(k, out);
-            flatten(v, out);
-        }),
-        _ => {}
-    }
-}
+mod support;
+use support::{all_keys, assert_ttl, flatten, pttl, with_environment};
 
 /// The key name and every string stored in it (values, fields, members, stream entries).
 async fn dump(redis: &Redis, key: &str) -> Vec<String> {
@@ -63,30 +43,6 @@ async fn dump(redis: &Redis, key: &str) -> Vec<String> {
     let mut out = vec![key.to_owned()];
     flatten(value, &mut out);
     out
-}
-
-async fn pttl(redis: &Redis, key: &str) -> i64 {
-    let mut conn = redis.connection().await.unwrap();
-    redis::cmd("PTTL")
-        .arg(key)
-        .query_async(&mut conn)
-        .await
-        .unwrap()
-}
-
-async fn with_environment(redis: &Redis, environment: Environment) -> Redis {
-    let mut config = redis.config().clone();
-    config.environment = environment;
-    config.key_prefix = format!("{}{environment}:", config.key_prefix);
-    Redis::connect(config).await.unwrap()
-}
-
-fn assert_ttl(actual_ms: i64, expected_secs: u64, what: &str) {
-    let expected = i64::try_from(expected_secs * 1000).unwrap();
-    assert!(
-        actual_ms <= expected && actual_ms > expected - 5_000,
-        "{what}: PTTL {actual_ms} ms, table says {expected} ms"
-    );
 }
 
 aether_redis::contract_tests! {

@@ -14,6 +14,9 @@ use futures::future::join_all;
 use redis::Value;
 use serde_json::json;
 
+mod support;
+use support::{flatten, pttl};
+
 const WEEK_MS: i64 = 7 * 24 * 3600 * 1000;
 
 async fn raw_hash(redis: &Redis, key: &str) -> BTreeMap<String, String> {
@@ -25,31 +28,8 @@ async fn raw_hash(redis: &Redis, key: &str) -> BTreeMap<String, String> {
         .unwrap()
 }
 
-async fn pttl(redis: &Redis, key: &str) -> i64 {
-    let mut conn = redis.connection().await.unwrap();
-    redis::cmd("PTTL")
-        .arg(key)
-        .query_async(&mut conn)
-        .await
-        .unwrap()
-}
-
 fn prefs_key(redis: &Redis, user: &str) -> String {
     redis.keys().key(Keyspace::UserPrefs, &[user]).unwrap()
-}
-
-fn flatten(value: Value, out: &mut Vec<String>) {
-    match value {
-        Value::BulkString(b) => out.push(String::from_utf8_lossy(&b).into_owned()),
-        Value::SimpleString(s) => out.push(s),
-        Value::Int(i) => out.push(i.to_string()),
-        Value::Array(items) | Value::Set(items) => items.into_iter().for_each(|v| flatten(v, out)),
-        Value::Map(pairs) => pairs.into_iter().for_each(|(k, v)| {
-            flatten(k, out);
-            flatten(v, out);
-        }),
-        _ => {}
-    }
 }
 
 /// Type, contents and whether a TTL is set, for comparing a key before and after.

@@ -1,0 +1,57 @@
+//! Helpers shared by the contract tests: key listings, raw TTL reads, TTL-table checks.
+// Each test binary compiles this module and uses a subset of it.
+#![allow(dead_code)]
+
+use aether_redis::user_data::scan_keys;
+use aether_redis::{Environment, Redis};
+use redis::Value;
+
+/// Every key of this test's namespace, base and derived (`{<prefix>...}:suffix`).
+pub async fn all_keys(redis: &Redis) -> Vec<String> {
+    let prefix = redis.keys().prefix().to_owned();
+    let mut keys = scan_keys(redis, &format!("{prefix}*")).await.unwrap();
+    keys.extend(scan_keys(redis, &format!("{{{prefix}*")).await.unwrap());
+    keys
+}
+
+/// The key's remaining TTL in milliseconds, as `PTTL` reports it (-1 none, -2 missing).
+pub async fn pttl(redis: &Redis, key: &str) -> i64 {
+    let mut conn = redis.connection().await.unwrap();
+    redis::cmd("PTTL")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
+/// A handle on the same server for `environment`, in a namespace of its own.
+pub async fn with_environment(redis: &Redis, environment: Environment) -> Redis {
+    let mut config = redis.config().clone();
+    config.environment = environment;
+    config.key_prefix = format!("{}{environment}:", config.key_prefix);
+    Redis::connect(config).await.unwrap()
+}
+
+/// Asserts a freshly written key's PTTL matches the table's `expected_secs` (within 5 s).
+pub fn assert_ttl(actual_ms: i64, expected_secs: u64, what: &str) {
+    let expected = i64::try_from(expected_secs * 1000).unwrap();
+    assert!(
+        actual_ms <= expected && actual_ms > expected - 5_000,
+        "{what}: PTTL {actual_ms} ms, table says {expected} ms"
+    );
+}
+
+/// Every string in a reply, depth first (values, fields, members, stream entries).
+pub fn flatten(value: Value, out: &mut Vec<String>) {
+    match value {
+        Value::BulkString(b) => out.push(String::from_utf8_lossy(&b).into_owned()),
+        Value::SimpleString(s) => out.push(s),
+        Value::Int(i) => out.push(i.to_string()),
+        Value::Array(items) | Value::Set(items) => items.into_iter().for_each(|v| flatten(v, out)),
+        Value::Map(pairs) => pairs.into_iter().for_each(|(k, v)| {
+            flatten(k, out);
+            flatten(v, out);
+        }),
+        _ => {}
+    }
+}
