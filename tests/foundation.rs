@@ -4,6 +4,24 @@ use aether_redis::script::{LuaScript, ScriptCall};
 use aether_redis::testkit::{self, LocalSentinel, TestTopology};
 use aether_redis::{Config, Error, Redis};
 
+mod support;
+
+/// Writes `value` at `key` and reads it back over the handle's shared connection.
+async fn set_then_get(redis: &Redis, key: &str, value: &str) -> String {
+    let mut conn = redis.connection().await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(key)
+        .arg(value)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    redis::cmd("GET")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
 aether_redis::contract_tests! {
     async fn health_reports_role_and_version(redis) {
         let health = redis.health().await.unwrap();
@@ -32,19 +50,7 @@ async fn sentinel_connects_and_round_trips() {
         .unwrap()
         .unwrap();
     let redis = Redis::connect(sentinel.config()).await.unwrap();
-    let mut conn = redis.connection().await.unwrap();
-    let _: () = redis::cmd("SET")
-        .arg("sentinel-k")
-        .arg("v")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let v: String = redis::cmd("GET")
-        .arg("sentinel-k")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(v, "v");
+    assert_eq!(set_then_get(&redis, "sentinel-k", "v").await, "v");
     assert_eq!(redis.health().await.unwrap().role, "master");
 }
 
@@ -124,19 +130,7 @@ async fn tls_connects_and_round_trips() {
         .build()
         .unwrap();
     let redis = Redis::connect(config).await.unwrap();
-    let mut conn = redis.connection().await.unwrap();
-    let _: () = redis::cmd("SET")
-        .arg("tls-k")
-        .arg("over-tls")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let v: String = redis::cmd("GET")
-        .arg("tls-k")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(v, "over-tls");
+    assert_eq!(set_then_get(&redis, "tls-k", "over-tls").await, "over-tls");
 
     // Without trusting the CA the handshake must fail: TLS is really verified.
     let untrusted = Config::builder()
@@ -151,31 +145,17 @@ async fn tls_connects_and_round_trips() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-fn local(lines: &[&str]) -> aether_redis::testkit::LocalServer {
-    aether_redis::testkit::LocalServer::start(aether_redis::testkit::LocalOptions {
-        config_lines: lines.iter().map(|l| l.to_string()).collect(),
-        ..Default::default()
+async fn start_local(config_lines: Vec<String>) -> aether_redis::testkit::LocalServer {
+    tokio::task::spawn_blocking(move || {
+        aether_redis::testkit::LocalServer::start(aether_redis::testkit::LocalOptions {
+            config_lines,
+            ..Default::default()
+        })
     })
+    .await
+    .unwrap()
     .unwrap()
 }
-
-async fn start_local(lines: &'static [&'static str]) -> aether_redis::testkit::LocalServer {
-    tokio::task::spawn_blocking(move || local(lines))
-        .await
-        .unwrap()
-}
-
-const HARDENED: &[&str] = &[
-    "rename-command EVAL EVAL_b835c3f9a8",
-    "rename-command SCRIPT SCRIPT_b835c3f9a8",
-    "rename-command CONFIG \"\"",
-    "rename-command KEYS \"\"",
-    "rename-command FLUSHDB \"\"",
-    "rename-command FLUSHALL \"\"",
-    "rename-command DEBUG \"\"",
-    "user default on nopass ~* &* +@all",
-    "user app on >pw ~* &* +@all -@dangerous",
-];
 
 fn app_user(server: &aether_redis::testkit::LocalServer) -> aether_redis::ConfigBuilder {
     Config::builder()
@@ -186,7 +166,7 @@ fn app_user(server: &aether_redis::testkit::LocalServer) -> aether_redis::Config
 
 #[tokio::test]
 async fn hardened_server_scripting_follows_the_configured_names() {
-    let server = start_local(HARDENED).await;
+    let server = start_local(support::hardened_config_lines()).await;
     let renamed = app_user(&server)
         .renamed_command("EVAL", "EVAL_b835c3f9a8")
         .renamed_command("SCRIPT", "SCRIPT_b835c3f9a8")
@@ -220,7 +200,7 @@ async fn hardened_server_scripting_follows_the_configured_names() {
 
 #[tokio::test]
 async fn shared_connection_recovers_after_a_server_restart() {
-    let mut server = start_local(&[]).await;
+    let mut server = start_local(Vec::new()).await;
     let redis = Redis::connect(server.config()).await.unwrap();
     let ping = || async {
         let mut conn = redis.connection().await?;
@@ -259,7 +239,7 @@ async fn shared_connection_recovers_after_a_server_restart() {
 
 #[tokio::test]
 async fn a_stalled_server_is_a_timeout_with_unknown_outcome() {
-    let server = start_local(&[]).await;
+    let server = start_local(Vec::new()).await;
     let config = Config::builder()
         .port(server.port())
         .response_timeout(std::time::Duration::from_millis(200))
@@ -281,7 +261,7 @@ async fn a_stalled_server_is_a_timeout_with_unknown_outcome() {
 
 #[tokio::test]
 async fn blocking_commands_use_dedicated_connections_without_response_timeout() {
-    let server = start_local(&[]).await;
+    let server = start_local(Vec::new()).await;
     let config = Config::builder()
         .port(server.port())
         .response_timeout(std::time::Duration::from_millis(200))

@@ -7,22 +7,12 @@ use aether_redis::session::{NewSession, Role};
 use aether_redis::testkit::{LocalOptions, LocalServer};
 use aether_redis::{Config, Redis};
 
-const HARDENED: &[&str] = &[
-    "rename-command EVAL EVAL_b835c3f9a8",
-    "rename-command SCRIPT SCRIPT_b835c3f9a8",
-    "rename-command CONFIG \"\"",
-    "rename-command KEYS \"\"",
-    "rename-command FLUSHDB \"\"",
-    "rename-command FLUSHALL \"\"",
-    "rename-command DEBUG \"\"",
-    "user default on nopass ~* &* +@all",
-    "user app on >pw ~* &* +@all -@dangerous",
-];
+mod support;
 
 async fn hardened_server() -> LocalServer {
     tokio::task::spawn_blocking(|| {
         LocalServer::start(LocalOptions {
-            config_lines: HARDENED.iter().map(|l| l.to_string()).collect(),
+            config_lines: support::hardened_config_lines(),
             ..LocalOptions::default()
         })
     })

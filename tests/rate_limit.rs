@@ -11,6 +11,8 @@ use aether_redis::rate_limit::{
 use aether_redis::testkit::{LocalOptions, LocalServer};
 use aether_redis::{Config, Error, Redis};
 
+mod support;
+
 const ALGORITHMS: [Algorithm; 3] = [
     Algorithm::Gcra,
     Algorithm::FixedWindow,
@@ -480,20 +482,13 @@ async fn redis_stopped_mid_run_each_policy_then_recovery() {
     assert_eq!(d.source, DecisionSource::Redis);
 }
 
-const HARDENED: [&str; 7] = [
-    "rename-command EVAL EVAL_b835c3f9a8",
-    "rename-command SCRIPT SCRIPT_b835c3f9a8",
-    "rename-command CONFIG \"\"",
-    "rename-command KEYS \"\"",
-    "rename-command FLUSHDB \"\"",
-    "rename-command FLUSHALL \"\"",
-    "rename-command DEBUG \"\"",
-];
-
 #[tokio::test]
 async fn hardened_server_with_renamed_eval_runs_every_algorithm() {
     let server = start(LocalOptions {
-        config_lines: HARDENED.iter().map(|s| s.to_string()).collect(),
+        config_lines: support::RENAMED_COMMANDS
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
         ..LocalOptions::default()
     })
     .await;
@@ -531,7 +526,10 @@ async fn hardened_server_with_renamed_eval_runs_every_algorithm() {
 
 #[tokio::test]
 async fn scripting_disabled_fails_script_tiers_at_construction_fixed_window_works() {
-    let mut lines: Vec<String> = HARDENED.iter().map(|s| s.to_string()).collect();
+    let mut lines: Vec<String> = support::RENAMED_COMMANDS
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     lines[0] = "rename-command EVAL \"\"".into();
     lines.push("rename-command EVALSHA \"\"".into());
     let server = start(LocalOptions {

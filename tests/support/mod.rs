@@ -55,3 +55,28 @@ pub fn flatten(value: Value, out: &mut Vec<String>) {
         _ => {}
     }
 }
+
+/// The production hardening of the documented server configs: scripting renamed, dangerous
+/// commands removed.
+pub const RENAMED_COMMANDS: &[&str] = &[
+    "rename-command EVAL EVAL_b835c3f9a8",
+    "rename-command SCRIPT SCRIPT_b835c3f9a8",
+    "rename-command CONFIG \"\"",
+    "rename-command KEYS \"\"",
+    "rename-command FLUSHDB \"\"",
+    "rename-command FLUSHALL \"\"",
+    "rename-command DEBUG \"\"",
+];
+
+/// [`RENAMED_COMMANDS`] plus an application user `app`/`pw` that may run nothing `@dangerous`
+/// (no `INFO` either); `default` stays an operator account.
+pub fn hardened_config_lines() -> Vec<String> {
+    RENAMED_COMMANDS
+        .iter()
+        .chain(&[
+            "user default on nopass ~* &* +@all",
+            "user app on >pw ~* &* +@all -@dangerous",
+        ])
+        .map(|line| line.to_string())
+        .collect()
+}
