@@ -10,13 +10,16 @@
 //!     --warm-up-time 1 --measurement-time 3
 //! ```
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aether_redis::Redis;
 use aether_redis::cache::{CacheEntry, CacheManager};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use redis::aio::MultiplexedConnection;
 use serde_json::{Value, json};
+
+mod support;
+use support::run_concurrent as run;
 
 const ENDPOINT: &str = "/api/users";
 const TASKS: [usize; 3] = [1, 16, 64];
@@ -53,30 +56,6 @@ async fn setup() -> Setup {
         .await
         .expect("raw connection");
     Setup { cache, raw, key }
-}
-
-/// Runs `iters` operations split over `tasks` concurrent tasks and returns the wall time.
-async fn run<F, Fut>(iters: u64, tasks: usize, op: F) -> Duration
-where
-    F: Fn() -> Fut + Clone + Send + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
-{
-    let per_task = iters.div_ceil(tasks as u64);
-    let started = Instant::now();
-    let handles: Vec<_> = (0..tasks)
-        .map(|_| {
-            let op = op.clone();
-            tokio::spawn(async move {
-                for _ in 0..per_task {
-                    op().await;
-                }
-            })
-        })
-        .collect();
-    for handle in handles {
-        handle.await.expect("bench task");
-    }
-    started.elapsed()
 }
 
 type Totals = std::collections::BTreeMap<usize, (Duration, Duration)>;

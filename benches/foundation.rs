@@ -7,36 +7,13 @@
 //!
 //! Run: `cargo bench --bench foundation --features testkit -- --warm-up-time 1 --measurement-time 3`
 
-use std::time::{Duration, Instant};
-
 use aether_redis::Redis;
 use criterion::{Criterion, criterion_group, criterion_main};
 
-const CONCURRENCY: [usize; 3] = [1, 16, 64];
+mod support;
+use support::run_concurrent;
 
-/// Runs `iters` operations split over `tasks` tasks and returns the wall time.
-async fn run_concurrent<F, Fut>(iters: u64, tasks: usize, op: F) -> Duration
-where
-    F: Fn() -> Fut + Clone + Send + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
-{
-    let per_task = iters.div_ceil(tasks as u64);
-    let started = Instant::now();
-    let handles: Vec<_> = (0..tasks)
-        .map(|_| {
-            let op = op.clone();
-            tokio::spawn(async move {
-                for _ in 0..per_task {
-                    op().await;
-                }
-            })
-        })
-        .collect();
-    for h in handles {
-        h.await.expect("bench task");
-    }
-    started.elapsed()
-}
+const CONCURRENCY: [usize; 3] = [1, 16, 64];
 
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
