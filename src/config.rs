@@ -186,8 +186,37 @@ impl FromStr for SessionLayout {
 }
 
 /// Everything needed to connect and to lay out data. Build with [`Config::from_env`],
-/// [`Config::from_url`] or [`Config::builder`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// [`Config::from_url`] or [`Config::builder`], or deserialize it from a configuration file.
+///
+/// # From a file
+///
+/// `Config` implements [`serde::Deserialize`] (any serde format: TOML, YAML, JSON). Every field
+/// is optional and defaults as in [`Config::default`]; durations carry their unit in the name;
+/// an unknown field is an error (a typo must not silently fall back to a default); the result is
+/// validated like the builder's, and a value that fails names its field in the error.
+///
+/// ```
+/// use std::time::Duration;
+/// use aether_redis::{Config, Environment, Keyspace};
+/// let config: Config = serde_json::from_str(r#"{
+///     "url": "redis://:pw@cache.internal:6380/1",
+///     "environment": "production",
+///     "key_prefix": "mailer:",
+///     "response_timeout_ms": 2000,
+///     "ttl_secs": { "session": 7200 },
+///     "renamed_commands": { "EVAL": "EVAL_b835c3f9a8" }
+/// }"#).unwrap();
+/// assert_eq!((config.host.as_str(), config.port, config.db), ("cache.internal", 6380, 1));
+/// assert_eq!(config.environment, Environment::Production);
+/// assert_eq!(config.ttl().get(Keyspace::Session), Duration::from_secs(7200));
+///
+/// let typo = serde_json::from_str::<Config>(r#"{ "key_prefx": "x:" }"#).unwrap_err();
+/// assert!(typo.to_string().contains("key_prefx"));
+/// let bad = serde_json::from_str::<Config>(r#"{ "environment": "staging-ish" }"#).unwrap_err();
+/// assert!(bad.to_string().contains("environment"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "file::ConfigFile")]
 #[non_exhaustive]
 pub struct Config {
     /// Standalone, Sentinel or Cluster.
@@ -840,6 +869,221 @@ impl ConfigBuilder {
     }
 }
 
+/// The serde shape of [`Config`]: plain values with units in the field names, converted and
+/// validated into a `Config`.
+mod file {
+    use std::collections::BTreeMap;
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use super::{
+        Config, ConfigError, Secret, TlsConfig, Topology, check_file, parse_addr_list,
+        parse_renamed,
+    };
+    use crate::keyspace::Keyspace;
+
+    // No `Debug`: the password must not be printable from here either.
+    #[derive(serde::Deserialize, Default)]
+    #[serde(default, deny_unknown_fields)]
+    pub(super) struct ConfigFile {
+        url: Option<String>,
+        host: Option<String>,
+        port: Option<u16>,
+        username: Option<String>,
+        password: Option<String>,
+        db: Option<i64>,
+        tls: Option<TlsFile>,
+        response_timeout_ms: Option<u64>,
+        connect_timeout_ms: Option<u64>,
+        pool_size: Option<usize>,
+        max_retries: Option<u32>,
+        shared_connections: Option<usize>,
+        key_prefix: Option<String>,
+        environment: Option<String>,
+        ttl_secs: BTreeMap<String, u64>,
+        rate_limit_window_secs: Option<u64>,
+        rate_limit_max: Option<u64>,
+        renamed_commands: BTreeMap<String, String>,
+        session_layout: Option<String>,
+        session_max_lifetime_secs: Option<u64>,
+        sentinel: Option<SentinelFile>,
+        cluster_nodes: Option<Vec<String>>,
+    }
+
+    #[derive(serde::Deserialize, Default)]
+    #[serde(default, deny_unknown_fields)]
+    struct TlsFile {
+        ca_file: Option<PathBuf>,
+        cert_file: Option<PathBuf>,
+        key_file: Option<PathBuf>,
+    }
+
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct SentinelFile {
+        master: String,
+        addrs: Vec<String>,
+    }
+
+    fn positive(
+        field: &str,
+        value: u64,
+        unit: fn(u64) -> Duration,
+    ) -> Result<Duration, ConfigError> {
+        if value == 0 {
+            return Err(ConfigError::invalid(field, "0", "must be at least 1"));
+        }
+        Ok(unit(value))
+    }
+
+    impl TryFrom<ConfigFile> for Config {
+        type Error = ConfigError;
+
+        fn try_from(f: ConfigFile) -> Result<Self, ConfigError> {
+            let mut c = match &f.url {
+                Some(url) => Config::from_url_named("url", url)?,
+                None => Config::default(),
+            };
+            if let Some(host) = f.host {
+                c.host = host;
+            }
+            if let Some(port) = f.port {
+                if port == 0 {
+                    return Err(ConfigError::invalid("port", "0", "must be 1-65535"));
+                }
+                c.port = port;
+            }
+            if let Some(username) = f.username {
+                c.username = Some(username);
+            }
+            if let Some(password) = f.password {
+                c.password = Some(Secret(password));
+            }
+            if let Some(db) = f.db {
+                if db < 0 {
+                    return Err(ConfigError::invalid(
+                        "db",
+                        db.to_string(),
+                        "must be 0 or more",
+                    ));
+                }
+                c.db = db;
+            }
+            if let Some(tls) = f.tls {
+                for (field, path) in [
+                    ("tls.ca_file", &tls.ca_file),
+                    ("tls.cert_file", &tls.cert_file),
+                    ("tls.key_file", &tls.key_file),
+                ] {
+                    if let Some(path) = path {
+                        check_file(field, path)?;
+                    }
+                }
+                c.tls = Some(TlsConfig {
+                    ca_file: tls.ca_file,
+                    cert_file: tls.cert_file,
+                    key_file: tls.key_file,
+                });
+            }
+            if let Some(ms) = f.response_timeout_ms {
+                c.response_timeout = positive("response_timeout_ms", ms, Duration::from_millis)?;
+            }
+            if let Some(ms) = f.connect_timeout_ms {
+                c.connect_timeout = positive("connect_timeout_ms", ms, Duration::from_millis)?;
+            }
+            if let Some(size) = f.pool_size {
+                c.pool_size = size;
+            }
+            if let Some(retries) = f.max_retries {
+                c.max_retries = retries;
+            }
+            if let Some(count) = f.shared_connections {
+                c.shared_connections = count;
+            }
+            if let Some(prefix) = f.key_prefix {
+                c.key_prefix = prefix;
+            }
+            if let Some(env) = f.environment {
+                c.environment = env.parse().map_err(|_| {
+                    ConfigError::invalid(
+                        "environment",
+                        &env,
+                        "expected production, prod, development, dev or test",
+                    )
+                })?;
+            }
+            for (name, secs) in f.ttl_secs {
+                let field = format!("ttl_secs.{name}");
+                let keyspace = Keyspace::ALL
+                    .into_iter()
+                    .find(|k| k.name() == name)
+                    .ok_or_else(|| {
+                        ConfigError::invalid(&field, &name, "not a documented keyspace")
+                    })?;
+                c.ttl_overrides
+                    .insert(keyspace, positive(&field, secs, Duration::from_secs)?);
+            }
+            if let Some(secs) = f.rate_limit_window_secs {
+                c.rate_limit_window = Some(positive(
+                    "rate_limit_window_secs",
+                    secs,
+                    Duration::from_secs,
+                )?);
+            }
+            if let Some(max) = f.rate_limit_max {
+                c.rate_limit_max = Some(max);
+            }
+            if !f.renamed_commands.is_empty() {
+                let joined: Vec<String> = f
+                    .renamed_commands
+                    .iter()
+                    .map(|(from, to)| format!("{from}={to}"))
+                    .collect();
+                c.renamed_commands = parse_renamed("renamed_commands", &joined.join(","))?;
+            }
+            if let Some(layout) = f.session_layout {
+                c.session_layout = layout.parse().map_err(|_| {
+                    ConfigError::invalid("session_layout", &layout, "expected hash or json")
+                })?;
+            }
+            if let Some(secs) = f.session_max_lifetime_secs {
+                c.session_max_lifetime =
+                    positive("session_max_lifetime_secs", secs, Duration::from_secs)?;
+            }
+            match (f.sentinel, f.cluster_nodes) {
+                (Some(_), Some(_)) => {
+                    return Err(ConfigError::invalid(
+                        "sentinel",
+                        "",
+                        "sentinel and cluster_nodes exclude each other",
+                    ));
+                }
+                (Some(sentinel), None) => {
+                    if sentinel.master.trim().is_empty() {
+                        return Err(ConfigError::invalid(
+                            "sentinel.master",
+                            "",
+                            "must not be empty",
+                        ));
+                    }
+                    c.topology = Topology::Sentinel {
+                        master: sentinel.master,
+                        sentinels: parse_addr_list("sentinel.addrs", &sentinel.addrs.join(","))?,
+                    };
+                }
+                (None, Some(nodes)) => {
+                    c.topology = Topology::Cluster {
+                        nodes: parse_addr_list("cluster_nodes", &nodes.join(","))?,
+                    };
+                }
+                (None, None) => {}
+            }
+            c.validate()?;
+            Ok(c)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -887,6 +1131,67 @@ mod tests {
         assert!(
             matches!(err, ConfigError::File { ref variable, .. } if variable == "REDIS_TLS_CA_FILE")
         );
+    }
+
+    #[test]
+    fn deserializes_every_field_and_names_bad_ones() {
+        let c: Config = serde_json::from_str(
+            r#"{
+                "host": "10.0.0.9", "port": 7000, "username": "app", "password": "pw-in-file",
+                "response_timeout_ms": 1500, "connect_timeout_ms": 900, "pool_size": 4,
+                "max_retries": 1, "shared_connections": 2, "key_prefix": "svc:",
+                "environment": "test", "ttl_secs": { "cache": 12, "rate-limit": 30 },
+                "rate_limit_window_secs": 60, "rate_limit_max": 10,
+                "renamed_commands": { "eval": "EVAL_x", "KEYS": "" },
+                "session_layout": "json", "session_max_lifetime_secs": 3600,
+                "cluster_nodes": ["a:7000", "b:7001"]
+            }"#,
+        )
+        .unwrap();
+        assert_eq!((c.host.as_str(), c.port), ("10.0.0.9", 7000));
+        assert_eq!(c.response_timeout, Duration::from_millis(1500));
+        assert_eq!(c.connect_timeout, Duration::from_millis(900));
+        assert_eq!(
+            (c.pool_size, c.max_retries, c.shared_connections),
+            (4, 1, 2)
+        );
+        assert_eq!(c.environment, Environment::Test);
+        assert_eq!(c.ttl().get(Keyspace::Cache), Duration::from_secs(12));
+        assert_eq!(c.ttl().get(Keyspace::RateLimit), Duration::from_secs(30));
+        assert_eq!(c.rate_limit_max, Some(10));
+        assert_eq!(c.command_name("EVAL"), Some("EVAL_x"));
+        assert_eq!(c.command_name("KEYS"), None);
+        assert_eq!(c.session_layout, SessionLayout::Json);
+        assert_eq!(c.session_max_lifetime, Duration::from_secs(3600));
+        assert!(matches!(c.topology, Topology::Cluster { ref nodes } if nodes.len() == 2));
+        assert!(!format!("{c:?}").contains("pw-in-file"));
+        assert_eq!(
+            serde_json::from_str::<Config>("{}").unwrap(),
+            Config::default()
+        );
+
+        for (json, field) in [
+            (r#"{"port": 0}"#, "port"),
+            (r#"{"db": -1}"#, "db"),
+            (r#"{"environment": "staging-ish"}"#, "environment"),
+            (r#"{"response_timeout_ms": 0}"#, "response_timeout_ms"),
+            (r#"{"ttl_secs": {"sessions": 5}}"#, "ttl_secs.sessions"),
+            (r#"{"ttl_secs": {"session": 0}}"#, "ttl_secs.session"),
+            (r#"{"session_layout": "xml"}"#, "session_layout"),
+            (r#"{"cluster_nodes": ["nohost"]}"#, "cluster_nodes"),
+            (
+                r#"{"tls": {"ca_file": "/nonexistent/ca.pem"}}"#,
+                "tls.ca_file",
+            ),
+            (r#"{"url": "http://x"}"#, "url"),
+            (r#"{"pool_size": 0}"#, "REDIS_POOL_SIZE"),
+            (r#"{"pool_sise": 3}"#, "pool_sise"),
+        ] {
+            let err = serde_json::from_str::<Config>(json)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(field), "{json}: {err}");
+        }
     }
 
     #[test]
