@@ -1,13 +1,12 @@
 //! `CacheManager::get` (a hit) beside the raw redis client sending the same `GET` on one shared
 //! `MultiplexedConnection`, at 1, 16 and 64 concurrent tasks. Both sides decode the JSON into the
 //! same `CacheEntry<serde_json::Value>`, so the ratio is what the crate adds: hashing the params,
-//! building and validating the key, the shared-connection lookup and the counters. Within every
-//! sample, chunks of the two sides alternate, so load from other processes on a shared machine
-//! affects both alike.
+//! building and validating the key, the shared-connection lookup and the counters. Criterion
+//! reports each side; the quoted ratios are the paired ones printed at the end (alternating
+//! rounds, see `support::paired_ratio`).
 //!
 //! ```sh
-//! AETHER_REDIS_TEST_BACKEND=local cargo bench --features testkit --bench cache -- \
-//!     --warm-up-time 1 --measurement-time 3
+//! cargo bench --all-features --bench cache -- --warm-up-time 1 --measurement-time 3
 //! ```
 
 use std::time::Duration;
@@ -19,7 +18,7 @@ use redis::aio::MultiplexedConnection;
 use serde_json::{Value, json};
 
 mod support;
-use support::run_concurrent as run;
+use support::{paired_ratio, run_concurrent};
 
 const ENDPOINT: &str = "/api/users";
 const TASKS: [usize; 3] = [1, 16, 64];
@@ -56,27 +55,6 @@ async fn setup() -> Setup {
         .await
         .expect("raw connection");
     Setup { cache, raw, key }
-}
-
-type Totals = std::collections::BTreeMap<usize, (Duration, Duration)>;
-/// Wall time of both sides over the same interleaved chunks, by number of tasks.
-static PAIRED: std::sync::Mutex<Totals> = std::sync::Mutex::new(Totals::new());
-static OPS: std::sync::Mutex<std::collections::BTreeMap<usize, u64>> =
-    std::sync::Mutex::new(std::collections::BTreeMap::new());
-
-fn record(tasks: usize, ops: u64, raw: Duration, aether: Duration) {
-    let mut paired = PAIRED.lock().expect("paired totals");
-    let entry = paired.entry(tasks).or_default();
-    entry.0 += raw;
-    entry.1 += aether;
-    *OPS.lock().expect("ops").entry(tasks).or_default() += ops;
-}
-
-/// Which side a benchmark reports; the other side runs interleaved with it.
-#[derive(Clone, Copy)]
-enum Side {
-    Raw,
-    Aether,
 }
 
 fn cache_get(c: &mut Criterion) {
@@ -124,47 +102,23 @@ fn cache_get(c: &mut Criterion) {
     let mut group = c.benchmark_group("cache_get");
     group.throughput(Throughput::Elements(1));
     for tasks in TASKS {
-        for (name, side) in [("raw", Side::Raw), ("aether", Side::Aether)] {
-            let (raw_op, aether_op) = (raw_op.clone(), aether_op.clone());
-            group.bench_with_input(BenchmarkId::new(name, tasks), &tasks, |b, &tasks| {
-                b.to_async(&rt).iter_custom(|iters| {
-                    let (raw_op, aether_op) = (raw_op.clone(), aether_op.clone());
-                    async move {
-                        // Chunks of both sides alternate, so that load from other processes on
-                        // the shared machine hits both alike; only `side` is reported.
-                        let chunk = 256 * tasks as u64;
-                        let (mut reported, mut remaining) = (Duration::ZERO, iters);
-                        while remaining > 0 {
-                            let n = remaining.min(chunk);
-                            let raw = run(n, tasks, raw_op.clone()).await;
-                            let aether = run(n, tasks, aether_op.clone()).await;
-                            if matches!(side, Side::Aether) {
-                                record(tasks, n, raw, aether);
-                            }
-                            reported += match side {
-                                Side::Raw => raw,
-                                Side::Aether => aether,
-                            };
-                            remaining -= n;
-                        }
-                        reported
-                    }
-                })
-            });
-        }
+        group.bench_with_input(BenchmarkId::new("raw", tasks), &tasks, |b, &tasks| {
+            b.to_async(&rt)
+                .iter_custom(|iters| run_concurrent(iters, tasks, raw_op.clone()))
+        });
+        group.bench_with_input(BenchmarkId::new("aether", tasks), &tasks, |b, &tasks| {
+            b.to_async(&rt)
+                .iter_custom(|iters| run_concurrent(iters, tasks, aether_op.clone()))
+        });
     }
     group.finish();
-    let paired = PAIRED.lock().expect("paired totals").clone();
-    let ops = OPS.lock().expect("ops").clone();
-    for (tasks, (raw, aether)) in paired {
-        let n = ops.get(&tasks).copied().unwrap_or(1).max(1) as f64;
-        println!(
-            "cache_get paired throughput ratio (aether/raw) at {tasks} task(s): {:.3} \
-             ({:.1} µs vs {:.1} µs per operation over the same interleaved chunks)",
-            raw.as_secs_f64() / aether.as_secs_f64(),
-            aether.as_secs_f64() * 1e6 / n,
-            raw.as_secs_f64() * 1e6 / n,
-        );
+    for tasks in TASKS {
+        rt.block_on(paired_ratio(
+            "cache_get",
+            tasks,
+            aether_op.clone(),
+            raw_op.clone(),
+        ));
     }
 }
 

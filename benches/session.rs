@@ -4,10 +4,8 @@
 //! tasks.
 //!
 //! ```sh
-//! cargo bench --features testkit --bench session -- --warm-up-time 1 --measurement-time 3
+//! cargo bench --all-features --bench session -- --warm-up-time 1 --measurement-time 3
 //! ```
-
-use std::time::{Duration, Instant};
 
 use aether_redis::Redis;
 use aether_redis::session::{NewSession, Role, SessionStore, lua};
@@ -15,28 +13,8 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use redis::Value;
 use redis::aio::MultiplexedConnection;
 
-/// Runs `iters` operations split over `tasks` spawned tasks and returns the wall time.
-async fn run<F, Fut>(iters: u64, tasks: u64, op: F) -> Duration
-where
-    F: Fn() -> Fut + Clone + Send + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
-{
-    let started = Instant::now();
-    let mut set = tokio::task::JoinSet::new();
-    for t in 0..tasks {
-        let n = iters / tasks + u64::from(t < iters % tasks);
-        let op = op.clone();
-        set.spawn(async move {
-            for _ in 0..n {
-                op().await;
-            }
-        });
-    }
-    while let Some(r) = set.join_next().await {
-        r.expect("bench task");
-    }
-    started.elapsed()
-}
+mod support;
+use support::{paired_ratio, run_concurrent};
 
 fn session_get_touch(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -85,100 +63,51 @@ fn session_get_touch(c: &mut Criterion) {
     let idle = store.idle_ttl().as_millis() as u64;
     let cap = store.max_lifetime().as_millis() as u64;
 
+    let ours = move || {
+        let (store, id) = (store.clone(), id.clone());
+        async move {
+            assert!(store.get(&id).await.expect("get").is_some());
+        }
+    };
+    let raw_op = move || {
+        let (mut raw, key, sha) = (raw.clone(), key.clone(), sha.clone());
+        async move {
+            let v: Value = redis::cmd("EVALSHA")
+                .arg(&sha)
+                .arg(1)
+                .arg(&key)
+                .arg(aether_redis::codec::now_millis())
+                .arg(idle)
+                .arg(cap)
+                .arg("get")
+                .arg(0)
+                .query_async(&mut raw)
+                .await
+                .expect("evalsha");
+            assert!(!matches!(v, Value::Nil));
+        }
+    };
+
     let mut group = c.benchmark_group("session_get_touch");
     group.throughput(Throughput::Elements(1));
-    for tasks in [1_u64, 16, 64] {
+    for tasks in [1, 16, 64] {
         group.bench_function(format!("aether/{tasks}"), |b| {
-            b.to_async(&rt).iter_custom(|iters| {
-                let store = store.clone();
-                let id = id.clone();
-                run(iters, tasks, move || {
-                    let store = store.clone();
-                    let id = id.clone();
-                    async move {
-                        let s = store.get(&id).await.expect("get");
-                        assert!(s.is_some());
-                    }
-                })
-            })
+            b.to_async(&rt)
+                .iter_custom(|iters| run_concurrent(iters, tasks, ours.clone()))
         });
         group.bench_function(format!("raw/{tasks}"), |b| {
-            b.to_async(&rt).iter_custom(|iters| {
-                let raw = raw.clone();
-                let key = key.clone();
-                let sha = sha.clone();
-                run(iters, tasks, move || {
-                    let mut raw = raw.clone();
-                    let key = key.clone();
-                    let sha = sha.clone();
-                    async move {
-                        let v: Value = redis::cmd("EVALSHA")
-                            .arg(&sha)
-                            .arg(1)
-                            .arg(&key)
-                            .arg(aether_redis::codec::now_millis())
-                            .arg(idle)
-                            .arg(cap)
-                            .arg("get")
-                            .arg(0)
-                            .query_async(&mut raw)
-                            .await
-                            .expect("evalsha");
-                        assert!(!matches!(v, Value::Nil));
-                    }
-                })
-            })
+            b.to_async(&rt)
+                .iter_custom(|iters| run_concurrent(iters, tasks, raw_op.clone()))
         });
     }
     group.finish();
-
-    // The machine is shared and its load drifts within seconds, which criterion's
-    // one-side-after-the-other samples cannot cancel. So the ratio is also measured in short
-    // alternating rounds (aether, raw, aether, raw, ...) and printed.
-    for tasks in [1_u64, 16, 64] {
-        let ops = 200 * tasks.max(4);
-        let (mut ours, mut theirs) = (Duration::ZERO, Duration::ZERO);
-        rt.block_on(async {
-            for _ in 0..20 {
-                let (store, id) = (store.clone(), id.clone());
-                ours += run(ops, tasks, move || {
-                    let store = store.clone();
-                    let id = id.clone();
-                    async move {
-                        assert!(store.get(&id).await.expect("get").is_some());
-                    }
-                })
-                .await;
-                let (raw, key, sha) = (raw.clone(), key.clone(), sha.clone());
-                theirs += run(ops, tasks, move || {
-                    let mut raw = raw.clone();
-                    let key = key.clone();
-                    let sha = sha.clone();
-                    async move {
-                        let v: Value = redis::cmd("EVALSHA")
-                            .arg(&sha)
-                            .arg(1)
-                            .arg(&key)
-                            .arg(aether_redis::codec::now_millis())
-                            .arg(idle)
-                            .arg(cap)
-                            .arg("get")
-                            .arg(0)
-                            .query_async(&mut raw)
-                            .await
-                            .expect("evalsha");
-                        assert!(!matches!(v, Value::Nil));
-                    }
-                })
-                .await;
-            }
-        });
-        println!(
-            "session_get_touch paired/{tasks}: aether {:.1} µs/op, raw {:.1} µs/op, ratio (raw time / aether time) {:.3}",
-            ours.as_secs_f64() * 1e6 / (20 * ops) as f64,
-            theirs.as_secs_f64() * 1e6 / (20 * ops) as f64,
-            theirs.as_secs_f64() / ours.as_secs_f64()
-        );
+    for tasks in [1, 16, 64] {
+        rt.block_on(paired_ratio(
+            "session_get_touch",
+            tasks,
+            ours.clone(),
+            raw_op.clone(),
+        ));
     }
 }
 
