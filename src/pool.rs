@@ -32,6 +32,23 @@ pub enum Connection {
     Cluster(redis::cluster_async::ClusterConnection),
 }
 
+impl Connection {
+    /// Bounds the response time of requests sent through this handle to `limit` (never above
+    /// the configured response timeout), where the connection type supports it per handle
+    /// (standalone and Sentinel). Returns whether it did: a caller with a deadline of its own
+    /// then needs no timer of its own on top of the connection's.
+    pub(crate) fn bound_response_time(&mut self, limit: Duration, configured: Duration) -> bool {
+        match self {
+            Connection::Single(c) => {
+                c.set_response_timeout(limit.min(configured));
+                true
+            }
+            #[cfg(feature = "cluster")]
+            Connection::Cluster(_) => false,
+        }
+    }
+}
+
 impl ConnectionLike for Connection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
@@ -346,6 +363,12 @@ struct SharedSlot {
     reconnect: tokio::sync::Mutex<()>,
 }
 
+impl SharedSlot {
+    fn ready(&self) -> Option<Connection> {
+        self.conn.read().ok().and_then(|g| g.clone())
+    }
+}
+
 /// What the server can do, learned at connect.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -576,21 +599,52 @@ impl Redis {
         })
     }
 
+    /// A clone of a shared connection when one is up; `None` when the next call must reconnect.
+    /// Never waits.
+    pub(crate) fn ready_connection(&self) -> Option<Connection> {
+        self.shared_slot().ready()
+    }
+
+    /// The shared connection slot the next call uses (round robin when there are several).
+    fn shared_slot(&self) -> &SharedSlot {
+        let shared = &self.inner.shared;
+        let index = if shared.len() == 1 {
+            0
+        } else {
+            self.inner.next_shared.fetch_add(1, Ordering::Relaxed) % shared.len()
+        };
+        &shared[index]
+    }
+
+    /// Classifies an error from a call bounded by its own `deadline` (shorter than the
+    /// connection's response timeout): a timeout there says nothing about the connection, so
+    /// unlike [`Redis::fail`] it leaves the shared connections in place.
+    pub(crate) fn fail_within(
+        &self,
+        operation: &'static str,
+        deadline: Duration,
+        err: redis::RedisError,
+    ) -> Error {
+        if err.is_timeout() {
+            Error::Timeout {
+                operation,
+                after: deadline,
+            }
+        } else {
+            self.fail(operation, err)
+        }
+    }
+
     /// A clone of a shared multiplexed connection (no pool checkout), reconnecting if the last
     /// one broke. Prefer the repositories; this is for commands they do not cover.
     pub async fn connection(&self) -> Result<Connection> {
         let inner = &self.inner;
-        let index = if inner.shared.len() == 1 {
-            0
-        } else {
-            inner.next_shared.fetch_add(1, Ordering::Relaxed) % inner.shared.len()
-        };
-        let slot = &inner.shared[index];
-        if let Some(conn) = slot.conn.read().ok().and_then(|g| g.clone()) {
+        let slot = self.shared_slot();
+        if let Some(conn) = slot.ready() {
             return Ok(conn);
         }
         let _guard = slot.reconnect.lock().await;
-        if let Some(conn) = slot.conn.read().ok().and_then(|g| g.clone()) {
+        if let Some(conn) = slot.ready() {
             return Ok(conn);
         }
         let config = &inner.config;

@@ -40,7 +40,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
@@ -50,7 +50,7 @@ use crate::codec;
 use crate::config::ConfigError;
 use crate::error::{Error, Result};
 use crate::keyspace::Keyspace;
-use crate::pool::Redis;
+use crate::pool::{Connection, Redis};
 use crate::script::{LuaScript, ScriptCall};
 
 /// The algorithm a tier uses.
@@ -660,6 +660,9 @@ struct Counters {
 
 struct Breaker {
     settings: BreakerSettings,
+    /// True while no failure is counted and the breaker is closed: then a call needs neither the
+    /// lock nor the clock, which keeps the breaker off the hot path of a healthy limiter.
+    healthy: AtomicBool,
     state: Mutex<BreakerInner>,
 }
 
@@ -689,6 +692,7 @@ impl Breaker {
     fn new(settings: BreakerSettings) -> Self {
         Breaker {
             settings,
+            healthy: AtomicBool::new(true),
             state: Mutex::new(BreakerInner {
                 consecutive_failures: 0,
                 open_until: None,
@@ -702,7 +706,14 @@ impl Breaker {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn permit(&self, now: Instant) -> Permit {
+    fn permit(&self) -> Permit {
+        if self.healthy.load(Ordering::Acquire) {
+            return Permit::Call;
+        }
+        self.permit_at(Instant::now())
+    }
+
+    fn permit_at(&self, now: Instant) -> Permit {
         let mut s = self.lock();
         match s.open_until {
             None => Permit::Call,
@@ -715,14 +726,19 @@ impl Breaker {
     }
 
     fn success(&self) {
+        if self.healthy.load(Ordering::Acquire) {
+            return;
+        }
         let mut s = self.lock();
         s.consecutive_failures = 0;
         s.open_until = None;
         s.trial_in_flight = false;
+        self.healthy.store(true, Ordering::Release);
     }
 
     fn failure(&self, now: Instant, trial: bool) {
         let mut s = self.lock();
+        self.healthy.store(false, Ordering::Release);
         s.consecutive_failures = s.consecutive_failures.saturating_add(1);
         if trial || s.consecutive_failures >= self.settings.failure_threshold {
             s.open_until = Some(now + self.settings.cooldown);
@@ -1098,6 +1114,9 @@ pub fn sliding_script() -> &'static LuaScript {
     &SLIDING
 }
 
+/// Operation name in errors and logs of a check or peek.
+const CHECK: &str = "rate_limit.check";
+
 struct Inner {
     redis: Redis,
     tiers: HashMap<TierName, Tier>,
@@ -1309,7 +1328,7 @@ impl RateLimiter {
         consume: bool,
     ) -> Result<Decision> {
         let inner = &self.inner;
-        let trial = match inner.breaker.permit(Instant::now()) {
+        let trial = match inner.breaker.permit() {
             Permit::Reject => {
                 inner
                     .counters
@@ -1328,16 +1347,30 @@ impl RateLimiter {
         // A caller may drop this future mid-call: the trial must not stay "in flight" forever.
         let _trial_guard = trial.then_some(TrialGuard(&inner.breaker));
         inner.counters.redis_calls.fetch_add(1, Ordering::Relaxed);
-        let result =
-            match tokio::time::timeout(inner.timeout, self.ask_redis(key, tier, cost, consume))
-                .await
-            {
-                Ok(result) => result,
-                Err(_) => Err(Error::Timeout {
-                    operation: "rate_limit.check",
-                    after: inner.timeout,
-                }),
-            };
+        let configured = inner.redis.config().response_timeout;
+        // The common case: the connection enforces the limiter's deadline itself, which saves
+        // registering a second timer per check.
+        let bounded = inner.redis.ready_connection().and_then(|mut conn| {
+            conn.bound_response_time(inner.timeout, configured)
+                .then_some(conn)
+        });
+        let result = match bounded {
+            Some(mut conn) => self.ask_redis(&mut conn, key, tier, cost, consume).await,
+            // Reconnecting, or a Cluster connection: the whole call under one timer.
+            _ => {
+                let call = async {
+                    let mut conn = inner.redis.connection().await?;
+                    self.ask_redis(&mut conn, key, tier, cost, consume).await
+                };
+                match tokio::time::timeout(inner.timeout, call).await {
+                    Ok(result) => result,
+                    Err(_) => Err(Error::Timeout {
+                        operation: CHECK,
+                        after: inner.timeout,
+                    }),
+                }
+            }
+        };
         match result {
             Ok(outcome) => {
                 inner.breaker.success();
@@ -1410,8 +1443,16 @@ impl RateLimiter {
         }
     }
 
-    async fn ask_redis(&self, key: &str, tier: &Tier, cost: u64, consume: bool) -> Result<Outcome> {
+    async fn ask_redis(
+        &self,
+        conn: &mut Connection,
+        key: &str,
+        tier: &Tier,
+        cost: u64,
+        consume: bool,
+    ) -> Result<Outcome> {
         let redis = &self.inner.redis;
+        let fail = |e| redis.fail_within(CHECK, self.inner.timeout, e);
         match tier.algorithm {
             Algorithm::Gcra | Algorithm::SlidingWindow => {
                 let (script, first) = if tier.algorithm == Algorithm::Gcra {
@@ -1430,7 +1471,11 @@ impl RateLimiter {
                     .arg(second)
                     .arg(cost)
                     .arg(if consume { "1" } else { "0" });
-                let reply = redis.eval_script(script, &call).await?;
+                let reply = redis
+                    .scripts()
+                    .run(conn, script, &call)
+                    .await
+                    .map_err(fail)?;
                 let ints = reply_ints(key, reply)?;
                 let [allowed, remaining, reset, retry] = ints[..] else {
                     return Err(Error::decode(
@@ -1460,9 +1505,10 @@ impl RateLimiter {
                     pipe.cmd("GET").arg(key);
                 }
                 pipe.cmd("PTTL").arg(key);
-                let replies = redis
-                    .query_pipe("rate_limit.fixed_window", &pipe)
-                    .await?
+                let replies = pipe
+                    .query_async::<Option<Vec<Value>>>(conn)
+                    .await
+                    .map_err(fail)?
                     .ok_or_else(|| Error::decode(key, None, "transaction aborted"))?;
                 let mut replies = replies.into_iter();
                 let (Some(count), Some(pttl)) = (replies.next(), replies.next()) else {
@@ -1599,15 +1645,15 @@ mod tests {
             cooldown: Duration::from_secs(1),
         });
         let t0 = Instant::now();
-        assert!(matches!(b.permit(t0), Permit::Call));
+        assert!(matches!(b.permit_at(t0), Permit::Call));
         b.failure(t0, false);
         assert_eq!(b.state(t0), BreakerState::Closed);
         b.failure(t0, false);
         assert_eq!(b.state(t0), BreakerState::Open);
-        assert!(matches!(b.permit(t0), Permit::Reject));
+        assert!(matches!(b.permit_at(t0), Permit::Reject));
         let later = t0 + Duration::from_secs(2);
-        assert!(matches!(b.permit(later), Permit::Trial));
-        assert!(matches!(b.permit(later), Permit::Reject));
+        assert!(matches!(b.permit_at(later), Permit::Trial));
+        assert!(matches!(b.permit_at(later), Permit::Reject));
         b.success();
         assert_eq!(b.state(later), BreakerState::Closed);
     }

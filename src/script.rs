@@ -90,7 +90,7 @@ impl Scripts {
         }
     }
 
-    async fn run<C: ConnectionLike>(
+    pub(crate) async fn run<C: ConnectionLike>(
         &self,
         conn: &mut C,
         script: &LuaScript,
