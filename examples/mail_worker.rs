@@ -24,6 +24,7 @@
 use std::time::Duration;
 
 use aether_redis::email_queue::{EmailJob, JobError, JobHandler, Priority, WorkerOptions};
+use aether_redis::testkit;
 use aether_redis::{Config, Redis};
 
 /// Sends one email. A real one would call an SMTP relay or a provider API, passing the job id as
@@ -123,15 +124,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// (`true`: demo mode).
 async fn connect() -> Result<(Redis, bool), Box<dyn std::error::Error>> {
     let config = Config::from_env()?;
-    let explicit = std::env::var("REDIS_URL").is_ok_and(|u| !u.is_empty());
-    let local_answers = std::net::TcpStream::connect(("127.0.0.1", 6379)).is_ok();
-    if explicit || local_answers {
-        println!("using Redis at {}:{}", config.host, config.port);
-        return Ok((Redis::connect(config).await?, false));
-    }
-    println!("no Redis configured and none on 127.0.0.1:6379: starting a disposable one");
-    let server = tokio::task::spawn_blocking(aether_redis::testkit::shared_server).await??;
-    let mut disposable = server.config.clone();
-    disposable.environment = config.environment;
-    Ok((Redis::connect(disposable).await?, true))
+    let (config, disposable) =
+        tokio::task::spawn_blocking(move || testkit::config_or_disposable(config)).await??;
+    Ok((Redis::connect(config).await?, disposable))
 }

@@ -9,6 +9,7 @@
 //! With `REDIS_URL` unset and nothing listening on 127.0.0.1:6379 it starts a disposable Redis
 //! through the testkit (Docker `redis:7.0` or a local `redis-server`) and says so.
 
+use aether_redis::testkit;
 use aether_redis::{Config, Redis};
 
 #[tokio::main]
@@ -37,22 +38,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 async fn connect() -> Result<Redis, Box<dyn std::error::Error>> {
     let mut config = Config::from_env()?;
     config.key_prefix = format!("quickstart:{}:", aether_redis::random::token(4));
-    let explicit = std::env::var("REDIS_URL").is_ok_and(|u| !u.is_empty());
-    let local_answers = std::net::TcpStream::connect(("127.0.0.1", 6379)).is_ok();
-    if explicit || local_answers {
-        println!("using Redis at {}:{}", config.host, config.port);
-        return Ok(Redis::connect(config).await?);
-    }
-    println!("no Redis configured and none on 127.0.0.1:6379: starting a disposable one");
-    let server = tokio::task::spawn_blocking(aether_redis::testkit::shared_server).await??;
-    println!(
-        "disposable Redis ({:?}) at {}:{}",
-        server.backend, server.config.host, server.config.port
-    );
-    let mut disposable = server.config.clone();
-    disposable.key_prefix = config.key_prefix;
-    disposable.environment = config.environment;
-    Ok(Redis::connect(disposable).await?)
+    let (config, _) =
+        tokio::task::spawn_blocking(move || testkit::config_or_disposable(config)).await??;
+    Ok(Redis::connect(config).await?)
 }
 
 /// Sessions: create, read (which slides the idle TTL), update, rotate the id, list and log out

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use aether_redis::stream::{ConsumerOptions, StartFrom, StreamMessage};
+use aether_redis::testkit;
 use aether_redis::{Config, Redis};
 use serde::{Deserialize, Serialize};
 
@@ -125,15 +126,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 async fn connect() -> Result<Redis, Box<dyn std::error::Error>> {
     let mut config = Config::from_env()?;
     config.key_prefix = format!("stream-worker:{}:", aether_redis::random::token(4));
-    let explicit = std::env::var("REDIS_URL").is_ok_and(|u| !u.is_empty());
-    let local_answers = std::net::TcpStream::connect(("127.0.0.1", 6379)).is_ok();
-    if explicit || local_answers {
-        println!("using Redis at {}:{}", config.host, config.port);
-        return Ok(Redis::connect(config).await?);
-    }
-    println!("no Redis configured and none on 127.0.0.1:6379: starting a disposable one");
-    let server = tokio::task::spawn_blocking(aether_redis::testkit::shared_server).await??;
-    let mut disposable = server.config.clone();
-    disposable.key_prefix = config.key_prefix;
-    Ok(Redis::connect(disposable).await?)
+    let (config, _) =
+        tokio::task::spawn_blocking(move || testkit::config_or_disposable(config)).await??;
+    Ok(Redis::connect(config).await?)
 }

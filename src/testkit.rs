@@ -63,6 +63,42 @@ pub struct SharedServer {
 static SHARED: OnceLock<std::result::Result<SharedServer, TestkitError>> = OnceLock::new();
 static SHARED_CLUSTER: OnceLock<std::result::Result<LocalCluster, TestkitError>> = OnceLock::new();
 
+/// The configuration an example or a developer tool should connect with: `config` itself when
+/// `REDIS_URL` is set or a server answers at its standalone address; otherwise the shared
+/// disposable server's (see [`shared_server`]), keeping `config`'s key prefix and environment.
+/// Prints which one it chose. The flag is `true` for the disposable server. Blocks while a
+/// server starts: call it from `spawn_blocking` in async code.
+pub fn config_or_disposable(config: Config) -> Result<(Config, bool)> {
+    let explicit = std::env::var("REDIS_URL").is_ok_and(|u| !u.trim().is_empty());
+    let answers = || {
+        use std::net::ToSocketAddrs;
+        (config.host.as_str(), config.port)
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut addrs| addrs.next())
+            .is_some_and(|addr| {
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
+            })
+    };
+    if explicit || !matches!(config.topology, Topology::Standalone) || answers() {
+        println!("using Redis at {}:{}", config.host, config.port);
+        return Ok((config, false));
+    }
+    println!(
+        "no Redis configured and none at {}:{}: starting a disposable one",
+        config.host, config.port
+    );
+    let server = shared_server()?;
+    println!(
+        "disposable Redis ({:?}) at {}:{}",
+        server.backend, server.config.host, server.config.port
+    );
+    let mut disposable = server.config.clone();
+    disposable.key_prefix = config.key_prefix;
+    disposable.environment = config.environment;
+    Ok((disposable, true))
+}
+
 /// The shared standalone server, started on first use.
 pub fn shared_server() -> Result<&'static SharedServer> {
     SHARED
