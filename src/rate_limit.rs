@@ -1023,12 +1023,14 @@ local cost = tonumber(ARGV[3])
 local consume = ARGV[4] == '1'
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+-- HGET under pcall instead of TYPE first: one server call less on every check. A WRONGTYPE
+-- error means another algorithm's counter sits at the key; a consuming check replaces it.
 local tat = nil
-local kind = redis.call('TYPE', key).ok
-if kind == 'hash' then
-  tat = tonumber(redis.call('HGET', key, 'tat'))
-elseif kind ~= 'none' and consume then
-  redis.call('DEL', key)
+local got = redis.pcall('HGET', key, 'tat')
+if type(got) == 'table' and got.err then
+  if consume then redis.call('DEL', key) end
+else
+  tat = tonumber(got)
 end
 if tat == nil or tat < now then tat = now end
 local tolerance = burst * period
@@ -1057,9 +1059,11 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local start = now - (now % window)
 local cur, prev = 0, 0
-local kind = redis.call('TYPE', key).ok
-if kind == 'hash' then
-  local s = redis.call('HMGET', key, 'start', 'cur', 'prev')
+-- HMGET under pcall instead of TYPE first, as in the GCRA script.
+local s = redis.pcall('HMGET', key, 'start', 'cur', 'prev')
+if s.err then
+  if consume then redis.call('DEL', key) end
+else
   local s_start = tonumber(s[1])
   if s_start == start then
     cur = tonumber(s[2]) or 0
@@ -1067,8 +1071,6 @@ if kind == 'hash' then
   elseif s_start == start - window then
     prev = tonumber(s[2]) or 0
   end
-elseif kind ~= 'none' and consume then
-  redis.call('DEL', key)
 end
 local elapsed = now - start
 local weighted_prev = prev * (window - elapsed)

@@ -12,6 +12,7 @@ use aether_redis::testkit::{LocalOptions, LocalServer};
 use aether_redis::{Config, Error, Redis};
 
 mod support;
+use support::{pttl, query};
 
 const ALGORITHMS: [Algorithm; 3] = [
     Algorithm::Gcra,
@@ -65,15 +66,6 @@ async fn hammer(limiter: &RateLimiter, user: &str) -> u64 {
     total
 }
 
-async fn pttl(redis: &Redis, key: &str) -> i64 {
-    let mut conn = redis.connection().await.unwrap();
-    redis::cmd("PTTL")
-        .arg(key)
-        .query_async(&mut conn)
-        .await
-        .unwrap()
-}
-
 aether_redis::contract_tests! {
     async fn fixed_window_admits_exactly_the_limit_under_concurrency(redis) {
         let window = Duration::from_secs(3600);
@@ -104,6 +96,35 @@ aether_redis::contract_tests! {
         let d = limiter.check("u1", "api", &TierName::custom("t")).await.unwrap();
         assert!(!d.allowed);
         assert!(d.retry_after.unwrap() <= Duration::from_secs(36));
+    }
+
+    async fn switching_algorithm_on_a_key_replaces_or_refuses_as_documented(redis) {
+        let t = TierName::custom("t");
+        let window = Duration::from_secs(60);
+        let fixed = limiter(&redis, Algorithm::FixedWindow, 10, window);
+        let key = fixed.key("u", "e").unwrap();
+        for algorithm in [Algorithm::Gcra, Algorithm::SlidingWindow] {
+            for _ in 0..3 {
+                assert!(fixed.check("u", "e", &t).await.unwrap().allowed);
+            }
+            let script_tier = limiter(&redis, algorithm, 10, window);
+            // A peek leaves the other algorithm's counter where it is and sees a fresh state.
+            let peeked = script_tier.peek("u", "e", &t).await.unwrap();
+            assert!(peeked.allowed && peeked.remaining == 10, "{algorithm}: {peeked:?}");
+            let counter: u64 = query(&redis, redis::cmd("GET").arg(&key)).await;
+            assert_eq!(counter, 3, "{algorithm}");
+            // A consuming check replaces the counter with its own state, counting from zero.
+            let d = script_tier.check("u", "e", &t).await.unwrap();
+            assert!(d.allowed && d.remaining == 9, "{algorithm}: {d:?}");
+            let kind: String = query(&redis, redis::cmd("TYPE").arg(&key)).await;
+            assert_eq!(kind, "hash", "{algorithm}");
+            assert!(pttl(&redis, &key).await > 0);
+            // The fixed window refuses the hash instead of overwriting it.
+            let err = fixed.check("u", "e", &t).await.unwrap_err();
+            assert!(matches!(err, Error::Server(_)), "{algorithm}: {err:?}");
+            assert!(err.to_string().contains("WRONGTYPE"), "{err}");
+            fixed.reset("u", "e").await.unwrap();
+        }
     }
 
     async fn gcra_refills_one_per_period(redis) {

@@ -16,12 +16,13 @@ pub async fn all_keys(redis: &Redis) -> Vec<String> {
 
 /// The key's remaining TTL in milliseconds, as `PTTL` reports it (-1 none, -2 missing).
 pub async fn pttl(redis: &Redis, key: &str) -> i64 {
+    query(redis, redis::cmd("PTTL").arg(key)).await
+}
+
+/// Sends one raw command on the handle's shared connection (to inspect what a repository wrote).
+pub async fn query<T: redis::FromRedisValue>(redis: &Redis, cmd: &redis::Cmd) -> T {
     let mut conn = redis.connection().await.unwrap();
-    redis::cmd("PTTL")
-        .arg(key)
-        .query_async(&mut conn)
-        .await
-        .unwrap()
+    cmd.query_async(&mut conn).await.unwrap()
 }
 
 /// A handle on the same server for `environment`, in a namespace of its own.
