@@ -178,16 +178,7 @@ impl Connector {
             }
             #[cfg(feature = "sentinel")]
             Topology::Sentinel { master, sentinels } => {
-                let urls: Vec<String> = sentinels
-                    .iter()
-                    .map(|a| {
-                        if a.contains("://") {
-                            a.clone()
-                        } else {
-                            format!("redis://{a}")
-                        }
-                    })
-                    .collect();
+                let urls = node_urls(sentinels, "redis");
                 let node = redis::sentinel::SentinelNodeConnectionInfo::default()
                     .set_redis_connection_info(redis_settings(config));
                 let client = redis::sentinel::SentinelClient::build(
@@ -211,16 +202,7 @@ impl Connector {
                 } else {
                     "redis"
                 };
-                let urls: Vec<String> = nodes
-                    .iter()
-                    .map(|a| {
-                        if a.contains("://") {
-                            a.clone()
-                        } else {
-                            format!("{scheme}://{a}")
-                        }
-                    })
-                    .collect();
+                let urls = node_urls(nodes, scheme);
                 let build = |response_timeout: Duration| {
                     let mut builder = redis::cluster::ClusterClientBuilder::new(urls.clone())
                         .connection_timeout(config.connect_timeout)
@@ -355,6 +337,21 @@ impl DedicatedConnection {
     pub fn discard(self) {
         let _ = Object::take(self.0);
     }
+}
+
+/// `host:port` addresses as URLs with `scheme`; addresses that carry a scheme stay as given.
+#[cfg(any(feature = "sentinel", feature = "cluster"))]
+fn node_urls(addrs: &[String], scheme: &str) -> Vec<String> {
+    addrs
+        .iter()
+        .map(|a| {
+            if a.contains("://") {
+                a.clone()
+            } else {
+                format!("{scheme}://{a}")
+            }
+        })
+        .collect()
 }
 
 /// One shared multiplexed connection, replaced after the connection breaks.
