@@ -6,42 +6,15 @@ use std::time::Duration;
 use aether_redis::tokens::{DomainOutcome, IssueOptions, LinkPurpose, TwoFactorOutcome};
 use aether_redis::{Environment, Error, Redis};
 use futures::future::join_all;
-use redis::Value;
 use serde_json::json;
 
 mod support;
-use support::{all_keys, assert_ttl, flatten, pttl, with_environment};
+use support::{all_keys, assert_ttl, contents, pttl, with_environment};
 
 /// The key name and every string stored in it (values, fields, members, stream entries).
 async fn dump(redis: &Redis, key: &str) -> Vec<String> {
-    let mut conn = redis.connection().await.unwrap();
-    let kind: String = redis::cmd("TYPE")
-        .arg(key)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let mut cmd = match kind.as_str() {
-        "string" => redis::cmd("GET"),
-        "hash" => redis::cmd("HGETALL"),
-        "set" => redis::cmd("SMEMBERS"),
-        "list" => {
-            let mut c = redis::cmd("LRANGE");
-            c.arg(key).arg(0).arg(-1);
-            c
-        }
-        "stream" => {
-            let mut c = redis::cmd("XRANGE");
-            c.arg(key).arg("-").arg("+");
-            c
-        }
-        other => panic!("unexpected type {other} of {key}"),
-    };
-    if matches!(kind.as_str(), "string" | "hash" | "set") {
-        cmd.arg(key);
-    }
-    let value: Value = cmd.query_async(&mut conn).await.unwrap();
     let mut out = vec![key.to_owned()];
-    flatten(value, &mut out);
+    out.extend(contents(redis, key).await.1);
     out
 }
 

@@ -11,11 +11,10 @@ use aether_redis::user_data::scan_keys;
 use aether_redis::user_prefs::{Layout, Pref, Theme, UserPreferences};
 use aether_redis::{Environment, Error, Keyspace, Redis};
 use futures::future::join_all;
-use redis::Value;
 use serde_json::json;
 
 mod support;
-use support::{flatten, pttl};
+use support::{contents, pttl};
 
 const WEEK_MS: i64 = 7 * 24 * 3600 * 1000;
 
@@ -34,43 +33,9 @@ fn prefs_key(redis: &Redis, user: &str) -> String {
 
 /// Type, contents and whether a TTL is set, for comparing a key before and after.
 async fn snapshot(redis: &Redis, key: &str) -> (String, Vec<String>, bool) {
-    let mut conn = redis.connection().await.unwrap();
-    let kind: String = redis::cmd("TYPE")
-        .arg(key)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let mut cmd = match kind.as_str() {
-        "string" => redis::cmd("GET"),
-        "hash" => redis::cmd("HGETALL"),
-        "set" => redis::cmd("SMEMBERS"),
-        "list" => redis::cmd("LRANGE"),
-        "stream" => redis::cmd("XRANGE"),
-        "zset" => redis::cmd("ZRANGE"),
-        "none" => return ("none".into(), Vec::new(), false),
-        other => panic!("unexpected type {other} of {key}"),
-    };
-    cmd.arg(key);
-    match kind.as_str() {
-        "list" => {
-            cmd.arg(0).arg(-1);
-        }
-        "zset" => {
-            cmd.arg(0).arg(-1).arg("WITHSCORES");
-        }
-        "stream" => {
-            cmd.arg("-").arg("+");
-        }
-        _ => {}
-    }
-    let value: Value = cmd.query_async(&mut conn).await.unwrap();
-    let mut out = Vec::new();
-    flatten(value, &mut out);
-    if kind == "hash" || kind == "set" {
-        out.sort();
-    }
+    let (kind, values) = contents(redis, key).await;
     let ttl = pttl(redis, key).await > 0;
-    (kind, out, ttl)
+    (kind, values, ttl)
 }
 
 /// Every key anywhere (all masters) whose name contains `needle`.

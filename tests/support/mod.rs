@@ -81,3 +81,39 @@ pub fn hardened_config_lines() -> Vec<String> {
         .map(|line| line.to_string())
         .collect()
 }
+
+/// A key's type and every string stored in it (values, fields, members with scores, stream
+/// ids and fields), hash and set contents sorted so that two reads compare equal.
+pub async fn contents(redis: &Redis, key: &str) -> (String, Vec<String>) {
+    let kind: String = query(redis, redis::cmd("TYPE").arg(key)).await;
+    let mut cmd = match kind.as_str() {
+        "string" => redis::cmd("GET"),
+        "hash" => redis::cmd("HGETALL"),
+        "set" => redis::cmd("SMEMBERS"),
+        "list" => redis::cmd("LRANGE"),
+        "stream" => redis::cmd("XRANGE"),
+        "zset" => redis::cmd("ZRANGE"),
+        "none" => return (kind, Vec::new()),
+        other => panic!("unexpected type {other} of {key}"),
+    };
+    cmd.arg(key);
+    match kind.as_str() {
+        "list" => {
+            cmd.arg(0).arg(-1);
+        }
+        "zset" => {
+            cmd.arg(0).arg(-1).arg("WITHSCORES");
+        }
+        "stream" => {
+            cmd.arg("-").arg("+");
+        }
+        _ => {}
+    }
+    let value: Value = query(redis, &cmd).await;
+    let mut out = Vec::new();
+    flatten(value, &mut out);
+    if kind == "hash" || kind == "set" {
+        out.sort();
+    }
+    (kind, out)
+}
