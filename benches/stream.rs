@@ -1,10 +1,12 @@
 //! Streams end to end: XADD → XREADGROUP → handle → XACK, messages per second.
 //!
 //! `StreamConsumer` at batch 1/10/100 with 1 and 8 handlers (idempotency off, and on at 8
-//! handlers), beside a raw loop with the redis client in the same run: XREADGROUP (BLOCK, on
-//! its own connection) → decode each payload → one XACK for the batch on a shared
-//! `MultiplexedConnection`. Both sides publish with the same pipelined `XADD MAXLEN ~`, and
-//! an iteration ends when the handler has seen every message of the iteration.
+//! handlers), beside a raw loop with the redis client in the same run at the same batch size
+//! and handler count: XREADGROUP (BLOCK, on its own connection) → decode each payload (with 8
+//! handlers: the batch split into up to 8 slices handled on their own tasks at once, joined) →
+//! one XACK for the batch on a shared `MultiplexedConnection`. Both sides publish with the same
+//! pipelined `XADD MAXLEN ~`, and an iteration ends when the handler has seen every message of
+//! the iteration.
 //!
 //! ```sh
 //! cargo bench --bench stream --features testkit -- --warm-up-time 1 --measurement-time 3
@@ -93,12 +95,24 @@ async fn drive(
     started.elapsed()
 }
 
-/// The hand-written loop: XREADGROUP, decode, count, XACK the batch.
+/// The handler of the raw loop: decode and count each entry.
+fn raw_handle(entries: &[redis::streams::StreamId], progress: &Progress) {
+    for entry in entries {
+        let payload: Vec<u8> = entry.get("payload").unwrap();
+        let event: Event = serde_json::from_slice(&payload).unwrap();
+        std::hint::black_box(event);
+    }
+    progress.handled(entries.len() as u64);
+}
+
+/// The hand-written loop: XREADGROUP, handle (inline with 1 handler; with more, the batch split
+/// into that many slices on their own tasks, joined), XACK the batch.
 async fn raw_loop(
     client: redis::Client,
     mut shared: MultiplexedConnection,
     key: String,
     batch: usize,
+    handlers: usize,
     progress: Arc<Progress>,
 ) {
     let blocking = AsyncConnectionConfig::new().set_response_timeout(None);
@@ -122,16 +136,27 @@ async fn raw_loop(
             .await
             .unwrap();
         let Some(reply) = reply else { continue };
-        let mut ids = Vec::new();
-        for stream in reply.keys {
-            for entry in stream.ids {
-                let payload: Vec<u8> = entry.get("payload").unwrap();
-                let event: Event = serde_json::from_slice(&payload).unwrap();
-                std::hint::black_box(event);
-                ids.push(entry.id);
-            }
+        let entries: Vec<redis::streams::StreamId> =
+            reply.keys.into_iter().flat_map(|s| s.ids).collect();
+        if entries.is_empty() {
+            continue;
         }
-        progress.handled(ids.len() as u64);
+        let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
+        if handlers == 1 {
+            raw_handle(&entries, &progress);
+        } else {
+            let entries = Arc::new(entries);
+            let slice = entries.len().div_ceil(handlers);
+            let mut tasks = tokio::task::JoinSet::new();
+            for start in (0..entries.len()).step_by(slice) {
+                let (entries, progress) = (entries.clone(), progress.clone());
+                tasks.spawn(async move {
+                    let end = (start + slice).min(entries.len());
+                    raw_handle(&entries[start..end], &progress);
+                });
+            }
+            while tasks.join_next().await.is_some() {}
+        }
         let _: i64 = redis::cmd("XACK")
             .arg(&key)
             .arg("g")
@@ -161,70 +186,74 @@ fn bench(c: &mut Criterion) {
     group.throughput(Throughput::Elements(MESSAGES));
 
     for batch in [1usize, 10, 100] {
-        let name = format!("raw_b{batch}");
-        let key = format!("{}{name}", config.key_prefix);
-        rt.block_on(redis.streams().create_group(&name, "g", StartFrom::New))
-            .unwrap();
-        let progress = Arc::new(Progress::default());
-        let task = rt.spawn(raw_loop(
-            client.clone(),
-            shared.clone(),
-            key.clone(),
-            batch,
-            progress.clone(),
-        ));
-        group.bench_function(format!("raw/batch{batch}"), |b| {
-            b.to_async(&rt).iter_custom(|iters| {
-                let (mut shared, key, progress) = (shared.clone(), key.clone(), progress.clone());
-                async move { drive(&mut shared, &key, &progress, iters).await }
-            })
-        });
-        task.abort();
-
-        let mut runs = vec![(1usize, false), (8, false)];
-        if batch > 1 {
-            runs.push((8, true));
-        }
-        for (handlers, idempotency) in runs {
-            let name = format!("ours_b{batch}_h{handlers}_i{}", u8::from(idempotency));
+        for handlers in [1usize, 8] {
+            let name = format!("raw_b{batch}_h{handlers}");
             let key = format!("{}{name}", config.key_prefix);
-            let options = ConsumerOptions::default()
-                .with_batch(batch)
-                .with_concurrency(handlers)
-                .with_block(Duration::from_secs(1))
-                .with_start(StartFrom::New)
-                .with_idempotency_ttl(idempotency.then_some(Duration::from_secs(600)));
-            let progress = Arc::new(Progress::default());
-            let p = progress.clone();
-            let consumer = redis
-                .streams()
-                .consumer::<Event>(&name, "g", options)
+            rt.block_on(redis.streams().create_group(&name, "g", StartFrom::New))
                 .unwrap();
-            let running = rt.block_on(async {
-                redis
-                    .streams()
-                    .create_group(&name, "g", StartFrom::New)
-                    .await
-                    .unwrap();
-                consumer.spawn(move |msg: StreamMessage<Event>| {
-                    std::hint::black_box(&msg.payload);
-                    p.handled(1);
-                    async { Ok::<_, std::io::Error>(()) }
-                })
-            });
-            let label = format!(
-                "ours/batch{batch}/handlers{handlers}/idempotency_{}",
-                if idempotency { "on" } else { "off" }
-            );
-            group.bench_function(label, |b| {
+            let progress = Arc::new(Progress::default());
+            let task = rt.spawn(raw_loop(
+                client.clone(),
+                shared.clone(),
+                key.clone(),
+                batch,
+                handlers,
+                progress.clone(),
+            ));
+            group.bench_function(format!("raw/batch{batch}/handlers{handlers}"), |b| {
                 b.to_async(&rt).iter_custom(|iters| {
                     let (mut shared, key, progress) =
                         (shared.clone(), key.clone(), progress.clone());
                     async move { drive(&mut shared, &key, &progress, iters).await }
                 })
             });
-            let metrics = rt.block_on(running.shutdown()).unwrap();
-            assert_eq!(metrics.errors, 0);
+            task.abort();
+
+            let mut runs = vec![false];
+            if batch > 1 && handlers == 8 {
+                runs.push(true);
+            }
+            for idempotency in runs {
+                let name = format!("ours_b{batch}_h{handlers}_i{}", u8::from(idempotency));
+                let key = format!("{}{name}", config.key_prefix);
+                let options = ConsumerOptions::default()
+                    .with_batch(batch)
+                    .with_concurrency(handlers)
+                    .with_block(Duration::from_secs(1))
+                    .with_start(StartFrom::New)
+                    .with_idempotency_ttl(idempotency.then_some(Duration::from_secs(600)));
+                let progress = Arc::new(Progress::default());
+                let p = progress.clone();
+                let consumer = redis
+                    .streams()
+                    .consumer::<Event>(&name, "g", options)
+                    .unwrap();
+                let running = rt.block_on(async {
+                    redis
+                        .streams()
+                        .create_group(&name, "g", StartFrom::New)
+                        .await
+                        .unwrap();
+                    consumer.spawn(move |msg: StreamMessage<Event>| {
+                        std::hint::black_box(&msg.payload);
+                        p.handled(1);
+                        async { Ok::<_, std::io::Error>(()) }
+                    })
+                });
+                let label = format!(
+                    "ours/batch{batch}/handlers{handlers}/idempotency_{}",
+                    if idempotency { "on" } else { "off" }
+                );
+                group.bench_function(label, |b| {
+                    b.to_async(&rt).iter_custom(|iters| {
+                        let (mut shared, key, progress) =
+                            (shared.clone(), key.clone(), progress.clone());
+                        async move { drive(&mut shared, &key, &progress, iters).await }
+                    })
+                });
+                let metrics = rt.block_on(running.shutdown()).unwrap();
+                assert_eq!(metrics.errors, 0);
+            }
         }
     }
     group.finish();

@@ -487,4 +487,40 @@ aether_redis::contract_tests! {
         assert_eq!(left.len(), 1);
         assert_eq!((left[0].name.as_str(), left[0].pending), ("busy", 1));
     }
+
+    async fn a_panicking_handler_fails_only_its_message_and_its_worker_goes_on(redis) {
+        let streams = redis.streams();
+        let producer = streams.producer::<Job>("panics").unwrap();
+        streams.create_group("panics", "workers", StartFrom::Beginning).await.unwrap();
+        let bad = producer.publish(&Job { n: -1 }).await.unwrap();
+        producer.publish_many(&(0..30).map(|n| Job { n }).collect::<Vec<_>>()).await.unwrap();
+        let seen = Seen::default();
+        let s = seen.clone();
+        // One worker: everything after the panic is handled by the worker that saw it.
+        let running = streams
+            .consumer::<Job>("panics", "workers", fast().with_max_retries(2).with_concurrency(1))
+            .unwrap()
+            .spawn(move |msg: StreamMessage<Job>| {
+                let s = s.clone();
+                async move {
+                    s.record(&msg);
+                    tokio::task::yield_now().await;
+                    assert!(msg.payload.n >= 0, "poison payload");
+                    Ok::<_, std::io::Error>(())
+                }
+            });
+        wait_for("dead letter", Duration::from_secs(15), || running.metrics().dead_lettered == 1).await;
+        wait_for("30 healthy", Duration::from_secs(15), || running.metrics().processed == 30).await;
+        let dead = streams.dead_letters("panics", 10).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!((dead[0].original_id.as_str(), dead[0].delivery_count), (bad.as_str(), 2));
+        assert!(dead[0].error.contains("panicked"), "{}", dead[0].error);
+        assert_eq!(seen.runs(), 32);
+        let metrics = running.shutdown().await.unwrap();
+        assert_eq!(
+            (metrics.processed, metrics.dead_lettered, metrics.retried, metrics.errors, metrics.in_flight),
+            (30, 1, 1, 0, 0)
+        );
+        assert_eq!(streams.group_info("panics", "workers").await.unwrap().unwrap().pending, 0);
+    }
 }

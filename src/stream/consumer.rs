@@ -1,17 +1,18 @@
 //! The consumer: read, dispatch to concurrent handlers, ack, claim, dead-letter.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::marker::PhantomData;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use redis::Value;
 use serde::de::DeserializeOwned;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
@@ -80,7 +81,8 @@ pub struct ConsumerOptions {
     pub batch: usize,
     /// How long one `XREADGROUP` blocks waiting for new entries.
     pub block: Duration,
-    /// Handlers running at once.
+    /// Handlers running at once: the consumer runs this many worker tasks, each handling one
+    /// message at a time.
     pub concurrency: usize,
     /// Pending entries idle this long (of any consumer, crashed ones included) are claimed.
     pub claim_min_idle: Duration,
@@ -279,6 +281,11 @@ impl Counters {
 /// `processed` records; then one atomic ack per group of finished messages (`XACK`, or a
 /// script doing `SET processed .. PX` + `XACK`). Every claim interval: `XAUTOCLAIM` plus one
 /// pipelined `XPENDING` round trip for the claimed entries' delivery counts.
+///
+/// Handlers run on `concurrency` worker tasks fed from a queue; the next batch is read once
+/// every message of the current one has started, so a crash leaves unstarted at most the rest
+/// of one batch. A panicking handler fails its own message only (as an error would), and its
+/// worker goes on. Acks of messages that finish while an ack is in flight are sent together.
 pub struct StreamConsumer<T> {
     redis: Redis,
     keys: StreamKeys,
@@ -465,12 +472,14 @@ impl<T: DeserializeOwned + Send + 'static> StreamConsumer<T> {
             acks: ack_tx,
             _payload: PhantomData,
         });
+        let queue = Arc::new(Queue::default());
+        let mut workers = JoinSet::new();
+        for _ in 0..self.options.concurrency {
+            workers.spawn(worker(ctx.clone(), queue.clone()));
+        }
         let mut state = LoopState {
             ctx: ctx.clone(),
-            tasks: JoinSet::new(),
-            running: HashMap::new(),
-            in_flight: HashSet::new(),
-            permits: Arc::new(Semaphore::new(self.options.concurrency)),
+            queue: queue.clone(),
             conn: None,
             next_claim: Instant::now(),
             next_cleanup: Instant::now() + self.options.claim_every() * 10,
@@ -478,7 +487,6 @@ impl<T: DeserializeOwned + Send + 'static> StreamConsumer<T> {
         };
         let mut shutdown: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(shutdown);
         loop {
-            state.reap().await;
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,
@@ -489,9 +497,9 @@ impl<T: DeserializeOwned + Send + 'static> StreamConsumer<T> {
         if let Some(conn) = state.conn.take() {
             conn.discard();
         }
-        while let Some(done) = state.tasks.join_next_with_id().await {
-            state.finished(done).await;
-        }
+        // Handlers running now finish (and are acked); queued jobs never start and stay pending.
+        queue.ready.close();
+        while workers.join_next().await.is_some() {}
         drop(state);
         drop(ctx);
         while background.join_next().await.is_some() {}
@@ -522,12 +530,19 @@ struct Job {
     twins: Vec<String>,
 }
 
-/// Ids to acknowledge together.
+/// A message to acknowledge, with its twins.
 #[derive(Debug)]
 struct Ack {
-    ids: Vec<String>,
+    id: String,
+    twins: Vec<String>,
     record: Option<String>,
     handled: bool,
+}
+
+impl Ack {
+    fn ids(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.id.as_str()).chain(self.twins.iter().map(String::as_str))
+    }
 }
 
 impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> Ctx<T, H> {
@@ -555,27 +570,15 @@ impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> Ctx<T, H> {
         })
     }
 
-    async fn process(self: Arc<Self>, job: Arc<Job>) {
-        let outcome = match self.decode(&job) {
+    /// Decodes the message and runs the handler on it.
+    async fn handle(&self, job: &Job) -> std::result::Result<(), String> {
+        match self.decode(job) {
             Ok(message) => self
                 .handler
                 .handle(message)
                 .await
                 .map_err(|e| e.to_string()),
             Err(e) => Err(format!("cannot decode the payload: {e}")),
-        };
-        match outcome {
-            Ok(()) => {
-                let mut ids = Vec::with_capacity(1 + job.twins.len());
-                ids.push(job.id.clone());
-                ids.extend(job.twins.iter().cloned());
-                let _ = self.acks.send(Ack {
-                    ids,
-                    record: job.record.clone(),
-                    handled: true,
-                });
-            }
-            Err(error) => self.fail(&job, &error).await,
         }
     }
 
@@ -632,12 +635,130 @@ impl Drop for InFlight {
     }
 }
 
+/// Jobs waiting for a worker, shared by the read loop and the workers.
+struct Queue {
+    state: Mutex<QueueState>,
+    /// One permit per queued job; closed at shutdown, which stops the workers.
+    ready: Semaphore,
+    /// Signalled when a worker takes the last queued job.
+    drained: Notify,
+}
+
+#[derive(Default)]
+struct QueueState {
+    jobs: VecDeque<Job>,
+    /// Ids queued or being handled here: a claim leaves them alone.
+    held: HashSet<String>,
+}
+
+impl Default for Queue {
+    fn default() -> Self {
+        Queue {
+            state: Mutex::default(),
+            ready: Semaphore::new(0),
+            drained: Notify::new(),
+        }
+    }
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        // The lock is never held across user code, so poisoning cannot leave it inconsistent.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `jobs` and waits until workers have taken every one of them, so that the next
+    /// read happens only when all of this batch has started (a crash then leaves unstarted at
+    /// most the rest of one batch).
+    async fn dispatch(&self, jobs: Vec<Job>) {
+        let n = jobs.len();
+        if n == 0 {
+            return;
+        }
+        {
+            let mut state = self.lock();
+            for job in jobs {
+                state.held.insert(job.id.clone());
+                state.jobs.push_back(job);
+            }
+        }
+        self.ready.add_permits(n);
+        loop {
+            let drained = self.drained.notified();
+            if self.lock().jobs.is_empty() {
+                return;
+            }
+            drained.await;
+        }
+    }
+
+    /// The next job, or `None` once the queue is closed.
+    async fn take(&self) -> Option<Job> {
+        loop {
+            self.ready.acquire().await.ok()?.forget();
+            let mut state = self.lock();
+            let job = state.jobs.pop_front();
+            if state.jobs.is_empty() {
+                self.drained.notify_one();
+            }
+            if job.is_some() {
+                return job;
+            }
+        }
+    }
+}
+
+/// Polls a future, turning a panic into an error, so that a panicking handler fails its own
+/// message only.
+struct CatchUnwind<'a, F>(Pin<&'a mut F>);
+
+impl<F: Future> Future for CatchUnwind<'_, F> {
+    type Output = std::thread::Result<F::Output>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let future = self.0.as_mut();
+        match std::panic::catch_unwind(AssertUnwindSafe(move || future.poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(out)) => Poll::Ready(Ok(out)),
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    }
+}
+
+/// One of the `concurrency` handler workers: takes queued jobs one at a time until shutdown.
+async fn worker<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>>(
+    ctx: Arc<Ctx<T, H>>,
+    queue: Arc<Queue>,
+) {
+    while let Some(job) = queue.take().await {
+        Counters::add(&ctx.counters.in_flight, 1);
+        // Dropped on return, panic or abort alike.
+        let guard = InFlight(ctx.counters.clone());
+        let outcome = {
+            let handling = std::pin::pin!(ctx.handle(&job));
+            CatchUnwind(handling)
+                .await
+                .unwrap_or_else(|_| Err("the handler panicked".to_owned()))
+        };
+        queue.lock().held.remove(&job.id);
+        match outcome {
+            Ok(()) => {
+                let _ = ctx.acks.send(Ack {
+                    id: job.id,
+                    twins: job.twins,
+                    record: job.record,
+                    handled: true,
+                });
+            }
+            Err(error) => ctx.fail(&job, &error).await,
+        }
+        drop(guard);
+    }
+}
+
 struct LoopState<T, H> {
     ctx: Arc<Ctx<T, H>>,
-    tasks: JoinSet<()>,
-    running: HashMap<tokio::task::Id, Arc<Job>>,
-    in_flight: HashSet<String>,
-    permits: Arc<Semaphore>,
+    queue: Arc<Queue>,
     conn: Option<DedicatedConnection>,
     next_claim: Instant,
     next_cleanup: Instant,
@@ -645,32 +766,6 @@ struct LoopState<T, H> {
 }
 
 impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> LoopState<T, H> {
-    /// Collects finished handler tasks.
-    async fn reap(&mut self) {
-        while let Some(done) = self.tasks.try_join_next_with_id() {
-            self.finished(done).await;
-        }
-    }
-
-    async fn finished(
-        &mut self,
-        done: std::result::Result<(tokio::task::Id, ()), tokio::task::JoinError>,
-    ) {
-        let id = match &done {
-            Ok((id, ())) => *id,
-            Err(e) => e.id(),
-        };
-        let Some(job) = self.running.remove(&id) else {
-            return;
-        };
-        self.in_flight.remove(&job.id);
-        if let Err(e) = done
-            && e.is_panic()
-        {
-            self.ctx.fail(&job, "the handler panicked").await;
-        }
-    }
-
     /// One claim pass when due, else one read.
     async fn step(&mut self) {
         let result = if Instant::now() >= self.next_claim {
@@ -800,10 +895,12 @@ impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> LoopState<T, H> 
                     .await?;
                 Counters::add(&ctx.counters.cleared, ids.len() as u64);
             }
-            let live: Vec<RawEntry> = live
-                .into_iter()
-                .filter(|e| !self.in_flight.contains(&e.id))
-                .collect();
+            let live: Vec<RawEntry> = {
+                let state = self.queue.lock();
+                live.into_iter()
+                    .filter(|e| !state.held.contains(&e.id))
+                    .collect()
+            };
             if !live.is_empty() {
                 Counters::add(&ctx.counters.claimed, live.len() as u64);
                 let mut pipe = redis::pipe();
@@ -856,14 +953,14 @@ impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> LoopState<T, H> 
     }
 
     /// Skips what this group already processed, dead-letters what was delivered too often, and
-    /// hands the rest to handlers as permits free up.
+    /// hands the rest to the workers.
     async fn dispatch(&mut self, entries: Vec<(RawEntry, u64)>) -> Result<()> {
         let ctx = self.ctx.clone();
         let mut jobs: Vec<Job> = Vec::with_capacity(entries.len());
         for (entry, delivery_count) in entries {
-            let Some(fields) = entry.fields.clone() else {
+            if entry.fields.is_none() {
                 continue;
-            };
+            }
             let record = ctx.options.idempotency_ttl.map(|_| {
                 let key = entry.field_text(FIELD_IDEMPOTENCY_KEY);
                 let key = key.filter(|k| validate_key_part("idempotency key", k).is_ok());
@@ -871,6 +968,9 @@ impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> LoopState<T, H> 
                 let id = lineage.as_deref().unwrap_or(&entry.id);
                 ctx.keys.processed(&ctx.group, key.as_deref(), id)
             });
+            let Some(fields) = entry.fields else {
+                continue;
+            };
             jobs.push(Job {
                 id: entry.id,
                 fields,
@@ -882,6 +982,7 @@ impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> LoopState<T, H> 
         if ctx.options.idempotency_ttl.is_some() && !jobs.is_empty() {
             jobs = self.skip_processed(jobs).await?;
         }
+        let mut ready = Vec::with_capacity(jobs.len());
         for job in jobs {
             if job.delivery_count > ctx.options.max_retries {
                 let error = format!(
@@ -892,26 +993,9 @@ impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> LoopState<T, H> 
                 ctx.fail(&job, &error).await;
                 continue;
             }
-            let permit = self
-                .permits
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(|_| Error::invalid("consumer", "the handler semaphore was closed"))?;
-            self.in_flight.insert(job.id.clone());
-            Counters::add(&ctx.counters.in_flight, 1);
-            let task_ctx = ctx.clone();
-            let job = Arc::new(job);
-            let task_job = job.clone();
-            let guard = InFlight(ctx.counters.clone());
-            let handle = self.tasks.spawn(async move {
-                // Dropped on return, panic or abort alike.
-                let _permit = permit;
-                let _guard = guard;
-                task_ctx.process(task_job).await;
-            });
-            self.running.insert(handle.id(), job);
+            ready.push(job);
         }
+        self.queue.dispatch(ready).await;
         Ok(())
     }
 
@@ -940,7 +1024,8 @@ impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> LoopState<T, H> 
             };
             if !matches!(seen, Value::Nil) {
                 let _ = ctx.acks.send(Ack {
-                    ids: vec![job.id],
+                    id: job.id,
+                    twins: Vec::new(),
                     record: None,
                     handled: false,
                 });
@@ -985,24 +1070,21 @@ async fn acker(
 ) {
     const MAX_IDS: usize = 1000;
     while let Some(first) = rx.recv().await {
+        let mut ids = 1 + first.twins.len();
         let mut batch = vec![first];
-        let mut ids = batch[0].ids.len();
         while ids < MAX_IDS {
             match rx.try_recv() {
                 Ok(ack) => {
-                    ids += ack.ids.len();
+                    ids += 1 + ack.twins.len();
                     batch.push(ack);
                 }
                 Err(_) => break,
             }
         }
-        let all: Vec<&str> = batch
-            .iter()
-            .flat_map(|a| a.ids.iter().map(String::as_str))
-            .collect();
+        let all: Vec<&str> = batch.iter().flat_map(Ack::ids).collect();
         let records: Vec<(&str, &str)> = batch
             .iter()
-            .filter_map(|a| Some((a.record.as_deref()?, a.ids.first()?.as_str())))
+            .filter_map(|a| Some((a.record.as_deref()?, a.id.as_str())))
             .collect();
         let result = redis
             .retry_idempotent(|| async {
