@@ -1,7 +1,7 @@
 //! End-to-end email queue throughput: enqueue → handle → acknowledge, at 1, 8 and 32
 //! concurrency (producer tasks and handler slots), beside a raw `LPUSH`/`BLMOVE`/`LREM`
-//! reliable-queue loop on the redis client, same server, same run. The apalis-redis side runs
-//! with `EMAIL_QUEUE_BENCH_APALIS=1` (it stalls in this harness; see docs/performance.md).
+//! reliable-queue loop on the redis client and apalis-redis 1.0, same server, same run (settings
+//! of each side: docs/performance.md).
 //!
 //! ```sh
 //! cargo bench --all-features --bench email_queue -- --warm-up-time 1 --measurement-time 3
@@ -130,6 +130,11 @@ mod apalis_side {
     use apalis::prelude::*;
     use apalis_redis::RedisStorage;
 
+    /// apalis-redis polls: after a fetch that finds the queue empty its backend parks until
+    /// something wakes the worker, and without a poll strategy nothing does before the next
+    /// heartbeat (30 s by default). The fastest interval is used so that it is never idle.
+    pub(super) const POLL_INTERVAL: Duration = Duration::from_millis(1);
+
     pub(super) struct Apalis {
         pub(super) storage: RedisStorage<BenchMail>,
         pub(super) done: Arc<AtomicU64>,
@@ -148,28 +153,46 @@ mod apalis_side {
         Ok(())
     }
 
+    /// A connection manager without the client's 500 ms default response timeout: on this
+    /// loaded 2-core machine one slow reply would otherwise end the worker's stream for good.
+    async fn connection(url: &str) -> apalis_redis::ConnectionManager {
+        let config = redis::aio::ConnectionManagerConfig::new().set_response_timeout(None);
+        apalis_redis::Client::open(url)
+            .unwrap()
+            .get_connection_manager_with_config(config)
+            .await
+            .unwrap()
+    }
+
     impl Apalis {
         pub(super) async fn start(url: &str, concurrency: usize) -> Self {
-            let conn = apalis_redis::connect(url).await.unwrap();
             let config = apalis_redis::Config::default()
-                .queue(format!("apalis-bench-{concurrency}-{}", std::process::id()));
-            let storage = RedisStorage::<BenchMail>::new(conn).with_config(config);
+                .queue(format!("apalis-bench-{concurrency}-{}", std::process::id()))
+                // One fetch script takes as many jobs as there are handler slots (at least the
+                // default of 10), as ours does.
+                .batch_size(concurrency.max(10))
+                // No pub/sub task events: ours publishes none.
+                .emit_events(false);
+            let storage = RedisStorage::<BenchMail>::new(connection(url).await).with_config(config);
             let done = Arc::new(AtomicU64::new(0));
             let notify = Arc::new(Notify::new());
             let stop = Arc::new(Notify::new());
-            let worker = WorkerBuilder::new(format!("bench-{concurrency}"))
-                .backend(storage.clone())
+            let worker = WorkerBuilder::new(format!("bench-{concurrency}-{}", std::process::id()))
+                .backend(storage.clone().poll_with_interval(POLL_INTERVAL))
                 .data(Counter(done.clone(), notify.clone()))
                 .concurrency(concurrency)
                 .build(handle);
             let s = stop.clone();
             let worker = tokio::spawn(async move {
-                let _ = worker
+                let result = worker
                     .run_until(async move {
                         s.notified().await;
                         Ok::<(), WorkerError>(())
                     })
                     .await;
+                if let Err(e) = result {
+                    eprintln!("apalis worker stopped: {e}");
+                }
             });
             Apalis {
                 storage,
@@ -193,6 +216,17 @@ mod apalis_side {
             .await;
             wait_done(&self.done, &self.notify, target).await;
             started.elapsed()
+        }
+
+        /// Jobs acknowledged in Redis (apalis adds each completed task id to its done set).
+        pub(super) async fn acknowledged(&self) -> u64 {
+            let mut conn = self.storage.clone();
+            let key = conn.get_config().done_jobs_set();
+            redis::cmd("SCARD")
+                .arg(key)
+                .query_async(conn.get_connection())
+                .await
+                .unwrap()
         }
 
         pub(super) async fn stop(self) {
@@ -306,21 +340,31 @@ fn bench(c: &mut Criterion) {
         });
         let mut ours = ours;
         if let Some(worker) = ours.worker.take() {
-            rt.block_on(worker.shutdown()).unwrap();
+            let report = rt.block_on(worker.shutdown()).unwrap();
+            // Every handled job was acknowledged (acks ride on the next fetch call).
+            assert_eq!(report.completed, ours.done.load(Ordering::Acquire));
         }
 
-        // apalis-redis 1.0 did not complete its jobs in our harness (the run stalls at
-        // concurrency 1); it runs only on request until that is understood.
-        if std::env::var("EMAIL_QUEUE_BENCH_APALIS").is_ok_and(|v| v == "1") {
-            let apalis = rt.block_on(apalis_side::Apalis::start(&url, concurrency));
-            group.bench_function(BenchmarkId::new("apalis_redis", concurrency), |b| {
-                b.to_async(&rt).iter_custom(|iters| {
-                    let apalis = &apalis;
-                    async move { apalis.run(concurrency, iters * BATCH).await }
-                })
-            });
-            rt.block_on(apalis.stop());
-        }
+        let apalis = rt.block_on(apalis_side::Apalis::start(&url, concurrency));
+        group.bench_function(BenchmarkId::new("apalis_redis", concurrency), |b| {
+            b.to_async(&rt).iter_custom(|iters| {
+                let apalis = &apalis;
+                async move { apalis.run(concurrency, iters * BATCH).await }
+            })
+        });
+        // apalis acknowledges in batches from its worker loop; wait for the last batch.
+        rt.block_on(async {
+            let handled = apalis.done.load(Ordering::Acquire);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while apalis.acknowledged().await < handled {
+                assert!(
+                    Instant::now() < deadline,
+                    "apalis left handled jobs unacknowledged"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        rt.block_on(apalis.stop());
 
         let raw = rt.block_on(Raw::start(&client, concurrency));
         group.bench_function(

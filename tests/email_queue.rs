@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aether_redis::email_queue::{
     CleanTarget, EmailJob, EmailQueue, Enqueued, JobError, JobId, Priority, QueueOptions,
-    QueueStats, WorkerOptions, handler_fn,
+    QueueStats, WorkerHandle, WorkerOptions, handler_fn,
 };
 use aether_redis::testkit::{LocalOptions, LocalServer};
 use aether_redis::{Config, Environment, Error, Keyspace, Redis, Topology};
@@ -36,6 +36,13 @@ fn worker_options(concurrency: usize) -> WorkerOptions {
     w.concurrency = concurrency;
     w.poll_interval = Duration::from_millis(20);
     w.shutdown_timeout = Duration::from_secs(10);
+    w
+}
+
+/// One slot under a fixed worker id, as a replica of a deployment would run.
+fn replica(id: &str) -> WorkerOptions {
+    let mut w = worker_options(1);
+    w.worker_id = Some(id.into());
     w
 }
 
@@ -74,6 +81,47 @@ async fn wait_stats(
     }
 }
 
+/// Spawns a worker of `queue` with [`worker_options`]`(concurrency)` running `handle`.
+fn spawn_worker<F, Fut>(queue: &EmailQueue, concurrency: usize, handle: F) -> WorkerHandle
+where
+    F: Fn(EmailJob) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), JobError>> + Send + 'static,
+{
+    spawn_worker_with(queue, worker_options(concurrency), handle)
+}
+
+fn spawn_worker_with<F, Fut>(queue: &EmailQueue, options: WorkerOptions, handle: F) -> WorkerHandle
+where
+    F: Fn(EmailJob) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), JobError>> + Send + 'static,
+{
+    queue
+        .worker(handler_fn(handle))
+        .with_options(options)
+        .unwrap()
+        .spawn()
+}
+
+/// A worker that acknowledges every job and records the ids it handled, in order.
+fn recording_worker(
+    queue: &EmailQueue,
+    concurrency: usize,
+) -> (Arc<Mutex<Vec<String>>>, WorkerHandle) {
+    let ids: Arc<Mutex<Vec<String>>> = Arc::default();
+    let log = ids.clone();
+    let worker = spawn_worker(queue, concurrency, move |job: EmailJob| {
+        log.lock().unwrap().push(job.id.to_string());
+        async { Ok(()) }
+    });
+    (ids, worker)
+}
+
+/// `(waiting, active, delayed, dead, completed)` from one stats snapshot.
+async fn counts(queue: &EmailQueue) -> (u64, u64, u64, u64, u64) {
+    let s = queue.stats().await.unwrap();
+    (s.waiting(), s.active, s.delayed, s.dead, s.completed)
+}
+
 fn rank(p: Priority) -> u8 {
     match p {
         Priority::High => 0,
@@ -110,34 +158,38 @@ fn documented_json(id: &str, priority: &str, scheduled_at: i64) -> String {
 
 aether_redis::contract_tests! {
     async fn eight_workers_handle_every_job_exactly_once_in_priority_order(redis) {
-        const JOBS: usize = 10_000;
-        let queue = fast(&redis.email_queue().unwrap());
-        let mut jobs = Vec::with_capacity(JOBS);
-        for i in 0..JOBS {
-            let p = Priority::ALL[(i * 7 + i / 3) % 3];
-            jobs.push(job(&format!("{}-{i:05}", p.as_str()), p));
-        }
+        const WORKERS: usize = 8;
+        const JOBS: usize = WORKERS * 10_000;
+        // Not a recovery test: a lease must not expire when the loaded machine stalls a worker
+        // for a second, or a redelivered job would be counted twice.
+        let mut options = fast(&redis.email_queue().unwrap()).options().clone();
+        options.visibility_timeout = Duration::from_secs(30);
+        let queue = redis.email_queue().unwrap().with_options(options).unwrap();
+        let jobs: Vec<EmailJob> = (0..JOBS)
+            .map(|i| {
+                let p = Priority::ALL[(i * 7 + i / 3) % 3];
+                job(&format!("{}-{i:05}", p.as_str()), p)
+            })
+            .collect();
         let results = queue.enqueue_bulk(jobs).await.unwrap();
         assert!(results.iter().all(|r| *r == Enqueued::New));
-        let stats = queue.stats().await.unwrap();
-        assert_eq!(stats.waiting(), JOBS as u64);
+        assert_eq!(counts(&queue).await.0, JOBS as u64);
 
         let handled = Arc::new(AtomicUsize::new(0));
         let mut logs = Vec::new();
         let mut workers = Vec::new();
-        for _ in 0..8 {
+        for _ in 0..WORKERS {
             let log: Arc<Mutex<Vec<(Priority, usize)>>> = Arc::default();
             logs.push(log.clone());
             let handled = handled.clone();
-            let handler = handler_fn(move |job: EmailJob| {
+            workers.push(spawn_worker(&queue, 1, move |job: EmailJob| {
                 let seq: usize = job.id.as_str().rsplit('-').next().unwrap().parse().unwrap();
                 log.lock().unwrap().push((job.priority, seq));
                 handled.fetch_add(1, Ordering::SeqCst);
                 async { Ok(()) }
-            });
-            workers.push(queue.worker(handler).with_options(worker_options(1)).unwrap().spawn());
+            }));
         }
-        wait_for("all jobs", Duration::from_secs(120), || handled.load(Ordering::SeqCst) >= JOBS).await;
+        wait_for("all jobs", Duration::from_secs(300), || handled.load(Ordering::SeqCst) >= JOBS).await;
         let mut total = crate::WorkerTotals::default();
         for w in workers {
             total.add(w.shutdown().await.unwrap());
@@ -162,10 +214,8 @@ aether_redis::contract_tests! {
         }
         assert_eq!(seen.len(), JOBS, "some job was never handled");
         assert!(seen.values().all(|&n| n == 1), "some job was handled twice");
-        let stats = queue.stats().await.unwrap();
-        assert_eq!((stats.waiting(), stats.active, stats.delayed, stats.dead), (0, 0, 0, 0));
-        // Completed ids are retained up to the bound (1000 by default), not all 10 000.
-        assert_eq!(stats.completed, 1000);
+        // Completed ids are retained up to the bound (1000 by default), not all 80 000.
+        assert_eq!(counts(&queue).await, (0, 0, 0, 0, 1000));
     }
 
     async fn aborted_worker_task_job_is_redelivered_after_the_visibility_timeout(redis) {
@@ -173,21 +223,13 @@ aether_redis::contract_tests! {
         queue.enqueue(job("abort-me", Priority::Normal)).await.unwrap();
         let started: Arc<Mutex<Option<Instant>>> = Arc::default();
         let s = started.clone();
-        let stuck = queue
-            .worker(handler_fn(move |_job| {
-                *s.lock().unwrap() = Some(Instant::now());
-                async {
-                    tokio::time::sleep(Duration::from_secs(3600)).await;
-                    Ok(())
-                }
-            }))
-            .with_options({
-                let mut w = worker_options(1);
-                w.worker_id = Some("replica-1".into());
-                w
-            })
-            .unwrap()
-            .spawn();
+        let stuck = spawn_worker_with(&queue, replica("replica-1"), move |_job| {
+            *s.lock().unwrap() = Some(Instant::now());
+            async {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                Ok(())
+            }
+        });
         wait_for("the first delivery", Duration::from_secs(10), || started.lock().unwrap().is_some()).await;
         stuck.abort();
         assert_eq!(queue.stats().await.unwrap().active, 1);
@@ -195,18 +237,10 @@ aether_redis::contract_tests! {
         // A replica with the same worker id cannot hide the orphan: recovery is by deadline.
         let redelivered: Arc<Mutex<Vec<(String, u32, Instant)>>> = Arc::default();
         let r = redelivered.clone();
-        let rescuer = queue
-            .worker(handler_fn(move |job: EmailJob| {
-                r.lock().unwrap().push((job.id.to_string(), job.attempts, Instant::now()));
-                async { Ok(()) }
-            }))
-            .with_options({
-                let mut w = worker_options(1);
-                w.worker_id = Some("replica-1".into());
-                w
-            })
-            .unwrap()
-            .spawn();
+        let rescuer = spawn_worker_with(&queue, replica("replica-1"), move |job: EmailJob| {
+            r.lock().unwrap().push((job.id.to_string(), job.attempts, Instant::now()));
+            async { Ok(()) }
+        });
         wait_for("the redelivery", Duration::from_secs(10), || !redelivered.lock().unwrap().is_empty()).await;
         let report = rescuer.shutdown().await.unwrap();
         assert_eq!(report.completed, 1);
@@ -216,8 +250,7 @@ aether_redis::contract_tests! {
         assert_eq!(got[0].1, 0, "a crash is not a failed attempt");
         let first = started.lock().unwrap().unwrap();
         assert!(got[0].2 - first >= Duration::from_millis(900), "redelivered before the visibility timeout");
-        let stats = queue.stats().await.unwrap();
-        assert_eq!((stats.waiting(), stats.active, stats.dead, stats.completed), (0, 0, 0, 1));
+        assert_eq!(counts(&queue).await, (0, 0, 0, 0, 1));
     }
 
     async fn sigkilled_worker_process_job_is_redelivered(redis) {
@@ -260,22 +293,12 @@ aether_redis::contract_tests! {
         child.wait().unwrap();
         assert_eq!(queue.stats().await.unwrap().active, 1);
 
-        let handled: Arc<Mutex<Vec<String>>> = Arc::default();
-        let h = handled.clone();
-        let worker = queue
-            .worker(handler_fn(move |job: EmailJob| {
-                h.lock().unwrap().push(job.id.to_string());
-                async { Ok(()) }
-            }))
-            .with_options(worker_options(2))
-            .unwrap()
-            .spawn();
+        let (handled, worker) = recording_worker(&queue, 2);
         wait_for("the redelivery", Duration::from_secs(10), || !handled.lock().unwrap().is_empty()).await;
         worker.shutdown().await.unwrap();
         assert!(killed_at.elapsed() < Duration::from_secs(10));
         assert_eq!(handled.lock().unwrap().as_slice(), ["killed-mid-job"]);
-        let stats = queue.stats().await.unwrap();
-        assert_eq!((stats.waiting(), stats.active, stats.dead, stats.completed), (0, 0, 0, 1));
+        assert_eq!(counts(&queue).await, (0, 0, 0, 0, 1));
     }
 
     async fn poison_job_dies_after_exactly_max_attempts_and_healthy_jobs_pass(redis) {
@@ -289,20 +312,16 @@ aether_redis::contract_tests! {
         let ok = Arc::new(AtomicUsize::new(0));
         let cured = Arc::new(AtomicBool::new(false));
         let (p, o, c) = (poison_runs.clone(), ok.clone(), cured.clone());
-        let worker = queue
-            .worker(handler_fn(move |job: EmailJob| {
-                let result = if job.id.as_str() == "poison" && !c.load(Ordering::SeqCst) {
-                    p.lock().unwrap().push((Instant::now(), job.attempts));
-                    Err(JobError::retry("554 mailbox unavailable"))
-                } else {
-                    o.fetch_add(1, Ordering::SeqCst);
-                    Ok(())
-                };
-                async move { result }
-            }))
-            .with_options(worker_options(4))
-            .unwrap()
-            .spawn();
+        let worker = spawn_worker(&queue, 4, move |job: EmailJob| {
+            let result = if job.id.as_str() == "poison" && !c.load(Ordering::SeqCst) {
+                p.lock().unwrap().push((Instant::now(), job.attempts));
+                Err(JobError::retry("554 mailbox unavailable"))
+            } else {
+                o.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            };
+            async move { result }
+        });
         wait_stats(&queue, "the poison job to die", Duration::from_secs(20), |s| s.dead == 1).await;
         wait_for("healthy jobs", Duration::from_secs(20), || ok.load(Ordering::SeqCst) == 100).await;
         // Give a wrongly scheduled extra attempt time to show up.
@@ -329,8 +348,7 @@ aether_redis::contract_tests! {
         wait_for("the replayed job", Duration::from_secs(10), || ok.load(Ordering::SeqCst) == 101).await;
         let report = worker.shutdown().await.unwrap();
         assert_eq!((report.retried, report.dead, report.completed), (2, 1, 101));
-        let stats = queue.stats().await.unwrap();
-        assert_eq!((stats.waiting(), stats.active, stats.delayed, stats.dead), (0, 0, 0, 0));
+        assert_eq!(counts(&queue).await, (0, 0, 0, 0, 101));
     }
 
     async fn permanent_failures_and_malformed_payloads_go_to_the_dead_set(redis) {
@@ -341,14 +359,10 @@ aether_redis::contract_tests! {
         let _: () = redis::cmd("LPUSH").arg(queue.list_key(Priority::High)).arg(r#"{"id":"no-recipients"}"#).query_async(&mut conn).await.unwrap();
         let calls = Arc::new(AtomicUsize::new(0));
         let c = calls.clone();
-        let worker = queue
-            .worker(handler_fn(move |_job| {
-                c.fetch_add(1, Ordering::SeqCst);
-                async { Err(JobError::permanent("550 no such user")) }
-            }))
-            .with_options(worker_options(2))
-            .unwrap()
-            .spawn();
+        let worker = spawn_worker(&queue, 2, move |_job| {
+            c.fetch_add(1, Ordering::SeqCst);
+            async { Err(JobError::permanent("550 no such user")) }
+        });
         wait_stats(&queue, "three dead jobs", Duration::from_secs(10), |s| s.dead == 3).await;
         worker.shutdown().await.unwrap();
         assert_eq!(calls.load(Ordering::SeqCst), 1);
@@ -380,14 +394,10 @@ aether_redis::contract_tests! {
 
         let ran: Arc<Mutex<Vec<(String, i64)>>> = Arc::default();
         let r = ran.clone();
-        let worker = queue
-            .worker(handler_fn(move |job: EmailJob| {
-                r.lock().unwrap().push((job.id.to_string(), now_ms()));
-                async { Ok(()) }
-            }))
-            .with_options(worker_options(2))
-            .unwrap()
-            .spawn();
+        let worker = spawn_worker(&queue, 2, move |job: EmailJob| {
+            r.lock().unwrap().push((job.id.to_string(), now_ms()));
+            async { Ok(()) }
+        });
         wait_for("three jobs", Duration::from_secs(10), || ran.lock().unwrap().len() == 3).await;
         worker.shutdown().await.unwrap();
         let ran = ran.lock().unwrap().clone();
@@ -421,7 +431,7 @@ aether_redis::contract_tests! {
         assert_eq!((stats.high, stats.normal, stats.low), (0, 1, 2));
 
         // Known while retained as completed; forgotten once cleaned.
-        let worker = queue.worker(handler_fn(|_job| async { Ok(()) })).with_options(worker_options(2)).unwrap().spawn();
+        let worker = spawn_worker(&queue, 2, |_job| async { Ok(()) });
         wait_stats(&queue, "three completed", Duration::from_secs(10), |s| s.completed == 3).await;
         worker.shutdown().await.unwrap();
         assert_eq!(queue.enqueue(job("once", Priority::Normal)).await.unwrap(), Enqueued::Duplicate);
@@ -452,16 +462,7 @@ aether_redis::contract_tests! {
         assert_eq!(pttl, -1, "queue keys never expire while they hold jobs");
         tokio::time::sleep(Duration::from_millis(1100)).await;
         queue.enqueue(job("fresh", Priority::Normal)).await.unwrap();
-        let handled: Arc<Mutex<Vec<String>>> = Arc::default();
-        let h = handled.clone();
-        let worker = queue
-            .worker(handler_fn(move |job: EmailJob| {
-                h.lock().unwrap().push(job.id.to_string());
-                async { Ok(()) }
-            }))
-            .with_options(worker_options(1))
-            .unwrap()
-            .spawn();
+        let (handled, worker) = recording_worker(&queue, 1);
         wait_for("the fresh job", Duration::from_secs(10), || handled.lock().unwrap().len() == 1).await;
         worker.shutdown().await.unwrap();
         assert_eq!(handled.lock().unwrap().as_slice(), ["fresh"]);
@@ -480,17 +481,13 @@ aether_redis::contract_tests! {
         queue.enqueue_bulk(high).await.unwrap();
         let order: Arc<Mutex<Vec<String>>> = Arc::default();
         let r = order.clone();
-        let worker = queue
-            .worker(handler_fn(move |job: EmailJob| {
-                r.lock().unwrap().push(job.id.to_string());
-                async {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                    Ok(())
-                }
-            }))
-            .with_options(worker_options(1))
-            .unwrap()
-            .spawn();
+        let worker = spawn_worker(&queue, 1, move |job: EmailJob| {
+            r.lock().unwrap().push(job.id.to_string());
+            async {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                Ok(())
+            }
+        });
         wait_for("all jobs", Duration::from_secs(30), || order.lock().unwrap().len() == 301).await;
         worker.shutdown().await.unwrap();
         let order = order.lock().unwrap().clone();
@@ -505,19 +502,13 @@ aether_redis::contract_tests! {
         let mut workers = Vec::new();
         for _ in 0..2 {
             let r = runs.clone();
-            workers.push(
-                queue
-                    .worker(handler_fn(move |_job| {
-                        r.fetch_add(1, Ordering::SeqCst);
-                        async {
-                            tokio::time::sleep(Duration::from_millis(2600)).await;
-                            Ok(())
-                        }
-                    }))
-                    .with_options(worker_options(1))
-                    .unwrap()
-                    .spawn(),
-            );
+            workers.push(spawn_worker(&queue, 1, move |_job| {
+                r.fetch_add(1, Ordering::SeqCst);
+                async {
+                    tokio::time::sleep(Duration::from_millis(2600)).await;
+                    Ok(())
+                }
+            }));
         }
         wait_stats(&queue, "completion", Duration::from_secs(10), |s| s.completed == 1).await;
         let mut completed = 0;
@@ -537,60 +528,43 @@ aether_redis::contract_tests! {
         let started = Arc::new(AtomicUsize::new(0));
         let finished: Arc<Mutex<Vec<String>>> = Arc::default();
         let (s, f) = (started.clone(), finished.clone());
-        let worker = queue
-            .worker(handler_fn(move |job: EmailJob| {
-                s.fetch_add(1, Ordering::SeqCst);
-                let f = f.clone();
-                async move {
-                    tokio::time::sleep(Duration::from_millis(300)).await;
-                    f.lock().unwrap().push(job.id.to_string());
-                    Ok(())
-                }
-            }))
-            .with_options(worker_options(4))
-            .unwrap()
-            .spawn();
+        let worker = spawn_worker(&queue, 4, move |job: EmailJob| {
+            s.fetch_add(1, Ordering::SeqCst);
+            let f = f.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                f.lock().unwrap().push(job.id.to_string());
+                Ok(())
+            }
+        });
         wait_for("four jobs in flight", Duration::from_secs(10), || started.load(Ordering::SeqCst) == 4).await;
         let report = worker.shutdown().await.unwrap();
         let done = finished.lock().unwrap().clone();
         assert_eq!(started.load(Ordering::SeqCst), done.len());
         assert_eq!(report.completed, done.len() as u64);
-        let stats = queue.stats().await.unwrap();
-        assert_eq!((stats.active, stats.waiting()), (0, 20 - done.len() as u64));
+        let (waiting, active, ..) = counts(&queue).await;
+        assert_eq!((active, waiting), (0, 20 - done.len() as u64));
 
         // 2. Jobs still running at the deadline go back to the head of their list at once.
         let mut options = worker_options(4);
         options.shutdown_timeout = Duration::from_millis(300);
         let started2 = Arc::new(AtomicUsize::new(0));
         let s2 = started2.clone();
-        let worker = queue
-            .worker(handler_fn(move |_job| {
-                s2.fetch_add(1, Ordering::SeqCst);
-                async {
-                    tokio::time::sleep(Duration::from_secs(3600)).await;
-                    Ok(())
-                }
-            }))
-            .with_options(options)
-            .unwrap()
-            .spawn();
+        let worker = spawn_worker_with(&queue, options, move |_job| {
+            s2.fetch_add(1, Ordering::SeqCst);
+            async {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                Ok(())
+            }
+        });
         wait_for("four stuck jobs", Duration::from_secs(10), || started2.load(Ordering::SeqCst) == 4).await;
         let report = worker.shutdown().await.unwrap();
         assert_eq!(report.released, 4);
-        let stats = queue.stats().await.unwrap();
-        assert_eq!((stats.active, stats.waiting()), (0, 20 - done.len() as u64));
+        let (waiting, active, ..) = counts(&queue).await;
+        assert_eq!((active, waiting), (0, 20 - done.len() as u64));
 
         // 3. Everything is still there: a new worker handles exactly the rest.
-        let rest: Arc<Mutex<Vec<String>>> = Arc::default();
-        let r = rest.clone();
-        let worker = queue
-            .worker(handler_fn(move |job: EmailJob| {
-                r.lock().unwrap().push(job.id.to_string());
-                async { Ok(()) }
-            }))
-            .with_options(worker_options(4))
-            .unwrap()
-            .spawn();
+        let (rest, worker) = recording_worker(&queue, 4);
         wait_for("the rest", Duration::from_secs(10), || rest.lock().unwrap().len() + done.len() == 20).await;
         worker.shutdown().await.unwrap();
         let mut all: Vec<String> = done.into_iter().chain(rest.lock().unwrap().iter().cloned()).collect();
@@ -641,14 +615,10 @@ aether_redis::contract_tests! {
 
         let seen: Arc<Mutex<Vec<EmailJob>>> = Arc::default();
         let s = seen.clone();
-        let worker = queue
-            .worker(handler_fn(move |job: EmailJob| {
-                s.lock().unwrap().push(job);
-                async { Ok(()) }
-            }))
-            .with_options(worker_options(1))
-            .unwrap()
-            .spawn();
+        let worker = spawn_worker(&queue, 1, move |job: EmailJob| {
+            s.lock().unwrap().push(job);
+            async { Ok(()) }
+        });
         wait_for("four raw jobs", Duration::from_secs(10), || seen.lock().unwrap().len() == 4).await;
         worker.shutdown().await.unwrap();
         let seen = seen.lock().unwrap().clone();
@@ -657,8 +627,7 @@ aether_redis::contract_tests! {
         assert_eq!(seen[0].subject, "Raw raw-1");
         assert_eq!(seen[0].version, 1);
         assert_eq!(seen[0].metadata["tenant"], "t1");
-        let stats = queue.stats().await.unwrap();
-        assert_eq!((stats.waiting(), stats.active, stats.dead, stats.completed), (0, 0, 0, 4));
+        assert_eq!(counts(&queue).await, (0, 0, 0, 0, 4));
     }
 
     async fn named_queues_are_separate(redis) {

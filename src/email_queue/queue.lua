@@ -195,8 +195,10 @@ if op == 'work' then
   end
 
   -- 4. Fetch: strict priority, except that a list head waiting longer than `aging` goes first.
+  -- `heads[j]` keeps the decoded head of list j from the aging check, so the job popped next
+  -- from that list (the same element) is not decoded twice.
   local out = {}
-  local aged = {}
+  local aged, heads = {}, {}
   local fetched, guard = 0, 0
   while fetched < fetch and guard < fetch + 100 do
     guard = guard + 1
@@ -208,6 +210,7 @@ if op == 'work' then
           local head = redis.call('LINDEX', ORDER[j], -1)
           if head then
             local job = inspect(head)
+            heads[j] = job or false
             local at = job and tonumber(job.scheduledAt)
             aged[j] = (at ~= nil and at > 0 and now - at > aging)
           end
@@ -234,7 +237,13 @@ if op == 'work' then
     end
     aged[idx] = nil
     local prio = NAMES[idx]
-    local job = inspect(payload)
+    local job = heads[idx]
+    heads[idx] = nil
+    if job == nil then
+      job = inspect(payload)
+    elseif job == false then
+      job = nil
+    end
     local id = job and job.id
     if type(id) ~= 'string' or id == '' or string.len(id) > 512 then
       local mid = 'malformed-' .. redis.sha1hex(payload)

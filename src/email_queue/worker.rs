@@ -296,6 +296,11 @@ impl Worker {
         let mut shutdown = std::pin::pin!(shutdown);
 
         loop {
+            // Registered before the fetch: an enqueue in this process that lands while the call
+            // is in flight (after the script saw empty lists) still wakes the worker.
+            let woken = notify.notified();
+            let mut woken = std::pin::pin!(woken);
+            woken.as_mut().enable();
             while let Some(joined) = tasks.try_join_next_with_id() {
                 pending.extend(self.settlement(joined, &mut flight));
             }
@@ -386,7 +391,7 @@ impl Worker {
                 }
                 () = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)),
                     if retry_at.is_some() => {}
-                () = notify.notified(), if !stopping && !want_fetch => {
+                () = &mut woken, if !stopping && !want_fetch => {
                     want_fetch = true;
                     idle = MIN_IDLE;
                 }
