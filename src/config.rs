@@ -327,12 +327,17 @@ fn parse_positive_millis(variable: &str, value: &str) -> Result<Duration, Config
 }
 
 fn parse_addr_list(variable: &str, value: &str) -> Result<Vec<String>, ConfigError> {
-    let addrs: Vec<String> = value
+    let addrs: Vec<&str> = value
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(str::to_owned)
         .collect();
+    check_addrs(variable, value, &addrs)
+}
+
+/// Checks `host:port` addresses (a `redis://`/`rediss://` scheme allowed); `value` is what the
+/// error shows.
+fn check_addrs(variable: &str, value: &str, addrs: &[&str]) -> Result<Vec<String>, ConfigError> {
     if addrs.is_empty() {
         return Err(ConfigError::invalid(
             variable,
@@ -340,7 +345,7 @@ fn parse_addr_list(variable: &str, value: &str) -> Result<Vec<String>, ConfigErr
             "expected host:port[,host:port...]",
         ));
     }
-    for addr in &addrs {
+    for addr in addrs {
         let bare = addr
             .strip_prefix("redis://")
             .or_else(|| addr.strip_prefix("rediss://"))
@@ -357,7 +362,7 @@ fn parse_addr_list(variable: &str, value: &str) -> Result<Vec<String>, ConfigErr
             ));
         }
     }
-    Ok(addrs)
+    Ok(addrs.iter().map(|a| (*a).to_owned()).collect())
 }
 
 fn parse_renamed(variable: &str, value: &str) -> Result<BTreeMap<String, String>, ConfigError> {
@@ -370,19 +375,31 @@ fn parse_renamed(variable: &str, value: &str) -> Result<BTreeMap<String, String>
                 format!("{item:?} is not COMMAND=NEWNAME"),
             ));
         };
-        let from = from.trim();
-        let to = to.trim();
-        if from.is_empty() || from.contains(char::is_whitespace) || to.contains(char::is_whitespace)
-        {
-            return Err(ConfigError::invalid(
-                variable,
-                value,
-                format!("{item:?} is not COMMAND=NEWNAME"),
-            ));
-        }
-        map.insert(from.to_ascii_uppercase(), to.to_owned());
+        insert_renamed(&mut map, variable, value, from, to)?;
     }
     Ok(map)
+}
+
+/// Adds one `command → new name` pair (command names are case-insensitive, so keyed upper
+/// case); `value` is what the error shows.
+fn insert_renamed(
+    map: &mut BTreeMap<String, String>,
+    variable: &str,
+    value: &str,
+    from: &str,
+    to: &str,
+) -> Result<(), ConfigError> {
+    let (from, to) = (from.trim(), to.trim());
+    let bad = |c: char| c.is_whitespace() || c == ',' || c == '=';
+    if from.is_empty() || from.contains(bad) || to.contains(bad) {
+        return Err(ConfigError::invalid(
+            variable,
+            value,
+            format!("{from:?}={to:?} is not COMMAND=NEWNAME"),
+        ));
+    }
+    map.insert(from.to_ascii_uppercase(), to.to_owned());
+    Ok(())
 }
 
 fn check_file(variable: &str, path: &PathBuf) -> Result<(), ConfigError> {
@@ -877,8 +894,7 @@ mod file {
     use std::time::Duration;
 
     use super::{
-        Config, ConfigError, Secret, TlsConfig, Topology, check_file, parse_addr_list,
-        parse_renamed,
+        Config, ConfigError, Secret, TlsConfig, Topology, check_addrs, check_file, insert_renamed,
     };
     use crate::keyspace::Keyspace;
 
@@ -923,6 +939,11 @@ mod file {
     struct SentinelFile {
         master: String,
         addrs: Vec<String>,
+    }
+
+    fn addr_list(field: &str, addrs: &[String]) -> Result<Vec<String>, ConfigError> {
+        let trimmed: Vec<&str> = addrs.iter().map(|a| a.trim()).collect();
+        check_addrs(field, &addrs.join(","), &trimmed)
     }
 
     fn positive(
@@ -1034,12 +1055,12 @@ mod file {
                 c.rate_limit_max = Some(max);
             }
             if !f.renamed_commands.is_empty() {
-                let joined: Vec<String> = f
-                    .renamed_commands
-                    .iter()
-                    .map(|(from, to)| format!("{from}={to}"))
-                    .collect();
-                c.renamed_commands = parse_renamed("renamed_commands", &joined.join(","))?;
+                let mut renamed = BTreeMap::new();
+                for (from, to) in &f.renamed_commands {
+                    let field = format!("renamed_commands.{from}");
+                    insert_renamed(&mut renamed, &field, to, from, to)?;
+                }
+                c.renamed_commands = renamed;
             }
             if let Some(layout) = f.session_layout {
                 c.session_layout = layout.parse().map_err(|_| {
@@ -1068,12 +1089,12 @@ mod file {
                     }
                     c.topology = Topology::Sentinel {
                         master: sentinel.master,
-                        sentinels: parse_addr_list("sentinel.addrs", &sentinel.addrs.join(","))?,
+                        sentinels: addr_list("sentinel.addrs", &sentinel.addrs)?,
                     };
                 }
                 (None, Some(nodes)) => {
                     c.topology = Topology::Cluster {
-                        nodes: parse_addr_list("cluster_nodes", &nodes.join(","))?,
+                        nodes: addr_list("cluster_nodes", &nodes)?,
                     };
                 }
                 (None, None) => {}
@@ -1186,6 +1207,11 @@ mod tests {
             (r#"{"url": "http://x"}"#, "url"),
             (r#"{"pool_size": 0}"#, "REDIS_POOL_SIZE"),
             (r#"{"pool_sise": 3}"#, "pool_sise"),
+            (
+                r#"{"renamed_commands": {"EVAL": "a,b"}}"#,
+                "renamed_commands.EVAL",
+            ),
+            (r#"{"cluster_nodes": []}"#, "cluster_nodes"),
         ] {
             let err = serde_json::from_str::<Config>(json)
                 .unwrap_err()
