@@ -740,7 +740,9 @@ async fn worker<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>>(
                 .await
                 .unwrap_or_else(|_| Err("the handler panicked".to_owned()))
         };
-        queue.lock().held.remove(&job.id);
+        // Held until its outcome is settled (acked or failed), so that a claim pass in between
+        // cannot hand the message out again.
+        let id = job.id.clone();
         match outcome {
             Ok(()) => {
                 let _ = ctx.acks.send(Ack {
@@ -752,6 +754,7 @@ async fn worker<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>>(
             }
             Err(error) => ctx.fail(&job, &error).await,
         }
+        queue.lock().held.remove(&id);
         drop(guard);
     }
 }
