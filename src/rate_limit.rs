@@ -491,8 +491,9 @@ impl RateLimiterConfig {
         self.tiers.get(name)
     }
 
-    /// Deadline of one Redis call of the limiter (default 500 ms); past it the failure policy
-    /// applies.
+    /// Deadline of one Redis call of the limiter (default 500 ms, capped at the connection's
+    /// response timeout); past it the failure policy applies. A missed deadline does not
+    /// condemn the shared connection: other repositories keep using it.
     #[must_use]
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout.max(Duration::from_millis(1));

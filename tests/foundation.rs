@@ -281,3 +281,30 @@ async fn blocking_commands_use_dedicated_connections_without_response_timeout() 
     // Meanwhile the shared connection keeps its short timeout and still works.
     assert!(redis.health().await.is_ok());
 }
+
+#[test]
+fn config_or_disposable_keeps_an_answering_server_and_replaces_a_silent_one() {
+    let shared = testkit::shared_server().unwrap();
+    let mut answering = shared.config.clone();
+    answering.key_prefix = "mine:".into();
+    let (config, disposable) = testkit::config_or_disposable(answering.clone()).unwrap();
+    assert_eq!((config, disposable), (answering, false));
+
+    // Nothing listens on a port just found free.
+    let silent = Config::builder()
+        .port(testkit::free_port().unwrap())
+        .key_prefix("mine:")
+        .environment(aether_redis::Environment::Test)
+        .build()
+        .unwrap();
+    let (config, disposable) = testkit::config_or_disposable(silent.clone()).unwrap();
+    if std::env::var("REDIS_URL").is_ok_and(|u| !u.trim().is_empty()) {
+        // REDIS_URL says "use what is configured"; the choice is then the caller's.
+        assert_eq!((config, disposable), (silent, false));
+    } else {
+        assert!(disposable);
+        assert_eq!(config.port, shared.config.port);
+        assert_eq!(config.key_prefix, "mine:");
+        assert_eq!(config.environment, aether_redis::Environment::Test);
+    }
+}

@@ -630,3 +630,65 @@ async fn scripting_disabled_fails_script_tiers_at_construction_fixed_window_work
             .allowed
     );
 }
+
+/// A stalled server (not a stopped one): the limiter's deadline holds on the shared connection,
+/// the failure policy applies, and the missed deadline leaves that connection in place for the
+/// other repositories and the next check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_server_costs_one_deadline_and_keeps_the_shared_connection() {
+    let server = start(LocalOptions::default()).await;
+    let redis = Redis::connect(server.config()).await.unwrap();
+    let open = TierName::custom("open");
+    let limiter = redis
+        .rate_limiter_with(
+            RateLimiterConfig::default()
+                .tier(
+                    open.clone(),
+                    Tier::new(5, Duration::from_secs(60))
+                        .unwrap()
+                        .with_failure_policy(FailurePolicy::FailOpen),
+                )
+                .timeout(Duration::from_millis(200)),
+        )
+        .unwrap();
+    assert_eq!(
+        limiter.check("u", "e", &open).await.unwrap().source,
+        DecisionSource::Redis
+    );
+    let client_id = || async {
+        let mut conn = redis.connection().await.unwrap();
+        redis::cmd("CLIENT")
+            .arg("ID")
+            .query_async::<i64>(&mut conn)
+            .await
+            .unwrap()
+    };
+    let before = client_id().await;
+
+    let mut admin = redis.dedicated().await.unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1500)
+        .arg("ALL")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let d = limiter.check("u", "e", &open).await.unwrap();
+    let waited = started.elapsed();
+    assert_eq!((d.allowed, d.source), (true, DecisionSource::FailOpen));
+    // Bounded by the 200 ms deadline, not by the 1.5 s pause (loose margin for a loaded machine).
+    assert!(waited < Duration::from_millis(1200), "{waited:?}");
+    assert_eq!(limiter.stats().redis_failures, 1);
+
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert_eq!(
+        limiter.check("u", "e", &open).await.unwrap().source,
+        DecisionSource::Redis
+    );
+    assert_eq!(
+        client_id().await,
+        before,
+        "the shared connection was replaced"
+    );
+}
