@@ -93,8 +93,8 @@ fn raw_op(
                         .arg(&*key)
                         .arg(first)
                         .arg(second)
-                        .arg(1)
                         .arg("1")
+                        .arg(1)
                         .query_async(&mut conn)
                         .await
                         .expect("EVALSHA");

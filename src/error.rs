@@ -10,8 +10,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Everything that can go wrong talking to Redis through this crate.
 ///
 /// Stored data that does not decode is a [`Error::Decode`], never a connection error, so a retry
-/// loop never spins on bad data. Secrets never appear in the messages.
-#[derive(Debug, thiserror::Error)]
+/// loop never spins on bad data. Secrets never appear in the messages. Cloning keeps the kind
+/// and the source, so one failure can answer every caller of a batched call.
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The configuration was rejected before anything was sent.

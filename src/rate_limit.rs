@@ -46,6 +46,7 @@ use std::time::{Duration, Instant};
 
 use redis::Value;
 
+use crate::coalesce::{self, Batch, Coalescer};
 use crate::codec;
 use crate::config::ConfigError;
 use crate::error::{Error, Result};
@@ -648,6 +649,8 @@ pub struct LimiterStats {
     pub local_decisions: u64,
     /// Decisions that failed open.
     pub fail_open_decisions: u64,
+    /// Checks that shared one call with other concurrent checks on the same key and tier.
+    pub batched_checks: u64,
 }
 
 #[derive(Default)]
@@ -657,6 +660,7 @@ struct Counters {
     short_circuited: AtomicU64,
     local_decisions: AtomicU64,
     fail_open_decisions: AtomicU64,
+    batched_checks: AtomicU64,
 }
 
 struct Breaker {
@@ -801,7 +805,7 @@ impl LocalState {
 }
 
 /// The outcome of one algorithm step, before it becomes a [`Decision`].
-struct Outcome {
+pub(crate) struct Outcome {
     allowed: bool,
     remaining: u64,
     reset_after_us: i64,
@@ -1014,14 +1018,14 @@ impl LocalLimiter {
     }
 }
 
-/// GCRA on the server clock. KEYS[1] = state hash; ARGV = period µs, burst, cost, consume (1/0).
-/// Returns {allowed, remaining, reset_after µs, retry_after µs}.
+/// GCRA on the server clock. KEYS[1] = state hash; ARGV = period µs, burst, consume (1/0), then
+/// one cost per request: the requests of a batch are decided in order at one instant. Returns
+/// {allowed, remaining, reset_after µs, retry_after µs} per request, flattened.
 const GCRA_SRC: &str = r#"
 local key = KEYS[1]
 local period = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
-local cost = tonumber(ARGV[3])
-local consume = ARGV[4] == '1'
+local consume = ARGV[3] == '1'
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 -- HGET under pcall instead of TYPE first: one server call less on every check. A WRONGTYPE
@@ -1035,27 +1039,40 @@ else
 end
 if tat == nil or tat < now then tat = now end
 local tolerance = burst * period
-local new_tat = tat + cost * period
-local allow_at = new_tat - tolerance
-if now < allow_at then
-  return {0, math.floor((tolerance - (tat - now)) / period), tat - now, allow_at - now}
+local out = {}
+local admitted = false
+for i = 4, #ARGV do
+  local new_tat = tat + tonumber(ARGV[i]) * period
+  local allow_at = new_tat - tolerance
+  local n = #out
+  if now < allow_at then
+    out[n + 1], out[n + 2], out[n + 3], out[n + 4] =
+      0, math.floor((tolerance - (tat - now)) / period), tat - now, allow_at - now
+  elseif not consume then
+    out[n + 1], out[n + 2], out[n + 3], out[n + 4] =
+      1, math.floor((tolerance - (tat - now)) / period), tat - now, 0
+  else
+    tat = new_tat
+    admitted = true
+    out[n + 1], out[n + 2], out[n + 3], out[n + 4] =
+      1, math.floor((tolerance - (tat - now)) / period), tat - now, 0
+  end
 end
-if not consume then
-  return {1, math.floor((tolerance - (tat - now)) / period), tat - now, 0}
+if admitted then
+  redis.call('HSET', key, 'tat', string.format('%.0f', tat))
+  redis.call('PEXPIRE', key, math.max(1, math.ceil((tat - now) / 1000)))
 end
-redis.call('HSET', key, 'tat', string.format('%.0f', new_tat))
-redis.call('PEXPIRE', key, math.max(1, math.ceil((new_tat - now) / 1000)))
-return {1, math.floor((tolerance - (new_tat - now)) / period), new_tat - now, 0}
+return out
 "#;
 
 /// Weighted two-window counter on the server clock. KEYS[1] = state hash; ARGV = window ms,
-/// limit, cost, consume (1/0). Returns {allowed, remaining, reset_after µs, retry_after µs}.
+/// limit, consume (1/0), then one cost per request, decided in order at one instant. Returns
+/// {allowed, remaining, reset_after µs, retry_after µs} per request, flattened.
 const SLIDING_SRC: &str = r#"
 local key = KEYS[1]
 local window = tonumber(ARGV[1])
 local limit = tonumber(ARGV[2])
-local cost = tonumber(ARGV[3])
-local consume = ARGV[4] == '1'
+local consume = ARGV[3] == '1'
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local start = now - (now % window)
@@ -1075,30 +1092,42 @@ else
 end
 local elapsed = now - start
 local weighted_prev = prev * (window - elapsed)
-local allowed = weighted_prev + (cur + cost) * window <= limit * window
-local cur_after = cur
-if allowed and consume then cur_after = cur + cost end
-local used = weighted_prev + cur_after * window
-local remaining = math.floor(math.max(0, limit * window - used) / window)
-local reset = 0
-if cur_after > 0 then reset = start + 2 * window - now elseif prev > 0 then reset = start + window - now end
-local retry = 0
-if not allowed then
-  if cur + cost <= limit and prev > 0 then
-    local need = (limit - cur - cost) * window
-    retry = math.max(1, window - math.floor(need / prev) - elapsed)
-  elseif cur > 0 then
-    local need = (limit - cost) * window
-    retry = start + window - now + (window - math.min(window, math.floor(need / cur)))
-  else
-    retry = start + window - now
+local out = {}
+local admitted = false
+for i = 4, #ARGV do
+  local cost = tonumber(ARGV[i])
+  local allowed = weighted_prev + (cur + cost) * window <= limit * window
+  local cur_after = cur
+  if allowed and consume then cur_after = cur + cost end
+  local used = weighted_prev + cur_after * window
+  local remaining = math.floor(math.max(0, limit * window - used) / window)
+  local reset = 0
+  if cur_after > 0 then reset = start + 2 * window - now elseif prev > 0 then reset = start + window - now end
+  local retry = 0
+  if not allowed then
+    if cur + cost <= limit and prev > 0 then
+      local need = (limit - cur - cost) * window
+      retry = math.max(1, window - math.floor(need / prev) - elapsed)
+    elseif cur > 0 then
+      local need = (limit - cost) * window
+      retry = start + window - now + (window - math.min(window, math.floor(need / cur)))
+    else
+      retry = start + window - now
+    end
+  end
+  local n = #out
+  out[n + 1], out[n + 2], out[n + 3], out[n + 4] =
+    allowed and 1 or 0, remaining, reset * 1000, retry * 1000
+  if cur_after ~= cur then
+    cur = cur_after
+    admitted = true
   end
 end
-if consume and allowed then
-  redis.call('HSET', key, 'start', string.format('%.0f', start), 'cur', cur_after, 'prev', prev)
+if admitted then
+  redis.call('HSET', key, 'start', string.format('%.0f', start), 'cur', cur, 'prev', prev)
   redis.call('PEXPIRE', key, math.max(1, start + 2 * window - now))
 end
-return {allowed and 1 or 0, remaining, reset * 1000, retry * 1000}
+return out
 "#;
 
 static GCRA: LazyLock<LuaScript> = LazyLock::new(|| LuaScript::new("rate_limit_gcra", GCRA_SRC));
@@ -1129,7 +1158,12 @@ struct Inner {
     counters: Counters,
     epoch: Instant,
     clock_offset_ms: i64,
+    /// Consuming checks waiting behind an in-flight check on the same key and tier.
+    batches: Coalescer<RateLimiter>,
 }
+
+/// Most checks one call carries: a batch's script call or `MULTI` stays short.
+const MAX_BATCH: usize = 128;
 
 /// Per-user, per-endpoint rate limiter. Cheap to clone; clones share tiers, breaker, local
 /// fallback and counters.
@@ -1196,6 +1230,7 @@ impl Redis {
                 counters: Counters::default(),
                 epoch: Instant::now(),
                 clock_offset_ms: config.clock_offset_ms,
+                batches: Coalescer::new(MAX_BATCH),
             }),
         })
     }
@@ -1227,6 +1262,7 @@ impl RateLimiter {
             short_circuited: c.short_circuited.load(Ordering::Relaxed),
             local_decisions: c.local_decisions.load(Ordering::Relaxed),
             fail_open_decisions: c.fail_open_decisions.load(Ordering::Relaxed),
+            batched_checks: c.batched_checks.load(Ordering::Relaxed),
         }
     }
 
@@ -1255,6 +1291,12 @@ impl RateLimiter {
     /// `MULTI INCRBY / PEXPIRE NX / PTTL EXEC`. Concurrent checks on one key never admit more
     /// than the algorithm allows. A denied GCRA or sliding check consumes nothing; a denied
     /// fixed-window hit counts (the documented counter semantics).
+    ///
+    /// Concurrent checks through this limiter (or its clones) on the same key and tier share
+    /// calls: a check that arrives while another is in flight waits for it and goes in the next
+    /// batch, one call for up to 128 checks, decided in arrival order at one server instant with
+    /// the same result each would have had alone. Such a check takes at most two round trips,
+    /// each bounded by the limiter's timeout; the server runs one command per batch.
     ///
     /// Errors: [`Error::InvalidInput`] for a bad user/endpoint, unknown tier or cost (nothing
     /// sent); [`Error::Unavailable`] / [`Error::Timeout`] only under
@@ -1330,19 +1372,41 @@ impl RateLimiter {
         cost: u64,
         consume: bool,
     ) -> Result<Decision> {
+        let outcome = if consume {
+            coalesce::submit(self, (key.to_owned(), name.clone()), cost).await
+        } else {
+            self.call(key, tier, &[cost], false)
+                .await
+                .and_then(|mut outcomes| outcomes.pop().ok_or_else(|| short_reply(key)))
+        };
+        match outcome {
+            Ok(outcome) => Ok(self.decision(name, tier, outcome, DecisionSource::Redis)),
+            Err(err) if err.is_retryable() => self.degrade(key, name, tier, cost, consume, err),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// One call to Redis deciding `costs` in order, through the breaker and under the
+    /// limiter's deadline. A retryable error means the failure policy applies.
+    async fn call(
+        &self,
+        key: &str,
+        tier: &Tier,
+        costs: &[u64],
+        consume: bool,
+    ) -> Result<Vec<Outcome>> {
         let inner = &self.inner;
         let trial = match inner.breaker.permit() {
             Permit::Reject => {
                 inner
                     .counters
                     .short_circuited
-                    .fetch_add(1, Ordering::Relaxed);
-                let err = Error::Unavailable {
+                    .fetch_add(costs.len() as u64, Ordering::Relaxed);
+                return Err(Error::Unavailable {
                     message: "rate limiter circuit breaker is open after repeated Redis failures"
                         .into(),
                     source: None,
-                };
-                return self.degrade(key, name, tier, cost, consume, err);
+                });
             }
             Permit::Trial => true,
             Permit::Call => false,
@@ -1358,12 +1422,12 @@ impl RateLimiter {
                 .then_some(conn)
         });
         let result = match bounded {
-            Some(mut conn) => self.ask_redis(&mut conn, key, tier, cost, consume).await,
+            Some(mut conn) => self.ask_redis(&mut conn, key, tier, costs, consume).await,
             // Reconnecting, or a Cluster connection: the whole call under one timer.
             _ => {
                 let call = async {
                     let mut conn = inner.redis.connection().await?;
-                    self.ask_redis(&mut conn, key, tier, cost, consume).await
+                    self.ask_redis(&mut conn, key, tier, costs, consume).await
                 };
                 match tokio::time::timeout(inner.timeout, call).await {
                     Ok(result) => result,
@@ -1374,22 +1438,19 @@ impl RateLimiter {
                 }
             }
         };
-        match result {
-            Ok(outcome) => {
-                inner.breaker.success();
-                Ok(self.decision(name, tier, outcome, DecisionSource::Redis))
-            }
+        match &result {
+            Ok(_) => inner.breaker.success(),
             Err(err) if err.is_retryable() => {
                 inner
                     .counters
                     .redis_failures
                     .fetch_add(1, Ordering::Relaxed);
                 inner.breaker.failure(Instant::now(), trial);
-                tracing::warn!(tier = %name, error = %err, "rate limiter: Redis failed; applying the failure policy");
-                self.degrade(key, name, tier, cost, consume, err)
+                tracing::warn!(error = %err, "rate limiter: Redis failed; applying the failure policy");
             }
-            Err(err) => Err(err),
+            Err(_) => {}
         }
+        result
     }
 
     fn degrade(
@@ -1451,9 +1512,9 @@ impl RateLimiter {
         conn: &mut Connection,
         key: &str,
         tier: &Tier,
-        cost: u64,
+        costs: &[u64],
         consume: bool,
-    ) -> Result<Outcome> {
+    ) -> Result<Vec<Outcome>> {
         let redis = &self.inner.redis;
         let fail = |e| redis.fail_within(CHECK, self.inner.timeout, e);
         match tier.algorithm {
@@ -1468,31 +1529,39 @@ impl RateLimiter {
                 } else {
                     tier.limit
                 };
-                let call = ScriptCall::new()
+                let mut call = ScriptCall::new()
                     .key(key)
                     .arg(first)
                     .arg(second)
-                    .arg(cost)
                     .arg(if consume { "1" } else { "0" });
+                for cost in costs {
+                    call = call.arg(*cost);
+                }
                 let reply = redis
                     .scripts()
                     .run(conn, script, &call)
                     .await
                     .map_err(fail)?;
                 let ints = reply_ints(key, reply)?;
-                let [allowed, remaining, reset, retry] = ints[..] else {
+                if ints.len() != 4 * costs.len() {
                     return Err(Error::decode(
                         key,
                         None,
-                        format!("expected 4 integers from the rate-limit script, got {ints:?}"),
+                        format!(
+                            "expected {} integers from the rate-limit script, got {ints:?}",
+                            4 * costs.len()
+                        ),
                     ));
-                };
-                Ok(Outcome {
-                    allowed: allowed == 1,
-                    remaining: u64::try_from(remaining).unwrap_or(0),
-                    reset_after_us: reset,
-                    retry_after_us: retry,
-                })
+                }
+                Ok(ints
+                    .chunks_exact(4)
+                    .map(|decided| Outcome {
+                        allowed: decided[0] == 1,
+                        remaining: u64::try_from(decided[1]).unwrap_or(0),
+                        reset_after_us: decided[2],
+                        retry_after_us: decided[3],
+                    })
+                    .collect())
             }
             Algorithm::FixedWindow => {
                 let window = tier.window_ms();
@@ -1501,8 +1570,9 @@ impl RateLimiter {
                 if consume {
                     // INCRBY creates the counter; PEXPIRE NX gives it the window TTL in the same
                     // transaction, and also repairs a counter a crashed INCR+EXPIRE client left
-                    // without one.
-                    pipe.cmd("INCRBY").arg(key).arg(cost);
+                    // without one. A batch adds its costs at once: the counts the requests would
+                    // have seen one by one are the running total's steps.
+                    pipe.cmd("INCRBY").arg(key).arg(costs.iter().sum::<u64>());
                     pipe.cmd("PEXPIRE").arg(key).arg(window).arg("NX").ignore();
                 } else {
                     pipe.cmd("GET").arg(key);
@@ -1525,19 +1595,76 @@ impl RateLimiter {
                     .map_err(|_| Error::decode(key, None, format!("negative counter {count}")))?;
                 let pttl = codec::int(key, pttl)?;
                 let ttl_us = if pttl > 0 { pttl * 1000 } else { 0 };
-                let (allowed, used) = if consume {
-                    (count <= tier.limit, count)
-                } else {
-                    (count + cost <= tier.limit, count)
-                };
-                Ok(Outcome {
+                let fixed = |used: u64, allowed: bool| Outcome {
                     allowed,
                     remaining: tier.limit.saturating_sub(used),
                     reset_after_us: ttl_us,
                     retry_after_us: if allowed { 0 } else { ttl_us.max(1000) },
-                })
+                };
+                if !consume {
+                    return Ok(costs
+                        .iter()
+                        .map(|cost| fixed(count, count + cost <= tier.limit))
+                        .collect());
+                }
+                // `count` is the total after the whole batch; walk back to each request's own.
+                let mut before = count.saturating_sub(costs.iter().sum::<u64>());
+                Ok(costs
+                    .iter()
+                    .map(|cost| {
+                        before += cost;
+                        fixed(before, before <= tier.limit)
+                    })
+                    .collect())
             }
         }
+    }
+}
+
+fn short_reply(key: &str) -> Error {
+    Error::decode(
+        key,
+        None,
+        "the rate-limit reply has fewer decisions than requests",
+    )
+}
+
+/// Consuming checks on one key and tier that arrive while one is in flight go to Redis
+/// together: one script call or `MULTI` decides them in arrival order at one instant, exactly as
+/// the same checks sent one by one at that instant.
+impl Batch for RateLimiter {
+    type Key = (String, TierName);
+    type Request = u64;
+    type Response = Result<Outcome>;
+
+    fn coalescer(&self) -> &Coalescer<Self> {
+        &self.inner.batches
+    }
+
+    async fn run(&self, (key, name): &(String, TierName), costs: Vec<u64>) -> Vec<Result<Outcome>> {
+        if costs.len() > 1 {
+            self.inner
+                .counters
+                .batched_checks
+                .fetch_add(costs.len() as u64, Ordering::Relaxed);
+        }
+        let decided = match self.lookup(name) {
+            Ok(tier) => self.call(key, tier, &costs, true).await,
+            Err(err) => Err(err),
+        };
+        match decided {
+            Ok(outcomes) if outcomes.len() == costs.len() => outcomes.into_iter().map(Ok).collect(),
+            Ok(_) => costs.iter().map(|_| Err(short_reply(key))).collect(),
+            Err(err) => costs.iter().map(|_| Err(err.clone())).collect(),
+        }
+    }
+
+    fn abandoned(&self) -> Result<Outcome> {
+        Err(Error::Unavailable {
+            message: "rate limiter: the batch carrying this check was dropped with the runtime"
+                .into(),
+            source: None,
+        })
     }
 }
 

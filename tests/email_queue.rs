@@ -439,6 +439,41 @@ aether_redis::contract_tests! {
         assert_eq!(queue.enqueue(job("once", Priority::Normal)).await.unwrap(), Enqueued::New);
     }
 
+    async fn concurrent_enqueues_land_once_each_with_their_own_results(redis) {
+        // 200 producers on one handle, two per id: enqueues that arrive while one is in flight
+        // share script calls, and each still gets its own answer.
+        let queue = fast(&redis.email_queue_named("burst").unwrap());
+        let priorities = [Priority::High, Priority::Normal, Priority::Low];
+        let tasks: Vec<_> = (0..200)
+            .map(|i| {
+                let q = queue.clone();
+                let id = format!("burst-{}", i % 100);
+                let priority = priorities[i % 100 % 3];
+                tokio::spawn(async move {
+                    let job = job(&id, priority);
+                    let outcome = if i % 100 < 10 {
+                        q.enqueue_in(job, Duration::from_secs(3600)).await
+                    } else {
+                        q.enqueue(job).await
+                    };
+                    (id, outcome.unwrap())
+                })
+            })
+            .collect();
+        let mut new_per_id: HashMap<String, usize> = HashMap::new();
+        for task in tasks {
+            let (id, outcome) = task.await.unwrap();
+            *new_per_id.entry(id).or_default() += usize::from(outcome == Enqueued::New);
+        }
+        assert_eq!(new_per_id.len(), 100);
+        assert!(new_per_id.values().all(|n| *n == 1), "{new_per_id:?}");
+        let waiting = waiting_ids(&redis, &queue).await;
+        assert_eq!(waiting.len(), 90);
+        assert!(waiting.values().all(|n| *n == 1), "{waiting:?}");
+        let stats = queue.stats().await.unwrap();
+        assert_eq!((stats.high, stats.normal, stats.low, stats.delayed), (30, 30, 30, 10));
+    }
+
     async fn invalid_jobs_are_rejected_before_anything_is_sent(redis) {
         let queue = redis.email_queue().unwrap();
         let no_rcpt = EmailJob::new(Vec::<String>::new(), "a@example.com", "s", "b").unwrap();

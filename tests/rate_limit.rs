@@ -105,6 +105,76 @@ aether_redis::contract_tests! {
         assert!(d.retry_after.unwrap() <= Duration::from_secs(36));
     }
 
+    async fn concurrent_checks_on_one_key_share_calls_and_keep_their_own_decisions(redis) {
+        let t = TierName::custom("t");
+        for algorithm in ALGORITHMS {
+            let limiter = limiter(&redis, algorithm, 10, Duration::from_secs(3600));
+            let user = format!("batch-{algorithm}");
+            let checks: Vec<_> = (0..64)
+                .map(|_| {
+                    let (limiter, user, t) = (limiter.clone(), user.clone(), t.clone());
+                    tokio::spawn(async move { limiter.check(&user, "api", &t).await.unwrap() })
+                })
+                .collect();
+            let mut decisions = Vec::new();
+            for check in checks {
+                decisions.push(check.await.unwrap());
+            }
+            // Each admitted check saw its own place in the order, as if sent alone.
+            let mut remaining: Vec<u64> =
+                decisions.iter().filter(|d| d.allowed).map(|d| d.remaining).collect();
+            remaining.sort_unstable();
+            assert_eq!(remaining, (0..10).collect::<Vec<u64>>(), "{algorithm}");
+            assert!(
+                decisions.iter().filter(|d| !d.allowed).all(|d| d.retry_after.is_some()),
+                "{algorithm}"
+            );
+            let stats = limiter.stats();
+            assert!(stats.redis_calls < 64 && stats.batched_checks > 0, "{algorithm}: {stats:?}");
+            if algorithm == Algorithm::FixedWindow {
+                let key = limiter.key(&user, "api").unwrap();
+                let count: u64 = query(&redis, redis::cmd("GET").arg(&key)).await;
+                assert_eq!(count, 64, "denied hits count, batched or not");
+            }
+        }
+    }
+
+    async fn batched_costs_are_decided_in_order_and_never_over_admit(redis) {
+        let t = TierName::custom("t");
+        for algorithm in ALGORITHMS {
+            let limiter = limiter(&redis, algorithm, 20, Duration::from_secs(3600));
+            let user = format!("costs-{algorithm}");
+            let checks: Vec<_> = (0..48u64)
+                .map(|i| {
+                    let (limiter, user, t) = (limiter.clone(), user.clone(), t.clone());
+                    let cost = i % 3 + 1;
+                    tokio::spawn(async move {
+                        (cost, limiter.check_n(&user, "api", &t, cost).await.unwrap())
+                    })
+                })
+                .collect();
+            let mut admitted_cost = 0;
+            for check in checks {
+                let (cost, d) = check.await.unwrap();
+                if d.allowed {
+                    admitted_cost += cost;
+                }
+            }
+            assert!(admitted_cost <= 20, "{algorithm}: {admitted_cost}");
+            if algorithm == Algorithm::FixedWindow {
+                // Denied hits count too: the counter is the sum of every cost (96).
+                let key = limiter.key(&user, "api").unwrap();
+                let count: u64 = query(&redis, redis::cmd("GET").arg(&key)).await;
+                assert_eq!(count, 96);
+            } else {
+                // A denied check consumes nothing: the quota left is exactly what no admitted
+                // check took.
+                let after = limiter.peek(&user, "api", &t).await.unwrap();
+                assert_eq!(admitted_cost + after.remaining, 20, "{algorithm}");
+            }
+        }
+    }
+
     async fn switching_algorithm_on_a_key_replaces_or_refuses_as_documented(redis) {
         let t = TierName::custom("t");
         let window = Duration::from_secs(60);

@@ -1,5 +1,8 @@
 //! Helpers shared by the benches.
 
+// Each bench compiles its own copy of this module and uses a subset of it.
+#![allow(dead_code)]
+
 use std::time::{Duration, Instant};
 
 /// Runs `iters` operations split over `tasks` concurrent tasks and returns the wall time: the
@@ -27,13 +30,38 @@ where
     started.elapsed()
 }
 
-/// Rounds of [`paired_ratio`]: enough to average out the drift of a shared machine.
-const PAIRED_ROUNDS: usize = 20;
+/// Rounds of [`alternate_rounds`]: enough to average out the drift of a shared machine.
+pub const PAIRED_ROUNDS: u64 = 20;
 
-/// Throughput ratio of `ours` to `theirs` (1.0 = as fast; > 1.0 = faster), measured in short
-/// alternating rounds at `tasks` concurrent tasks, so that load from other processes on a shared
-/// machine hits both sides alike. The side that goes first alternates too. Prints one line under
-/// `label` and returns the ratio.
+/// Total time of each side over [`PAIRED_ROUNDS`] short alternating rounds (ours, theirs,
+/// theirs, ours, ...), so that load from other processes on a shared machine hits both sides
+/// alike. Each call of a closure runs one round and returns its wall time.
+pub async fn alternate_rounds<FO, FutO, FT, FutT>(
+    mut ours: FO,
+    mut theirs: FT,
+) -> (Duration, Duration)
+where
+    FO: FnMut() -> FutO,
+    FutO: std::future::Future<Output = Duration>,
+    FT: FnMut() -> FutT,
+    FutT: std::future::Future<Output = Duration>,
+{
+    let (mut ours_time, mut theirs_time) = (Duration::ZERO, Duration::ZERO);
+    for round in 0..PAIRED_ROUNDS {
+        if round % 2 == 0 {
+            ours_time += ours().await;
+            theirs_time += theirs().await;
+        } else {
+            theirs_time += theirs().await;
+            ours_time += ours().await;
+        }
+    }
+    (ours_time, theirs_time)
+}
+
+/// Throughput ratio of `ours` to `theirs` (1.0 = as fast; > 1.0 = faster), measured in
+/// [`alternate_rounds`] of `ops` operations each, at `tasks` concurrent tasks. Prints one line
+/// under `label` and returns the ratio.
 pub async fn paired_ratio<FO, FutO, FT, FutT>(
     label: &str,
     tasks: usize,
@@ -47,22 +75,27 @@ where
     FutT: std::future::Future<Output = ()> + Send,
 {
     let ops = 200 * tasks.max(4) as u64;
-    let (mut ours_time, mut theirs_time) = (Duration::ZERO, Duration::ZERO);
-    for round in 0..PAIRED_ROUNDS {
-        if round % 2 == 0 {
-            ours_time += run_concurrent(ops, tasks, ours.clone()).await;
-            theirs_time += run_concurrent(ops, tasks, theirs.clone()).await;
-        } else {
-            theirs_time += run_concurrent(ops, tasks, theirs.clone()).await;
-            ours_time += run_concurrent(ops, tasks, ours.clone()).await;
-        }
-    }
-    let total = (PAIRED_ROUNDS as u64 * ops) as f64;
+    let (ours_time, theirs_time) = alternate_rounds(
+        || run_concurrent(ops, tasks, ours.clone()),
+        || run_concurrent(ops, tasks, theirs.clone()),
+    )
+    .await;
+    print_ratio(
+        &format!("{label} paired/{tasks}"),
+        PAIRED_ROUNDS * ops,
+        ours_time,
+        theirs_time,
+    )
+}
+
+/// Prints `label: ours .. µs/op, theirs .. µs/op, throughput ratio ..` for `ops` operations per
+/// side and returns the throughput ratio of ours to theirs.
+pub fn print_ratio(label: &str, ops: u64, ours_time: Duration, theirs_time: Duration) -> f64 {
     let ratio = theirs_time.as_secs_f64() / ours_time.as_secs_f64();
     println!(
-        "{label} paired/{tasks}: ours {:.1} µs/op, theirs {:.1} µs/op, throughput ratio {ratio:.3}",
-        ours_time.as_secs_f64() * 1e6 / total,
-        theirs_time.as_secs_f64() * 1e6 / total,
+        "{label}: ours {:.1} µs/op, theirs {:.1} µs/op, throughput ratio {ratio:.3}",
+        ours_time.as_secs_f64() * 1e6 / ops as f64,
+        theirs_time.as_secs_f64() * 1e6 / ops as f64,
     );
     ratio
 }

@@ -38,6 +38,7 @@ use redis::Value;
 use serde::Deserialize;
 use tokio::sync::Notify;
 
+use crate::coalesce::{self, Batch, Coalescer};
 use crate::codec::{int, now_millis, text};
 use crate::error::{Error, Result};
 use crate::keyspace::{Keyspace, validate_key_part};
@@ -303,6 +304,19 @@ struct Inner {
     keys: Vec<String>,
     options: QueueOptions,
     notify: Arc<Notify>,
+    /// Single-job enqueues waiting behind an in-flight one.
+    enqueues: Coalescer<EmailQueue>,
+}
+
+/// Most single-job enqueues one script call carries.
+const MAX_ENQUEUE_BATCH: usize = 128;
+
+/// A validated job ready for the enqueue script: id, priority, JSON, due ms (0: now).
+pub(crate) struct Encoded {
+    id: JobId,
+    priority: Priority,
+    payload: String,
+    due: i64,
 }
 
 /// A priority email queue (the default one or a named one). Cheap to clone.
@@ -394,6 +408,7 @@ impl EmailQueue {
                 keys: built,
                 options,
                 notify,
+                enqueues: Coalescer::new(MAX_ENQUEUE_BATCH),
             }),
         })
     }
@@ -444,21 +459,22 @@ impl EmailQueue {
 
     /// Adds `job` to its priority list now. The job is validated, its `scheduledAt` set to now
     /// and its `version` to [`PAYLOAD_VERSION`]. One round trip (one script, atomic): a job id
-    /// already known to the queue is not added again ([`Enqueued::Duplicate`]).
+    /// already known to the queue is not added again ([`Enqueued::Duplicate`]). Enqueues through
+    /// one handle that arrive while one is in flight share the next script call (still one
+    /// atomic step per job, in arrival order), so concurrent producers cost the server one call
+    /// per batch instead of one per job.
     pub async fn enqueue(&self, job: EmailJob) -> Result<Enqueued> {
-        let mut out = self.enqueue_many(vec![(job, None)]).await?;
-        out.pop()
-            .ok_or_else(|| Error::decode(self.list_key(Priority::Normal), None, "empty reply"))
+        let encoded = self.encode(job, None, now_millis())?;
+        coalesce::submit(self, (), encoded).await
     }
 
     /// Adds `job` to run no earlier than `at` (it waits in the schedule until due, then joins
-    /// the tail of its list). One round trip, atomic, idempotent by id like
-    /// [`enqueue`](Self::enqueue).
+    /// the tail of its list). One round trip, atomic, idempotent by id and batched with
+    /// concurrent enqueues like [`enqueue`](Self::enqueue).
     pub async fn enqueue_at(&self, job: EmailJob, at: SystemTime) -> Result<Enqueued> {
         let at = ms_since_epoch(at)?;
-        let mut out = self.enqueue_many(vec![(job, Some(at))]).await?;
-        out.pop()
-            .ok_or_else(|| Error::decode(self.list_key(Priority::Normal), None, "empty reply"))
+        let encoded = self.encode(job, Some(at), now_millis())?;
+        coalesce::submit(self, (), encoded).await
     }
 
     /// Adds `job` to run after `delay`. See [`enqueue_at`](Self::enqueue_at).
@@ -469,47 +485,61 @@ impl EmailQueue {
     /// Adds many jobs to run now, one result per job in order. Every job is validated before
     /// anything is sent; then one round trip (one atomic script) per 1000 jobs.
     pub async fn enqueue_bulk(&self, jobs: Vec<EmailJob>) -> Result<Vec<Enqueued>> {
-        self.enqueue_many(jobs.into_iter().map(|j| (j, None)).collect())
-            .await
-    }
-
-    async fn enqueue_many(&self, jobs: Vec<(EmailJob, Option<i64>)>) -> Result<Vec<Enqueued>> {
         let now = now_millis();
-        let mut encoded = Vec::with_capacity(jobs.len());
-        for (mut job, at) in jobs {
-            job.validate()?;
-            job.version = PAYLOAD_VERSION;
-            job.scheduled_at = at.unwrap_or(now);
-            let payload = crate::codec::to_json("email job", &job)?;
-            encoded.push((job.id, job.priority, payload, at.unwrap_or(0)));
-        }
+        let encoded = jobs
+            .into_iter()
+            .map(|job| self.encode(job, None, now))
+            .collect::<Result<Vec<_>>>()?;
         let mut out = Vec::with_capacity(encoded.len());
         for chunk in encoded.chunks(BULK_CHUNK) {
-            let mut call = self.call().arg("enqueue");
-            for (id, priority, payload, due) in chunk {
-                call = call
-                    .arg(id.as_str())
-                    .arg(priority.as_str())
-                    .arg(payload.as_str())
-                    .arg(*due);
-            }
-            let reply = self.inner.redis.eval_script(&SCRIPT, &call).await?;
-            let flags = self.int_list(reply, self.list_key(Priority::Normal))?;
-            if flags.len() != chunk.len() {
-                return Err(Error::decode(
-                    self.list_key(Priority::Normal),
-                    None,
-                    format!("{} results for {} jobs", flags.len(), chunk.len()),
-                ));
-            }
-            out.extend(flags.into_iter().map(|f| {
+            out.extend(self.send(chunk).await?);
+        }
+        Ok(out)
+    }
+
+    /// Validates `job` and stamps it for the enqueue script.
+    fn encode(&self, mut job: EmailJob, at: Option<i64>, now: i64) -> Result<Encoded> {
+        job.validate()?;
+        job.version = PAYLOAD_VERSION;
+        job.scheduled_at = at.unwrap_or(now);
+        let payload = crate::codec::to_json("email job", &job)?;
+        Ok(Encoded {
+            id: job.id,
+            priority: job.priority,
+            payload,
+            due: at.unwrap_or(0),
+        })
+    }
+
+    /// One enqueue script call for `jobs`, one result per job in order.
+    async fn send(&self, jobs: &[Encoded]) -> Result<Vec<Enqueued>> {
+        let mut call = self.call().arg("enqueue");
+        for job in jobs {
+            call = call
+                .arg(job.id.as_str())
+                .arg(job.priority.as_str())
+                .arg(job.payload.as_str())
+                .arg(job.due);
+        }
+        let reply = self.inner.redis.eval_script(&SCRIPT, &call).await?;
+        let flags = self.int_list(reply, self.list_key(Priority::Normal))?;
+        if flags.len() != jobs.len() {
+            return Err(Error::decode(
+                self.list_key(Priority::Normal),
+                None,
+                format!("{} results for {} jobs", flags.len(), jobs.len()),
+            ));
+        }
+        let out: Vec<Enqueued> = flags
+            .into_iter()
+            .map(|f| {
                 if f == 1 {
                     Enqueued::New
                 } else {
                     Enqueued::Duplicate
                 }
-            }));
-        }
+            })
+            .collect();
         if out.contains(&Enqueued::New) {
             self.inner.notify.notify_waiters();
         }
@@ -869,6 +899,33 @@ impl EmailQueue {
             .into_iter()
             .map(|f| f == 1)
             .collect())
+    }
+}
+
+/// Single-job enqueues on one handle that arrive while one is in flight go as one enqueue
+/// script call, which adds them in arrival order exactly as separate calls would.
+impl Batch for EmailQueue {
+    type Key = ();
+    type Request = Encoded;
+    type Response = Result<Enqueued>;
+
+    fn coalescer(&self) -> &Coalescer<Self> {
+        &self.inner.enqueues
+    }
+
+    async fn run(&self, _: &(), jobs: Vec<Encoded>) -> Vec<Result<Enqueued>> {
+        match self.send(&jobs).await {
+            Ok(out) => out.into_iter().map(Ok).collect(),
+            Err(err) => jobs.iter().map(|_| Err(err.clone())).collect(),
+        }
+    }
+
+    fn abandoned(&self) -> Result<Enqueued> {
+        Err(Error::Unavailable {
+            message: "email queue: the batch carrying this enqueue was dropped with the runtime"
+                .into(),
+            source: None,
+        })
     }
 }
 
