@@ -6,7 +6,9 @@
 //! handlers: the batch split into up to 8 slices handled on their own tasks at once, joined) →
 //! one XACK for the batch on a shared `MultiplexedConnection`. Both sides publish with the same
 //! pipelined `XADD MAXLEN ~`, and an iteration ends when the handler has seen every message of
-//! the iteration.
+//! the iteration. The quoted figures are the paired ratios printed at the end: every side of a
+//! configuration runs at once on its own stream, and 20 alternating rounds drive one or the
+//! other (see `support::alternate_rounds`).
 //!
 //! ```sh
 //! cargo bench --bench stream --features testkit -- --warm-up-time 1 --measurement-time 3
@@ -23,6 +25,9 @@ use redis::AsyncConnectionConfig;
 use redis::aio::MultiplexedConnection;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
+
+mod support;
+use support::{PAIRED_ROUNDS, alternate_rounds, print_ratio};
 
 /// Messages per iteration.
 const MESSAGES: u64 = 200;
@@ -167,6 +172,21 @@ async fn raw_loop(
     }
 }
 
+/// Iterations of `MESSAGES` per side in each paired round.
+const PAIRED_ITERS: u64 = 10;
+
+/// One side of a paired comparison: where it reads from and how far it got.
+struct Side {
+    key: String,
+    progress: Arc<Progress>,
+}
+
+impl Side {
+    async fn round(&self, shared: &MultiplexedConnection, iters: u64) -> Duration {
+        drive(&mut shared.clone(), &self.key, &self.progress, iters).await
+    }
+}
+
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -184,50 +204,51 @@ fn bench(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("stream_e2e");
     group.throughput(Throughput::Elements(MESSAGES));
+    let mut ratios = Vec::new();
 
     for batch in [1usize, 10, 100] {
         for handlers in [1usize, 8] {
+            // Every side of this configuration runs at once, each on its own stream, so that the
+            // paired rounds below can alternate between them; an idle side only blocks in
+            // XREADGROUP.
             let name = format!("raw_b{batch}_h{handlers}");
-            let key = format!("{}{name}", config.key_prefix);
+            let raw = Side {
+                key: format!("{}{name}", config.key_prefix),
+                progress: Arc::new(Progress::default()),
+            };
             rt.block_on(redis.streams().create_group(&name, "g", StartFrom::New))
                 .unwrap();
-            let progress = Arc::new(Progress::default());
-            let task = rt.spawn(raw_loop(
+            let raw_task = rt.spawn(raw_loop(
                 client.clone(),
                 shared.clone(),
-                key.clone(),
+                raw.key.clone(),
                 batch,
                 handlers,
-                progress.clone(),
+                raw.progress.clone(),
             ));
-            group.bench_function(format!("raw/batch{batch}/handlers{handlers}"), |b| {
-                b.to_async(&rt).iter_custom(|iters| {
-                    let (mut shared, key, progress) =
-                        (shared.clone(), key.clone(), progress.clone());
-                    async move { drive(&mut shared, &key, &progress, iters).await }
-                })
-            });
-            task.abort();
 
             let mut runs = vec![false];
             if batch > 1 && handlers == 8 {
                 runs.push(true);
             }
+            let mut ours = Vec::new();
             for idempotency in runs {
                 let name = format!("ours_b{batch}_h{handlers}_i{}", u8::from(idempotency));
-                let key = format!("{}{name}", config.key_prefix);
+                let side = Side {
+                    key: format!("{}{name}", config.key_prefix),
+                    progress: Arc::new(Progress::default()),
+                };
                 let options = ConsumerOptions::default()
                     .with_batch(batch)
                     .with_concurrency(handlers)
                     .with_block(Duration::from_secs(1))
                     .with_start(StartFrom::New)
                     .with_idempotency_ttl(idempotency.then_some(Duration::from_secs(600)));
-                let progress = Arc::new(Progress::default());
-                let p = progress.clone();
                 let consumer = redis
                     .streams()
                     .consumer::<Event>(&name, "g", options)
                     .unwrap();
+                let progress = side.progress.clone();
                 let running = rt.block_on(async {
                     redis
                         .streams()
@@ -236,27 +257,68 @@ fn bench(c: &mut Criterion) {
                         .unwrap();
                     consumer.spawn(move |msg: StreamMessage<Event>| {
                         std::hint::black_box(&msg.payload);
-                        p.handled(1);
+                        progress.handled(1);
                         async { Ok::<_, std::io::Error>(()) }
                     })
                 });
+                ours.push((idempotency, side, running));
+            }
+
+            group.bench_function(format!("raw/batch{batch}/handlers{handlers}"), |b| {
+                b.to_async(&rt)
+                    .iter_custom(|iters| raw.round(&shared, iters))
+            });
+            for (idempotency, side, _) in &ours {
                 let label = format!(
                     "ours/batch{batch}/handlers{handlers}/idempotency_{}",
-                    if idempotency { "on" } else { "off" }
+                    if *idempotency { "on" } else { "off" }
                 );
                 group.bench_function(label, |b| {
-                    b.to_async(&rt).iter_custom(|iters| {
-                        let (mut shared, key, progress) =
-                            (shared.clone(), key.clone(), progress.clone());
-                        async move { drive(&mut shared, &key, &progress, iters).await }
-                    })
+                    b.to_async(&rt)
+                        .iter_custom(|iters| side.round(&shared, iters))
                 });
+            }
+
+            let label = format!("stream b{batch} h{handlers}");
+            let messages = PAIRED_ROUNDS * PAIRED_ITERS * MESSAGES;
+            let plain = &ours[0].1;
+            let (ours_time, raw_time) = rt.block_on(alternate_rounds(
+                || plain.round(&shared, PAIRED_ITERS),
+                || raw.round(&shared, PAIRED_ITERS),
+            ));
+            let vs_raw = print_ratio(
+                &format!("{label} ours vs raw paired"),
+                messages,
+                ours_time,
+                raw_time,
+            );
+            let idempotency_cost = ours.get(1).map(|(_, on, _)| {
+                let (on_time, off_time) = rt.block_on(alternate_rounds(
+                    || on.round(&shared, PAIRED_ITERS),
+                    || plain.round(&shared, PAIRED_ITERS),
+                ));
+                print_ratio(
+                    &format!("{label} idempotency on vs off paired"),
+                    messages,
+                    on_time,
+                    off_time,
+                )
+            });
+            ratios.push((batch, handlers, vs_raw, idempotency_cost));
+
+            raw_task.abort();
+            for (_, _, running) in ours {
                 let metrics = rt.block_on(running.shutdown()).unwrap();
                 assert_eq!(metrics.errors, 0);
             }
         }
     }
     group.finish();
+    println!("\n| batch | handlers | ours / raw | idempotency on / off |\n|---|---|---|---|");
+    for (batch, handlers, vs_raw, cost) in ratios {
+        let cost = cost.map_or("—".to_string(), |c| format!("{c:.2}"));
+        println!("| {batch} | {handlers} | {vs_raw:.2} | {cost} |");
+    }
     rt.block_on(async {
         let mut conn = redis.connection().await.unwrap();
         let mut cursor = 0u64;
