@@ -1,6 +1,9 @@
 //! Checks per second of each rate-limit algorithm at 1, 16 and 64 concurrent tasks, beside
 //! (a) the raw redis client sending the identical commands or script on one shared
 //! `MultiplexedConnection`, and (b) the naive two-round-trip `INCR` then `EXPIRE` pattern.
+//! All tasks of a side check one key, as one user's concurrent requests do, where the limiter
+//! batches checks that meet in flight; a last run per algorithm spreads 64 tasks over 4096
+//! keys, where checks never meet and each goes alone.
 //!
 //! Criterion reports each side's throughput; the quoted figures are the paired ratios printed at
 //! the end (alternating rounds, see `support::paired_ratio`).
@@ -10,6 +13,7 @@
 //! ```
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use aether_redis::rate_limit::{
@@ -27,17 +31,45 @@ const TASKS: [usize; 3] = [1, 16, 64];
 const LIMIT: u64 = 1_000_000_000;
 const WINDOW: Duration = Duration::from_secs(3600);
 
+/// Concurrent tasks of the spread runs.
+const SPREAD_TASKS: usize = 64;
+/// Keys of the spread runs, checked in turn: far more than tasks, so a key's previous check has
+/// returned before the next one comes and no two checks meet in flight.
+const SPREAD_KEYS: usize = 4096;
+
+/// Hands out its items round robin: one item for the one-key runs, [`SPREAD_KEYS`] for the
+/// spread runs.
+#[derive(Clone)]
+struct Rotation<T> {
+    items: Arc<[T]>,
+    next: Arc<AtomicUsize>,
+}
+
+impl<T: Clone> Rotation<T> {
+    fn new(items: Vec<T>) -> Self {
+        Rotation {
+            items: items.into(),
+            next: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    fn next(&self) -> T {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        self.items[i % self.items.len()].clone()
+    }
+}
+
 /// One check through the limiter.
 fn ours_op(
     limiter: RateLimiter,
-    user: Arc<str>,
+    users: Rotation<Arc<str>>,
     endpoint: Arc<str>,
 ) -> impl Fn() -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> + Clone + Send + 'static {
     let tier = TierName::custom("bench");
     move || {
         let (limiter, user, endpoint, tier) = (
             limiter.clone(),
-            user.clone(),
+            users.next(),
             endpoint.clone(),
             tier.clone(),
         );
@@ -52,10 +84,10 @@ fn ours_op(
 fn raw_op(
     raw: MultiplexedConnection,
     algorithm: Algorithm,
-    key: Arc<str>,
+    keys: Rotation<Arc<str>>,
 ) -> impl Fn() -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> + Clone + Send + 'static {
     move || {
-        let (mut conn, key) = (raw.clone(), key.clone());
+        let (mut conn, key) = (raw.clone(), keys.next());
         Box::pin(async move {
             match algorithm {
                 Algorithm::FixedWindow => {
@@ -108,10 +140,10 @@ fn raw_op(
 /// The naive pattern: `INCR`, then `EXPIRE`, two round trips.
 fn naive_op(
     raw: MultiplexedConnection,
-    key: Arc<str>,
+    keys: Rotation<Arc<str>>,
 ) -> impl Fn() -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> + Clone + Send + 'static {
     move || {
-        let (mut conn, key) = (raw.clone(), key.clone());
+        let (mut conn, key) = (raw.clone(), keys.next());
         Box::pin(async move {
             let _: i64 = redis::cmd("INCR")
                 .arg(&*key)
@@ -167,17 +199,33 @@ fn bench(c: &mut Criterion) {
             .block_on(limiter.check("warm", "api", &TierName::custom("bench")))
             .expect("warm-up check");
         // One key per side and algorithm: the layouts differ by algorithm. All tasks of a side
-        // share it, as concurrent requests of one user do.
-        let key = |owner: &str| -> Arc<str> {
-            redis
-                .keys()
-                .key(Keyspace::RateLimit, &[owner, &algorithm.to_string()])
-                .expect("key")
-                .into()
+        // share it, as concurrent requests of one user do; the spread runs below give each
+        // side SPREAD_KEYS users instead, so that concurrent checks never meet on a key.
+        let users = |owner: &str, count: usize| -> Vec<Arc<str>> {
+            (0..count).map(|i| format!("{owner}{i}").into()).collect()
         };
-        let ours = ours_op(limiter.clone(), "ours".into(), algorithm.to_string().into());
-        let raw_side = raw_op(raw.clone(), algorithm, key("raw"));
-        let naive = naive_op(raw.clone(), key("naive"));
+        let keys = |owner: &str, count: usize| -> Rotation<Arc<str>> {
+            Rotation::new(
+                users(owner, count)
+                    .iter()
+                    .map(|user| {
+                        redis
+                            .keys()
+                            .key(Keyspace::RateLimit, &[user, &algorithm.to_string()])
+                            .expect("key")
+                            .into()
+                    })
+                    .collect(),
+            )
+        };
+        let endpoint: Arc<str> = algorithm.to_string().into();
+        let ours = ours_op(
+            limiter.clone(),
+            Rotation::new(users("ours", 1)),
+            endpoint.clone(),
+        );
+        let raw_side = raw_op(raw.clone(), algorithm, keys("raw", 1));
+        let naive = naive_op(raw.clone(), keys("naive", 1));
 
         let mut group = c.benchmark_group(format!("rate_limit/{algorithm}"));
         group.throughput(Throughput::Elements(1));
@@ -215,8 +263,33 @@ fn bench(c: &mut Criterion) {
                 ours.clone(),
                 naive.clone(),
             ));
-            ratios.push((algorithm, tasks, vs_raw, vs_naive));
+            ratios.push((algorithm, tasks.to_string(), vs_raw, vs_naive));
         }
+        let tasks = SPREAD_TASKS;
+        let label = format!("rate_limit/{algorithm} over {SPREAD_KEYS} keys");
+        let ours = ours_op(
+            limiter.clone(),
+            Rotation::new(users("ours-spread", SPREAD_KEYS)),
+            endpoint,
+        );
+        let vs_raw = runtime.block_on(paired_ratio(
+            &format!("{label} vs raw"),
+            tasks,
+            ours.clone(),
+            raw_op(raw.clone(), algorithm, keys("raw-spread", SPREAD_KEYS)),
+        ));
+        let vs_naive = runtime.block_on(paired_ratio(
+            &format!("{label} vs naive"),
+            tasks,
+            ours,
+            naive_op(raw.clone(), keys("naive-spread", SPREAD_KEYS)),
+        ));
+        ratios.push((
+            algorithm,
+            format!("{tasks}, {SPREAD_KEYS} keys"),
+            vs_raw,
+            vs_naive,
+        ));
     }
     println!("\n| algorithm | tasks | vs raw | vs naive INCR+EXPIRE |\n|---|---|---|---|");
     for (algorithm, tasks, vs_raw, vs_naive) in ratios {
