@@ -110,6 +110,13 @@ impl HashFields {
         }
     }
 
+    /// Takes a field that must be present out of the set, without copying it.
+    pub fn take_required(&mut self, field: &str) -> Result<String> {
+        self.fields
+            .remove(field)
+            .ok_or_else(|| Error::decode(&self.key, Some(field), "missing"))
+    }
+
     /// Every field, by name.
     pub fn fields(&self) -> &BTreeMap<String, String> {
         &self.fields

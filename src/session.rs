@@ -369,7 +369,8 @@ impl Session {
         m
     }
 
-    fn from_hash(id: SessionId, h: &HashFields) -> Result<Session> {
+    /// Consumes the fields: every value moves into the session without a copy.
+    fn from_hash(id: SessionId, mut h: HashFields) -> Result<Session> {
         let role = h.required(fields::ROLE)?;
         let role = role.parse::<Role>().map_err(|_| {
             Error::decode(
@@ -378,21 +379,27 @@ impl Session {
                 format!("{role:?} is not one of admin, user, moderator"),
             )
         })?;
+        let created_at = h.parse(fields::CREATED_AT)?;
+        let last_access_at = h.parse(fields::LAST_ACCESS_AT)?;
+        let permissions = h.json(fields::PERMISSIONS)?.unwrap_or_default();
+        let user_id = h.take_required(fields::USER_ID)?;
+        let email = h.take_required(fields::EMAIL)?;
+        let ip_address = h.take_required(fields::IP_ADDRESS)?;
+        let user_agent = h.take_required(fields::USER_AGENT)?;
         Ok(Session {
             id,
-            user_id: h.required(fields::USER_ID)?.to_owned(),
-            email: h.required(fields::EMAIL)?.to_owned(),
+            user_id,
+            email,
             role,
-            created_at: h.parse(fields::CREATED_AT)?,
-            last_access_at: h.parse(fields::LAST_ACCESS_AT)?,
-            ip_address: h.required(fields::IP_ADDRESS)?.to_owned(),
-            user_agent: h.required(fields::USER_AGENT)?.to_owned(),
-            permissions: h.json(fields::PERMISSIONS)?.unwrap_or_default(),
+            created_at,
+            last_access_at,
+            ip_address,
+            user_agent,
+            permissions,
             extra: h
-                .fields()
-                .iter()
+                .into_fields()
+                .into_iter()
                 .filter(|(k, _)| !fields::ALL.contains(&k.as_str()))
-                .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
         })
     }
@@ -1391,7 +1398,7 @@ impl SessionStore {
         match self.layout {
             SessionLayout::Hash => match HashFields::from_reply(key, stored)? {
                 None => Ok(None),
-                Some(h) => Session::from_hash(id, &h).map(Some),
+                Some(h) => Session::from_hash(id, h).map(Some),
             },
             SessionLayout::Json => match crate::codec::opt_text(key, stored)? {
                 None => Ok(None),
@@ -1460,7 +1467,7 @@ impl SessionStore {
                             .map_err(|e| self.redis.fail(op, e))?;
                         return Ok(None);
                     };
-                    let mut session = Session::from_hash(id.clone(), &h)?;
+                    let mut session = Session::from_hash(id.clone(), h)?;
                     let left = self.remaining(session.created_at, now);
                     if left <= 0 {
                         write.cmd("DEL").arg(&key).ignore();
