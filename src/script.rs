@@ -6,7 +6,7 @@
 //! so callers never see `NOSCRIPT`.
 
 use redis::aio::ConnectionLike;
-use redis::{Cmd, ToRedisArgs, Value};
+use redis::{Cmd, RedisWrite, ToRedisArgs, Value};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -38,11 +38,47 @@ impl LuaScript {
     }
 }
 
-/// Keys and arguments of one script call. Arguments are encoded when added.
+/// Keys and arguments of one script call. Arguments are encoded when added, back to back in one
+/// buffer, so that a call with many arguments allocates a few times rather than once per
+/// argument.
 #[derive(Debug, Clone, Default)]
 pub struct ScriptCall {
     keys: Vec<String>,
-    args: Vec<Vec<u8>>,
+    args: ArgBuffer,
+}
+
+/// Encoded arguments: their bytes in one buffer and where each one starts.
+#[derive(Debug, Clone, Default)]
+struct ArgBuffer {
+    bytes: Vec<u8>,
+    starts: Vec<usize>,
+}
+
+impl ArgBuffer {
+    fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        let ends = self
+            .starts
+            .iter()
+            .skip(1)
+            .copied()
+            .chain(std::iter::once(self.bytes.len()));
+        self.starts
+            .iter()
+            .zip(ends)
+            .map(|(&start, end)| &self.bytes[start..end])
+    }
+}
+
+impl RedisWrite for ArgBuffer {
+    fn write_arg(&mut self, arg: &[u8]) {
+        self.starts.push(self.bytes.len());
+        self.bytes.extend_from_slice(arg);
+    }
+
+    fn writer_for_next_arg(&mut self) -> impl std::io::Write + '_ {
+        self.starts.push(self.bytes.len());
+        &mut self.bytes
+    }
 }
 
 impl ScriptCall {
@@ -59,15 +95,15 @@ impl ScriptCall {
 
     /// Adds an argument (`ARGV[n]`).
     pub fn arg(mut self, arg: impl ToRedisArgs) -> Self {
-        self.args.extend(arg.to_redis_args());
+        arg.write_redis_args(&mut self.args);
         self
     }
 
     fn command(&self, name: &str, script: &str) -> Cmd {
         let mut cmd = redis::cmd(name);
         cmd.arg(script).arg(self.keys.len()).arg(&self.keys);
-        for arg in &self.args {
-            cmd.arg(arg.as_slice());
+        for arg in self.args.iter() {
+            cmd.arg(arg);
         }
         cmd
     }
@@ -178,5 +214,38 @@ impl Redis {
             .run(conn, script, call)
             .await
             .map_err(|e| self.fail(script.name(), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arguments_keep_their_boundaries_and_order() {
+        let call = ScriptCall::new()
+            .key("k1")
+            .arg(42)
+            .arg("")
+            .arg(&["a", "bc"][..])
+            .arg(-7i64)
+            .arg(b"raw".as_slice());
+        let args: Vec<&[u8]> = call.args.iter().collect();
+        let expected: [&[u8]; 6] = [b"42", b"", b"a", b"bc", b"-7", b"raw"];
+        assert_eq!(args, expected);
+        let packed = call.command("EVALSHA", "abc").get_packed_command();
+        let expected = redis::cmd("EVALSHA")
+            .arg("abc")
+            .arg(1)
+            .arg("k1")
+            .arg(42)
+            .arg("")
+            .arg("a")
+            .arg("bc")
+            .arg(-7i64)
+            .arg(b"raw".as_slice())
+            .get_packed_command();
+        assert_eq!(packed, expected);
+        assert_eq!(ScriptCall::new().args.iter().count(), 0);
     }
 }
