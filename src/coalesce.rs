@@ -18,6 +18,8 @@ use std::sync::Mutex;
 
 use tokio::sync::oneshot;
 
+use crate::error::{Error, Result};
+
 /// Something that can run several requests on one key as one call.
 pub(crate) trait Batch: Clone + Send + Sync + 'static {
     /// What calls coalesce on.
@@ -40,6 +42,29 @@ pub(crate) trait Batch: Clone + Send + Sync + 'static {
     /// The answer of a request whose batch was lost (a short reply, or no runtime left to run
     /// it on).
     fn abandoned(&self) -> Self::Response;
+}
+
+/// One answer per request of a batch of `count` from the batch's one `result`: the outcomes in
+/// order, or the batch's error for each request (also when the outcomes are not one per
+/// request).
+pub(crate) fn answers<T>(
+    count: usize,
+    result: Result<Vec<T>>,
+    short: impl Fn() -> Error,
+) -> Vec<Result<T>> {
+    match result {
+        Ok(outcomes) if outcomes.len() == count => outcomes.into_iter().map(Ok).collect(),
+        Ok(_) => (0..count).map(|_| Err(short())).collect(),
+        Err(err) => (0..count).map(|_| Err(err.clone())).collect(),
+    }
+}
+
+/// The error of a request whose batch was dropped with the runtime before it ran.
+pub(crate) fn abandoned(operation: &str) -> Error {
+    Error::Unavailable {
+        message: format!("{operation}: the batch carrying this call was dropped with the runtime"),
+        source: None,
+    }
 }
 
 struct Waiter<B: Batch> {
@@ -212,6 +237,18 @@ mod tests {
             calls: Arc::new(AtomicUsize::new(0)),
             delay: Duration::from_millis(10),
         }
+    }
+
+    #[test]
+    fn one_result_becomes_one_answer_per_request() {
+        let short = || Error::invalid("reply", "short");
+        let ok = answers(2, Ok(vec![1, 2]), short);
+        assert_eq!(ok.into_iter().map(|a| a.unwrap()).collect::<Vec<_>>(), [1, 2]);
+        let mismatched = answers(3, Ok(vec![1, 2]), short);
+        assert_eq!(mismatched.len(), 3);
+        assert!(mismatched.iter().all(|a| matches!(a, Err(Error::InvalidInput { .. }))));
+        let failed = answers::<u8>(2, Err(abandoned("op")), short);
+        assert!(failed.iter().all(|a| matches!(a, Err(e) if e.is_unavailable())));
     }
 
     #[tokio::test(start_paused = true)]

@@ -1652,19 +1652,11 @@ impl Batch for RateLimiter {
             Ok(tier) => self.call(key, tier, &costs, true).await,
             Err(err) => Err(err),
         };
-        match decided {
-            Ok(outcomes) if outcomes.len() == costs.len() => outcomes.into_iter().map(Ok).collect(),
-            Ok(_) => costs.iter().map(|_| Err(short_reply(key))).collect(),
-            Err(err) => costs.iter().map(|_| Err(err.clone())).collect(),
-        }
+        coalesce::answers(costs.len(), decided, || short_reply(key))
     }
 
     fn abandoned(&self) -> Result<Outcome> {
-        Err(Error::Unavailable {
-            message: "rate limiter: the batch carrying this check was dropped with the runtime"
-                .into(),
-            source: None,
-        })
+        Err(coalesce::abandoned("rate limiter check"))
     }
 }
 

@@ -914,18 +914,14 @@ impl Batch for EmailQueue {
     }
 
     async fn run(&self, _: &(), jobs: Vec<Encoded>) -> Vec<Result<Enqueued>> {
-        match self.send(&jobs).await {
-            Ok(out) => out.into_iter().map(Ok).collect(),
-            Err(err) => jobs.iter().map(|_| Err(err.clone())).collect(),
-        }
+        let sent = self.send(&jobs).await;
+        coalesce::answers(jobs.len(), sent, || {
+            Error::decode(self.list_key(Priority::Normal), None, "short enqueue reply")
+        })
     }
 
     fn abandoned(&self) -> Result<Enqueued> {
-        Err(Error::Unavailable {
-            message: "email queue: the batch carrying this enqueue was dropped with the runtime"
-                .into(),
-            source: None,
-        })
+        Err(coalesce::abandoned("email queue enqueue"))
     }
 }
 
