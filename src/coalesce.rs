@@ -1,20 +1,25 @@
 //! Group commit for concurrent calls on one key.
 //!
 //! The first call on a key goes to Redis at once. Calls on the same key that arrive while it is
-//! in flight wait in a queue, and when it returns the whole queue goes as ONE call, in arrival
-//! order; calls arriving meanwhile form the next batch. One caller alone pays nothing but a
-//! map lookup; `n` concurrent callers on one key pay about two round trips each and the server
-//! runs one command instead of `n`. The server applies a batch atomically and in order, so
-//! every caller gets the answer it would have had from its own call at that instant.
+//! in flight wait in a queue, and when it returns the queue goes as ONE call (up to a count and
+//! size cap), in arrival order; calls arriving meanwhile form the next batch. One caller alone
+//! pays nothing but a map lookup; `n` concurrent callers on one key usually pay two round trips
+//! each and the server runs one command instead of `n`. The server applies a batch atomically
+//! and in order, so every caller gets the answer it would have had from its own call at that
+//! instant.
 //!
 //! Batches after the first run on a spawned task, so a caller that gives up (a dropped future)
-//! never strands the callers queued behind it. A dropped caller's request may still be sent,
-//! exactly as a single call already on the wire is.
+//! never strands the callers queued behind it, and a queued request whose caller has gone is
+//! not sent. A queued caller waits at most [`Batch::max_wait`], so a caller whose future is
+//! held but no longer polled cannot hold the others up for longer. If the task running the
+//! batches dies (a panic, a runtime shutting down), its callers get [`Batch::abandoned`] and the
+//! key is free again.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 
@@ -38,6 +43,17 @@ pub(crate) trait Batch: Clone + Send + Sync + 'static {
         key: &Self::Key,
         requests: Vec<Self::Request>,
     ) -> impl Future<Output = Vec<Self::Response>> + Send;
+
+    /// What a request weighs against [`Coalescer::new`]'s size cap (e.g. its bytes).
+    fn size(_request: &Self::Request) -> usize {
+        1
+    }
+
+    /// The longest a queued caller waits for its answer.
+    fn max_wait(&self) -> Duration;
+
+    /// The answer of a queued caller that waited `max_wait` (its request may still be sent).
+    fn timed_out(&self, waited: Duration) -> Self::Response;
 
     /// The answer of a request whose batch was lost (a short reply, or no runtime left to run
     /// it on).
@@ -77,14 +93,17 @@ struct Waiter<B: Batch> {
 pub(crate) struct Coalescer<B: Batch> {
     queues: Mutex<HashMap<B::Key, Vec<Waiter<B>>>>,
     max_batch: usize,
+    max_size: usize,
 }
 
 impl<B: Batch> Coalescer<B> {
-    /// Batches carry at most `max_batch` requests (at least 1); the rest wait for the next.
-    pub(crate) fn new(max_batch: usize) -> Self {
+    /// Batches carry at most `max_batch` requests (at least 1) weighing at most `max_size`
+    /// together (a heavier request goes alone); the rest wait for the next.
+    pub(crate) fn new(max_batch: usize, max_size: usize) -> Self {
         Coalescer {
             queues: Mutex::new(HashMap::new()),
             max_batch: max_batch.max(1),
+            max_size,
         }
     }
 
@@ -103,6 +122,20 @@ impl<B: Batch> Coalescer<B> {
                 Vec::new()
             }
         }
+    }
+
+    /// Splits off what goes after the first batch of `waiting`.
+    fn split_batch(&self, waiting: &mut Vec<Waiter<B>>) -> Vec<Waiter<B>> {
+        let mut size = 0usize;
+        let mut count = 0;
+        for waiter in waiting.iter() {
+            size = size.saturating_add(B::size(&waiter.request));
+            if count == self.max_batch || (count > 0 && size > self.max_size) {
+                break;
+            }
+            count += 1;
+        }
+        waiting.split_off(count)
     }
 }
 
@@ -126,7 +159,14 @@ pub(crate) async fn submit<B: Batch>(runner: &B, key: B::Key, request: B::Reques
     };
     let request = match queued {
         Ok(request) => request,
-        Err(answer) => return answer.await.unwrap_or_else(|_| runner.abandoned()),
+        Err(answer) => {
+            let limit = runner.max_wait();
+            return match tokio::time::timeout(limit, answer).await {
+                Ok(Ok(response)) => response,
+                Ok(Err(_)) => runner.abandoned(),
+                Err(_) => runner.timed_out(limit),
+            };
+        }
     };
     let lead = Lead {
         runner,
@@ -154,42 +194,68 @@ impl<B: Batch> Drop for Lead<'_, B> {
         if batch.is_empty() {
             return;
         }
+        let release = Release {
+            runner: self.runner.clone(),
+            key: Some(key),
+        };
         match tokio::runtime::Handle::try_current() {
-            Ok(handle) => {
-                handle.spawn(drive(self.runner.clone(), key, batch));
-            }
-            Err(_) => {
-                // No runtime to run the batch on: its callers get `abandoned()` when their
-                // senders drop with `batch`, and the key is released for later calls.
-                self.runner.coalescer().lock().remove(&key);
-            }
+            // If the runtime drops the task unpolled, `release` frees the key.
+            Ok(handle) => drop(handle.spawn(drive(release, batch))),
+            // No runtime to run the batch on: its callers get `abandoned()` when their senders
+            // drop with `batch`, and `release` frees the key.
+            Err(_) => drop(release),
         }
     }
 }
 
-/// Runs queued batches on `key` until no caller waits.
-async fn drive<B: Batch>(runner: B, key: B::Key, mut waiting: Vec<Waiter<B>>) {
-    let max_batch = runner.coalescer().max_batch;
-    while !waiting.is_empty() {
-        let rest = if waiting.len() > max_batch {
-            waiting.split_off(max_batch)
-        } else {
-            Vec::new()
-        };
-        let (requests, replies): (Vec<_>, Vec<_>) =
-            waiting.into_iter().map(|w| (w.request, w.reply)).unzip();
-        let mut responses = runner.run(&key, requests).await.into_iter();
-        for reply in replies {
-            // A caller that gave up has dropped its receiver; nothing to tell it.
-            let _ = reply.send(responses.next().unwrap_or_else(|| runner.abandoned()));
+/// Frees a key when the task running its batches ends without having freed it (a panic, a
+/// runtime shutting down): whoever queues on it next leads a new call instead of waiting for
+/// a task that is gone. Queued callers' senders drop with the queue.
+struct Release<B: Batch> {
+    runner: B,
+    key: Option<B::Key>,
+}
+
+impl<B: Batch> Drop for Release<B> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            let queued = self.runner.coalescer().lock().remove(&key);
+            drop(queued);
         }
-        waiting = rest;
-        if waiting.is_empty() {
-            waiting = runner.coalescer().next_batch(&key);
-        } else {
-            let mut queues = runner.coalescer().lock();
-            if let Some(queued) = queues.get_mut(&key) {
+    }
+}
+
+/// Runs queued batches on `release.key` until no caller waits, then frees the key.
+async fn drive<B: Batch>(mut release: Release<B>, mut waiting: Vec<Waiter<B>>) {
+    let Some(key) = release.key.clone() else {
+        return;
+    };
+    let runner = release.runner.clone();
+    let coalescer = runner.coalescer();
+    loop {
+        // A caller that gave up (dropped or timed out) is not sent.
+        waiting.retain(|w| !w.reply.is_closed());
+        if !waiting.is_empty() {
+            let rest = coalescer.split_batch(&mut waiting);
+            let (requests, replies): (Vec<_>, Vec<_>) =
+                waiting.into_iter().map(|w| (w.request, w.reply)).unzip();
+            let mut responses = runner.run(&key, requests).await.into_iter();
+            for reply in replies {
+                // A caller that gave up meanwhile has dropped its receiver; nothing to tell it.
+                let _ = reply.send(responses.next().unwrap_or_else(|| runner.abandoned()));
+            }
+            waiting = rest;
+        }
+        let mut queues = coalescer.lock();
+        match queues.get_mut(&key) {
+            Some(queued) if !(waiting.is_empty() && queued.is_empty()) => {
                 waiting.append(queued);
+            }
+            _ => {
+                queues.remove(&key);
+                // Freed here, under the lock: a new leader may insert the key right after.
+                release.key = None;
+                return;
             }
         }
     }
@@ -200,20 +266,23 @@ mod tests {
     use super::*;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::time::Duration;
 
-    /// Echoes each request with the size of the batch it rode in, after a delay.
+    /// Echoes each request with the size of the batch it rode in, after a delay; panics on a
+    /// request of [`PANIC`].
     #[derive(Clone)]
     struct Echo {
         coalescer: Arc<Coalescer<Echo>>,
         calls: Arc<AtomicUsize>,
+        sent: Arc<AtomicUsize>,
         delay: Duration,
     }
+
+    const PANIC: u32 = 99;
 
     impl Batch for Echo {
         type Key = &'static str;
         type Request = u32;
-        type Response = Option<(u32, usize)>;
+        type Response = std::result::Result<(u32, usize), &'static str>;
 
         fn coalescer(&self) -> &Coalescer<Self> {
             &self.coalescer
@@ -221,54 +290,88 @@ mod tests {
 
         async fn run(&self, _key: &&'static str, requests: Vec<u32>) -> Vec<Self::Response> {
             self.calls.fetch_add(1, Ordering::SeqCst);
+            self.sent.fetch_add(requests.len(), Ordering::SeqCst);
             tokio::time::sleep(self.delay).await;
+            assert!(!requests.contains(&PANIC), "poisoned batch");
             let n = requests.len();
-            requests.into_iter().map(|r| Some((r, n))).collect()
+            requests.into_iter().map(|r| Ok((r, n))).collect()
+        }
+
+        fn size(request: &u32) -> usize {
+            *request as usize
+        }
+
+        fn max_wait(&self) -> Duration {
+            self.delay * 5
+        }
+
+        fn timed_out(&self, _waited: Duration) -> Self::Response {
+            Err("timed out")
         }
 
         fn abandoned(&self) -> Self::Response {
-            None
+            Err("abandoned")
         }
     }
 
-    fn echo(max_batch: usize) -> Echo {
+    fn echo(max_batch: usize, max_size: usize) -> Echo {
         Echo {
-            coalescer: Arc::new(Coalescer::new(max_batch)),
+            coalescer: Arc::new(Coalescer::new(max_batch, max_size)),
             calls: Arc::new(AtomicUsize::new(0)),
+            sent: Arc::new(AtomicUsize::new(0)),
             delay: Duration::from_millis(10),
         }
+    }
+
+    fn spawn_submit(
+        runner: &Echo,
+        request: u32,
+    ) -> tokio::task::JoinHandle<std::result::Result<(u32, usize), &'static str>> {
+        let runner = runner.clone();
+        tokio::spawn(async move { submit(&runner, "k", request).await })
+    }
+
+    /// Lets a spawned batch task finish what it does after answering (freeing the key).
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 
     #[test]
     fn one_result_becomes_one_answer_per_request() {
         let short = || Error::invalid("reply", "short");
         let ok = answers(2, Ok(vec![1, 2]), short);
-        assert_eq!(ok.into_iter().map(|a| a.unwrap()).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(
+            ok.into_iter().map(|a| a.unwrap()).collect::<Vec<_>>(),
+            [1, 2]
+        );
         let mismatched = answers(3, Ok(vec![1, 2]), short);
         assert_eq!(mismatched.len(), 3);
-        assert!(mismatched.iter().all(|a| matches!(a, Err(Error::InvalidInput { .. }))));
+        assert!(
+            mismatched
+                .iter()
+                .all(|a| matches!(a, Err(Error::InvalidInput { .. })))
+        );
         let failed = answers::<u8>(2, Err(abandoned("op")), short);
-        assert!(failed.iter().all(|a| matches!(a, Err(e) if e.is_unavailable())));
+        assert!(
+            failed
+                .iter()
+                .all(|a| matches!(a, Err(e) if e.is_unavailable()))
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_lone_call_runs_alone_and_releases_its_key() {
-        let runner = echo(8);
-        assert_eq!(submit(&runner, "k", 7).await, Some((7, 1)));
-        assert_eq!(submit(&runner, "k", 8).await, Some((8, 1)));
+        let runner = echo(8, usize::MAX);
+        assert_eq!(submit(&runner, "k", 7).await, Ok((7, 1)));
+        assert_eq!(submit(&runner, "k", 8).await, Ok((8, 1)));
         assert_eq!(runner.calls.load(Ordering::SeqCst), 2);
         assert!(runner.coalescer.lock().is_empty());
     }
 
     #[tokio::test(start_paused = true)]
     async fn concurrent_calls_share_batches_capped_in_size_and_each_gets_its_own_answer() {
-        let runner = echo(4);
-        let calls: Vec<_> = (0..10)
-            .map(|i| {
-                let runner = runner.clone();
-                tokio::spawn(async move { submit(&runner, "k", i).await })
-            })
-            .collect();
+        let runner = echo(4, usize::MAX);
+        let calls: Vec<_> = (0..10).map(|i| spawn_submit(&runner, i)).collect();
         let mut answers = Vec::new();
         for call in calls {
             answers.push(call.await.unwrap().unwrap());
@@ -276,15 +379,30 @@ mod tests {
         // One alone, then the nine queued behind it in batches of at most four.
         assert_eq!(runner.calls.load(Ordering::SeqCst), 4);
         assert!(answers.iter().all(|(_, n)| *n <= 4));
-        let mut requests: Vec<u32> = answers.iter().map(|(r, _)| *r).collect();
-        requests.sort_unstable();
+        let requests: Vec<u32> = answers.iter().map(|(r, _)| *r).collect();
         assert_eq!(requests, (0..10).collect::<Vec<_>>());
+        settle().await;
         assert!(runner.coalescer.lock().is_empty());
     }
 
     #[tokio::test(start_paused = true)]
+    async fn batches_respect_the_size_cap_and_a_heavy_request_goes_alone() {
+        let runner = echo(100, 10);
+        let leader = spawn_submit(&runner, 1);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let queued: Vec<_> = [4, 5, 2, 30, 3].map(|r| spawn_submit(&runner, r)).into();
+        assert_eq!(leader.await.unwrap(), Ok((1, 1)));
+        let mut sizes = Vec::new();
+        for call in queued {
+            sizes.push(call.await.unwrap().unwrap().1);
+        }
+        // 4+5 fit in 10, 2 does not; 2 alone before 30; 30 alone (over the cap); then 3.
+        assert_eq!(sizes, [2, 2, 1, 1, 1]);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn other_keys_do_not_wait() {
-        let runner = echo(8);
+        let runner = echo(8, usize::MAX);
         let a = tokio::spawn({
             let runner = runner.clone();
             async move { submit(&runner, "a", 1).await }
@@ -293,30 +411,76 @@ mod tests {
             let runner = runner.clone();
             async move { submit(&runner, "b", 2).await }
         });
-        assert_eq!(a.await.unwrap(), Some((1, 1)));
-        assert_eq!(b.await.unwrap(), Some((2, 1)));
+        assert_eq!(a.await.unwrap(), Ok((1, 1)));
+        assert_eq!(b.await.unwrap(), Ok((2, 1)));
         assert_eq!(runner.calls.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_dropped_leader_does_not_strand_the_queue() {
-        let runner = echo(8);
-        let leader = tokio::spawn({
-            let runner = runner.clone();
-            async move { submit(&runner, "k", 0).await }
-        });
+        let runner = echo(8, usize::MAX);
+        let leader = spawn_submit(&runner, 0);
         tokio::time::sleep(Duration::from_millis(1)).await;
-        let followers: Vec<_> = (1..4)
-            .map(|i| {
-                let runner = runner.clone();
-                tokio::spawn(async move { submit(&runner, "k", i).await })
-            })
-            .collect();
+        let followers: Vec<_> = (1..4).map(|i| spawn_submit(&runner, i)).collect();
         tokio::time::sleep(Duration::from_millis(1)).await;
         leader.abort();
         for (i, follower) in (1..4).zip(followers) {
-            assert_eq!(follower.await.unwrap(), Some((i, 3)));
+            assert_eq!(follower.await.unwrap(), Ok((i, 3)));
         }
+        settle().await;
         assert!(runner.coalescer.lock().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn queued_requests_of_callers_that_gave_up_are_not_sent() {
+        let runner = echo(8, usize::MAX);
+        let leader = spawn_submit(&runner, 0);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let gone = [spawn_submit(&runner, 1), spawn_submit(&runner, 2)];
+        let staying = spawn_submit(&runner, 3);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        for call in &gone {
+            call.abort();
+        }
+        assert_eq!(leader.await.unwrap(), Ok((0, 1)));
+        assert_eq!(staying.await.unwrap(), Ok((3, 1)));
+        assert_eq!(
+            runner.sent.load(Ordering::SeqCst),
+            2,
+            "only the two live requests"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_behind_a_stalled_leader_gives_up_after_max_wait() {
+        let runner = echo(8, usize::MAX);
+        // Polled once, so its call is in flight, then held without being polled again.
+        let stalled = submit(&runner, "k", 0);
+        let mut stalled = std::pin::pin!(stalled);
+        assert!(futures::poll!(stalled.as_mut()).is_pending());
+        let started = tokio::time::Instant::now();
+        let follower = spawn_submit(&runner, 1);
+        assert_eq!(follower.await.unwrap(), Err("timed out"));
+        assert_eq!(started.elapsed(), runner.max_wait());
+        // The stalled caller, polled again, still gets its answer; its queue was given up.
+        assert_eq!(stalled.await, Ok((0, 1)));
+        settle().await;
+        assert_eq!(runner.sent.load(Ordering::SeqCst), 1);
+        assert!(runner.coalescer.lock().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_that_panics_answers_abandoned_and_frees_the_key() {
+        let runner = echo(8, usize::MAX);
+        let leader = spawn_submit(&runner, 0);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let poisoned = [spawn_submit(&runner, PANIC), spawn_submit(&runner, 1)];
+        assert_eq!(leader.await.unwrap(), Ok((0, 1)));
+        for call in poisoned {
+            assert_eq!(call.await.unwrap(), Err("abandoned"));
+        }
+        settle().await;
+        assert!(runner.coalescer.lock().is_empty());
+        assert_eq!(submit(&runner, "k", 5).await, Ok((5, 1)));
     }
 }

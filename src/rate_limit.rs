@@ -364,7 +364,8 @@ fn parse_tier(variable: &str, value: &str) -> Result<(u64, Duration), ConfigErro
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct BreakerSettings {
-    /// Consecutive failures that open the breaker (default 3).
+    /// Consecutive failed checks that open the breaker (default 3); checks sent together in
+    /// one call fail together.
     pub failure_threshold: u32,
     /// How long the breaker stays open before one trial call (default 2 s).
     pub cooldown: Duration,
@@ -639,11 +640,11 @@ pub enum BreakerState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub struct LimiterStats {
-    /// Calls sent to Redis.
+    /// Calls sent to Redis (a batch of checks is one call).
     pub redis_calls: u64,
     /// Of those, the ones that failed as unavailable or timed out.
     pub redis_failures: u64,
-    /// Calls answered without trying Redis because the breaker was open.
+    /// Checks answered without trying Redis because the breaker was open.
     pub short_circuited: u64,
     /// Decisions made by the local limiter.
     pub local_decisions: u64,
@@ -741,10 +742,13 @@ impl Breaker {
         self.healthy.store(true, Ordering::Release);
     }
 
-    fn failure(&self, now: Instant, trial: bool) {
+    /// `checks` consecutive checks failed in one call (a batch fails as its checks would have
+    /// one by one, so the threshold counts checks, not calls).
+    fn failure(&self, now: Instant, trial: bool, checks: usize) {
         let mut s = self.lock();
         self.healthy.store(false, Ordering::Release);
-        s.consecutive_failures = s.consecutive_failures.saturating_add(1);
+        let checks = u32::try_from(checks).unwrap_or(u32::MAX);
+        s.consecutive_failures = s.consecutive_failures.saturating_add(checks);
         if trial || s.consecutive_failures >= self.settings.failure_threshold {
             s.open_until = Some(now + self.settings.cooldown);
         }
@@ -1230,7 +1234,7 @@ impl Redis {
                 counters: Counters::default(),
                 epoch: Instant::now(),
                 clock_offset_ms: config.clock_offset_ms,
-                batches: Coalescer::new(MAX_BATCH),
+                batches: Coalescer::new(MAX_BATCH, usize::MAX),
             }),
         })
     }
@@ -1295,8 +1299,10 @@ impl RateLimiter {
     /// Concurrent checks through this limiter (or its clones) on the same key and tier share
     /// calls: a check that arrives while another is in flight waits for it and goes in the next
     /// batch, one call for up to 128 checks, decided in arrival order at one server instant with
-    /// the same result each would have had alone. Such a check takes at most two round trips,
-    /// each bounded by the limiter's timeout; the server runs one command per batch.
+    /// the same result each would have had alone; the server runs one command per batch. Such a
+    /// check usually takes two round trips (more when over 128 queue at once) and waits at most
+    /// three times the limiter's timeout, past which the failure policy applies. A check whose
+    /// caller gives up while it is queued is not sent.
     ///
     /// Errors: [`Error::InvalidInput`] for a bad user/endpoint, unknown tier or cost (nothing
     /// sent); [`Error::Unavailable`] / [`Error::Timeout`] only under
@@ -1445,7 +1451,7 @@ impl RateLimiter {
                     .counters
                     .redis_failures
                     .fetch_add(1, Ordering::Relaxed);
-                inner.breaker.failure(Instant::now(), trial);
+                inner.breaker.failure(Instant::now(), trial, costs.len());
                 tracing::warn!(error = %err, "rate limiter: Redis failed; applying the failure policy");
             }
             Err(_) => {}
@@ -1655,6 +1661,19 @@ impl Batch for RateLimiter {
         coalesce::answers(costs.len(), decided, || short_reply(key))
     }
 
+    /// The call in flight and the check's own batch are each bounded by the limiter's deadline;
+    /// the third is slack, so that a batch's own outcome normally arrives first.
+    fn max_wait(&self) -> Duration {
+        self.inner.timeout.saturating_mul(3)
+    }
+
+    fn timed_out(&self, waited: Duration) -> Result<Outcome> {
+        Err(Error::Timeout {
+            operation: CHECK,
+            after: waited,
+        })
+    }
+
     fn abandoned(&self) -> Result<Outcome> {
         Err(coalesce::abandoned("rate limiter check"))
     }
@@ -1768,9 +1787,9 @@ mod tests {
         });
         let t0 = Instant::now();
         assert!(matches!(b.permit_at(t0), Permit::Call));
-        b.failure(t0, false);
+        b.failure(t0, false, 1);
         assert_eq!(b.state(t0), BreakerState::Closed);
-        b.failure(t0, false);
+        b.failure(t0, false, 1);
         assert_eq!(b.state(t0), BreakerState::Open);
         assert!(matches!(b.permit_at(t0), Permit::Reject));
         let later = t0 + Duration::from_secs(2);

@@ -310,6 +310,9 @@ struct Inner {
 
 /// Most single-job enqueues one script call carries.
 const MAX_ENQUEUE_BATCH: usize = 128;
+/// Most payload bytes one batched enqueue call carries (a larger job goes alone), so that a
+/// small enqueue never waits on megabytes of others' mail.
+const MAX_ENQUEUE_BATCH_BYTES: usize = 1 << 20;
 
 /// A validated job ready for the enqueue script: id, priority, JSON, due ms (0: now).
 pub(crate) struct Encoded {
@@ -408,7 +411,7 @@ impl EmailQueue {
                 keys: built,
                 options,
                 notify,
-                enqueues: Coalescer::new(MAX_ENQUEUE_BATCH),
+                enqueues: Coalescer::new(MAX_ENQUEUE_BATCH, MAX_ENQUEUE_BATCH_BYTES),
             }),
         })
     }
@@ -461,8 +464,11 @@ impl EmailQueue {
     /// and its `version` to [`PAYLOAD_VERSION`]. One round trip (one script, atomic): a job id
     /// already known to the queue is not added again ([`Enqueued::Duplicate`]). Enqueues through
     /// one handle that arrive while one is in flight share the next script call (still one
-    /// atomic step per job, in arrival order), so concurrent producers cost the server one call
-    /// per batch instead of one per job.
+    /// atomic step per job, in arrival order; up to 128 jobs or 1 MiB of payload per call), so
+    /// concurrent producers cost the server one call per batch instead of one per job. Such an
+    /// enqueue usually takes two round trips and waits at most three times the response timeout
+    /// ([`Error::Timeout`]: the outcome is unknown, a retry with the same job id is safe); one
+    /// whose caller gives up while it is queued is not sent.
     pub async fn enqueue(&self, job: EmailJob) -> Result<Enqueued> {
         let encoded = self.encode(job, None, now_millis())?;
         coalesce::submit(self, (), encoded).await
@@ -917,6 +923,23 @@ impl Batch for EmailQueue {
         let sent = self.send(&jobs).await;
         coalesce::answers(jobs.len(), sent, || {
             Error::decode(self.list_key(Priority::Normal), None, "short enqueue reply")
+        })
+    }
+
+    fn size(job: &Encoded) -> usize {
+        job.payload.len()
+    }
+
+    /// The enqueue in flight and this job's own batch are each bounded by the response timeout;
+    /// the third is slack, so that a batch's own outcome normally arrives first.
+    fn max_wait(&self) -> Duration {
+        self.inner.redis.config().response_timeout.saturating_mul(3)
+    }
+
+    fn timed_out(&self, waited: Duration) -> Result<Enqueued> {
+        Err(Error::Timeout {
+            operation: "email_queue.enqueue",
+            after: waited,
         })
     }
 
