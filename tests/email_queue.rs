@@ -440,8 +440,8 @@ aether_redis::contract_tests! {
     }
 
     async fn concurrent_enqueues_land_once_each_with_their_own_results(redis) {
-        // 200 producers on one handle, two per id: enqueues that arrive while one is in flight
-        // share script calls, and each still gets its own answer.
+        // 200 producers on one handle, two per id: however they are batched into script calls,
+        // each gets its own answer and each id lands once.
         let queue = fast(&redis.email_queue_named("burst").unwrap());
         let priorities = [Priority::High, Priority::Normal, Priority::Low];
         let tasks: Vec<_> = (0..200)

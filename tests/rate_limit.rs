@@ -126,8 +126,8 @@ aether_redis::contract_tests! {
             remaining.sort_unstable();
             assert_eq!(remaining, (0..10).collect::<Vec<u64>>(), "{algorithm}");
             assert!(
-                decisions.iter().filter(|d| !d.allowed).all(|d| d.retry_after.is_some()),
-                "{algorithm}"
+                decisions.iter().filter(|d| !d.allowed).all(|d| d.remaining == 0),
+                "{algorithm}: a denied check saw quota left"
             );
             let stats = limiter.stats();
             assert!(stats.redis_calls < 64 && stats.batched_checks > 0, "{algorithm}: {stats:?}");
@@ -137,6 +137,35 @@ aether_redis::contract_tests! {
                 assert_eq!(count, 64, "denied hits count, batched or not");
             }
         }
+    }
+
+    async fn batched_fixed_window_counts_reach_each_caller_as_its_own(redis) {
+        // Distinct costs make the mapping visible: sorted by what they saw, the callers' counts
+        // must step up by exactly each caller's own cost, from a fresh counter.
+        let t = TierName::custom("t");
+        let limiter = limiter(&redis, Algorithm::FixedWindow, 100_000, Duration::from_secs(3600));
+        let checks: Vec<_> = (0..64u64)
+            .map(|i| {
+                let (limiter, t) = (limiter.clone(), t.clone());
+                let cost = i % 7 + 1;
+                tokio::spawn(async move {
+                    (cost, limiter.check_n("mapping", "api", &t, cost).await.unwrap())
+                })
+            })
+            .collect();
+        let mut seen = Vec::new();
+        for check in checks {
+            let (cost, d) = check.await.unwrap();
+            assert!(d.allowed);
+            seen.push((100_000 - d.remaining, cost));
+        }
+        seen.sort_unstable();
+        let mut total = 0;
+        for (count, cost) in seen {
+            total += cost;
+            assert_eq!(count, total, "a caller got another caller's count");
+        }
+        assert!(limiter.stats().batched_checks > 0);
     }
 
     async fn batched_costs_are_decided_in_order_and_never_over_admit(redis) {
@@ -761,4 +790,61 @@ async fn stalled_server_costs_one_deadline_and_keeps_the_shared_connection() {
         before,
         "the shared connection was replaced"
     );
+}
+
+/// Concurrent checks on one key during a stall are batched behind the first; every one still
+/// gets its failure policy within two deadlines of the limiter, and the breaker counts each
+/// failed check, not each call, so a batch opens it as the same checks sent one by one would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_checks_during_a_stall_apply_their_policy_and_open_the_breaker() {
+    let server = start(LocalOptions::default()).await;
+    let redis = Redis::connect(server.config()).await.unwrap();
+    let open = TierName::custom("open");
+    let limiter = redis
+        .rate_limiter_with(
+            RateLimiterConfig::default()
+                .tier(
+                    open.clone(),
+                    Tier::new(5, Duration::from_secs(60))
+                        .unwrap()
+                        .with_failure_policy(FailurePolicy::FailOpen),
+                )
+                .timeout(Duration::from_millis(200))
+                .breaker(BreakerSettings::new(10, Duration::from_secs(30))),
+        )
+        .unwrap();
+    assert_eq!(
+        limiter.check("u", "e", &open).await.unwrap().source,
+        DecisionSource::Redis
+    );
+    let before = limiter.stats();
+
+    let mut admin = redis.dedicated().await.unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1500)
+        .arg("ALL")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let checks: Vec<_> = (0..32)
+        .map(|_| {
+            let (limiter, open) = (limiter.clone(), open.clone());
+            tokio::spawn(async move { limiter.check("u", "e", &open).await.unwrap() })
+        })
+        .collect();
+    for check in checks {
+        let d = check.await.unwrap();
+        assert_eq!((d.allowed, d.source), (true, DecisionSource::FailOpen));
+    }
+    let waited = started.elapsed();
+    // Twice the 200 ms deadline at most, not the 1.5 s pause (loose margin for a loaded machine).
+    assert!(waited < Duration::from_millis(1200), "{waited:?}");
+    let stats = limiter.stats();
+    assert!(
+        stats.redis_calls - before.redis_calls < 32,
+        "the checks were not batched: {stats:?}"
+    );
+    assert_eq!(limiter.breaker_state(), BreakerState::Open, "{stats:?}");
 }
