@@ -246,14 +246,7 @@ async fn a_stalled_server_is_a_timeout_with_unknown_outcome() {
         .build()
         .unwrap();
     let redis = Redis::connect(config).await.unwrap();
-    let mut admin = redis.dedicated().await.unwrap();
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(1500)
-        .arg("ALL")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    support::pause_all(&redis, 1500).await;
     let err = redis.health().await.unwrap_err();
     assert!(err.is_timeout(), "{err:?}");
     assert!(err.to_string().contains("outcome is unknown"), "{err}");

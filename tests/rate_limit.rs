@@ -730,13 +730,9 @@ async fn scripting_disabled_fails_script_tiers_at_construction_fixed_window_work
     );
 }
 
-/// A stalled server (not a stopped one): the limiter's deadline holds on the shared connection,
-/// the failure policy applies, and the missed deadline leaves that connection in place for the
-/// other repositories and the next check.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stalled_server_costs_one_deadline_and_keeps_the_shared_connection() {
-    let server = start(LocalOptions::default()).await;
-    let redis = Redis::connect(server.config()).await.unwrap();
+/// A limiter whose tier `open` (5 per minute) fails open, with a 200 ms deadline and `breaker`,
+/// after one check that Redis answered.
+async fn fail_open_limiter(redis: &Redis, breaker: BreakerSettings) -> (RateLimiter, TierName) {
     let open = TierName::custom("open");
     let limiter = redis
         .rate_limiter_with(
@@ -747,13 +743,25 @@ async fn stalled_server_costs_one_deadline_and_keeps_the_shared_connection() {
                         .unwrap()
                         .with_failure_policy(FailurePolicy::FailOpen),
                 )
-                .timeout(Duration::from_millis(200)),
+                .timeout(Duration::from_millis(200))
+                .breaker(breaker),
         )
         .unwrap();
     assert_eq!(
         limiter.check("u", "e", &open).await.unwrap().source,
         DecisionSource::Redis
     );
+    (limiter, open)
+}
+
+/// A stalled server (not a stopped one): the limiter's deadline holds on the shared connection,
+/// the failure policy applies, and the missed deadline leaves that connection in place for the
+/// other repositories and the next check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_server_costs_one_deadline_and_keeps_the_shared_connection() {
+    let server = start(LocalOptions::default()).await;
+    let redis = Redis::connect(server.config()).await.unwrap();
+    let (limiter, open) = fail_open_limiter(&redis, BreakerSettings::default()).await;
     let client_id = || async {
         let mut conn = redis.connection().await.unwrap();
         redis::cmd("CLIENT")
@@ -764,14 +772,7 @@ async fn stalled_server_costs_one_deadline_and_keeps_the_shared_connection() {
     };
     let before = client_id().await;
 
-    let mut admin = redis.dedicated().await.unwrap();
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(1500)
-        .arg("ALL")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    support::pause_all(&redis, 1500).await;
     let started = Instant::now();
     let d = limiter.check("u", "e", &open).await.unwrap();
     let waited = started.elapsed();
@@ -799,34 +800,11 @@ async fn stalled_server_costs_one_deadline_and_keeps_the_shared_connection() {
 async fn concurrent_checks_during_a_stall_apply_their_policy_and_open_the_breaker() {
     let server = start(LocalOptions::default()).await;
     let redis = Redis::connect(server.config()).await.unwrap();
-    let open = TierName::custom("open");
-    let limiter = redis
-        .rate_limiter_with(
-            RateLimiterConfig::default()
-                .tier(
-                    open.clone(),
-                    Tier::new(5, Duration::from_secs(60))
-                        .unwrap()
-                        .with_failure_policy(FailurePolicy::FailOpen),
-                )
-                .timeout(Duration::from_millis(200))
-                .breaker(BreakerSettings::new(10, Duration::from_secs(30))),
-        )
-        .unwrap();
-    assert_eq!(
-        limiter.check("u", "e", &open).await.unwrap().source,
-        DecisionSource::Redis
-    );
+    let (limiter, open) =
+        fail_open_limiter(&redis, BreakerSettings::new(10, Duration::from_secs(30))).await;
     let before = limiter.stats();
 
-    let mut admin = redis.dedicated().await.unwrap();
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(1500)
-        .arg("ALL")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    support::pause_all(&redis, 1500).await;
     let started = Instant::now();
     let checks: Vec<_> = (0..32)
         .map(|_| {

@@ -117,3 +117,16 @@ pub async fn contents(redis: &Redis, key: &str) -> (String, Vec<String>) {
     }
     (kind, out)
 }
+
+/// Pauses every client of the server for `millis` (`CLIENT PAUSE .. ALL`) through a dedicated
+/// connection: the server is stalled, not stopped.
+pub async fn pause_all(redis: &Redis, millis: u64) {
+    let mut admin = redis.dedicated().await.unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(millis)
+        .arg("ALL")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+}
