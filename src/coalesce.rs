@@ -11,7 +11,8 @@
 //! Batches after the first run on a spawned task, so a caller that gives up (a dropped future)
 //! never strands the callers queued behind it, and a queued request whose caller has gone is
 //! not sent. A queued caller waits at most [`Batch::max_wait`], so a caller whose future is
-//! held but no longer polled cannot hold the others up for longer. If the task running the
+//! held but no longer polled cannot hold the others up for longer, and once its call is older
+//! than that the next caller goes at once instead of queueing behind it. If the task running the
 //! batches dies (a panic, a runtime shutting down), its callers get [`Batch::abandoned`] and the
 //! key is free again.
 
@@ -22,6 +23,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 use crate::error::{Error, Result};
 
@@ -88,10 +90,19 @@ struct Waiter<B: Batch> {
     reply: oneshot::Sender<B::Response>,
 }
 
+/// The calls waiting behind the call in flight on one key.
+struct Slot<B: Batch> {
+    /// When the call in flight was sent. One older than [`Batch::max_wait`] counts as stalled
+    /// (its caller's future held but no longer polled): the next caller goes at once instead of
+    /// queueing behind it.
+    since: Instant,
+    queue: Vec<Waiter<B>>,
+}
+
 /// The queues of calls waiting behind an in-flight call, by key. A key is present while a call
 /// on it is in flight.
 pub(crate) struct Coalescer<B: Batch> {
-    queues: Mutex<HashMap<B::Key, Vec<Waiter<B>>>>,
+    queues: Mutex<HashMap<B::Key, Slot<B>>>,
     max_batch: usize,
     max_size: usize,
 }
@@ -107,16 +118,20 @@ impl<B: Batch> Coalescer<B> {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<B::Key, Vec<Waiter<B>>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<B::Key, Slot<B>>> {
         // Critical sections only move plain values; a panic cannot leave the map inconsistent.
         self.queues.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes what queued behind the in-flight call on `key`, or marks the key idle.
+    /// Takes what queued behind the in-flight call on `key` (it is sent next), or marks the key
+    /// idle.
     fn next_batch(&self, key: &B::Key) -> Vec<Waiter<B>> {
         let mut queues = self.lock();
         match queues.get_mut(key) {
-            Some(queued) if !queued.is_empty() => std::mem::take(queued),
+            Some(slot) if !slot.queue.is_empty() => {
+                slot.since = Instant::now();
+                std::mem::take(&mut slot.queue)
+            }
             _ => {
                 queues.remove(key);
                 Vec::new()
@@ -146,13 +161,24 @@ pub(crate) async fn submit<B: Batch>(runner: &B, key: B::Key, request: B::Reques
     let queued = {
         let mut queues = runner.coalescer().lock();
         match queues.get_mut(&key) {
-            Some(queued) => {
+            Some(slot) if slot.since.elapsed() < runner.max_wait() => {
                 let (reply, answer) = oneshot::channel();
-                queued.push(Waiter { request, reply });
+                slot.queue.push(Waiter { request, reply });
                 Err(answer)
             }
+            // The call in flight is stalled: this one goes now, and later ones queue behind it.
+            Some(slot) => {
+                slot.since = Instant::now();
+                Ok(request)
+            }
             None => {
-                queues.insert(key.clone(), Vec::new());
+                queues.insert(
+                    key.clone(),
+                    Slot {
+                        since: Instant::now(),
+                        queue: Vec::new(),
+                    },
+                );
                 Ok(request)
             }
         }
@@ -219,8 +245,8 @@ struct Release<B: Batch> {
 impl<B: Batch> Drop for Release<B> {
     fn drop(&mut self) {
         if let Some(key) = self.key.take() {
-            let queued = self.runner.coalescer().lock().remove(&key);
-            drop(queued);
+            let slot = self.runner.coalescer().lock().remove(&key);
+            drop(slot);
         }
     }
 }
@@ -248,14 +274,23 @@ async fn drive<B: Batch>(mut release: Release<B>, mut waiting: Vec<Waiter<B>>) {
         }
         let mut queues = coalescer.lock();
         match queues.get_mut(&key) {
-            Some(queued) if !(waiting.is_empty() && queued.is_empty()) => {
-                waiting.append(queued);
+            Some(slot) if !(waiting.is_empty() && slot.queue.is_empty()) => {
+                waiting.append(&mut slot.queue);
+                slot.since = Instant::now();
             }
-            _ => {
+            Some(_) => {
                 queues.remove(&key);
                 // Freed here, under the lock: a new leader may insert the key right after.
                 release.key = None;
                 return;
+            }
+            // A caller that had stalled freed the key meanwhile: finish what is ours; the key
+            // is no longer ours to free.
+            None => {
+                release.key = None;
+                if waiting.is_empty() {
+                    return;
+                }
             }
         }
     }
@@ -458,14 +493,22 @@ mod tests {
         let stalled = submit(&runner, "k", 0);
         let mut stalled = std::pin::pin!(stalled);
         assert!(futures::poll!(stalled.as_mut()).is_pending());
-        let started = tokio::time::Instant::now();
+        let started = Instant::now();
         let follower = spawn_submit(&runner, 1);
         assert_eq!(follower.await.unwrap(), Err("timed out"));
         assert_eq!(started.elapsed(), runner.max_wait());
-        // The stalled caller, polled again, still gets its answer; its queue was given up.
+        // The key is not blocked: the next caller goes at once, and one after it queues.
+        let next = spawn_submit(&runner, 2);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let queued = spawn_submit(&runner, 3);
+        assert_eq!(next.await.unwrap(), Ok((2, 1)));
+        assert_eq!(queued.await.unwrap(), Ok((3, 1)));
+        assert!(started.elapsed() < runner.max_wait() + runner.delay * 3);
+        // The stalled caller, polled again, still gets its answer; the follower that gave up
+        // was never sent.
         assert_eq!(stalled.await, Ok((0, 1)));
         settle().await;
-        assert_eq!(runner.sent.load(Ordering::SeqCst), 1);
+        assert_eq!(runner.sent.load(Ordering::SeqCst), 3);
         assert!(runner.coalescer.lock().is_empty());
     }
 

@@ -650,7 +650,7 @@ pub struct LimiterStats {
     pub local_decisions: u64,
     /// Decisions that failed open.
     pub fail_open_decisions: u64,
-    /// Checks that shared one call with other concurrent checks on the same key and tier.
+    /// Checks sent to Redis in one call with other concurrent checks on the same key and tier.
     pub batched_checks: u64,
 }
 
@@ -1420,6 +1420,12 @@ impl RateLimiter {
         // A caller may drop this future mid-call: the trial must not stay "in flight" forever.
         let _trial_guard = trial.then_some(TrialGuard(&inner.breaker));
         inner.counters.redis_calls.fetch_add(1, Ordering::Relaxed);
+        if costs.len() > 1 {
+            inner
+                .counters
+                .batched_checks
+                .fetch_add(costs.len() as u64, Ordering::Relaxed);
+        }
         let configured = inner.redis.config().response_timeout;
         // The common case: the connection enforces the limiter's deadline itself, which saves
         // registering a second timer per check.
@@ -1648,12 +1654,6 @@ impl Batch for RateLimiter {
     }
 
     async fn run(&self, (key, name): &(String, TierName), costs: Vec<u64>) -> Vec<Result<Outcome>> {
-        if costs.len() > 1 {
-            self.inner
-                .counters
-                .batched_checks
-                .fetch_add(costs.len() as u64, Ordering::Relaxed);
-        }
         let decided = match self.lookup(name) {
             Ok(tier) => self.call(key, tier, &costs, true).await,
             Err(err) => Err(err),
