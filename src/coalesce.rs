@@ -358,12 +358,19 @@ mod tests {
         }
     }
 
-    fn spawn_submit(
-        runner: &Echo,
-        request: u32,
-    ) -> tokio::task::JoinHandle<std::result::Result<(u32, usize), &'static str>> {
+    fn spawn_submit(runner: &Echo, request: u32) -> Call {
         let runner = runner.clone();
         tokio::spawn(async move { submit(&runner, "k", request).await })
+    }
+
+    type Call = tokio::task::JoinHandle<std::result::Result<(u32, usize), &'static str>>;
+
+    /// Spawns `lead`, lets its call get in flight, then spawns `queued` behind it.
+    async fn in_flight_then(runner: &Echo, lead: u32, queued: &[u32]) -> (Call, Vec<Call>) {
+        let leader = spawn_submit(runner, lead);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let queued = queued.iter().map(|r| spawn_submit(runner, *r)).collect();
+        (leader, queued)
     }
 
     /// Lets a spawned batch task finish what it does after answering (freeing the key).
@@ -423,9 +430,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn batches_respect_the_size_cap_and_a_heavy_request_goes_alone() {
         let runner = echo(100, 10);
-        let leader = spawn_submit(&runner, 1);
-        tokio::time::sleep(Duration::from_millis(1)).await;
-        let queued: Vec<_> = [4, 5, 2, 30, 3].map(|r| spawn_submit(&runner, r)).into();
+        let (leader, queued) = in_flight_then(&runner, 1, &[4, 5, 2, 30, 3]).await;
         assert_eq!(leader.await.unwrap(), Ok((1, 1)));
         let mut sizes = Vec::new();
         for call in queued {
@@ -454,9 +459,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_dropped_leader_does_not_strand_the_queue() {
         let runner = echo(8, usize::MAX);
-        let leader = spawn_submit(&runner, 0);
-        tokio::time::sleep(Duration::from_millis(1)).await;
-        let followers: Vec<_> = (1..4).map(|i| spawn_submit(&runner, i)).collect();
+        let (leader, followers) = in_flight_then(&runner, 0, &[1, 2, 3]).await;
         tokio::time::sleep(Duration::from_millis(1)).await;
         leader.abort();
         for (i, follower) in (1..4).zip(followers) {
@@ -469,13 +472,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn queued_requests_of_callers_that_gave_up_are_not_sent() {
         let runner = echo(8, usize::MAX);
-        let leader = spawn_submit(&runner, 0);
+        let (leader, mut queued) = in_flight_then(&runner, 0, &[1, 2, 3]).await;
         tokio::time::sleep(Duration::from_millis(1)).await;
-        let gone = [spawn_submit(&runner, 1), spawn_submit(&runner, 2)];
-        let staying = spawn_submit(&runner, 3);
-        tokio::time::sleep(Duration::from_millis(1)).await;
-        for call in &gone {
-            call.abort();
+        let staying = queued.pop().unwrap();
+        for gone in &queued {
+            gone.abort();
         }
         assert_eq!(leader.await.unwrap(), Ok((0, 1)));
         assert_eq!(staying.await.unwrap(), Ok((3, 1)));
@@ -515,9 +516,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_batch_that_panics_answers_abandoned_and_frees_the_key() {
         let runner = echo(8, usize::MAX);
-        let leader = spawn_submit(&runner, 0);
-        tokio::time::sleep(Duration::from_millis(1)).await;
-        let poisoned = [spawn_submit(&runner, PANIC), spawn_submit(&runner, 1)];
+        let (leader, poisoned) = in_flight_then(&runner, 0, &[PANIC, 1]).await;
         assert_eq!(leader.await.unwrap(), Ok((0, 1)));
         for call in poisoned {
             assert_eq!(call.await.unwrap(), Err("abandoned"));
