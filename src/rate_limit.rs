@@ -1458,7 +1458,8 @@ impl RateLimiter {
                     .redis_failures
                     .fetch_add(1, Ordering::Relaxed);
                 inner.breaker.failure(Instant::now(), trial, costs.len());
-                tracing::warn!(error = %err, "rate limiter: Redis failed; applying the failure policy");
+                tracing::warn!(algorithm = %tier.algorithm, checks = costs.len(), error = %err,
+                    "rate limiter: Redis failed; applying the failure policy");
             }
             Err(_) => {}
         }
