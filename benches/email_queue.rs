@@ -20,6 +20,9 @@ use tokio::sync::Notify;
 /// Jobs per measured iteration.
 const BATCH: u64 = 200;
 const CONCURRENCY: [usize; 3] = [1, 8, 32];
+/// `WorkerOptions::prefetch` of the second row of ours: apalis-redis leases up to 10 tasks per
+/// fetch by default (`batch_size`).
+const PREFETCH: usize = 10;
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct BenchMail {
@@ -83,15 +86,16 @@ struct Ours {
 }
 
 impl Ours {
-    async fn start(redis: &Redis, concurrency: usize) -> Self {
+    async fn start(redis: &Redis, concurrency: usize, prefetch: usize) -> Self {
         let queue = redis
-            .email_queue_named(&format!("bench{concurrency}"))
+            .email_queue_named(&format!("bench{concurrency}p{prefetch}"))
             .unwrap();
         let done = Arc::new(AtomicU64::new(0));
         let notify = Arc::new(Notify::new());
         let (d, n) = (done.clone(), notify.clone());
         let mut options = WorkerOptions::default();
         options.concurrency = concurrency;
+        options.prefetch = prefetch;
         let worker = queue
             .worker(handler_fn(move |_job| {
                 d.fetch_add(1, Ordering::Release);
@@ -331,18 +335,20 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("email_queue_end_to_end");
     group.throughput(Throughput::Elements(BATCH));
     for concurrency in CONCURRENCY {
-        let ours = rt.block_on(Ours::start(&redis, concurrency));
-        group.bench_function(BenchmarkId::new("aether_redis", concurrency), |b| {
-            b.to_async(&rt).iter_custom(|iters| {
-                let ours = &ours;
-                async move { ours.run(concurrency, iters * BATCH).await }
-            })
-        });
-        let mut ours = ours;
-        if let Some(worker) = ours.worker.take() {
-            let report = rt.block_on(worker.shutdown()).unwrap();
-            // Every handled job was acknowledged (acks ride on the next fetch call).
-            assert_eq!(report.completed, ours.done.load(Ordering::Acquire));
+        for (name, prefetch) in [("aether_redis", 0), ("aether_redis_prefetch10", PREFETCH)] {
+            let ours = rt.block_on(Ours::start(&redis, concurrency, prefetch));
+            group.bench_function(BenchmarkId::new(name, concurrency), |b| {
+                b.to_async(&rt).iter_custom(|iters| {
+                    let ours = &ours;
+                    async move { ours.run(concurrency, iters * BATCH).await }
+                })
+            });
+            let mut ours = ours;
+            if let Some(worker) = ours.worker.take() {
+                let report = rt.block_on(worker.shutdown()).unwrap();
+                // Every handled job was acknowledged (acks ride on the next fetch call).
+                assert_eq!(report.completed, ours.done.load(Ordering::Acquire));
+            }
         }
 
         let apalis = rt.block_on(apalis_side::Apalis::start(&url, concurrency));

@@ -530,6 +530,88 @@ aether_redis::contract_tests! {
         assert!(pos < 250, "the low job waited behind {pos} high jobs");
     }
 
+    async fn prefetched_jobs_stay_leased_and_go_back_in_order_at_shutdown(redis) {
+        let queue = fast(&redis.email_queue().unwrap());
+        let ids: Vec<String> = (0..20).map(|i| format!("p{i:02}")).collect();
+        queue.enqueue_bulk(ids.iter().map(|id| job(id, Priority::Normal)).collect()).await.unwrap();
+        let started: Arc<Mutex<Vec<String>>> = Arc::default();
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let (s, g) = (started.clone(), gate.clone());
+        let mut options = worker_options(1);
+        options.prefetch = 5;
+        let worker = spawn_worker_with(&queue, options, move |job: EmailJob| {
+            s.lock().unwrap().push(job.id.to_string());
+            let g = g.clone();
+            async move {
+                g.notified().await;
+                Ok(())
+            }
+        });
+        wait_for("the first job", Duration::from_secs(10), || started.lock().unwrap().len() == 1).await;
+        // One running and five buffered, all leased: a crash now would redeliver all six.
+        let (waiting, active, ..) = counts(&queue).await;
+        assert_eq!((waiting, active), (14, 6));
+        // Buffered leases are extended like running ones: still held well past the visibility
+        // timeout (1 s).
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let (waiting, active, ..) = counts(&queue).await;
+        assert_eq!((waiting, active), (14, 6));
+
+        let stop = tokio::spawn(worker.shutdown());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        gate.notify_one();
+        let report = stop.await.unwrap().unwrap();
+        assert_eq!((report.completed, report.released), (1, 5));
+        assert_eq!(started.lock().unwrap().as_slice(), ["p00"]);
+        let (waiting, active, ..) = counts(&queue).await;
+        assert_eq!((waiting, active), (19, 0));
+
+        // The buffered jobs went back to the head of the list: FIFO order is intact.
+        let mut options = worker_options(1);
+        options.prefetch = 5;
+        let order: Arc<Mutex<Vec<String>>> = Arc::default();
+        let o = order.clone();
+        let worker = spawn_worker_with(&queue, options, move |job: EmailJob| {
+            o.lock().unwrap().push(job.id.to_string());
+            async { Ok(()) }
+        });
+        wait_for("the rest", Duration::from_secs(10), || order.lock().unwrap().len() == 19).await;
+        let report = worker.shutdown().await.unwrap();
+        assert_eq!(report.completed, 19);
+        assert_eq!(order.lock().unwrap().as_slice(), &ids[1..]);
+        assert_eq!(counts(&queue).await, (0, 0, 0, 0, 20));
+    }
+
+    async fn prefetching_workers_handle_every_job_exactly_once(redis) {
+        const JOBS: usize = 2_000;
+        let queue = redis.email_queue().unwrap();
+        let mut too_much = worker_options(1);
+        too_much.prefetch = aether_redis::email_queue::MAX_PREFETCH + 1;
+        let refused = queue.worker(handler_fn(|_job| async { Ok(()) })).with_options(too_much);
+        assert!(matches!(refused, Err(Error::InvalidInput { .. })), "{refused:?}");
+        let jobs: Vec<EmailJob> = (0..JOBS).map(|i| job(&format!("f{i:04}"), Priority::ALL[i % 3])).collect();
+        queue.enqueue_bulk(jobs).await.unwrap();
+        let seen: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+        let mut workers = Vec::new();
+        for _ in 0..4 {
+            let mut options = worker_options(2);
+            options.prefetch = 8;
+            let seen = seen.clone();
+            workers.push(spawn_worker_with(&queue, options, move |job: EmailJob| {
+                *seen.lock().unwrap().entry(job.id.to_string()).or_insert(0) += 1;
+                async { Ok(()) }
+            }));
+        }
+        wait_for("all jobs", Duration::from_secs(60), || seen.lock().unwrap().len() == JOBS).await;
+        let mut total = crate::WorkerTotals::default();
+        for w in workers {
+            total.add(w.shutdown().await.unwrap());
+        }
+        assert_eq!((total.completed, total.lost), (JOBS as u64, 0));
+        assert!(seen.lock().unwrap().values().all(|&n| n == 1), "some job was handled twice");
+        assert_eq!(counts(&queue).await, (0, 0, 0, 0, 1000));
+    }
+
     async fn long_jobs_extend_their_lease(redis) {
         let queue = fast(&redis.email_queue().unwrap());
         queue.enqueue(job("slow", Priority::Normal)).await.unwrap();

@@ -50,7 +50,8 @@ pub use job::{
     PAYLOAD_VERSION, Priority,
 };
 pub use worker::{
-    HandlerFn, JobError, JobHandler, Worker, WorkerHandle, WorkerOptions, WorkerReport, handler_fn,
+    HandlerFn, JobError, JobHandler, MAX_PREFETCH, Worker, WorkerHandle, WorkerOptions,
+    WorkerReport, handler_fn,
 };
 
 static SCRIPT: LazyLock<LuaScript> =
@@ -789,6 +790,7 @@ impl EmailQueue {
         &self,
         token: &str,
         fetch: usize,
+        maintain: bool,
         settles: &[Settle],
     ) -> Result<(Vec<bool>, Vec<Fetched>)> {
         let o = &self.inner.options;
@@ -805,6 +807,7 @@ impl EmailQueue {
             .arg(millis(o.completed_retention.max_age))
             .arg(o.dead_retention.max_count)
             .arg(millis(o.dead_retention.max_age))
+            .arg(if maintain { "1" } else { "0" })
             .arg(settles.len());
         for settle in settles {
             call = match settle {

@@ -45,6 +45,19 @@ local function bury(id, rec, now)
   redis.call('SADD', IDS, id)
 end
 
+-- Calls `f` with consecutive slices of `list` of at most `size` elements: `unpack` of a long
+-- list would overflow the Lua stack.
+local function each_chunk(list, size, f)
+  local n = #list
+  for i = 1, n, size do
+    local chunk = {}
+    for j = i, math.min(i + size - 1, n) do
+      chunk[#chunk + 1] = list[j]
+    end
+    f(chunk)
+  end
+end
+
 -- Removes members from a retention ZSET, its record hash and the known ids.
 local function forget(zkey, hkey, members)
   local n = #members
@@ -94,14 +107,16 @@ local op = ARGV[1]
 
 if op == 'enqueue' then
   -- ARGV: op, then (id, priority, payload, due ms or 0) per job. Reply: 1 new / 0 known, per job.
-  local now = now_ms()
+  -- The clock is read only when a job carries a due time: TIME is a server call of its own.
+  local now = nil
   local out = {}
   for i = 2, #ARGV, 4 do
     local id, prio, payload, due = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
     local list = list_of(prio)
     if type(list) == 'table' then return list end
     if redis.call('SADD', IDS, id) == 1 then
-      if due > now then
+      if due > 0 and now == nil then now = now_ms() end
+      if due > 0 and due > now then
         redis.call('ZADD', SCHED, due, prio .. '|' .. payload)
       else
         redis.call('LPUSH', list, payload)
@@ -116,53 +131,85 @@ end
 
 if op == 'work' then
   -- ARGV: op, token, fetch, visibility ms, aging ms, ttl ms, max deliveries, completed max,
-  -- completed age ms, dead max, dead age ms, settle count, then 6 fields per settlement:
-  -- kind, id, token, a, b, c.
+  -- completed age ms, dead max, dead age ms, maintain (1/0), settle count, then 6 fields per
+  -- settlement: kind, id, token, a, b, c.
+  -- Maintenance (lease recovery, promotion of due jobs, retention trims) costs a handful of
+  -- server calls whether or not there is anything to do, so workers ask for it at most every
+  -- few tens of milliseconds instead of on every call.
   local token, fetch = ARGV[2], tonumber(ARGV[3])
   local visibility, aging, ttl = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
   local max_deliveries = tonumber(ARGV[7])
   local done_max, done_age = tonumber(ARGV[8]), tonumber(ARGV[9])
   local dead_max, dead_age = tonumber(ARGV[10]), tonumber(ARGV[11])
-  local settles = tonumber(ARGV[12])
+  local maintain = ARGV[12] == '1'
+  local settles = tonumber(ARGV[13])
   local now = now_ms()
 
   -- 1. Settle finished deliveries. A settlement applies only while its lease is still held.
+  -- The structures every settlement touches are read and written with one variadic command
+  -- each rather than one command per job: each server call from Lua has a fixed cost.
   local settled = {}
-  for s = 0, settles - 1 do
-    local base = 13 + s * 6
-    local kind, id, tok = ARGV[base], ARGV[base + 1], ARGV[base + 2]
-    local lease = redis.call('HGET', LEASES, id)
-    if lease and string.sub(lease, 1, #tok + 1) == tok .. '|' then
-      drop_lease(id)
-      if kind == 'ack' then
-        redis.call('HDEL', DELIV, id)
-        if done_max > 0 then
-          redis.call('ZADD', DONE, now, id)
-        else
-          redis.call('SREM', IDS, id)
-        end
-      elseif kind == 'retry' then
-        -- a = due ms, b = priority, c = payload with the attempt counted
-        redis.call('HDEL', DELIV, id)
-        redis.call('ZADD', SCHED, tonumber(ARGV[base + 3]), ARGV[base + 4] .. '|' .. ARGV[base + 5])
-      elseif kind == 'dead' then
-        -- a = dead record JSON
-        redis.call('HDEL', DELIV, id)
-        bury(id, ARGV[base + 3], now)
-      elseif kind == 'release' then
-        local _, prio, payload = split_lease(lease)
-        redis.call('RPUSH', LISTS[prio], payload)
-        redis.call('HINCRBY', DELIV, id, -1)
-      end
-      settled[#settled + 1] = 1
-    else
-      settled[#settled + 1] = 0
+  if settles > 0 then
+    local ids = {}
+    for s = 0, settles - 1 do
+      ids[s + 1] = ARGV[15 + s * 6]
     end
+    local leases = {}
+    each_chunk(ids, 1000, function(chunk)
+      for _, lease in ipairs(redis.call('HMGET', LEASES, unpack(chunk))) do
+        leases[#leases + 1] = lease
+      end
+    end)
+    local seen, dropped, finished, done = {}, {}, {}, {}
+    for s = 0, settles - 1 do
+      local base = 14 + s * 6
+      local kind, id, tok = ARGV[base], ARGV[base + 1], ARGV[base + 2]
+      local lease = leases[s + 1]
+      if lease and not seen[id] and string.sub(lease, 1, #tok + 1) == tok .. '|' then
+        seen[id] = true
+        dropped[#dropped + 1] = id
+        if kind == 'ack' then
+          finished[#finished + 1] = id
+          if done_max > 0 then
+            done[#done + 1] = now
+            done[#done + 1] = id
+          else
+            redis.call('SREM', IDS, id)
+          end
+        elseif kind == 'retry' then
+          -- a = due ms, b = priority, c = payload with the attempt counted
+          finished[#finished + 1] = id
+          redis.call('ZADD', SCHED, tonumber(ARGV[base + 3]), ARGV[base + 4] .. '|' .. ARGV[base + 5])
+        elseif kind == 'dead' then
+          -- a = dead record JSON
+          finished[#finished + 1] = id
+          bury(id, ARGV[base + 3], now)
+        elseif kind == 'release' then
+          local _, prio, payload = split_lease(lease)
+          redis.call('RPUSH', LISTS[prio], payload)
+          redis.call('HINCRBY', DELIV, id, -1)
+        end
+        settled[#settled + 1] = 1
+      else
+        settled[#settled + 1] = 0
+      end
+    end
+    each_chunk(dropped, 1000, function(chunk)
+      redis.call('HDEL', LEASES, unpack(chunk))
+      redis.call('ZREM', ACTIVE, unpack(chunk))
+    end)
+    each_chunk(finished, 1000, function(chunk)
+      redis.call('HDEL', DELIV, unpack(chunk))
+    end)
+    each_chunk(done, 1000, function(chunk)
+      redis.call('ZADD', DONE, unpack(chunk))
+    end)
   end
 
   -- 2. Leases past their deadline: the worker died or hung. Back to the head of their list,
   -- or to the dead set once delivered max_deliveries times.
-  local expired = redis.call('ZRANGEBYSCORE', ACTIVE, '-inf', now, 'LIMIT', 0, 100)
+  local expired = maintain and redis.call('ZRANGEBYSCORE', ACTIVE, '-inf', now, 'LIMIT', 0, 100)
+    or {}
   for _, id in ipairs(expired) do
     local lease = redis.call('HGET', LEASES, id)
     drop_lease(id)
@@ -180,7 +227,7 @@ if op == 'work' then
   end
 
   -- 3. Due scheduled jobs (delayed and retries) join the tail of their list.
-  local due = redis.call('ZRANGEBYSCORE', SCHED, '-inf', now, 'LIMIT', 0, 500)
+  local due = maintain and redis.call('ZRANGEBYSCORE', SCHED, '-inf', now, 'LIMIT', 0, 500) or {}
   for _, member in ipairs(due) do
     redis.call('ZREM', SCHED, member)
     local bar = string.find(member, '|', 1, true)
@@ -195,45 +242,51 @@ if op == 'work' then
   end
 
   -- 4. Fetch: strict priority, except that a list head waiting longer than `aging` goes first.
-  -- `heads[j]` keeps the decoded head of list j from the aging check, so the job popped next
-  -- from that list (the same element) is not decoded twice.
+  -- The job is popped from the first non-empty list, then the heads of the lower lists are
+  -- checked for age; an aged one takes its place and the popped job goes back to the tail it came
+  -- from (the script is atomic, so nobody sees it move). Within one call a list that was found
+  -- empty stays empty (nothing here pushes to a list) and a head checked for age stays the head
+  -- until it is popped, so each list costs at most one empty pop and one head check per call.
+  -- `heads[j]` keeps the decoded head of list j, so the job popped from it is not decoded twice.
   local out = {}
-  local aged, heads = {}, {}
+  local empty, aged, heads = {}, {}, {}
   local fetched, guard = 0, 0
   while fetched < fetch and guard < fetch + 100 do
     guard = guard + 1
     local idx, payload = nil, nil
+    for j = 1, 3 do
+      if not empty[j] then
+        payload = redis.call('RPOP', ORDER[j])
+        if payload then
+          idx = j
+          break
+        end
+        empty[j] = true
+      end
+    end
+    if not payload then
+      break
+    end
     if aging > 0 then
-      for j = 3, 2, -1 do
-        if aged[j] == nil then
-          aged[j] = false
+      for j = 3, idx + 1, -1 do
+        if not empty[j] and aged[j] == nil then
           local head = redis.call('LINDEX', ORDER[j], -1)
           if head then
             local job = inspect(head)
             heads[j] = job or false
             local at = job and tonumber(job.scheduledAt)
             aged[j] = (at ~= nil and at > 0 and now - at > aging)
+          else
+            empty[j] = true
           end
         end
         if aged[j] then
+          redis.call('RPUSH', ORDER[idx], payload)
+          payload = redis.call('RPOP', ORDER[j])
           idx = j
           break
         end
       end
-    end
-    if idx then
-      payload = redis.call('RPOP', ORDER[idx])
-    else
-      for j = 1, 3 do
-        payload = redis.call('RPOP', ORDER[j])
-        if payload then
-          idx = j
-          break
-        end
-      end
-    end
-    if not payload then
-      break
     end
     aged[idx] = nil
     local prio = NAMES[idx]
@@ -257,12 +310,11 @@ if op == 'work' then
         bury(id, record(id, 'expired', 'waited ' .. string.format('%d', now - at)
           .. ' ms, longer than the ' .. string.format('%d', ttl) .. ' ms job TTL', prio, payload,
           now, true), now)
-      elseif redis.call('HEXISTS', LEASES, id) == 1 then
+      elseif redis.call('HSETNX', LEASES, id, token .. '|' .. prio .. '|' .. payload) == 0 then
         local did = id .. '#duplicate-' .. string.format('%d', now)
         bury(did, record(did, 'duplicate', 'a job with this id is being processed', prio, payload,
           now, true), now)
       else
-        redis.call('HSET', LEASES, id, token .. '|' .. prio .. '|' .. payload)
         redis.call('ZADD', ACTIVE, now + visibility, id)
         redis.call('SADD', IDS, id)
         local d = redis.call('HINCRBY', DELIV, id, 1)
@@ -272,9 +324,13 @@ if op == 'work' then
     end
   end
 
-  -- 5. Bounded retention of completed ids and dead jobs.
-  trim(DONE, nil, done_max, done_age, now, 200)
-  trim(DEAD, DEADJOBS, dead_max, dead_age, now, 200)
+  -- 5. Bounded retention of completed ids and dead jobs. Between two maintenance calls a set
+  -- may grow past its bound by what the workers finished in the meantime; 2000 per call is
+  -- far above what one worker finishes between two of them.
+  if maintain then
+    trim(DONE, nil, done_max, done_age, now, 2000)
+    trim(DEAD, DEADJOBS, dead_max, dead_age, now, 2000)
+  end
   return { settled, out }
 end
 

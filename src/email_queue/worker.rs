@@ -1,6 +1,6 @@
 //! The consuming side: [`Worker`], [`JobHandler`], graceful shutdown.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -91,12 +91,30 @@ where
     }
 }
 
+/// How often a worker's fetch call also recovers expired leases, promotes due scheduled jobs
+/// and trims retention. Those steps cost the server several calls even when there is nothing to
+/// do, so a busy worker that fetches thousands of times a second runs them at this pace; a due
+/// job or an expired lease waits at most this long (plus the idle poll interval) longer.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Largest [`WorkerOptions::prefetch`]: one script call stays short.
+pub const MAX_PREFETCH: usize = 1000;
+
 /// How one worker runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct WorkerOptions {
     /// Jobs handled at once (default 8).
     pub concurrency: usize,
+    /// Jobs leased ahead of free handler slots (default 0). With a prefetch of `p`, one script
+    /// call leases up to `concurrency + p` jobs and the worker settles and refills only when its
+    /// buffer runs dry, so at low concurrency a batch of short jobs takes one call per
+    /// `concurrency + p` jobs instead of one per finished slot. The price: a job enqueued with a
+    /// higher priority than the buffered ones waits behind at most `p` of them, and
+    /// acknowledgements wait for the next call (a worker killed in between has those jobs
+    /// delivered again). Buffered jobs are leased like running ones: their leases are extended
+    /// and a graceful shutdown returns them to the head of their lists.
+    pub prefetch: usize,
     /// The worker's id (default `<host>-<pid>-<random>`). Leases carry it plus a per-run random
     /// nonce, so two workers given the same id still never settle each other's jobs.
     pub worker_id: Option<String>,
@@ -115,6 +133,7 @@ impl Default for WorkerOptions {
     fn default() -> Self {
         WorkerOptions {
             concurrency: 8,
+            prefetch: 0,
             worker_id: None,
             poll_interval: Duration::from_millis(100),
             shutdown_timeout: Duration::from_secs(30),
@@ -221,11 +240,17 @@ enum Outcome {
 }
 
 impl Worker {
-    /// Replaces the options. Fails on a concurrency of 0, zero intervals or an invalid worker
-    /// id (a key part without `|` or `.`).
+    /// Replaces the options. Fails on a concurrency of 0, a prefetch over [`MAX_PREFETCH`], zero
+    /// intervals or an invalid worker id (a key part without `|` or `.`).
     pub fn with_options(mut self, options: WorkerOptions) -> Result<Self> {
         if options.concurrency == 0 {
             return Err(Error::invalid("concurrency", "must be at least 1"));
+        }
+        if options.prefetch > MAX_PREFETCH {
+            return Err(Error::invalid(
+                "prefetch",
+                format!("must be at most {MAX_PREFETCH}"),
+            ));
         }
         if options.poll_interval.is_zero() || options.job_timeout.is_zero() {
             return Err(Error::invalid(
@@ -278,6 +303,8 @@ impl Worker {
         let queue = self.queue.clone();
         let options = queue.options().clone();
         let concurrency = self.options.concurrency;
+        let capacity = concurrency.saturating_add(self.options.prefetch);
+        let mut buffer: VecDeque<(Fetched, Arc<str>)> = VecDeque::new();
         let nonce = crate::random::token(4);
         let mut seq: u64 = 0;
         let mut report = WorkerReport::default();
@@ -289,6 +316,10 @@ impl Worker {
         let mut want_fetch = true;
         let mut idle = MIN_IDLE;
         let mut retry_at: Option<Instant> = None;
+        let mut maintained_at: Option<Instant> = None;
+        // Whether settlements landed after the last maintenance: a stopping worker then trims
+        // once more, so retention is back within its bounds when the last worker stops.
+        let mut settled_unmaintained = false;
         let mut extend_every = tokio::time::interval(options.visibility_timeout / 3);
         extend_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         extend_every.reset();
@@ -304,19 +335,50 @@ impl Worker {
             while let Some(joined) = tasks.try_join_next_with_id() {
                 pending.extend(self.settlement(joined, &mut flight));
             }
+            if stopping {
+                // Last fetched first: each release goes to the head of its list, so the first
+                // fetched ends up first again.
+                pending.extend(
+                    buffer
+                        .drain(..)
+                        .rev()
+                        .map(|(f, token)| Settle::Release { id: f.id, token }),
+                );
+            }
+            while tasks.len() < concurrency {
+                let Some((fetched, token)) = buffer.pop_front() else {
+                    break;
+                };
+                self.start(&mut tasks, &mut flight, fetched, token);
+            }
             let free = if stopping {
                 0
             } else {
                 concurrency - tasks.len()
             };
-            let fetch = if want_fetch { free } else { 0 };
+            // Refill only once the buffer is empty: with a prefetch, settlements then travel in
+            // batches of up to `capacity` instead of one call per finished job.
+            let fetch = if want_fetch && buffer.is_empty() && !stopping {
+                capacity - tasks.len()
+            } else {
+                0
+            };
+            let settle_now =
+                !pending.is_empty() && (buffer.is_empty() || pending.len() >= capacity);
             let may_call = retry_at.is_none_or(|t| Instant::now() >= t);
-            if may_call && (!pending.is_empty() || fetch > 0) {
+            if may_call && (settle_now || fetch > 0) {
                 seq += 1;
                 let token: Arc<str> = format!("{}.{nonce}.{seq}", self.id).into();
-                match queue.work(&token, fetch, &pending).await {
+                let maintain = maintained_at.is_none_or(|t| t.elapsed() >= MAINTENANCE_INTERVAL);
+                match queue.work(&token, fetch, maintain, &pending).await {
                     Ok((settled, jobs)) => {
                         retry_at = None;
+                        if maintain {
+                            maintained_at = Some(Instant::now());
+                            settled_unmaintained = false;
+                        } else if !pending.is_empty() {
+                            settled_unmaintained = true;
+                        }
                         report.lost_leases += settled.iter().filter(|ok| !**ok).count() as u64;
                         for (settle, ok) in pending.iter().zip(&settled) {
                             if *ok {
@@ -338,7 +400,11 @@ impl Worker {
                         }
                         let got = jobs.len();
                         for fetched in jobs {
-                            self.start(&mut tasks, &mut flight, fetched, token.clone());
+                            if tasks.len() < concurrency {
+                                self.start(&mut tasks, &mut flight, fetched, token.clone());
+                            } else {
+                                buffer.push_back((fetched, token.clone()));
+                            }
                         }
                         if got > 0 && tasks.len() < concurrency {
                             continue;
@@ -356,7 +422,15 @@ impl Worker {
                     }
                 }
             }
-            if stopping && tasks.is_empty() && pending.is_empty() {
+            if stopping && tasks.is_empty() && pending.is_empty() && buffer.is_empty() {
+                if settled_unmaintained {
+                    seq += 1;
+                    let token = format!("{}.{nonce}.{seq}", self.id);
+                    if let Err(e) = queue.work(&token, 0, true, &[]).await {
+                        tracing::warn!(queue = queue.name(), worker = %self.id, error = %e,
+                            "email queue: final retention trim failed");
+                    }
+                }
                 break;
             }
             let idle_sleep = idle;
@@ -400,10 +474,11 @@ impl Worker {
                     idle = (idle * 2).min(self.options.poll_interval);
                 }
                 _ = extend_every.tick() => {
-                    if !flight.is_empty() {
+                    if !flight.is_empty() || !buffer.is_empty() {
                         let leases: Vec<(String, Arc<str>)> = flight
                             .values()
                             .map(|f| (f.id.clone(), f.token.clone()))
+                            .chain(buffer.iter().map(|(f, token)| (f.id.clone(), token.clone())))
                             .collect();
                         match queue.extend(&leases).await {
                             Ok(held) => {
