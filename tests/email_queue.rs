@@ -689,6 +689,51 @@ aether_redis::contract_tests! {
         assert_eq!(all, ids);
     }
 
+    async fn foreign_payloads_are_read_as_the_decoder_reads_them(redis) {
+        // The fetch script reads `id` and `scheduledAt` without decoding when it can do so
+        // exactly; nested keys of the same names and other field orders must not fool it.
+        let queue = fast(&redis.email_queue().unwrap());
+        let now = now_ms();
+        let day_ago = now - 25 * 3600 * 1000;
+        let rest = r#""to":["grace@example.com"],"from":"noreply@example.com","subject":"S","body":"B""#;
+        let payloads = [
+            // A nested `scheduledAt` before the top-level one.
+            format!(r#"{{"id":"nested-first","metadata":{{"scheduledAt":1}},{rest},"scheduledAt":{now}}}"#),
+            // A nested `scheduledAt` (and `id`) after the top-level one.
+            format!(r#"{{"id":"nested-after",{rest},"scheduledAt":{now},"metadata":{{"scheduledAt":1,"id":"x"}}}}"#),
+            // A brace inside a string before `scheduledAt`.
+            format!(r#"{{"id":"brace-in-subject","to":["a@example.com"],"from":"f@example.com","subject":"{{x","body":"B","scheduledAt":{now}}}"#),
+            // `id` not first.
+            format!(r#"{{{rest},"id":"id-last","scheduledAt":{now}}}"#),
+            // The fast path itself: older than the 24 h job TTL.
+            format!(r#"{{"id":"stale",{rest},"scheduledAt":{day_ago},"metadata":{{}}}}"#),
+            // `scheduledAt` hidden in a nested object only, i.e. absent: never expires.
+            format!(r#"{{"id":"only-nested",{rest},"metadata":{{"scheduledAt":{day_ago}}}}}"#),
+        ];
+        let mut conn = redis.connection().await.unwrap();
+        for payload in &payloads {
+            let _: () = redis::cmd("LPUSH")
+                .arg(queue.list_key(Priority::Normal))
+                .arg(payload)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        let (handled, worker) = recording_worker(&queue, 1);
+        wait_stats(&queue, "five handled and one dead", Duration::from_secs(10), |s| {
+            s.completed == 5 && s.dead == 1
+        })
+        .await;
+        worker.shutdown().await.unwrap();
+        assert_eq!(
+            handled.lock().unwrap().as_slice(),
+            ["nested-first", "nested-after", "brace-in-subject", "id-last", "only-nested"]
+        );
+        let dead = queue.dead_jobs(10).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!((dead[0].dead_id.as_str(), dead[0].reason.as_str()), ("stale", "expired"));
+    }
+
     async fn raw_lpush_with_the_documented_json_is_consumed_fifo(redis) {
         let queue = fast(&redis.email_queue().unwrap());
         if !redis.keys().is_cluster() {

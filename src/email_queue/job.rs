@@ -308,6 +308,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn encoding_suits_the_fetch_scripts_scan() {
+        // queue.lua reads `id` and `scheduledAt` without decoding only from payloads that start
+        // with `{"id":"` and carry `scheduledAt` before any nested object.
+        let mut job = EmailJob::new(["a@x.io", "b@x.io"], "n@x.io", "s", "b")
+            .unwrap()
+            .with_id(JobId::new("j1").unwrap());
+        job.metadata
+            .insert("tenant".into(), serde_json::json!({"region": "eu"}));
+        let json = serde_json::to_string(&job).unwrap();
+        assert!(json.starts_with(r#"{"id":"j1","#), "{json}");
+        let at = json.find(r#""scheduledAt":"#).unwrap();
+        assert!(!json[1..at].contains('{'), "{json}");
+        assert_eq!(json.matches(r#""id":"#).count(), 1, "{json}");
+    }
+
+    #[test]
     fn documented_json_without_version_decodes() {
         let raw = r#"{"id":"j1","to":["a@x.io"],"from":"n@x.io","subject":"s","body":"b",
             "priority":"low","attempts":0,"scheduledAt":1732233600000,"metadata":{"k":[]},
