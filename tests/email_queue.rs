@@ -612,6 +612,49 @@ aether_redis::contract_tests! {
         assert_eq!(counts(&queue).await, (0, 0, 0, 0, 1000));
     }
 
+    async fn an_aged_job_taken_mid_batch_leaves_the_higher_list_in_order(redis) {
+        let mut o = fast(&redis.email_queue().unwrap()).options().clone();
+        o.aging = Some(Duration::from_millis(300));
+        let queue = redis.email_queue().unwrap().with_options(o).unwrap();
+        queue.enqueue(job("aged", Priority::Low)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let normal: Vec<String> = (0..20).map(|i| format!("n{i:02}")).collect();
+        queue.enqueue_bulk(normal.iter().map(|id| job(id, Priority::Normal)).collect()).await.unwrap();
+        let started: Arc<Mutex<Vec<String>>> = Arc::default();
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let (s, g) = (started.clone(), gate.clone());
+        // One call leases four jobs: the run popped from `normal` goes back when the aged `low`
+        // head is found, then three `normal` jobs follow it.
+        let worker = spawn_worker(&queue, 4, move |job: EmailJob| {
+            s.lock().unwrap().push(job.id.to_string());
+            let g = g.clone();
+            async move { g.notified().await; Ok(()) }
+        });
+        wait_for("four jobs", Duration::from_secs(10), || started.lock().unwrap().len() == 4).await;
+        let mut first: Vec<String> = started.lock().unwrap().clone();
+        first.sort();
+        assert_eq!(first, ["aged", "n00", "n01", "n02"]);
+        let mut conn = redis.connection().await.unwrap();
+        let mut waiting: Vec<String> = redis::cmd("LRANGE")
+            .arg(queue.list_key(Priority::Normal))
+            .arg(0)
+            .arg(-1)
+            .query_async::<Vec<String>>(&mut conn)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|payload| serde_json::from_str::<EmailJob>(&payload).unwrap().id.to_string())
+            .collect();
+        // LPUSH puts the oldest at the right end.
+        waiting.reverse();
+        assert_eq!(waiting, &normal[3..]);
+        let stop = tokio::spawn(worker.shutdown());
+        gate.notify_waiters();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        gate.notify_waiters();
+        stop.await.unwrap().unwrap();
+    }
+
     async fn long_jobs_extend_their_lease(redis) {
         let queue = fast(&redis.email_queue().unwrap());
         queue.enqueue(job("slow", Priority::Normal)).await.unwrap();

@@ -286,31 +286,52 @@ if op == 'work' then
   end
 
   -- 4. Fetch: strict priority, except that a list head waiting longer than `aging` goes first.
-  -- The job is popped from the first non-empty list, then the heads of the lower lists are
-  -- checked for age; an aged one takes its place and the popped job goes back to the tail it came
-  -- from (the script is atomic, so nobody sees it move). Within one call a list that was found
-  -- empty stays empty (nothing here pushes to a list) and a head checked for age stays the head
-  -- until it is popped, so each list costs at most one empty pop and one head check per call.
-  -- `heads[j]` keeps the decoded head of list j, so the job popped from it is not decoded twice.
+  -- Jobs are popped in runs from the first non-empty list (`LMPOP .. RIGHT COUNT <n>`); then the
+  -- heads of the lower lists are checked for age, and if one is aged the run goes back to the
+  -- tail it came from (the script is atomic, so nobody sees it move) and that head is taken
+  -- instead. Within one call a list found empty stays empty (nothing here pushes to a list) and
+  -- a head checked for age stays the head until it is popped, so a run is exactly what popping
+  -- its jobs one at a time would give. `heads[j]` keeps the decoded head of list j, so the job
+  -- popped from it is not decoded twice. The deadline and the known id of every leased job are
+  -- written with one variadic command each after the loop.
   local out = {}
   local empty, aged, heads = {}, {}, {}
+  local deadlines, known = {}, {}
   local fetched, guard = 0, 0
   while fetched < fetch and guard < fetch + 100 do
     guard = guard + 1
-    local idx, payload = nil, nil
+    local idx, run = nil, nil
+    local want = fetch - fetched
+    -- LMPOP pops from the first non-empty list of those not yet found empty: one call where
+    -- trying each list in turn would spend one on every empty higher list.
+    local args = { 0 }
     for j = 1, 3 do
       if not empty[j] then
-        payload = redis.call('RPOP', ORDER[j])
-        if payload then
+        args[#args + 1] = ORDER[j]
+      end
+    end
+    args[1] = #args - 1
+    if args[1] == 0 then
+      break
+    end
+    args[#args + 1] = 'RIGHT'
+    args[#args + 1] = 'COUNT'
+    args[#args + 1] = want
+    local popped = redis.call('LMPOP', unpack(args))
+    for j = 1, 3 do
+      if not empty[j] then
+        if popped and ORDER[j] == popped[1] then
           idx = j
+          run = popped[2]
           break
         end
         empty[j] = true
       end
     end
-    if not payload then
+    if not run then
       break
     end
+    local drained = #run < want
     if aging > 0 then
       for j = 3, idx + 1, -1 do
         if not empty[j] and aged[j] == nil then
@@ -325,48 +346,70 @@ if op == 'work' then
           end
         end
         if aged[j] then
-          redis.call('RPUSH', ORDER[idx], payload)
-          payload = redis.call('RPOP', ORDER[j])
+          local back = {}
+          for i = #run, 1, -1 do
+            back[#back + 1] = run[i]
+          end
+          each_chunk(back, 1000, function(chunk)
+            redis.call('RPUSH', ORDER[idx], unpack(chunk))
+          end)
+          drained = false
+          run = { redis.call('RPOP', ORDER[j]) }
           idx = j
           break
         end
       end
     end
-    aged[idx] = nil
-    local prio = NAMES[idx]
-    local job = heads[idx]
-    heads[idx] = nil
-    if job == nil then
-      job = inspect(payload)
-    elseif job == false then
-      job = nil
+    if drained then
+      empty[idx] = true
     end
-    local id = job and job.id
-    if type(id) ~= 'string' or id == '' or string.len(id) > 512 then
-      local mid = 'malformed-' .. redis.sha1hex(payload)
-      bury(mid, record(mid, 'malformed', 'not a JSON object with a non-empty string id', prio,
-        payload, now, false), now)
-    else
-      local at = tonumber(job.scheduledAt) or 0
-      if at > now + 1000 then
-        redis.call('ZADD', SCHED, at, prio .. '|' .. payload)
-      elseif ttl > 0 and at > 0 and now - at > ttl then
-        bury(id, record(id, 'expired', 'waited ' .. string.format('%d', now - at)
-          .. ' ms, longer than the ' .. string.format('%d', ttl) .. ' ms job TTL', prio, payload,
-          now, true), now)
-      elseif redis.call('HSETNX', LEASES, id, token .. '|' .. prio .. '|' .. payload) == 0 then
-        local did = id .. '#duplicate-' .. string.format('%d', now)
-        bury(did, record(did, 'duplicate', 'a job with this id is being processed', prio, payload,
-          now, true), now)
+    local prio = NAMES[idx]
+    for n, payload in ipairs(run) do
+      local job = nil
+      if n == 1 then
+        job = heads[idx]
+      end
+      if job == nil then
+        job = inspect(payload)
+      elseif job == false then
+        job = nil
+      end
+      local id = job and job.id
+      if type(id) ~= 'string' or id == '' or string.len(id) > 512 then
+        local mid = 'malformed-' .. redis.sha1hex(payload)
+        bury(mid, record(mid, 'malformed', 'not a JSON object with a non-empty string id', prio,
+          payload, now, false), now)
       else
-        redis.call('ZADD', ACTIVE, now + visibility, id)
-        redis.call('SADD', IDS, id)
-        local d = redis.call('HINCRBY', DELIV, id, 1)
-        out[#out + 1] = { id, payload, prio, d }
-        fetched = fetched + 1
+        local at = tonumber(job.scheduledAt) or 0
+        if at > now + 1000 then
+          redis.call('ZADD', SCHED, at, prio .. '|' .. payload)
+        elseif ttl > 0 and at > 0 and now - at > ttl then
+          bury(id, record(id, 'expired', 'waited ' .. string.format('%d', now - at)
+            .. ' ms, longer than the ' .. string.format('%d', ttl) .. ' ms job TTL', prio, payload,
+            now, true), now)
+        elseif redis.call('HSETNX', LEASES, id, token .. '|' .. prio .. '|' .. payload) == 0 then
+          local did = id .. '#duplicate-' .. string.format('%d', now)
+          bury(did, record(did, 'duplicate', 'a job with this id is being processed', prio,
+            payload, now, true), now)
+        else
+          deadlines[#deadlines + 1] = now + visibility
+          deadlines[#deadlines + 1] = id
+          known[#known + 1] = id
+          local d = redis.call('HINCRBY', DELIV, id, 1)
+          out[#out + 1] = { id, payload, prio, d }
+          fetched = fetched + 1
+        end
       end
     end
+    heads[idx] = nil
+    aged[idx] = nil
   end
+  each_chunk(deadlines, 1000, function(chunk)
+    redis.call('ZADD', ACTIVE, unpack(chunk))
+  end)
+  each_chunk(known, 1000, function(chunk)
+    redis.call('SADD', IDS, unpack(chunk))
+  end)
 
   -- 5. Bounded retention of completed ids and dead jobs. Between two maintenance calls a set
   -- may grow past its bound by what the workers finished in the meantime; 2000 per call is
