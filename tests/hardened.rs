@@ -1,4 +1,4 @@
-//! Both foundation repositories on a hardened server: `EVAL`/`SCRIPT` renamed, `CONFIG`, `KEYS`,
+//! Both foundation repositories and the email queue on a hardened server: `EVAL`/`SCRIPT` renamed, `CONFIG`, `KEYS`,
 //! `FLUSHDB`, `FLUSHALL` and `DEBUG` removed, and an ACL user that may run nothing `@dangerous`
 //! (so no `INFO` either).
 
@@ -130,4 +130,74 @@ async fn sessions_fall_back_to_transactions_without_scripting() {
     assert_eq!(got.role, Role::Admin);
     assert!(sessions.destroy(&created.id).await.unwrap());
     assert!(sessions.get(&created.id).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn email_queue_works_on_a_hardened_server() {
+    use aether_redis::email_queue::{EmailJob, JobError, JobId, QueueOptions, WorkerOptions};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    let server = hardened_server().await;
+    let redis = app_user(&server).await;
+    let mut options = QueueOptions::default();
+    options.backoff_base = Duration::from_millis(100);
+    let queue = redis.email_queue().unwrap().with_options(options).unwrap();
+    let mail = |id: &str| {
+        EmailJob::new(["ada@example.com"], "noreply@example.com", "Hi", "Body")
+            .unwrap()
+            .with_id(JobId::new(id).unwrap())
+    };
+    queue.enqueue(mail("now")).await.unwrap();
+    queue
+        .enqueue_in(mail("later"), Duration::from_millis(200))
+        .await
+        .unwrap();
+    queue.enqueue(mail("flaky")).await.unwrap();
+    // NOSCRIPT after the flush is recovered through the renamed EVAL inside the worker's call.
+    flush_scripts(&server).await;
+
+    let handled: Arc<Mutex<Vec<String>>> = Arc::default();
+    let log = handled.clone();
+    let mut worker_options = WorkerOptions::default();
+    worker_options.poll_interval = Duration::from_millis(20);
+    let worker = queue
+        .worker(aether_redis::email_queue::handler_fn(
+            move |job: EmailJob| {
+                let first_try = job.attempts == 0;
+                let id = job.id.to_string();
+                log.lock().unwrap().push(id.clone());
+                async move {
+                    if id == "flaky" && first_try {
+                        return Err(JobError::retry("421 try again later"));
+                    }
+                    Ok(())
+                }
+            },
+        ))
+        .with_options(worker_options)
+        .unwrap()
+        .spawn();
+    let started = Instant::now();
+    loop {
+        let stats = queue.stats().await.unwrap();
+        if stats.completed == 3 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "jobs not done: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let report = worker.shutdown().await.unwrap();
+    assert_eq!((report.completed, report.retried), (3, 1));
+    let mut ids = handled.lock().unwrap().clone();
+    ids.sort();
+    assert_eq!(ids, ["flaky", "flaky", "later", "now"]);
+    let stats = queue.stats().await.unwrap();
+    assert_eq!(
+        (stats.waiting(), stats.active, stats.delayed, stats.dead),
+        (0, 0, 0, 0)
+    );
 }
