@@ -582,6 +582,41 @@ aether_redis::contract_tests! {
         assert_eq!(counts(&queue).await, (0, 0, 0, 0, 20));
     }
 
+    async fn a_lingering_worker_collects_a_trickle_into_one_call(redis) {
+        let queue = fast(&redis.email_queue().unwrap());
+        let starts: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
+        let s = starts.clone();
+        let mut options = worker_options(1);
+        options.prefetch = 9;
+        options.linger = Duration::from_millis(600);
+        let worker = spawn_worker_with(&queue, options, move |job: EmailJob| {
+            s.lock().unwrap().push((job.id.to_string(), Instant::now()));
+            async { Ok(()) }
+        });
+        queue.enqueue(job("t0", Priority::Normal)).await.unwrap();
+        wait_for("the first job", Duration::from_secs(10), || starts.lock().unwrap().len() == 1).await;
+        // The fetch that found t0 came back short, so the next one lingers: a trickle enqueued
+        // meanwhile arrives with one call.
+        for i in 1..6 {
+            queue.enqueue(job(&format!("t{i}"), Priority::Normal)).await.unwrap();
+        }
+        wait_for("six jobs", Duration::from_secs(10), || starts.lock().unwrap().len() == 6).await;
+        let starts = starts.lock().unwrap().clone();
+        let ids: Vec<&str> = starts.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(ids, ["t0", "t1", "t2", "t3", "t4", "t5"]);
+        let (t0, t1) = (starts[0].1, starts[1].1);
+        assert!(t1.duration_since(t0) >= Duration::from_millis(500), "{:?}", t1 - t0);
+        assert!(starts[1..].iter().all(|(_, at)| at.duration_since(t1) < Duration::from_millis(300)));
+        let report = worker.shutdown().await.unwrap();
+        assert_eq!(report.completed, 6);
+        assert_eq!(counts(&queue).await, (0, 0, 0, 0, 6));
+
+        let mut too_long = worker_options(1);
+        too_long.linger = aether_redis::email_queue::MAX_LINGER + Duration::from_millis(1);
+        let refused = queue.worker(handler_fn(|_job| async { Ok(()) })).with_options(too_long);
+        assert!(matches!(refused, Err(Error::InvalidInput { .. })), "{refused:?}");
+    }
+
     async fn prefetching_workers_handle_every_job_exactly_once(redis) {
         const JOBS: usize = 2_000;
         let queue = redis.email_queue().unwrap();

@@ -50,7 +50,7 @@ pub use job::{
     PAYLOAD_VERSION, Priority,
 };
 pub use worker::{
-    HandlerFn, JobError, JobHandler, MAX_PREFETCH, Worker, WorkerHandle, WorkerOptions,
+    HandlerFn, JobError, JobHandler, MAX_LINGER, MAX_PREFETCH, Worker, WorkerHandle, WorkerOptions,
     WorkerReport, handler_fn,
 };
 

@@ -97,6 +97,9 @@ where
 /// job or an expired lease waits at most this long (plus the idle poll interval) longer.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_millis(50);
 
+/// Longest [`WorkerOptions::linger`].
+pub const MAX_LINGER: Duration = Duration::from_secs(1);
+
 /// Largest [`WorkerOptions::prefetch`]: one script call stays short.
 pub const MAX_PREFETCH: usize = 1000;
 
@@ -115,6 +118,13 @@ pub struct WorkerOptions {
     /// delivered again). Buffered jobs are leased like running ones: their leases are extended
     /// and a graceful shutdown returns them to the head of their lists.
     pub prefetch: usize,
+    /// After a fetch that found fewer jobs than it asked for, how long the next fetch waits
+    /// (default 0: it goes at once). Under a steady trickle of jobs a short linger (1 ms, say)
+    /// lets one call collect several of them and carry their settlements together, instead of
+    /// one call per job competing with the producers for the server; each job may then start up
+    /// to this much later. Settlements wait with the fetch unless they fill a batch. At most
+    /// [`MAX_LINGER`].
+    pub linger: Duration,
     /// The worker's id (default `<host>-<pid>-<random>`). Leases carry it plus a per-run random
     /// nonce, so two workers given the same id still never settle each other's jobs.
     pub worker_id: Option<String>,
@@ -134,6 +144,7 @@ impl Default for WorkerOptions {
         WorkerOptions {
             concurrency: 8,
             prefetch: 0,
+            linger: Duration::ZERO,
             worker_id: None,
             poll_interval: Duration::from_millis(100),
             shutdown_timeout: Duration::from_secs(30),
@@ -240,11 +251,18 @@ enum Outcome {
 }
 
 impl Worker {
-    /// Replaces the options. Fails on a concurrency of 0, a prefetch over [`MAX_PREFETCH`], zero
+    /// Replaces the options. Fails on a concurrency of 0, a prefetch over [`MAX_PREFETCH`], a
+    /// linger over [`MAX_LINGER`], zero
     /// intervals or an invalid worker id (a key part without `|` or `.`).
     pub fn with_options(mut self, options: WorkerOptions) -> Result<Self> {
         if options.concurrency == 0 {
             return Err(Error::invalid("concurrency", "must be at least 1"));
+        }
+        if options.linger > MAX_LINGER {
+            return Err(Error::invalid(
+                "linger",
+                format!("must be at most {MAX_LINGER:?}"),
+            ));
         }
         if options.prefetch > MAX_PREFETCH {
             return Err(Error::invalid(
@@ -317,6 +335,8 @@ impl Worker {
         let mut idle = MIN_IDLE;
         let mut retry_at: Option<Instant> = None;
         let mut maintained_at: Option<Instant> = None;
+        let linger = self.options.linger;
+        let mut fetch_not_before: Option<Instant> = None;
         // Whether settlements landed after the last maintenance: a stopping worker then trims
         // once more, so retention is back within its bounds when the last worker stops.
         let mut settled_unmaintained = false;
@@ -358,13 +378,14 @@ impl Worker {
             };
             // Refill only once the buffer is empty: with a prefetch, settlements then travel in
             // batches of up to `capacity` instead of one call per finished job.
-            let fetch = if want_fetch && buffer.is_empty() && !stopping {
+            let lingering = !stopping && fetch_not_before.is_some_and(|t| Instant::now() < t);
+            let fetch = if want_fetch && buffer.is_empty() && !stopping && !lingering {
                 capacity - tasks.len()
             } else {
                 0
             };
-            let settle_now =
-                !pending.is_empty() && (buffer.is_empty() || pending.len() >= capacity);
+            let settle_now = !pending.is_empty()
+                && ((buffer.is_empty() && !lingering) || pending.len() >= capacity || stopping);
             let may_call = retry_at.is_none_or(|t| Instant::now() >= t);
             if may_call && (settle_now || fetch > 0) {
                 seq += 1;
@@ -396,6 +417,9 @@ impl Worker {
                                 want_fetch = false;
                             } else {
                                 idle = MIN_IDLE;
+                            }
+                            if jobs.len() < fetch && !linger.is_zero() {
+                                fetch_not_before = Some(Instant::now() + linger);
                             }
                         }
                         let got = jobs.len();
@@ -465,6 +489,10 @@ impl Worker {
                 }
                 () = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)),
                     if retry_at.is_some() => {}
+                () = tokio::time::sleep_until(fetch_not_before.unwrap_or_else(Instant::now)),
+                    if lingering => {
+                    fetch_not_before = None;
+                }
                 () = &mut woken, if !stopping && !want_fetch => {
                     want_fetch = true;
                     idle = MIN_IDLE;
