@@ -102,21 +102,21 @@ local function each_chunk(list, size, f)
   end
 end
 
+-- `command key args..` over `args` in chunks (an even size keeps score-member pairs together).
+local function variadic(command, key, args)
+  each_chunk(args, 1000, function(chunk)
+    redis.call(command, key, unpack(chunk))
+  end)
+end
+
 -- Removes members from a retention ZSET, its record hash and the known ids.
 local function forget(zkey, hkey, members)
-  local n = #members
-  for i = 1, n, 500 do
-    local chunk = {}
-    for j = i, math.min(i + 499, n) do
-      chunk[#chunk + 1] = members[j]
-    end
-    redis.call('ZREM', zkey, unpack(chunk))
-    if hkey then
-      redis.call('HDEL', hkey, unpack(chunk))
-    end
-    redis.call('SREM', IDS, unpack(chunk))
+  variadic('ZREM', zkey, members)
+  if hkey then
+    variadic('HDEL', hkey, members)
   end
-  return n
+  variadic('SREM', IDS, members)
+  return #members
 end
 
 -- Bounded retention: at most max_count members, none older than max_age ms. At most `limit`
@@ -238,16 +238,10 @@ if op == 'work' then
         settled[#settled + 1] = 0
       end
     end
-    each_chunk(dropped, 1000, function(chunk)
-      redis.call('HDEL', LEASES, unpack(chunk))
-      redis.call('ZREM', ACTIVE, unpack(chunk))
-    end)
-    each_chunk(finished, 1000, function(chunk)
-      redis.call('HDEL', DELIV, unpack(chunk))
-    end)
-    each_chunk(done, 1000, function(chunk)
-      redis.call('ZADD', DONE, unpack(chunk))
-    end)
+    variadic('HDEL', LEASES, dropped)
+    variadic('ZREM', ACTIVE, dropped)
+    variadic('HDEL', DELIV, finished)
+    variadic('ZADD', DONE, done)
   end
 
   -- 2. Leases past their deadline: the worker died or hung. Back to the head of their list,
@@ -350,9 +344,7 @@ if op == 'work' then
           for i = #run, 1, -1 do
             back[#back + 1] = run[i]
           end
-          each_chunk(back, 1000, function(chunk)
-            redis.call('RPUSH', ORDER[idx], unpack(chunk))
-          end)
+          variadic('RPUSH', ORDER[idx], back)
           drained = false
           run = { redis.call('RPOP', ORDER[j]) }
           idx = j
@@ -404,12 +396,8 @@ if op == 'work' then
     heads[idx] = nil
     aged[idx] = nil
   end
-  each_chunk(deadlines, 1000, function(chunk)
-    redis.call('ZADD', ACTIVE, unpack(chunk))
-  end)
-  each_chunk(known, 1000, function(chunk)
-    redis.call('SADD', IDS, unpack(chunk))
-  end)
+  variadic('ZADD', ACTIVE, deadlines)
+  variadic('SADD', IDS, known)
 
   -- 5. Bounded retention of completed ids and dead jobs. Between two maintenance calls a set
   -- may grow past its bound by what the workers finished in the meantime; 2000 per call is
