@@ -635,11 +635,17 @@ impl Redis {
     /// A clone of a shared multiplexed connection (no pool checkout), reconnecting if the last
     /// one broke. Prefer the repositories; this is for commands they do not cover.
     pub async fn connection(&self) -> Result<Connection> {
-        let inner = &self.inner;
         let slot = self.shared_slot();
         if let Some(conn) = slot.ready() {
             return Ok(conn);
         }
+        // Boxed: the reconnect's futures are large, and every operation's future embeds this
+        // one, so inline they would make each call move kilobytes for a path it rarely takes.
+        Box::pin(self.reconnect(slot)).await
+    }
+
+    async fn reconnect(&self, slot: &SharedSlot) -> Result<Connection> {
+        let inner = &self.inner;
         let _guard = slot.reconnect.lock().await;
         if let Some(conn) = slot.ready() {
             return Ok(conn);

@@ -884,7 +884,8 @@ impl SessionStore {
     #[tracing::instrument(name = "session.get", skip_all)]
     pub async fn get(&self, id: &SessionId) -> Result<Option<Session>> {
         if !self.scripts {
-            return self.transact(id, Change::Get).await;
+            // Boxed so that the script path's future stays small.
+            return Box::pin(self.transact(id, Change::Get)).await;
         }
         let key = self.key(id);
         let now = now_millis();
@@ -899,7 +900,7 @@ impl SessionStore {
     #[tracing::instrument(name = "session.touch", skip_all)]
     pub async fn touch(&self, id: &SessionId) -> Result<bool> {
         if !self.scripts {
-            return Ok(self.transact(id, Change::Touch).await?.is_some());
+            return Ok(Box::pin(self.transact(id, Change::Touch)).await?.is_some());
         }
         let key = self.key(id);
         let reply = self
@@ -924,7 +925,7 @@ impl SessionStore {
     pub async fn update(&self, id: &SessionId, change: &SessionUpdate) -> Result<Option<Session>> {
         change.validate()?;
         if !self.scripts || self.layout == SessionLayout::Json {
-            return self.transact(id, Change::Update(change)).await;
+            return Box::pin(self.transact(id, Change::Update(change))).await;
         }
         let key = self.key(id);
         let reply = self
