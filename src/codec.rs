@@ -4,7 +4,6 @@
 //! Replies are decoded here rather than through `FromRedisValue`, whose errors the redis client
 //! may classify as retryable.
 
-use std::collections::BTreeMap;
 use std::str::FromStr;
 
 use redis::Value;
@@ -14,20 +13,28 @@ use serde::de::DeserializeOwned;
 use crate::error::{Error, Result};
 
 /// The fields of one hash, read with typed accessors whose errors name key and field.
+///
+/// Kept in reply order in a `Vec`: the hashes read here have a handful of fields, where a linear
+/// search beats building a map on every read.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct HashFields {
     key: String,
-    fields: BTreeMap<String, String>,
+    fields: Vec<(String, String)>,
 }
 
 impl HashFields {
     /// Decodes an `HGETALL` reply (RESP2 flat array or RESP3 map). An empty hash is `None`.
     pub fn from_reply(key: &str, reply: Value) -> Result<Option<Self>> {
-        let mut fields = BTreeMap::new();
+        let capacity = match &reply {
+            Value::Map(pairs) => pairs.len(),
+            Value::Array(items) => items.len() / 2,
+            _ => 0,
+        };
+        let mut fields = Vec::with_capacity(capacity);
         let mut insert = |k: Value, v: Value| -> Result<()> {
             let name = text(key, None, k)?;
             let value = text(key, Some(&name), v)?;
-            fields.insert(name, value);
+            fields.push((name, value));
             Ok(())
         };
         match reply {
@@ -70,7 +77,10 @@ impl HashFields {
 
     /// A field's raw text, if present.
     pub fn get(&self, field: &str) -> Option<&str> {
-        self.fields.get(field).map(String::as_str)
+        self.fields
+            .iter()
+            .find(|(name, _)| name == field)
+            .map(|(_, value)| value.as_str())
     }
 
     /// A field that must be present.
@@ -112,18 +122,19 @@ impl HashFields {
 
     /// Takes a field that must be present out of the set, without copying it.
     pub fn take_required(&mut self, field: &str) -> Result<String> {
-        self.fields
-            .remove(field)
-            .ok_or_else(|| Error::decode(&self.key, Some(field), "missing"))
+        match self.fields.iter().position(|(name, _)| name == field) {
+            Some(at) => Ok(self.fields.swap_remove(at).1),
+            None => Err(Error::decode(&self.key, Some(field), "missing")),
+        }
     }
 
-    /// Every field, by name.
-    pub fn fields(&self) -> &BTreeMap<String, String> {
+    /// Every field as `(name, value)`, in the order the server sent them.
+    pub fn fields(&self) -> &[(String, String)] {
         &self.fields
     }
 
-    /// Takes the fields out.
-    pub fn into_fields(self) -> BTreeMap<String, String> {
+    /// Takes the fields out, in the order the server sent them.
+    pub fn into_fields(self) -> Vec<(String, String)> {
         self.fields
     }
 }

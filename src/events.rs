@@ -651,7 +651,7 @@ impl Events {
             .map(|((start, key), reply)| {
                 let mut counts = BTreeMap::new();
                 if let Some(fields) = codec::HashFields::from_reply(&key, reply)? {
-                    for label in fields.fields().keys() {
+                    for (label, _) in fields.fields() {
                         counts.insert(label.clone(), fields.parse::<i64>(label)?);
                     }
                 }
