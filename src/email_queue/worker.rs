@@ -174,8 +174,8 @@ pub struct WorkerReport {
 /// [`run_until`](Worker::run_until) or [`spawn`](Worker::spawn).
 ///
 /// Fetching is polling, not a blocking pop: one script call atomically settles the previous
-/// jobs, recovers expired leases, promotes due jobs and leases a batch in priority order, which
-/// a blocking `BLMOVE` on one list cannot do. Under load a worker never sleeps (each call both
+/// jobs, recovers expired leases and promotes due jobs (at most every 50 ms), and leases a batch
+/// in priority order, which a blocking `BLMOVE` on one list cannot do. Under load a worker never sleeps (each call both
 /// acknowledges and fetches a batch); when idle it backs off to
 /// [`WorkerOptions::poll_interval`].
 pub struct Worker {
@@ -311,8 +311,11 @@ impl Worker {
     /// jobs stay leased and return to their lists after the visibility timeout.
     ///
     /// Round trips: one atomic script call per batch (it settles the finished jobs and leases
-    /// the next ones), one lease-extension script per third of the visibility timeout while
-    /// jobs run, and none while idle except the backed-off polls.
+    /// the next ones; at most every 50 ms it also recovers expired leases, promotes due jobs
+    /// and trims retention), one lease-extension script per third of the visibility timeout
+    /// while jobs run, none while idle except the backed-off polls, and one last trim when a
+    /// stopping worker settled jobs since the last one. With [`WorkerOptions::prefetch`] and
+    /// [`WorkerOptions::linger`] a batch may hold more jobs than free slots.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send,
