@@ -784,8 +784,9 @@ impl EmailQueue {
         }
     }
 
-    /// Settles finished deliveries, recovers expired leases, promotes due scheduled jobs, trims
-    /// retention and leases up to `fetch` jobs under `token`: one atomic script.
+    /// Settles finished deliveries and leases up to `fetch` jobs under `token`; with `maintain`
+    /// also recovers expired leases, promotes due scheduled jobs and trims retention. One atomic
+    /// script.
     pub(crate) async fn work(
         &self,
         token: &str,
