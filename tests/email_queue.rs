@@ -787,6 +787,8 @@ aether_redis::contract_tests! {
             format!(r#"{{"id":"stale",{rest},"scheduledAt":{day_ago},"metadata":{{}}}}"#),
             // `scheduledAt` hidden in a nested object only, i.e. absent: never expires.
             format!(r#"{{"id":"only-nested",{rest},"metadata":{{"scheduledAt":{day_ago}}}}}"#),
+            // ... or inside a longer top-level key, behind an escaped quote: absent too.
+            format!(r#"{{"id":"escaped-key",{rest},"x \"scheduledAt":{day_ago}}}"#),
         ];
         let mut conn = redis.connection().await.unwrap();
         for payload in &payloads {
@@ -798,14 +800,21 @@ aether_redis::contract_tests! {
                 .unwrap();
         }
         let (handled, worker) = recording_worker(&queue, 1);
-        wait_stats(&queue, "five handled and one dead", Duration::from_secs(10), |s| {
-            s.completed == 5 && s.dead == 1
+        wait_stats(&queue, "six handled and one dead", Duration::from_secs(10), |s| {
+            s.completed == 6 && s.dead == 1
         })
         .await;
         worker.shutdown().await.unwrap();
         assert_eq!(
             handled.lock().unwrap().as_slice(),
-            ["nested-first", "nested-after", "brace-in-subject", "id-last", "only-nested"]
+            [
+                "nested-first",
+                "nested-after",
+                "brace-in-subject",
+                "id-last",
+                "only-nested",
+                "escaped-key"
+            ]
         );
         let dead = queue.dead_jobs(10).await.unwrap();
         assert_eq!(dead.len(), 1);

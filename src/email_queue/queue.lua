@@ -26,8 +26,8 @@ end
 -- `{"id":"`, the id must hold no escape, and `"id":` must not occur again (a duplicate key, or a
 -- nested one, leaves the answer to the decoder). A key match comes before any `{` of a nested
 -- object, so it is a top-level key: inside a string every quote is escaped and the plain pattern
--- cannot match, and arrays hold no keys. `scheduledAt` must be a plain integer, occur once, and
--- occur before any `{`. Anything else is decoded. The serializer of `EmailJob` writes `id`
+-- cannot match unless preceded by a backslash, and arrays hold no keys. `scheduledAt` must be a
+-- plain integer, occur once, not after a backslash, and occur before any `{`. Anything else is decoded. The serializer of `EmailJob` writes `id`
 -- first and `scheduledAt` before `metadata`, so its payloads take this path.
 local function scan(payload)
   if string.sub(payload, 1, 7) ~= '{"id":"' then
@@ -45,7 +45,10 @@ local function scan(payload)
   local key, key_end = string.find(payload, '"scheduledAt":', close, true)
   local brace = string.find(payload, '{', 2, true)
   if key then
-    if (brace and brace < key) or string.find(payload, '"scheduledAt":', key_end, true) then
+    -- A backslash before the match means its quote is escaped: the text sits inside a longer
+    -- key (`"x \"scheduledAt":`), not the top-level one.
+    if (brace and brace < key) or string.sub(payload, key - 1, key - 1) == '\\'
+      or string.find(payload, '"scheduledAt":', key_end, true) then
       return nil
     end
     local digits, digits_end = string.find(payload, '^%-?%d+', key_end + 1)
