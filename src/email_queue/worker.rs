@@ -328,6 +328,11 @@ impl Worker {
         let mut buffer: VecDeque<(Fetched, Arc<str>)> = VecDeque::new();
         let nonce = crate::random::token(4);
         let mut seq: u64 = 0;
+        // Every call leases under a token of its own: `<worker id>.<run nonce>.<call number>`.
+        let mut next_token = || -> Arc<str> {
+            seq += 1;
+            format!("{}.{nonce}.{seq}", self.id).into()
+        };
         let mut report = WorkerReport::default();
         let mut tasks: JoinSet<Outcome> = JoinSet::new();
         let mut flight: HashMap<tokio::task::Id, InFlight> = HashMap::new();
@@ -391,8 +396,7 @@ impl Worker {
                 && ((buffer.is_empty() && !lingering) || pending.len() >= capacity || stopping);
             let may_call = retry_at.is_none_or(|t| Instant::now() >= t);
             if may_call && (settle_now || fetch > 0) {
-                seq += 1;
-                let token: Arc<str> = format!("{}.{nonce}.{seq}", self.id).into();
+                let token = next_token();
                 let maintain = maintained_at.is_none_or(|t| t.elapsed() >= MAINTENANCE_INTERVAL);
                 match queue.work(&token, fetch, maintain, &pending).await {
                     Ok((settled, jobs)) => {
@@ -450,13 +454,11 @@ impl Worker {
                 }
             }
             if stopping && tasks.is_empty() && pending.is_empty() && buffer.is_empty() {
-                if settled_unmaintained {
-                    seq += 1;
-                    let token = format!("{}.{nonce}.{seq}", self.id);
-                    if let Err(e) = queue.work(&token, 0, true, &[]).await {
-                        tracing::warn!(queue = queue.name(), worker = %self.id, error = %e,
-                            "email queue: final retention trim failed");
-                    }
+                if settled_unmaintained
+                    && let Err(e) = queue.work(&next_token(), 0, true, &[]).await
+                {
+                    tracing::warn!(queue = queue.name(), worker = %self.id, error = %e,
+                        "email queue: final retention trim failed");
                 }
                 break;
             }
