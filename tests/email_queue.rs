@@ -714,6 +714,46 @@ aether_redis::contract_tests! {
         assert_eq!(completed, 1);
     }
 
+    async fn a_long_job_keeps_its_lease_while_short_jobs_flood_the_worker(redis) {
+        // Short jobs finish while each fetch is in flight, so the worker always has finished
+        // jobs to settle and free slots to fill: lease extension and shutdown must still get
+        // their turn. A second worker would take the long job the moment its lease lapsed.
+        let queue = fast(&redis.email_queue_named("flood").unwrap());
+        queue.enqueue(job("long", Priority::High)).await.unwrap();
+        let flood: Vec<EmailJob> = (0..30_000).map(|i| job(&format!("short-{i}"), Priority::Normal)).collect();
+        queue.enqueue_bulk(flood).await.unwrap();
+        let long_runs = Arc::new(AtomicUsize::new(0));
+        let long_done = Arc::new(AtomicUsize::new(0));
+        let handler = |runs: Arc<AtomicUsize>, done: Arc<AtomicUsize>| {
+            move |job: EmailJob| {
+                let long = job.id.as_str() == "long";
+                if long {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                }
+                let done = done.clone();
+                async move {
+                    if long {
+                        tokio::time::sleep(Duration::from_millis(3000)).await;
+                        done.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(())
+                }
+            }
+        };
+        let flooded = spawn_worker(&queue, 4, handler(long_runs.clone(), long_done.clone()));
+        // The second worker starts once the first holds the long job.
+        wait_for("the long job to start", Duration::from_secs(10), || long_runs.load(Ordering::SeqCst) == 1).await;
+        let standby = spawn_worker(&queue, 1, handler(long_runs.clone(), long_done.clone()));
+        wait_for("the long job to finish", Duration::from_secs(20), || long_done.load(Ordering::SeqCst) >= 1).await;
+        let stats = queue.stats().await.unwrap();
+        assert!(stats.normal > 0, "the flood ended before the long job did: {stats:?}");
+        let stopping = Instant::now();
+        flooded.shutdown().await.unwrap();
+        standby.shutdown().await.unwrap();
+        assert!(stopping.elapsed() < Duration::from_secs(5), "shutdown took {:?}", stopping.elapsed());
+        assert_eq!(long_runs.load(Ordering::SeqCst), 1, "the long job's lease lapsed under the flood");
+    }
+
     async fn graceful_shutdown_loses_nothing(redis) {
         let queue = fast(&redis.email_queue().unwrap());
         let ids: Vec<String> = (0..20).map(|i| format!("g{i:02}")).collect();
@@ -877,6 +917,57 @@ aether_redis::contract_tests! {
         assert_eq!(seen[0].version, 1);
         assert_eq!(seen[0].metadata["tenant"], "t1");
         assert_eq!(counts(&queue).await, (0, 0, 0, 0, 4));
+    }
+
+    async fn a_raw_push_of_an_id_being_processed_is_buried_as_duplicate(redis) {
+        // Raw pushes bypass the idempotency set. The same id twice in one fetched run (the batch
+        // lease path), and once more while the first copy is in flight (the single-job path):
+        // each later copy goes to the dead set as `duplicate`, the first runs once.
+        let queue = fast(&redis.email_queue_named("dups").unwrap());
+        let now = now_ms();
+        let mut conn = redis.connection().await.unwrap();
+        let push = |id: &str| {
+            redis::cmd("LPUSH")
+                .arg(queue.list_key(Priority::Normal))
+                .arg(documented_json(id, "normal", now))
+                .clone()
+        };
+        for id in ["dup", "dup", "other"] {
+            let _: () = push(id).query_async(&mut conn).await.unwrap();
+        }
+        let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+        let release = Arc::new(tokio::sync::Notify::new());
+        let (s, r) = (seen.clone(), release.clone());
+        let worker = spawn_worker(&queue, 4, move |job: EmailJob| {
+            let (s, r) = (s.clone(), r.clone());
+            async move {
+                s.lock().unwrap().push(job.id.as_str().to_owned());
+                if job.id.as_str() == "dup" {
+                    r.notified().await;
+                }
+                Ok(())
+            }
+        });
+        wait_for("the first two jobs", Duration::from_secs(10), || seen.lock().unwrap().len() == 2).await;
+        wait_stats(&queue, "one duplicate", Duration::from_secs(10), |s| s.dead == 1).await;
+        // Dead ids of duplicates carry the millisecond of burial.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let _: () = push("dup").query_async(&mut conn).await.unwrap();
+        wait_stats(&queue, "two duplicates", Duration::from_secs(10), |s| s.dead == 2).await;
+        let dead = queue.dead_jobs(10).await.unwrap();
+        assert_eq!(dead.len(), 2);
+        assert_eq!(seen.lock().unwrap().len(), 2, "a duplicate ran");
+        release.notify_waiters();
+        wait_stats(&queue, "two completed", Duration::from_secs(10), |s| s.completed == 2).await;
+        worker.shutdown().await.unwrap();
+        let mut handled = seen.lock().unwrap().clone();
+        handled.sort();
+        assert_eq!(handled, ["dup", "other"]);
+        for d in &dead {
+            assert_eq!(d.reason, "duplicate");
+            assert!(d.dead_id.starts_with("dup#duplicate-"), "{}", d.dead_id);
+            assert_eq!(d.job.as_ref().map(|j| j.id.as_str()), Some("dup"));
+        }
     }
 
     async fn named_queues_are_separate(redis) {

@@ -355,6 +355,7 @@ impl Worker {
         let mut shutdown = std::pin::pin!(shutdown);
 
         loop {
+            let mut fetch_again = false;
             // Registered before the fetch: an enqueue in this process that lands while the call
             // is in flight (after the script saw empty lists) still wakes the worker.
             let woken = notify.notified();
@@ -437,9 +438,10 @@ impl Worker {
                                 buffer.push_back((fetched, token.clone()));
                             }
                         }
-                        if got > 0 && tasks.len() < concurrency {
-                            continue;
-                        }
+                        // Slots are still free and jobs are coming: fetch again at once. This
+                        // goes through the select below (its last, always-ready branch), so a
+                        // steady trickle can never starve shutdown or lease extension.
+                        fetch_again = got > 0 && tasks.len() < concurrency;
                     }
                     Err(e) => {
                         tracing::warn!(queue = queue.name(), worker = %self.id, error = %e,
@@ -468,6 +470,28 @@ impl Worker {
                 () = &mut shutdown, if !stopping => {
                     stopping = true;
                     stop_deadline = Some(Instant::now() + self.options.shutdown_timeout);
+                }
+                // Before the settlements: under load a finished job is ready on every pass, and
+                // a biased select would never reach a branch behind it.
+                _ = extend_every.tick() => {
+                    if !flight.is_empty() || !buffer.is_empty() {
+                        let leases: Vec<(String, Arc<str>)> = flight
+                            .values()
+                            .map(|f| (f.id.clone(), f.token.clone()))
+                            .chain(buffer.iter().map(|(f, token)| (f.id.clone(), token.clone())))
+                            .collect();
+                        match queue.extend(&leases).await {
+                            Ok(held) => {
+                                let lost = held.iter().filter(|h| !**h).count();
+                                if lost > 0 {
+                                    tracing::warn!(queue = queue.name(), worker = %self.id, lost,
+                                        "email queue: leases expired before they were extended");
+                                }
+                            }
+                            Err(e) => tracing::warn!(queue = queue.name(), worker = %self.id,
+                                error = %e, "email queue: lease extension failed"),
+                        }
+                    }
                 }
                 Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => {
                     pending.extend(self.settlement(joined, &mut flight));
@@ -506,26 +530,7 @@ impl Worker {
                     want_fetch = true;
                     idle = (idle * 2).min(self.options.poll_interval);
                 }
-                _ = extend_every.tick() => {
-                    if !flight.is_empty() || !buffer.is_empty() {
-                        let leases: Vec<(String, Arc<str>)> = flight
-                            .values()
-                            .map(|f| (f.id.clone(), f.token.clone()))
-                            .chain(buffer.iter().map(|(f, token)| (f.id.clone(), token.clone())))
-                            .collect();
-                        match queue.extend(&leases).await {
-                            Ok(held) => {
-                                let lost = held.iter().filter(|h| !**h).count();
-                                if lost > 0 {
-                                    tracing::warn!(queue = queue.name(), worker = %self.id, lost,
-                                        "email queue: leases expired before they were extended");
-                                }
-                            }
-                            Err(e) => tracing::warn!(queue = queue.name(), worker = %self.id,
-                                error = %e, "email queue: lease extension failed"),
-                        }
-                    }
-                }
+                () = std::future::ready(()), if fetch_again => {}
             }
         }
         Ok(report)
