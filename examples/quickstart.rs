@@ -382,9 +382,7 @@ async fn demo_events(redis: &Redis) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 async fn demo_email_queue(redis: &Redis) -> Result<(), Box<dyn std::error::Error>> {
-    use aether_redis::email_queue::{
-        EmailJob, Enqueued, JobId, Priority, WorkerOptions, handler_fn,
-    };
+    use aether_redis::email_queue::{EmailJob, Enqueued, Priority, WorkerOptions, handler_fn};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -395,8 +393,11 @@ async fn demo_email_queue(redis: &Redis) -> Result<(), Box<dyn std::error::Error
         "Welcome",
         "Hello!",
     )?
-    .with_id(JobId::new("welcome-ada")?)
     .with_priority(Priority::High);
+    // Enqueue is idempotent by job id (a fresh random one here, so that a second run of the
+    // quickstart against the same server starts afresh; a service would use its own stable id,
+    // e.g. `JobId::new(format!("welcome-{user_id}"))`).
+    let welcome_id = welcome.id.clone();
     let first = queue.enqueue(welcome.clone()).await?;
     let again = queue.enqueue(welcome).await?;
     assert_eq!((first, again), (Enqueued::New, Enqueued::Duplicate));
@@ -404,7 +405,8 @@ async fn demo_email_queue(redis: &Redis) -> Result<(), Box<dyn std::error::Error
         .with_priority(Priority::Low);
     queue.enqueue(digest).await?;
     println!(
-        "email queue: enqueued 2 jobs (a second enqueue of `welcome-ada` was a no-op): {:?}",
+        "email queue: enqueued 2 jobs (a second enqueue of {} was a no-op): {:?}",
+        welcome_id.as_str(),
         queue.stats().await?
     );
 

@@ -495,6 +495,9 @@ aether_redis::contract_tests! {
         let mut conn = short.connection().await.unwrap();
         let pttl: i64 = redis::cmd("PTTL").arg(queue.list_key(Priority::Normal)).query_async(&mut conn).await.unwrap();
         assert_eq!(pttl, -1, "queue keys never expire while they hold jobs");
+        // As if an earlier delivery of it had been recovered: its count must go with the job.
+        let deliveries = queue.list_key(Priority::Normal).replace(":normal", ":deliveries");
+        let _: () = redis::cmd("HSET").arg(&deliveries).arg("stale").arg(1).query_async(&mut conn).await.unwrap();
         tokio::time::sleep(Duration::from_millis(1100)).await;
         queue.enqueue(job("fresh", Priority::Normal)).await.unwrap();
         let (handled, worker) = recording_worker(&queue, 1);
@@ -505,6 +508,8 @@ aether_redis::contract_tests! {
         assert_eq!(dead.len(), 1);
         assert_eq!(dead[0].reason, "expired");
         assert_eq!(dead[0].job.as_ref().unwrap().id.as_str(), "stale");
+        let left: bool = redis::cmd("HEXISTS").arg(&deliveries).arg("stale").query_async(&mut conn).await.unwrap();
+        assert!(!left, "an expired job left its delivery count behind");
     }
 
     async fn aging_serves_a_starved_low_job(redis) {
@@ -919,6 +924,36 @@ aether_redis::contract_tests! {
         assert_eq!(counts(&queue).await, (0, 0, 0, 0, 4));
     }
 
+    async fn a_job_keeps_the_priority_of_its_list_and_replay_skips_what_stays_dead(redis) {
+        // A foreign producer pushed to `high` a payload that says `low`: the list decides. Two
+        // malformed payloads die first; `replay(1)` looks past them to the replayable job.
+        let queue = fast(&redis.email_queue_named("prio").unwrap());
+        let mut conn = redis.connection().await.unwrap();
+        let high = queue.list_key(Priority::High);
+        for payload in ["not json 1".to_owned(), "not json 2".to_owned(), documented_json("says-low", "low", now_ms())] {
+            let _: () = redis::cmd("LPUSH").arg(high).arg(payload).query_async(&mut conn).await.unwrap();
+        }
+        let seen: Arc<Mutex<Vec<Priority>>> = Arc::default();
+        let s = seen.clone();
+        let worker = spawn_worker(&queue, 1, move |job: EmailJob| {
+            s.lock().unwrap().push(job.priority);
+            async { Err(JobError::permanent("bounced")) }
+        });
+        wait_stats(&queue, "three dead", Duration::from_secs(10), |s| s.dead == 3).await;
+        worker.shutdown().await.unwrap();
+        assert_eq!(*seen.lock().unwrap(), [Priority::High]);
+        let dead = queue.dead_jobs(10).await.unwrap();
+        let reasons: Vec<&str> = dead.iter().map(|d| d.reason.as_str()).collect();
+        assert_eq!(reasons, ["malformed", "malformed", "permanent"]);
+        assert_eq!(dead[2].priority, Priority::High);
+        assert_eq!(dead[2].job.as_ref().map(|j| j.priority), Some(Priority::High));
+
+        assert_eq!(queue.replay(1).await.unwrap(), 1);
+        let stats = queue.stats().await.unwrap();
+        assert_eq!((stats.high, stats.normal, stats.low, stats.dead), (1, 0, 0, 2));
+        assert_eq!(queue.replay(10).await.unwrap(), 0, "malformed entries stay dead");
+    }
+
     async fn a_raw_push_of_an_id_being_processed_is_buried_as_duplicate(redis) {
         // Raw pushes bypass the idempotency set. The same id twice in one fetched run (the batch
         // lease path), and once more while the first copy is in flight (the single-job path):
@@ -932,7 +967,8 @@ aether_redis::contract_tests! {
                 .arg(documented_json(id, "normal", now))
                 .clone()
         };
-        for id in ["dup", "dup", "other"] {
+        // Two later copies in one run are buried in the same millisecond: each keeps an entry.
+        for id in ["dup", "dup", "dup", "other"] {
             let _: () = push(id).query_async(&mut conn).await.unwrap();
         }
         let seen: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -949,13 +985,15 @@ aether_redis::contract_tests! {
             }
         });
         wait_for("the first two jobs", Duration::from_secs(10), || seen.lock().unwrap().len() == 2).await;
-        wait_stats(&queue, "one duplicate", Duration::from_secs(10), |s| s.dead == 1).await;
+        wait_stats(&queue, "two duplicates", Duration::from_secs(10), |s| s.dead == 2).await;
         // Dead ids of duplicates carry the millisecond of burial.
         tokio::time::sleep(Duration::from_millis(5)).await;
         let _: () = push("dup").query_async(&mut conn).await.unwrap();
-        wait_stats(&queue, "two duplicates", Duration::from_secs(10), |s| s.dead == 2).await;
+        wait_stats(&queue, "three duplicates", Duration::from_secs(10), |s| s.dead == 3).await;
         let dead = queue.dead_jobs(10).await.unwrap();
-        assert_eq!(dead.len(), 2);
+        assert_eq!(dead.len(), 3);
+        let same_call: Vec<&str> = dead[..2].iter().map(|d| d.dead_id.as_str()).collect();
+        assert_eq!(format!("{}-2", same_call[0]), same_call[1], "{same_call:?}");
         assert_eq!(seen.lock().unwrap().len(), 2, "a duplicate ran");
         release.notify_waiters();
         wait_stats(&queue, "two completed", Duration::from_secs(10), |s| s.completed == 2).await;
@@ -967,7 +1005,12 @@ aether_redis::contract_tests! {
             assert_eq!(d.reason, "duplicate");
             assert!(d.dead_id.starts_with("dup#duplicate-"), "{}", d.dead_id);
             assert_eq!(d.job.as_ref().map(|j| j.id.as_str()), Some("dup"));
+            assert!(!d.is_replayable());
         }
+        // A duplicate's job ran: replaying it would send the mail twice.
+        assert!(!queue.replay_one(&dead[0].dead_id).await.unwrap());
+        assert_eq!(queue.replay(10).await.unwrap(), 0);
+        assert_eq!(queue.stats().await.unwrap().dead, 3);
     }
 
     async fn named_queues_are_separate(redis) {

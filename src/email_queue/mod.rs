@@ -230,7 +230,7 @@ pub enum CleanTarget {
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct DeadJob {
-    /// Its member in the dead set (the job id; `<id>#duplicate-<ms>` or `malformed-<sha1>` for
+    /// Its member in the dead set (the job id; `<id>#duplicate-<ms>[-<n>]` or `malformed-<sha1>` for
     /// entries that could not be filed under a job id).
     pub dead_id: String,
     /// Why it died: `failed` (attempts exhausted), `permanent` (the handler said so), `expired`
@@ -247,6 +247,16 @@ pub struct DeadJob {
     pub job: Option<EmailJob>,
     /// The stored payload when it does not.
     pub raw: Option<String>,
+}
+
+impl DeadJob {
+    /// Whether [`EmailQueue::replay`] would move this entry back: it holds a valid
+    /// [`EmailJob`] and is that job's own entry, not a copy buried as `duplicate`.
+    pub fn is_replayable(&self) -> bool {
+        self.job
+            .as_ref()
+            .is_some_and(|job| job.id.as_str() == self.dead_id)
+    }
 }
 
 #[derive(Deserialize)]
@@ -619,7 +629,12 @@ impl EmailQueue {
     /// The `limit` oldest dead jobs, oldest first. Two round trips (`ZRANGE`, `HMGET`),
     /// read-only; an entry removed in between is skipped.
     pub async fn dead_jobs(&self, limit: usize) -> Result<Vec<DeadJob>> {
-        if limit == 0 {
+        self.dead_page(0, limit).await
+    }
+
+    /// Up to `count` dead jobs from the `start`-th oldest on.
+    async fn dead_page(&self, start: usize, count: usize) -> Result<Vec<DeadJob>> {
+        if count == 0 {
             return Ok(Vec::new());
         }
         let k = &self.inner.keys;
@@ -629,7 +644,10 @@ impl EmailQueue {
             .query_as(
                 "email queue dead",
                 &k[K_DEAD],
-                redis::cmd("ZRANGE").arg(&k[K_DEAD]).arg(0).arg(limit - 1),
+                redis::cmd("ZRANGE")
+                    .arg(&k[K_DEAD])
+                    .arg(start)
+                    .arg(start.saturating_add(count - 1)),
             )
             .await?;
         if ids.is_empty() {
@@ -659,40 +677,62 @@ impl EmailQueue {
                 continue;
             }
             let raw = text(&k[K_DEAD_JOBS], Some(&dead_id), value)?;
-            let record: DeadRecord = serde_json::from_str(&raw)
-                .map_err(|e| Error::decode(&k[K_DEAD_JOBS], Some(&dead_id), e.to_string()))?;
-            let (job, raw_job) = match record.job {
-                Some(value) => match serde_json::from_value::<EmailJob>(value.clone()) {
-                    Ok(job) => (Some(job), None),
-                    Err(_) => (None, Some(value.to_string())),
-                },
-                None => (None, record.raw),
-            };
-            out.push(DeadJob {
-                dead_id,
-                reason: record.reason,
-                error: record.error,
-                failed_at: record.failed_at,
-                priority: record.priority.unwrap_or_default(),
-                job,
-                raw: raw_job,
-            });
+            out.push(self.dead_entry(dead_id, &raw)?);
         }
         Ok(out)
     }
 
-    /// Moves up to `limit` of the oldest dead jobs back to the tail of their lists with
-    /// `attempts` reset, and returns how many moved. Dead entries whose payload is not an
-    /// [`EmailJob`] stay dead. Reads with [`dead_jobs`](Self::dead_jobs) (two round trips),
-    /// then one atomic script per 1000 jobs that moves only entries still in the dead set, so
-    /// concurrent replays never duplicate a job.
+    fn dead_entry(&self, dead_id: String, raw: &str) -> Result<DeadJob> {
+        let record: DeadRecord = serde_json::from_str(raw).map_err(|e| {
+            Error::decode(&self.inner.keys[K_DEAD_JOBS], Some(&dead_id), e.to_string())
+        })?;
+        let (job, raw_job) = match record.job {
+            Some(value) => match serde_json::from_value::<EmailJob>(value.clone()) {
+                Ok(job) => (Some(job), None),
+                Err(_) => (None, Some(value.to_string())),
+            },
+            None => (None, record.raw),
+        };
+        Ok(DeadJob {
+            dead_id,
+            reason: record.reason,
+            error: record.error,
+            failed_at: record.failed_at,
+            priority: record.priority.unwrap_or_default(),
+            job,
+            raw: raw_job,
+        })
+    }
+
+    /// Moves up to `limit` of the oldest replayable dead jobs back to the tail of the lists
+    /// they died from, with `attempts` reset, and returns how many moved. Entries that stay
+    /// dead: a payload that is not an [`EmailJob`], and a copy buried as `duplicate` (its dead
+    /// id is not the job's id; the job it copies ran or is running, so replaying it would send
+    /// the mail twice). Those are skipped, not counted against `limit`. Per page of `limit`
+    /// entries: two round trips to read ([`dead_jobs`](Self::dead_jobs)), then one atomic
+    /// script per 1000 jobs that moves only entries still in the dead set, so concurrent
+    /// replays never duplicate a job.
     pub async fn replay(&self, limit: usize) -> Result<usize> {
-        let dead = self.dead_jobs(limit).await?;
-        self.replay_entries(dead).await
+        let mut moved = 0;
+        // Entries ahead of the next page that stay dead; replayed ones leave the set.
+        let mut staying = 0;
+        while moved < limit {
+            let wanted = limit - moved;
+            let page = self.dead_page(staying, wanted).await?;
+            let read = page.len();
+            let (replayable, stay): (Vec<_>, Vec<_>) =
+                page.into_iter().partition(DeadJob::is_replayable);
+            staying += stay.len();
+            moved += self.replay_entries(replayable).await?;
+            if read < wanted {
+                break;
+            }
+        }
+        Ok(moved)
     }
 
     /// Moves the dead entry `dead_id` back to its list (see [`replay`](Self::replay)); false when
-    /// there is no such entry or it holds no valid job. Two round trips.
+    /// there is no such entry or it is not replayable. Two round trips.
     pub async fn replay_one(&self, dead_id: &str) -> Result<bool> {
         let k = &self.inner.keys;
         let raw: Option<String> = self
@@ -705,20 +745,10 @@ impl EmailQueue {
             )
             .await?;
         let Some(raw) = raw else { return Ok(false) };
-        let record: DeadRecord = serde_json::from_str(&raw)
-            .map_err(|e| Error::decode(&k[K_DEAD_JOBS], Some(dead_id), e.to_string()))?;
-        let job = record
-            .job
-            .and_then(|v| serde_json::from_value::<EmailJob>(v).ok());
-        let entry = DeadJob {
-            dead_id: dead_id.to_owned(),
-            reason: record.reason,
-            error: record.error,
-            failed_at: record.failed_at,
-            priority: record.priority.unwrap_or_default(),
-            job,
-            raw: None,
-        };
+        let entry = self.dead_entry(dead_id.to_owned(), &raw)?;
+        if !entry.is_replayable() {
+            return Ok(false);
+        }
         Ok(self.replay_entries(vec![entry]).await? == 1)
     }
 
@@ -730,6 +760,7 @@ impl EmailQueue {
                 job.attempts = 0;
                 job.last_error = None;
                 job.scheduled_at = now;
+                job.priority = entry.priority;
                 let payload = crate::codec::to_json("email job", &job)?;
                 entries.push((entry.dead_id, job.id, job.priority, payload));
             }

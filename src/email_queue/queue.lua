@@ -86,6 +86,19 @@ local function record(id, reason, err, prio, payload, now, is_json)
   return r .. ',"raw":' .. cjson.encode(payload) .. '}'
 end
 
+-- `base`, or `base-2`, `base-3`, .. when a dead entry of that name exists: two copies buried
+-- in the same millisecond keep an entry each.
+local function unique_dead_id(base)
+  if redis.call('HEXISTS', DEADJOBS, base) == 0 then
+    return base
+  end
+  local n = 2
+  while redis.call('HEXISTS', DEADJOBS, base .. '-' .. n) == 1 do
+    n = n + 1
+  end
+  return base .. '-' .. n
+end
+
 local function bury(id, rec, now)
   redis.call('ZADD', DEAD, now, id)
   redis.call('HSET', DEADJOBS, id, rec)
@@ -379,11 +392,16 @@ if op == 'work' then
         if at > now + 1000 then
           redis.call('ZADD', SCHED, at, prio .. '|' .. payload)
         elseif ttl > 0 and at > 0 and now - at > ttl then
+          -- A job recovered or released earlier has a delivery count; it goes with the job,
+          -- unless another copy of the id holds a lease (the count is that copy's).
+          if redis.call('HEXISTS', LEASES, id) == 0 then
+            redis.call('HDEL', DELIV, id)
+          end
           bury(id, record(id, 'expired', 'waited ' .. string.format('%d', now - at)
             .. ' ms, longer than the ' .. string.format('%d', ttl) .. ' ms job TTL', prio, payload,
             now, true), now)
         elseif redis.call('HSETNX', LEASES, id, token .. '|' .. prio .. '|' .. payload) == 0 then
-          local did = id .. '#duplicate-' .. string.format('%d', now)
+          local did = unique_dead_id(id .. '#duplicate-' .. string.format('%d', now))
           bury(did, record(did, 'duplicate', 'a job with this id is being processed', prio,
             payload, now, true), now)
         else

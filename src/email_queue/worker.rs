@@ -545,13 +545,17 @@ impl Worker {
     ) {
         let decoded = serde_json::from_str::<EmailJob>(&fetched.payload)
             .map_err(|e| format!("payload is not an EmailJob: {e}"))
-            .and_then(|job| {
+            .and_then(|mut job| {
                 if job.version == 0 || job.version > PAYLOAD_VERSION {
                     Err(format!(
                         "payload version {} is not supported (1..={PAYLOAD_VERSION})",
                         job.version
                     ))
                 } else {
+                    // The list a job waited in is its priority: a foreign producer's payload
+                    // may leave the field out or disagree, and retries, dead records and
+                    // replays must keep the job where it was queued.
+                    job.priority = fetched.priority;
                     Ok(job)
                 }
             });
@@ -686,7 +690,9 @@ fn jittered(d: Duration) -> Duration {
         .map(u64::from_le_bytes)
         .unwrap_or(u64::MAX / 2);
     let fraction = (r >> 11) as f64 / (1u64 << 53) as f64;
-    d.mul_f64(0.5 + 0.5 * fraction)
+    // `mul_f64` panics when rounding carries a delay near `Duration::MAX` past it.
+    Duration::try_from_secs_f64(d.as_secs_f64() * (0.5 + 0.5 * fraction))
+        .map_or(d, |jittered| jittered.min(d))
 }
 
 /// A running [`Worker`].
@@ -723,6 +729,11 @@ impl WorkerHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jitter_of_the_longest_delay_does_not_panic() {
+        assert!(jittered(Duration::MAX) >= Duration::MAX / 2);
+    }
 
     #[test]
     fn jitter_stays_in_the_upper_half() {
