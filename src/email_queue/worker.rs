@@ -689,8 +689,13 @@ fn jittered(d: Duration) -> Duration {
         .and_then(|b| <[u8; 8]>::try_from(b).ok())
         .map(u64::from_le_bytes)
         .unwrap_or(u64::MAX / 2);
-    let fraction = (r >> 11) as f64 / (1u64 << 53) as f64;
-    // `mul_f64` panics when rounding carries a delay near `Duration::MAX` past it.
+    scaled(d, (r >> 11) as f64 / (1u64 << 53) as f64)
+}
+
+/// `d` scaled by `0.5 + 0.5 * fraction` for a `fraction` in `[0, 1)`.
+fn scaled(d: Duration, fraction: f64) -> Duration {
+    // The factor can round up to 1.0, and `mul_f64` panics when rounding then carries a delay
+    // near `Duration::MAX` past it.
     Duration::try_from_secs_f64(d.as_secs_f64() * (0.5 + 0.5 * fraction))
         .map_or(d, |jittered| jittered.min(d))
 }
@@ -732,6 +737,8 @@ mod tests {
 
     #[test]
     fn jitter_of_the_longest_delay_does_not_panic() {
+        let largest_fraction = ((1u64 << 53) - 1) as f64 / (1u64 << 53) as f64;
+        assert_eq!(scaled(Duration::MAX, largest_fraction), Duration::MAX);
         assert!(jittered(Duration::MAX) >= Duration::MAX / 2);
     }
 
