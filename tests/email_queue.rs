@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aether_redis::email_queue::{
     CleanTarget, EmailJob, EmailQueue, Enqueued, JobError, JobId, Priority, QueueOptions,
-    QueueStats, WorkerHandle, WorkerOptions, handler_fn,
+    QueueStats, Retention, WorkerHandle, WorkerOptions, handler_fn,
 };
 use aether_redis::testkit::{LocalOptions, LocalServer};
 use aether_redis::{Config, Environment, Error, Keyspace, Redis, Topology};
@@ -251,6 +251,71 @@ aether_redis::contract_tests! {
         let first = started.lock().unwrap().unwrap();
         assert!(got[0].2 - first >= Duration::from_millis(900), "redelivered before the visibility timeout");
         assert_eq!(counts(&queue).await, (0, 0, 0, 0, 1));
+    }
+
+    async fn a_job_whose_workers_keep_dying_is_abandoned_and_replay_one_revives_it(redis) {
+        let mut o = fast(&redis.email_queue_named("doomed").unwrap()).options().clone();
+        o.max_deliveries = 2;
+        let queue = redis.email_queue_named("doomed").unwrap().with_options(o).unwrap();
+        queue.enqueue(job("doomed", Priority::Normal)).await.unwrap();
+        let deliveries = Arc::new(AtomicUsize::new(0));
+        for delivery in 1..=2 {
+            let d = deliveries.clone();
+            let stuck = spawn_worker(&queue, 1, move |_job| {
+                d.fetch_add(1, Ordering::SeqCst);
+                async {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    Ok(())
+                }
+            });
+            wait_for("a delivery", Duration::from_secs(10), || deliveries.load(Ordering::SeqCst) == delivery).await;
+            stuck.abort();
+        }
+        // The survivor's maintenance finds the second lease expired: two deliveries, both died.
+        let (handled, survivor) = recording_worker(&queue, 1);
+        wait_stats(&queue, "the abandoned job", Duration::from_secs(10), |s| s.dead == 1).await;
+        assert!(handled.lock().unwrap().is_empty(), "delivered a third time");
+        let dead = queue.dead_jobs(10).await.unwrap();
+        assert_eq!((dead[0].dead_id.as_str(), dead[0].reason.as_str()), ("doomed", "abandoned"));
+        assert!(dead[0].error.contains("2 deliveries"), "{}", dead[0].error);
+        assert!(dead[0].is_replayable());
+
+        assert!(queue.replay_one("doomed").await.unwrap());
+        assert!(!queue.replay_one("doomed").await.unwrap(), "replayed twice");
+        wait_for("the replayed job", Duration::from_secs(10), || handled.lock().unwrap().len() == 1).await;
+        survivor.shutdown().await.unwrap();
+        assert_eq!(handled.lock().unwrap().as_slice(), ["doomed"]);
+        assert_eq!(counts(&queue).await, (0, 0, 0, 0, 1));
+    }
+
+    async fn retention_bounds_hold_while_workers_run(redis) {
+        let mut o = fast(&redis.email_queue_named("bounded").unwrap()).options().clone();
+        o.completed_retention = Retention::new(2, Duration::from_secs(3600));
+        o.dead_retention = Retention::new(3, Duration::from_secs(3600));
+        let queue = redis.email_queue_named("bounded").unwrap().with_options(o).unwrap();
+        let jobs = (0..20).map(|i| job(&format!("r{i}"), Priority::Normal)).collect();
+        queue.enqueue_bulk(jobs).await.unwrap();
+        let handled = Arc::new(AtomicUsize::new(0));
+        let h = handled.clone();
+        let worker = spawn_worker(&queue, 4, move |job: EmailJob| {
+            h.fetch_add(1, Ordering::SeqCst);
+            let odd = job.id.as_str().ends_with(['1', '3', '5', '7', '9']);
+            async move { if odd { Err(JobError::permanent("bounced")) } else { Ok(()) } }
+        });
+        wait_for("every job", Duration::from_secs(10), || handled.load(Ordering::SeqCst) == 20).await;
+        // No clean() call: the workers' own maintenance trims, oldest first.
+        let stats = wait_stats(&queue, "trimmed sets", Duration::from_secs(10), |s| s.completed == 2 && s.dead == 3).await;
+        worker.shutdown().await.unwrap();
+        assert_eq!((stats.high, stats.normal, stats.low, stats.active), (0, 0, 0, 0));
+        // Trimmed ids are forgotten (enqueue accepts them again); retained ones are still known.
+        let retained: Vec<String> = queue.dead_jobs(10).await.unwrap().into_iter().map(|d| d.dead_id).collect();
+        assert_eq!(retained.len(), 3);
+        assert_eq!(queue.enqueue(job(&retained[0], Priority::Normal)).await.unwrap(), Enqueued::Duplicate);
+        let forgotten = ["r1", "r3", "r5", "r7", "r9", "r11", "r13", "r15", "r17", "r19"]
+            .into_iter()
+            .find(|id| !retained.iter().any(|r| r == id))
+            .unwrap();
+        assert_eq!(queue.enqueue(job(forgotten, Priority::Normal)).await.unwrap(), Enqueued::New);
     }
 
     async fn sigkilled_worker_process_job_is_redelivered(redis) {
