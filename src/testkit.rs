@@ -540,14 +540,22 @@ pub struct LocalCluster {
 impl LocalCluster {
     /// Starts `masters` nodes, assigns the 16384 slots evenly and waits for `cluster_state:ok`.
     pub fn start(masters: usize) -> Result<LocalCluster> {
+        Self::start_with(masters, &[])
+    }
+
+    /// [`start`](Self::start) with `config_lines` added to every node's configuration (e.g.
+    /// `appendonly yes`).
+    pub fn start_with(masters: usize, config_lines: &[&str]) -> Result<LocalCluster> {
         let mut nodes = Vec::with_capacity(masters);
         for _ in 0..masters {
+            let mut lines: Vec<String> = vec![
+                "cluster-enabled yes".into(),
+                "cluster-config-file nodes.conf".into(),
+                "cluster-node-timeout 5000".into(),
+            ];
+            lines.extend(config_lines.iter().map(|l| (*l).to_owned()));
             nodes.push(LocalServer::start(LocalOptions {
-                config_lines: vec![
-                    "cluster-enabled yes".into(),
-                    "cluster-config-file nodes.conf".into(),
-                    "cluster-node-timeout 5000".into(),
-                ],
+                config_lines: lines,
                 port: None,
                 sentinel: false,
             })?);
@@ -624,6 +632,17 @@ impl LocalCluster {
     /// The nodes.
     pub fn nodes(&self) -> &[LocalServer] {
         &self.nodes
+    }
+
+    /// The nodes, to kill and restart them (each keeps its port, data and `nodes.conf`).
+    pub fn nodes_mut(&mut self) -> &mut [LocalServer] {
+        &mut self.nodes
+    }
+
+    /// Which of [`nodes`](Self::nodes) serves `slot` (slots are assigned in even ranges).
+    pub fn node_for_slot(&self, slot: u16) -> usize {
+        let per = 16_384 / self.nodes.len().max(1);
+        (usize::from(slot) / per).min(self.nodes.len().saturating_sub(1))
     }
 }
 

@@ -1150,8 +1150,6 @@ async fn child_worker_process() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_during_enqueues_keeps_every_acknowledged_job() {
-    const JOBS: usize = 10_000;
-    const PRODUCERS: usize = 8;
     let server = tokio::task::spawn_blocking(|| {
         LocalServer::start(LocalOptions {
             config_lines: vec!["appendonly yes".into(), "appendfsync always".into()],
@@ -1161,11 +1159,65 @@ async fn redis_killed_during_enqueues_keeps_every_acknowledged_job() {
     .await
     .unwrap()
     .unwrap();
-    let mut config = server.config();
+    let config = server.config();
+    let server = Arc::new(Mutex::new(server));
+    let (k, r) = (server.clone(), server.clone());
+    enqueues_survive_a_kill(
+        config,
+        move || k.lock().unwrap().kill(),
+        move || r.lock().unwrap().restart().unwrap(),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_node_killed_during_enqueues_keeps_every_acknowledged_job() {
+    let cluster = tokio::task::spawn_blocking(|| {
+        aether_redis::testkit::LocalCluster::start_with(
+            3,
+            &["appendonly yes", "appendfsync always"],
+        )
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let config = cluster.config();
+    // Every key of the default queue is in the slot of `{default}`: kill the node serving it.
+    let mut conn = redis::Client::open(format!("redis://127.0.0.1:{}", cluster.nodes()[0].port()))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let slot: u16 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg("{default}")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let owner = cluster.node_for_slot(slot);
+    let cluster = Arc::new(Mutex::new(cluster));
+    let (k, r) = (cluster.clone(), cluster.clone());
+    enqueues_survive_a_kill(
+        config,
+        move || k.lock().unwrap().nodes_mut()[owner].kill(),
+        move || r.lock().unwrap().nodes_mut()[owner].restart().unwrap(),
+    )
+    .await;
+}
+
+/// 8 producers enqueue 10 000 jobs; after 3000 the server holding the queue is killed with
+/// SIGKILL and restarted from its AOF (`appendfsync always`). Every enqueue that returned Ok is
+/// then present exactly once, and retrying the failed ones (idempotent) completes the set.
+async fn enqueues_survive_a_kill(
+    mut config: Config,
+    kill: impl FnOnce() + Send + 'static,
+    restart: impl FnOnce() + Send + 'static,
+) {
+    const JOBS: usize = 10_000;
+    const PRODUCERS: usize = 8;
     config.key_prefix = "kill9:".into();
     config.connect_timeout = Duration::from_millis(500);
     config.response_timeout = Duration::from_secs(2);
-    let server = Arc::new(Mutex::new(server));
     let redis = Redis::connect(config).await.unwrap();
     let queue = redis.email_queue().unwrap();
 
@@ -1197,16 +1249,9 @@ async fn redis_killed_during_enqueues_keeps_every_acknowledged_job() {
         progress.load(Ordering::SeqCst) >= 3000
     })
     .await;
-    let s = server.clone();
-    tokio::task::spawn_blocking(move || s.lock().unwrap().kill())
-        .await
-        .unwrap();
+    tokio::task::spawn_blocking(kill).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let s = server.clone();
-    tokio::task::spawn_blocking(move || s.lock().unwrap().restart())
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::task::spawn_blocking(restart).await.unwrap();
     for p in producers {
         p.await.unwrap();
     }
