@@ -11,6 +11,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use crate::keyspace::Keyspace;
+use crate::rate_limit::{TierBound, tier_bounds};
 use crate::ttl::TtlTable;
 
 /// A rejected configuration value.
@@ -760,7 +761,29 @@ impl Config {
                 ));
             }
         }
-        Ok(())
+        self.check_rate_limit("REDIS_RATE_LIMIT_MAX", "REDIS_RATE_LIMIT_WINDOW")
+    }
+
+    /// The default rate-limit tier within `Tier::new`'s bounds, so that a bad value fails here,
+    /// naming `max_name` or `window_name`, not later in `rate_limiter()` without a name.
+    fn check_rate_limit(&self, max_name: &str, window_name: &str) -> Result<(), ConfigError> {
+        if self.rate_limit_max.is_none() && self.rate_limit_window.is_none() {
+            return Ok(());
+        }
+        let limit = self.rate_limit_max.unwrap_or(100);
+        let (window, window_name) = match self.rate_limit_window {
+            Some(window) => (window, window_name.to_owned()),
+            None => (
+                self.ttl().get(Keyspace::RateLimit),
+                format!("ttl({})", Keyspace::RateLimit),
+            ),
+        };
+        tier_bounds(limit, window).map_err(|(bound, reason)| match bound {
+            TierBound::Window => ConfigError::invalid(window_name, format!("{window:?}"), reason),
+            TierBound::Limit | TierBound::Rate => {
+                ConfigError::invalid(max_name, limit.to_string(), reason)
+            }
+        })
     }
 }
 
@@ -1054,6 +1077,7 @@ mod file {
             if let Some(max) = f.rate_limit_max {
                 c.rate_limit_max = Some(max);
             }
+            c.check_rate_limit("rate_limit_max", "rate_limit_window_secs")?;
             if !f.renamed_commands.is_empty() {
                 let mut renamed = BTreeMap::new();
                 for (from, to) in &f.renamed_commands {
@@ -1139,11 +1163,64 @@ mod tests {
             ("REDIS_CLUSTER_NODES", "nohost"),
             ("REDIS_RENAMED_COMMANDS", "EVAL"),
             ("REDIS_URL", "http://x"),
+            ("REDIS_RATE_LIMIT_MAX", "0"),
+            ("REDIS_RATE_LIMIT_MAX", "1000000001"),
+            // 10⁸ per the development TTL row (60 s) is more than one per µs.
+            ("REDIS_RATE_LIMIT_MAX", "100000000"),
+            ("REDIS_RATE_LIMIT_WINDOW", "0"),
+            ("REDIS_RATE_LIMIT_WINDOW", "31622401"),
         ] {
             let err = from(&[(var, value)]).unwrap_err();
             assert_eq!(err.variable(), var, "{err}");
             assert!(err.to_string().contains(value), "{err}");
         }
+    }
+
+    #[test]
+    fn default_rate_limit_tier_has_tier_bounds() {
+        let err = from(&[
+            ("REDIS_RATE_LIMIT_MAX", "1000000000"),
+            ("REDIS_RATE_LIMIT_WINDOW", "1"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.variable(), "REDIS_RATE_LIMIT_MAX", "{err}");
+        assert!(err.to_string().contains("microsecond"), "{err}");
+        let ok = from(&[
+            ("REDIS_RATE_LIMIT_MAX", "1000000"),
+            ("REDIS_RATE_LIMIT_WINDOW", "1"),
+        ])
+        .unwrap();
+        assert_eq!(ok.rate_limit_max, Some(1_000_000));
+        for (limit, window, variable) in [
+            (0, Duration::from_secs(60), "REDIS_RATE_LIMIT_MAX"),
+            (10, Duration::from_micros(500), "REDIS_RATE_LIMIT_WINDOW"),
+            (
+                10,
+                Duration::from_secs(400 * 86_400),
+                "REDIS_RATE_LIMIT_WINDOW",
+            ),
+        ] {
+            let err = Config::builder()
+                .rate_limit_default(limit, window)
+                .build()
+                .unwrap_err();
+            assert_eq!(err.variable(), variable, "{err}");
+        }
+        // A TTL-table window the default tier cannot use names the TTL row.
+        let err = Config::builder()
+            .ttl(Keyspace::RateLimit, Duration::from_secs(400 * 86_400))
+            .rate_limit_default(10, Duration::from_secs(60))
+            .build();
+        assert!(
+            err.is_ok(),
+            "an explicit window does not depend on the TTL row"
+        );
+        let mut config = Config::default();
+        config
+            .ttl_overrides
+            .insert(Keyspace::RateLimit, Duration::from_secs(400 * 86_400));
+        config.rate_limit_max = Some(10);
+        assert_eq!(config.validate().unwrap_err().variable(), "ttl(rate-limit)");
     }
 
     #[test]
@@ -1212,6 +1289,15 @@ mod tests {
                 "renamed_commands.EVAL",
             ),
             (r#"{"cluster_nodes": []}"#, "cluster_nodes"),
+            (r#"{"rate_limit_max": 0}"#, "rate_limit_max"),
+            (
+                r#"{"rate_limit_window_secs": 31622401}"#,
+                "rate_limit_window_secs",
+            ),
+            (
+                r#"{"rate_limit_max": 1000000000, "rate_limit_window_secs": 1}"#,
+                "rate_limit_max",
+            ),
         ] {
             let err = serde_json::from_str::<Config>(json)
                 .unwrap_err()

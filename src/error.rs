@@ -100,6 +100,21 @@ impl Error {
         matches!(self, Error::Unavailable { .. })
     }
 
+    /// A `READONLY` reply (alone, inside a script, or aborting a `MULTI`) becomes
+    /// [`Error::Unavailable`]: the node was demoted to a replica by a failover and nothing was
+    /// written. Only for callers that treat "unavailable" as "apply a fallback" (the rate
+    /// limiter); elsewhere it stays a server error, which retry loops leave alone, since a retry
+    /// on the same connection would meet the same replica.
+    pub(crate) fn read_only_as_unavailable(self, operation: &'static str) -> Self {
+        match self {
+            Error::Server(err) if is_read_only(&err) => Error::Unavailable {
+                message: format!("{operation}: the server is a read-only replica (failover?)"),
+                source: Some(err),
+            },
+            other => other,
+        }
+    }
+
     pub(crate) fn invalid(what: &'static str, reason: impl Into<String>) -> Self {
         Error::InvalidInput {
             what,
@@ -141,8 +156,62 @@ impl Error {
     }
 }
 
+fn is_read_only(err: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    match err.kind() {
+        ErrorKind::Server(ServerErrorKind::ReadOnly) => true,
+        // A write queued in `MULTI` on a replica is refused with READONLY, then EXEC aborts.
+        ErrorKind::Server(ServerErrorKind::ExecAbort) => {
+            err.clone().into_server_errors().is_some_and(|errors| {
+                errors
+                    .iter()
+                    .any(|(_, e)| e.kind() == Some(ServerErrorKind::ReadOnly))
+            })
+        }
+        _ => err.code() == Some("READONLY"),
+    }
+}
+
 impl From<redis::RedisError> for Error {
     fn from(err: redis::RedisError) -> Self {
         Error::from_redis("request", err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server_error(reply: &[u8]) -> Error {
+        let value = redis::parse_redis_value(reply).unwrap();
+        let redis::Value::ServerError(err) = value else {
+            panic!("not an error reply: {value:?}");
+        };
+        Error::from_redis("test", err.into())
+    }
+
+    #[test]
+    fn read_only_is_unavailable_to_the_limiter_only() {
+        let read_only = server_error(b"-READONLY You can't write against a read only replica.\r\n");
+        assert!(matches!(read_only, Error::Server(_)), "{read_only:?}");
+        assert!(
+            !read_only.is_retryable(),
+            "other repositories keep READONLY a server error"
+        );
+        let mapped = read_only.read_only_as_unavailable("rate_limit.check");
+        assert!(
+            mapped.is_unavailable() && mapped.is_retryable(),
+            "{mapped:?}"
+        );
+        assert!(mapped.to_string().contains("read-only replica"), "{mapped}");
+
+        for other in [
+            &b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n"[..],
+            b"-NOPERM this user has no permissions\r\n",
+            b"-ERR unknown command\r\n",
+        ] {
+            let err = server_error(other).read_only_as_unavailable("rate_limit.check");
+            assert!(matches!(err, Error::Server(_)), "{err:?}");
+        }
     }
 }

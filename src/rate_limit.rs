@@ -27,7 +27,9 @@
 //!   script.
 //!
 //! Scripts read the time with `TIME` on the server, so client clocks never take part in a
-//! decision.
+//! decision. No algorithm overwrites another's state: a check that finds the other layout at the
+//! key (e.g. a GCRA tier on the TypeScript counter) fails with `WRONGTYPE` ([`Error::Server`])
+//! and leaves the key as it was, because that counter may be another service's security limit.
 //!
 //! # When Redis fails
 //!
@@ -138,10 +140,71 @@ impl TierName {
         }
     }
 
-    /// A custom tier's name.
+    /// A custom tier's name. It cannot fail, so it is not checked here: an invalid name (see
+    /// [`TierName::try_custom`]) is refused when the limiter is built.
     pub fn custom(name: impl Into<String>) -> Self {
         TierName::Custom(name.into())
     }
+
+    /// A custom tier's name, checked now: 1..=64 characters of `A–Z a–z 0–9 _ . -`, and not a
+    /// built-in name (`auth` as a custom tier would silently fail open). The name goes into
+    /// `RateLimit` headers, where this set needs no escaping. [`Error::InvalidInput`] otherwise.
+    pub fn try_custom(name: impl Into<String>) -> Result<Self> {
+        let name = TierName::Custom(name.into());
+        name.validate()?;
+        Ok(name)
+    }
+
+    /// What a tier registered under this name does when Redis is unavailable, unless its
+    /// [`Tier::with_failure_policy`] says otherwise: closed for `auth`, `mfa`, `sensitive` and
+    /// `financial`, open for the others and for custom names.
+    pub fn default_failure_policy(&self) -> FailurePolicy {
+        match self {
+            TierName::Auth | TierName::Mfa | TierName::Sensitive | TierName::Financial => {
+                FailurePolicy::FailClosed
+            }
+            _ => FailurePolicy::FailOpen,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let TierName::Custom(name) = self else {
+            return Ok(());
+        };
+        let bad = |reason: &str| {
+            Err(Error::invalid(
+                "rate-limit tier name",
+                format!("{name:?} {reason}"),
+            ))
+        };
+        if name.is_empty() || name.len() > MAX_TIER_NAME {
+            return bad("is not 1..=64 characters long");
+        }
+        if !name.bytes().all(tier_name_byte) {
+            return bad("has a character outside A-Z a-z 0-9 _ . -");
+        }
+        if BUILT_IN_NAMES.iter().any(|b| b.eq_ignore_ascii_case(name)) {
+            return bad("is a built-in tier's name: use its TierName variant");
+        }
+        Ok(())
+    }
+}
+
+/// Longest custom tier name.
+const MAX_TIER_NAME: usize = 64;
+/// Names of the non-custom variants, which a custom name may not take.
+const BUILT_IN_NAMES: [&str; 7] = [
+    "general",
+    "auth",
+    "sensitive",
+    "admin",
+    "mfa",
+    "financial",
+    "default",
+];
+
+fn tier_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')
 }
 
 impl fmt::Display for TierName {
@@ -150,50 +213,15 @@ impl fmt::Display for TierName {
     }
 }
 
-/// The six documented tiers: name, variable, default limit, default window (s), policy.
-const DOCUMENTED: [(TierName, &str, u64, u64, FailurePolicy); 6] = [
-    (
-        TierName::General,
-        "RATE_LIMIT_GENERAL",
-        120,
-        60,
-        FailurePolicy::FailOpen,
-    ),
-    (
-        TierName::Auth,
-        "RATE_LIMIT_AUTH",
-        30,
-        60,
-        FailurePolicy::FailClosed,
-    ),
-    (
-        TierName::Sensitive,
-        "RATE_LIMIT_SENSITIVE",
-        10,
-        60,
-        FailurePolicy::FailClosed,
-    ),
-    (
-        TierName::Admin,
-        "RATE_LIMIT_ADMIN",
-        300,
-        60,
-        FailurePolicy::FailOpen,
-    ),
-    (
-        TierName::Mfa,
-        "RATE_LIMIT_MFA",
-        5,
-        60,
-        FailurePolicy::FailClosed,
-    ),
-    (
-        TierName::Financial,
-        "RATE_LIMIT_FINANCIAL",
-        20,
-        60,
-        FailurePolicy::FailClosed,
-    ),
+/// The six documented tiers: name, variable, default limit, default window (s). Their failure
+/// policies are [`TierName::default_failure_policy`].
+const DOCUMENTED: [(TierName, &str, u64, u64); 6] = [
+    (TierName::General, "RATE_LIMIT_GENERAL", 120, 60),
+    (TierName::Auth, "RATE_LIMIT_AUTH", 30, 60),
+    (TierName::Sensitive, "RATE_LIMIT_SENSITIVE", 10, 60),
+    (TierName::Admin, "RATE_LIMIT_ADMIN", 300, 60),
+    (TierName::Mfa, "RATE_LIMIT_MFA", 5, 60),
+    (TierName::Financial, "RATE_LIMIT_FINANCIAL", 20, 60),
 ];
 
 /// One tier: `limit` per `window`, an algorithm and a failure policy.
@@ -214,7 +242,9 @@ pub struct Tier {
     window: Duration,
     burst: Option<u64>,
     algorithm: Algorithm,
-    failure: FailurePolicy,
+    /// `None` until chosen: registration then fills in the name's default, so replacing `auth`
+    /// with a plain `Tier::new(..)` keeps it failing closed.
+    failure: Option<FailurePolicy>,
 }
 
 /// Longest accepted window (one year): keeps every µs computation far inside exact integers.
@@ -222,34 +252,57 @@ const MAX_WINDOW: Duration = Duration::from_secs(366 * 24 * 3600);
 /// Largest accepted limit or burst.
 const MAX_LIMIT: u64 = 1_000_000_000;
 
+/// Which bound of [`Tier::new`] a tier breaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TierBound {
+    Limit,
+    Window,
+    /// `window / limit` under 1 µs.
+    Rate,
+}
+
+/// [`Tier::new`]'s bounds, shared with the configuration so that the environment and builder
+/// refuse the same values, naming their variable.
+pub(crate) fn tier_bounds(limit: u64, window: Duration) -> Result<(), (TierBound, String)> {
+    if limit == 0 || limit > MAX_LIMIT {
+        return Err((
+            TierBound::Limit,
+            format!("limit {limit} is not within 1..={MAX_LIMIT}"),
+        ));
+    }
+    if window < Duration::from_millis(1) || window > MAX_WINDOW {
+        return Err((
+            TierBound::Window,
+            format!("{window:?} is not within 1 ms..=366 days"),
+        ));
+    }
+    if window.as_micros() < u128::from(limit) {
+        return Err((
+            TierBound::Rate,
+            format!("{limit} per {window:?} is more than one per microsecond"),
+        ));
+    }
+    Ok(())
+}
+
 impl Tier {
-    /// `limit` per `window`, GCRA, failing open. `limit` must be 1..=10⁹ and `window` 1 ms to one
-    /// year, and `window / limit` at least 1 µs.
+    /// `limit` per `window`, GCRA. `limit` must be 1..=10⁹ and `window` 1 ms to one year, and
+    /// `window / limit` at least 1 µs. Without [`Tier::with_failure_policy`] the tier takes the
+    /// default of the name it is registered under ([`TierName::default_failure_policy`]).
     pub fn new(limit: u64, window: Duration) -> Result<Self> {
-        if limit == 0 || limit > MAX_LIMIT {
-            return Err(Error::invalid(
-                "rate limit",
-                format!("limit {limit} is not within 1..={MAX_LIMIT}"),
-            ));
-        }
-        if window < Duration::from_millis(1) || window > MAX_WINDOW {
-            return Err(Error::invalid(
-                "rate limit window",
-                format!("{window:?} is not within 1 ms..=366 days"),
-            ));
-        }
-        if window.as_micros() < u128::from(limit) {
-            return Err(Error::invalid(
-                "rate limit",
-                format!("{limit} per {window:?} is more than one per microsecond"),
-            ));
-        }
+        tier_bounds(limit, window).map_err(|(bound, reason)| {
+            let what = match bound {
+                TierBound::Window => "rate limit window",
+                TierBound::Limit | TierBound::Rate => "rate limit",
+            };
+            Error::invalid(what, reason)
+        })?;
         Ok(Tier {
             limit,
             window,
             burst: None,
             algorithm: Algorithm::Gcra,
-            failure: FailurePolicy::FailOpen,
+            failure: None,
         })
     }
 
@@ -260,10 +313,10 @@ impl Tier {
         self
     }
 
-    /// Chooses the failure policy.
+    /// Chooses the failure policy, overriding the default of the name it is registered under.
     #[must_use]
     pub fn with_failure_policy(mut self, policy: FailurePolicy) -> Self {
-        self.failure = policy;
+        self.failure = Some(policy);
         self
     }
 
@@ -289,9 +342,11 @@ impl Tier {
         self.algorithm
     }
 
-    /// The failure policy.
+    /// The failure policy: the one chosen, else (once registered) its name's default. A tier
+    /// not yet registered and without a chosen policy reports [`FailurePolicy::FailOpen`], the
+    /// default of custom names.
     pub fn failure_policy(&self) -> FailurePolicy {
-        self.failure
+        self.failure.unwrap_or(FailurePolicy::FailOpen)
     }
 
     /// GCRA burst (the limit unless set).
@@ -337,27 +392,28 @@ impl Tier {
     }
 }
 
-/// Parses a `limit,window_secs` tier variable.
+/// Parses a `limit,window_secs` tier variable, within [`Tier::new`]'s bounds.
 fn parse_tier(variable: &str, value: &str) -> Result<(u64, Duration), ConfigError> {
     let bad = |reason: &str| ConfigError::invalid(variable, value, reason);
     let Some((limit, window)) = value.split_once(',') else {
         return Err(bad("expected `limit,window_secs`, e.g. 30,60"));
     };
-    let limit: u64 = limit
-        .trim()
-        .parse()
-        .map_err(|_| bad("the limit is not a whole number"))?;
-    let window: u64 = window
-        .trim()
-        .parse()
-        .map_err(|_| bad("the window is not a whole number of seconds"))?;
-    if limit == 0 || limit > MAX_LIMIT {
-        return Err(bad("the limit must be within 1..=1000000000"));
-    }
-    if window == 0 || Duration::from_secs(window) > MAX_WINDOW {
+    // Digits only: `u64::from_str` would also take a sign (`+5`).
+    let number = |part: &str| {
+        let part = part.trim();
+        (!part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| part.parse::<u64>().ok())
+            .flatten()
+    };
+    let limit = number(limit).ok_or_else(|| bad("the limit is not a whole number"))?;
+    let window =
+        number(window).ok_or_else(|| bad("the window is not a whole number of seconds"))?;
+    if window == 0 || window > MAX_WINDOW.as_secs() {
         return Err(bad("the window must be within 1..=31622400 seconds"));
     }
-    Ok((limit, Duration::from_secs(window)))
+    let window = Duration::from_secs(window);
+    tier_bounds(limit, window).map_err(|(_, reason)| bad(&reason))?;
+    Ok((limit, window))
 }
 
 /// Circuit breaker settings.
@@ -367,16 +423,21 @@ pub struct BreakerSettings {
     /// Consecutive failed checks that open the breaker (default 3); checks sent together in
     /// one call fail together.
     pub failure_threshold: u32,
-    /// How long the breaker stays open before one trial call (default 2 s).
+    /// How long the breaker stays open before one trial call (default 2 s, at most one hour).
     pub cooldown: Duration,
 }
 
+/// Longest breaker cooldown: a breaker must try Redis again some day, and `Instant + cooldown`
+/// must not overflow.
+const MAX_COOLDOWN: Duration = Duration::from_secs(3600);
+
 impl BreakerSettings {
-    /// Opens after `failure_threshold` consecutive failures (at least 1) for `cooldown`.
+    /// Opens after `failure_threshold` consecutive failures (at least 1) for `cooldown` (at most
+    /// one hour).
     pub fn new(failure_threshold: u32, cooldown: Duration) -> Self {
         BreakerSettings {
             failure_threshold: failure_threshold.max(1),
-            cooldown,
+            cooldown: cooldown.min(MAX_COOLDOWN),
         }
     }
 }
@@ -422,7 +483,7 @@ impl Default for RateLimiterConfig {
     fn default() -> Self {
         let tiers = DOCUMENTED
             .iter()
-            .map(|(name, _, limit, window, policy)| {
+            .map(|(name, _, limit, window)| {
                 (
                     name.clone(),
                     Tier {
@@ -430,7 +491,7 @@ impl Default for RateLimiterConfig {
                         window: Duration::from_secs(*window),
                         burst: None,
                         algorithm: Algorithm::Gcra,
-                        failure: *policy,
+                        failure: Some(name.default_failure_policy()),
                     },
                 )
             })
@@ -470,9 +531,12 @@ impl RateLimiterConfig {
     }
 
     /// Adds or replaces a tier (custom tiers, or a documented one with another algorithm or
-    /// policy).
+    /// policy). A tier without [`Tier::with_failure_policy`] takes the name's default
+    /// ([`TierName::default_failure_policy`]): `auth` stays fail-closed. A custom name is checked
+    /// when the limiter is built (see [`TierName::try_custom`]).
     #[must_use]
-    pub fn tier(mut self, name: TierName, tier: Tier) -> Self {
+    pub fn tier(mut self, name: TierName, mut tier: Tier) -> Self {
+        tier.failure.get_or_insert(name.default_failure_policy());
         self.tiers.insert(name, tier);
         self
     }
@@ -505,10 +569,7 @@ impl RateLimiterConfig {
     /// Circuit breaker settings.
     #[must_use]
     pub fn breaker(mut self, breaker: BreakerSettings) -> Self {
-        self.breaker = BreakerSettings {
-            failure_threshold: breaker.failure_threshold.max(1),
-            cooldown: breaker.cooldown,
-        };
+        self.breaker = BreakerSettings::new(breaker.failure_threshold, breaker.cooldown);
         self
     }
 
@@ -564,13 +625,18 @@ pub struct Decision {
     pub tier: TierName,
     /// The tier's window.
     pub window: Duration,
+    /// GCRA tiers: the requests admitted at once from an idle state (`None` for the window
+    /// algorithms).
+    pub burst: Option<u64>,
 }
 
 /// Header values for an HTTP response, from [`Decision::headers`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RateLimitHeaders {
-    /// `RateLimit-Policy` (IETF draft-ietf-httpapi-ratelimit-headers): `"<tier>";q=<limit>;w=<secs>`.
+    /// `RateLimit-Policy` (IETF draft-ietf-httpapi-ratelimit-headers):
+    /// `"<tier>";q=<limit>;w=<secs>`, plus `;aether-burst=<burst>` for GCRA tiers (see
+    /// [`Decision::headers`]).
     pub policy: String,
     /// `RateLimit`: `"<tier>";r=<remaining>;t=<secs until reset>`.
     pub rate_limit: String,
@@ -595,19 +661,40 @@ impl Decision {
 
     /// `RateLimit-Policy`, `RateLimit` and (when denied) `Retry-After` values.
     ///
+    /// `q` per `w` is the tier's sustained quota. The fixed window admits at most `q` per window
+    /// (each window starts with its first hit) and the sliding window at most `q` per window
+    /// aligned on multiples of `w` on the server clock. GCRA has no per-window cap: it admits
+    /// `burst` at once and one more every `w / q`, so at most `burst + ⌊t × q / w⌋` in any `t`,
+    /// up to `burst + q` (2 × `q` with the default burst) in the first window from idle. The
+    /// draft mandates no algorithm and defines no burst parameter, but lets an implementation add
+    /// its own, vendor-prefixed, which clients that do not know it ignore; so GCRA policies say
+    /// `;aether-burst=<burst>` rather than a `q` that would misstate the sustained rate.
+    ///
     /// ```
     /// # use std::time::Duration;
     /// # use aether_redis::rate_limit::*;
     /// # fn show(d: &Decision) {
     /// let h = d.headers();
-    /// // policy: "auth";q=30;w=60   rate_limit: "auth";r=0;t=12   retry_after: Some("2")
+    /// // policy: "auth";q=30;w=60;aether-burst=30   rate_limit: "auth";r=0;t=12
+    /// // retry_after: Some("2")
     /// # }
     /// ```
     pub fn headers(&self) -> RateLimitHeaders {
-        let name = self.tier.as_str().replace(['"', '\\'], "");
+        // Registered names are validated tokens; filtering keeps a hand-edited `tier` from
+        // breaking out of the quoted string.
+        let name: String = self
+            .tier
+            .as_str()
+            .chars()
+            .filter(|c| c.is_ascii() && tier_name_byte(*c as u8))
+            .collect();
+        let burst = self
+            .burst
+            .map(|b| format!(";aether-burst={b}"))
+            .unwrap_or_default();
         RateLimitHeaders {
             policy: format!(
-                "\"{name}\";q={};w={}",
+                "\"{name}\";q={};w={}{burst}",
                 self.limit,
                 ceil_secs(self.window).max(1)
             ),
@@ -697,7 +784,8 @@ enum Permit {
 impl Breaker {
     fn new(settings: BreakerSettings) -> Self {
         Breaker {
-            settings,
+            // The fields are public: clamp again.
+            settings: BreakerSettings::new(settings.failure_threshold, settings.cooldown),
             healthy: AtomicBool::new(true),
             state: Mutex::new(BreakerInner {
                 consecutive_failures: 0,
@@ -750,7 +838,9 @@ impl Breaker {
         let checks = u32::try_from(checks).unwrap_or(u32::MAX);
         s.consecutive_failures = s.consecutive_failures.saturating_add(checks);
         if trial || s.consecutive_failures >= self.settings.failure_threshold {
-            s.open_until = Some(now + self.settings.cooldown);
+            // The cooldown is clamped, so this only falls back at the end of `Instant`'s range:
+            // then a trial at once beats a breaker that never closes.
+            s.open_until = Some(now.checked_add(self.settings.cooldown).unwrap_or(now));
         }
         if trial {
             s.trial_in_flight = false;
@@ -1032,15 +1122,9 @@ local burst = tonumber(ARGV[2])
 local consume = ARGV[3] == '1'
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
--- HGET under pcall instead of TYPE first: one server call less on every check. A WRONGTYPE
--- error means another algorithm's counter sits at the key; a consuming check replaces it.
-local tat = nil
-local got = redis.pcall('HGET', key, 'tat')
-if type(got) == 'table' and got.err then
-  if consume then redis.call('DEL', key) end
-else
-  tat = tonumber(got)
-end
+-- A plain HGET: on another algorithm's counter (which other services may share as a security
+-- limit) it raises WRONGTYPE and the script stops before writing anything.
+local tat = tonumber(redis.call('HGET', key, 'tat'))
 if tat == nil or tat < now then tat = now end
 local tolerance = burst * period
 local out = {}
@@ -1081,18 +1165,14 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local start = now - (now % window)
 local cur, prev = 0, 0
--- HMGET under pcall instead of TYPE first, as in the GCRA script.
-local s = redis.pcall('HMGET', key, 'start', 'cur', 'prev')
-if s.err then
-  if consume then redis.call('DEL', key) end
-else
-  local s_start = tonumber(s[1])
-  if s_start == start then
-    cur = tonumber(s[2]) or 0
-    prev = tonumber(s[3]) or 0
-  elseif s_start == start - window then
-    prev = tonumber(s[2]) or 0
-  end
+-- A plain HMGET, as in the GCRA script: WRONGTYPE on another algorithm's counter, nothing written.
+local s = redis.call('HMGET', key, 'start', 'cur', 'prev')
+local s_start = tonumber(s[1])
+if s_start == start then
+  cur = tonumber(s[2]) or 0
+  prev = tonumber(s[3]) or 0
+elseif s_start == start - window then
+  prev = tonumber(s[2]) or 0
 end
 local elapsed = now - start
 local weighted_prev = prev * (window - elapsed)
@@ -1190,6 +1270,9 @@ impl Redis {
     /// ([`RateLimiterConfig::from_env`]) and the default tier from this connection's
     /// configuration. Fails with [`Error::Config`] on a malformed tier variable and with
     /// [`Error::Unsupported`] when a GCRA or sliding-window tier cannot run scripts here.
+    ///
+    /// Building sends nothing (scripting support was probed at connect). Each check is then one
+    /// round trip and atomic on the server, see [`RateLimiter::check_n`].
     pub fn rate_limiter(&self) -> Result<RateLimiter> {
         self.rate_limiter_with(RateLimiterConfig::from_env()?)
     }
@@ -1198,7 +1281,8 @@ impl Redis {
     /// `REDIS_RATE_LIMIT_MAX` (default 100) per `REDIS_RATE_LIMIT_WINDOW` (default: the TTL
     /// table's rate-limit row) unless `config` sets it. Every tier whose algorithm needs Lua is
     /// checked against the server's scripting capability here, so an unusable tier fails now
-    /// with [`Error::Unsupported`] rather than on first use.
+    /// with [`Error::Unsupported`] rather than on first use; an invalid custom tier name fails
+    /// with [`Error::InvalidInput`]. Sends nothing.
     pub fn rate_limiter_with(&self, config: RateLimiterConfig) -> Result<RateLimiter> {
         let mut tiers = config.tiers;
         if let std::collections::hash_map::Entry::Vacant(slot) = tiers.entry(TierName::Default) {
@@ -1209,8 +1293,10 @@ impl Redis {
                 .unwrap_or_else(|| self.ttl().get(Keyspace::RateLimit));
             slot.insert(Tier::new(limit, window)?.with_algorithm(config.default_algorithm));
         }
-        for (name, tier) in &tiers {
+        for (name, tier) in &mut tiers {
+            name.validate()?;
             tier.check_exact(name)?;
+            tier.failure.get_or_insert(name.default_failure_policy());
         }
         let mut needing: Vec<String> = tiers
             .iter()
@@ -1283,7 +1369,9 @@ impl RateLimiter {
             .key(Keyspace::RateLimit, &[user, endpoint])
     }
 
-    /// Checks one request of `user` on `endpoint` under `tier`; same as `check_n(.., 1)`.
+    /// Checks one request of `user` on `endpoint` under `tier`: [`RateLimiter::check_n`] with
+    /// cost 1, so one round trip, atomic on the server (a second round trip only after a script
+    /// cache flush, or when it queues behind a concurrent check on the same key).
     pub async fn check(&self, user: &str, endpoint: &str, tier: &TierName) -> Result<Decision> {
         self.check_n(user, endpoint, tier, 1).await
     }
@@ -1306,8 +1394,10 @@ impl RateLimiter {
     ///
     /// Errors: [`Error::InvalidInput`] for a bad user/endpoint, unknown tier or cost (nothing
     /// sent); [`Error::Unavailable`] / [`Error::Timeout`] only under
-    /// [`FailurePolicy::FailClosed`]; [`Error::Server`] for a server-side error (e.g. a
-    /// fixed-window tier meeting another algorithm's hash: `WRONGTYPE`).
+    /// [`FailurePolicy::FailClosed`] (a `READONLY` reply, from a node demoted by a failover,
+    /// counts as unavailable); [`Error::Server`] for a server-side error, e.g. `WRONGTYPE` when
+    /// the key holds another algorithm's state (a fixed-window tier meeting a hash, a GCRA or
+    /// sliding tier meeting the counter): that state is left as it was.
     pub async fn check_n(
         &self,
         user: &str,
@@ -1332,7 +1422,8 @@ impl RateLimiter {
     /// The status of `(user, endpoint)` under `tier` without consuming anything: whether a
     /// request of cost 1 would be admitted now, what remains, when it resets (the documented
     /// `getRateLimitStatus`). One round trip: the algorithm's script in read-only mode, or
-    /// `MULTI GET / PTTL EXEC` for fixed window.
+    /// `MULTI GET / PTTL EXEC` for fixed window. Errors as [`RateLimiter::check_n`], including
+    /// `WRONGTYPE` on another algorithm's state.
     pub async fn peek(&self, user: &str, endpoint: &str, tier: &TierName) -> Result<Decision> {
         let t = self.lookup(tier)?;
         let key = self.key(user, endpoint)?;
@@ -1450,6 +1541,9 @@ impl RateLimiter {
                 }
             }
         };
+        // A demoted master during a failover: nothing was written, so it is an outage to the
+        // failure policy and the breaker, not a server error to pass on.
+        let result = result.map_err(|err| err.read_only_as_unavailable(CHECK));
         match &result {
             Ok(_) => inner.breaker.success(),
             Err(err) if err.is_retryable() => {
@@ -1476,7 +1570,7 @@ impl RateLimiter {
         err: Error,
     ) -> Result<Decision> {
         let counters = &self.inner.counters;
-        match tier.failure {
+        match tier.failure_policy() {
             FailurePolicy::FailClosed => Err(err),
             FailurePolicy::FailOpen => {
                 counters.fail_open_decisions.fetch_add(1, Ordering::Relaxed);
@@ -1517,6 +1611,7 @@ impl RateLimiter {
             source,
             tier: name.clone(),
             window: tier.window,
+            burst: (tier.algorithm == Algorithm::Gcra).then(|| tier.burst()),
         }
     }
 
@@ -1607,7 +1702,11 @@ impl RateLimiter {
                 let count = u64::try_from(count)
                     .map_err(|_| Error::decode(key, None, format!("negative counter {count}")))?;
                 let pttl = codec::int(key, pttl)?;
-                let ttl_us = if pttl > 0 { pttl * 1000 } else { 0 };
+                let ttl_us = if pttl > 0 {
+                    pttl.saturating_mul(1000)
+                } else {
+                    0
+                };
                 let fixed = |used: u64, allowed: bool| Outcome {
                     allowed,
                     remaining: tier.limit.saturating_sub(used),
@@ -1717,6 +1816,11 @@ mod tests {
             ("RATE_LIMIT_ADMIN", "10,0"),
             ("RATE_LIMIT_SENSITIVE", "-1,60"),
             ("RATE_LIMIT_FINANCIAL", "10,60,5"),
+            ("RATE_LIMIT_GENERAL", "+5,60"),
+            ("RATE_LIMIT_AUTH", "5,+60"),
+            ("RATE_LIMIT_MFA", "1000000000,1"),
+            ("RATE_LIMIT_ADMIN", "1000000001,31622400"),
+            ("RATE_LIMIT_SENSITIVE", "10,31622401"),
         ] {
             let err = RateLimiterConfig::from_lookup(lookup(&[(var, value)])).unwrap_err();
             assert_eq!(err.variable(), var, "{err}");
@@ -1725,6 +1829,92 @@ mod tests {
         let ok = RateLimiterConfig::from_lookup(lookup(&[("RATE_LIMIT_MFA", " 3 , 30 ")])).unwrap();
         assert_eq!(ok.get(&TierName::Mfa).unwrap().limit(), 3);
         assert_eq!(ok.get(&TierName::Mfa).unwrap().window().as_secs(), 30);
+    }
+
+    #[test]
+    fn replaced_tiers_keep_their_names_failure_default() {
+        let plain = || Tier::new(50, Duration::from_secs(60)).unwrap();
+        let config = RateLimiterConfig::default()
+            .tier(TierName::Auth, plain())
+            .tier(
+                TierName::Mfa,
+                plain().with_algorithm(Algorithm::SlidingWindow),
+            )
+            .tier(
+                TierName::Sensitive,
+                plain().with_failure_policy(FailurePolicy::FailOpen),
+            )
+            .tier(TierName::General, plain())
+            .tier(TierName::Default, plain())
+            .tier(TierName::custom("uploads"), plain());
+        let policy = |n: TierName| config.get(&n).unwrap().failure_policy();
+        assert_eq!(policy(TierName::Auth), FailurePolicy::FailClosed);
+        assert_eq!(policy(TierName::Mfa), FailurePolicy::FailClosed);
+        assert_eq!(policy(TierName::Financial), FailurePolicy::FailClosed);
+        assert_eq!(
+            policy(TierName::Sensitive),
+            FailurePolicy::FailOpen,
+            "explicit wins"
+        );
+        assert_eq!(policy(TierName::General), FailurePolicy::FailOpen);
+        assert_eq!(policy(TierName::Default), FailurePolicy::FailOpen);
+        assert_eq!(policy(TierName::custom("uploads")), FailurePolicy::FailOpen);
+        // A tier read back from the config keeps its resolved policy wherever it goes next.
+        let closed = config.get(&TierName::Auth).unwrap().clone();
+        let moved = RateLimiterConfig::default().tier(TierName::custom("x"), closed);
+        assert_eq!(
+            moved.get(&TierName::custom("x")).unwrap().failure_policy(),
+            FailurePolicy::FailClosed
+        );
+    }
+
+    #[test]
+    fn custom_tier_names_are_short_tokens() {
+        for good in ["t", "uploads.v2", "A-b_9", &"x".repeat(64)] {
+            assert!(TierName::try_custom(good).is_ok(), "{good}");
+            assert!(TierName::custom(good).validate().is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            &"x".repeat(65),
+            "two words",
+            "quo\"te",
+            "back\\slash",
+            "line\nbreak",
+            "semi;q=1",
+            "é",
+            "auth",
+            "MFA",
+            "default",
+        ] {
+            let err = TierName::try_custom(bad).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    Error::InvalidInput {
+                        what: "rate-limit tier name",
+                        ..
+                    }
+                ),
+                "{bad:?}: {err:?}"
+            );
+            assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
+        }
+    }
+
+    #[test]
+    fn breaker_cooldown_is_bounded() {
+        let b = Breaker::new(BreakerSettings {
+            failure_threshold: 1,
+            cooldown: Duration::MAX,
+        });
+        let t0 = Instant::now();
+        b.failure(t0, false, 1);
+        assert_eq!(b.state(t0), BreakerState::Open);
+        assert_eq!(b.state(t0 + MAX_COOLDOWN), BreakerState::HalfOpen);
+        let clamped = RateLimiterConfig::default().breaker(BreakerSettings::new(0, Duration::MAX));
+        assert_eq!(clamped.breaker.cooldown, MAX_COOLDOWN);
+        assert_eq!(clamped.breaker.failure_threshold, 1);
     }
 
     #[test]
@@ -1773,11 +1963,18 @@ mod tests {
             source: DecisionSource::Redis,
             tier: TierName::Auth,
             window: Duration::from_secs(60),
+            burst: Some(30),
         };
         let h = d.headers();
-        assert_eq!(h.policy, "\"auth\";q=30;w=60");
+        assert_eq!(h.policy, "\"auth\";q=30;w=60;aether-burst=30");
         assert_eq!(h.rate_limit, "\"auth\";r=0;t=12");
         assert_eq!(h.retry_after.as_deref(), Some("2"));
+        let window_algorithm = Decision {
+            burst: None,
+            tier: TierName::Custom("a\"b\r\nc".into()),
+            ..d
+        };
+        assert_eq!(window_algorithm.headers().policy, "\"abc\";q=30;w=60");
     }
 
     #[test]

@@ -204,31 +204,50 @@ aether_redis::contract_tests! {
         }
     }
 
-    async fn switching_algorithm_on_a_key_replaces_or_refuses_as_documented(redis) {
+    async fn algorithms_meeting_on_one_key_refuse_and_leave_the_state_alone(redis) {
         let t = TierName::custom("t");
         let window = Duration::from_secs(60);
         let fixed = limiter(&redis, Algorithm::FixedWindow, 10, window);
         let key = fixed.key("u", "e").unwrap();
+        let wrongtype = |what: &str, result: aether_redis::Result<_>| {
+            let err = result.unwrap_err();
+            assert!(matches!(err, Error::Server(_)), "{what}: {err:?}");
+            assert!(err.to_string().contains("WRONGTYPE"), "{what}: {err}");
+        };
+        // The key's contents and absolute expiry (PEXPIRETIME, so "unchanged" is exact).
+        let state = || async {
+            let contents = support::contents(&redis, &key).await;
+            let expires: i64 = query(&redis, redis::cmd("PEXPIRETIME").arg(&key)).await;
+            (contents, expires)
+        };
         for algorithm in [Algorithm::Gcra, Algorithm::SlidingWindow] {
-            for _ in 0..3 {
-                assert!(fixed.check("u", "e", &t).await.unwrap().allowed);
-            }
             let script_tier = limiter(&redis, algorithm, 10, window);
-            // A peek leaves the other algorithm's counter where it is and sees a fresh state.
-            let peeked = script_tier.peek("u", "e", &t).await.unwrap();
-            assert!(peeked.allowed && peeked.remaining == 10, "{algorithm}: {peeked:?}");
-            let counter: u64 = query(&redis, redis::cmd("GET").arg(&key)).await;
-            assert_eq!(counter, 3, "{algorithm}");
-            // A consuming check replaces the counter with its own state, counting from zero.
-            let d = script_tier.check("u", "e", &t).await.unwrap();
-            assert!(d.allowed && d.remaining == 9, "{algorithm}: {d:?}");
-            let kind: String = query(&redis, redis::cmd("TYPE").arg(&key)).await;
-            assert_eq!(kind, "hash", "{algorithm}");
-            assert!(pttl(&redis, &key).await > 0);
-            // The fixed window refuses the hash instead of overwriting it.
-            let err = fixed.check("u", "e", &t).await.unwrap_err();
-            assert!(matches!(err, Error::Server(_)), "{algorithm}: {err:?}");
-            assert!(err.to_string().contains("WRONGTYPE"), "{err}");
+            // The documented TypeScript counter (INCR, EXPIRE on the first hit), which another
+            // service may enforce a security limit with: refused, neither reset nor touched.
+            for _ in 0..3 {
+                let hits: i64 = query(&redis, redis::cmd("INCR").arg(&key)).await;
+                if hits == 1 {
+                    let _: i64 = query(&redis, redis::cmd("EXPIRE").arg(&key).arg(900)).await;
+                }
+            }
+            let before = state().await;
+            assert_eq!(before.0, ("string".to_owned(), vec!["3".to_owned()]));
+            wrongtype(&format!("{algorithm} peek"), script_tier.peek("u", "e", &t).await);
+            wrongtype(&format!("{algorithm} check"), script_tier.check("u", "e", &t).await);
+            assert_eq!(state().await, before, "{algorithm} changed the counter");
+            // The fixed window still counts on it.
+            assert_eq!(fixed.check("u", "e", &t).await.unwrap().remaining, 6);
+            fixed.reset("u", "e").await.unwrap();
+
+            // The other way: the fixed window refuses the script's hash instead of overwriting it.
+            assert!(script_tier.check("u", "e", &t).await.unwrap().allowed);
+            let before = state().await;
+            assert_eq!(before.0.0, "hash", "{algorithm}");
+            assert!(before.1 > 0, "{algorithm}: no TTL");
+            wrongtype(&format!("fixed window on {algorithm}"), fixed.check("u", "e", &t).await);
+            wrongtype(&format!("fixed-window peek on {algorithm}"), fixed.peek("u", "e", &t).await);
+            assert_eq!(state().await, before, "the fixed window changed the {algorithm} hash");
+            assert_eq!(script_tier.peek("u", "e", &t).await.unwrap().remaining, 9, "{algorithm}");
             fixed.reset("u", "e").await.unwrap();
         }
     }
@@ -256,33 +275,6 @@ aether_redis::contract_tests! {
         let key = limiter.key("u1", "api").unwrap();
         let ttl = pttl(&redis, &key).await;
         assert!(ttl > 0 && ttl <= 2 * 3_600_000, "{ttl}");
-    }
-
-    async fn skewed_client_clocks_admit_the_same_totals(redis) {
-        for algorithm in ALGORITHMS {
-            let tier = Tier::new(20, Duration::from_secs(3600)).unwrap().with_algorithm(algorithm);
-            let make = |offset_ms: i64| {
-                redis
-                    .rate_limiter_with(
-                        RateLimiterConfig::default()
-                            .tier(TierName::custom("t"), tier.clone())
-                            .with_clock_offset(offset_ms),
-                    )
-                    .unwrap()
-            };
-            let (ahead, behind, exact) = (make(5_000), make(-5_000), make(0));
-            let t = TierName::custom("t");
-            let (skewed_user, reference_user) = (format!("skewed-{algorithm}"), format!("reference-{algorithm}"));
-            let mut skewed = 0;
-            let mut reference = 0;
-            for i in 0..60 {
-                let client = if i % 2 == 0 { &ahead } else { &behind };
-                skewed += u64::from(client.check(&skewed_user, "e", &t).await.unwrap().allowed);
-                reference += u64::from(exact.check(&reference_user, "e", &t).await.unwrap().allowed);
-            }
-            assert_eq!(skewed, reference, "{algorithm}");
-            assert_eq!(skewed, 20, "{algorithm}");
-        }
     }
 
     async fn cost_peek_and_reset(redis) {
@@ -374,6 +366,15 @@ aether_redis::contract_tests! {
         assert!(matches!(err, Error::InvalidInput { .. }), "{err}");
         assert!(err.to_string().contains("nope"), "{err}");
         assert_eq!(limiter.stats().redis_calls, 0);
+        // Custom tier names go into headers: checked when the limiter is built.
+        for bad in ["two words", "q\"uote", "", "auth"] {
+            let tier = Tier::new(3, Duration::from_secs(60)).unwrap();
+            let err = redis
+                .rate_limiter_with(RateLimiterConfig::default().tier(TierName::custom(bad), tier))
+                .unwrap_err();
+            assert!(matches!(err, Error::InvalidInput { .. }), "{bad:?}: {err:?}");
+            assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
+        }
     }
 
     async fn fixed_window_shares_the_typescript_counter(redis) {
@@ -442,6 +443,13 @@ aether_redis::contract_tests! {
         let h = denied.headers();
         let retry: u64 = h.retry_after.unwrap().parse().unwrap();
         assert!((1..=60).contains(&retry), "{retry}");
+        // GCRA has no per-window cap: its policy says how much it admits at once.
+        let gcra = self::limiter(&redis, Algorithm::Gcra, 2, Duration::from_secs(60));
+        let d = gcra.check("h", "gcra", &t).await.unwrap();
+        assert_eq!(d.headers().policy, "\"t\";q=2;w=60;aether-burst=2");
+        let sliding = self::limiter(&redis, Algorithm::SlidingWindow, 2, Duration::from_secs(60));
+        let d = sliding.check("h", "sliding", &t).await.unwrap();
+        assert_eq!(d.headers().policy, "\"t\";q=2;w=60");
     }
 
     async fn default_tier_comes_from_the_connection_config(redis) {
@@ -489,6 +497,9 @@ fn malformed_tier_variables_name_the_variable() {
         ("RATE_LIMIT_AUTH", "0,60"),
         ("RATE_LIMIT_MFA", "a,b"),
         ("RATE_LIMIT_FINANCIAL", "20,"),
+        // Tier::new's bounds: digits only, and at most one per microsecond.
+        ("RATE_LIMIT_GENERAL", "+5,60"),
+        ("RATE_LIMIT_SENSITIVE", "1000000000,1"),
     ] {
         let err =
             RateLimiterConfig::from_lookup(|k| (k == var).then(|| value.to_owned())).unwrap_err();
@@ -508,6 +519,153 @@ async fn start(options: LocalOptions) -> LocalServer {
         .await
         .unwrap()
         .unwrap()
+}
+
+/// `host:port` of the connection `redis` sends its commands on (as MONITOR shows it).
+async fn client_addr(redis: &Redis) -> String {
+    let info: String = query(redis, redis::cmd("CLIENT").arg("INFO")).await;
+    info.split_whitespace()
+        .find_map(|field| field.strip_prefix("addr="))
+        .unwrap()
+        .to_owned()
+}
+
+/// Every command MONITOR shows from now until `marker` is echoed, as `(client addr, args)`;
+/// commands run inside scripts (source `lua`) are left out.
+async fn monitor(
+    server: &LocalServer,
+    marker: &'static str,
+) -> tokio::task::JoinHandle<Vec<(String, String)>> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let config = server.config();
+    let stream = tokio::net::TcpStream::connect((config.host.as_str(), config.port))
+        .await
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(stream);
+    lines.get_mut().write_all(b"MONITOR\r\n").await.unwrap();
+    let mut ok = String::new();
+    lines.read_line(&mut ok).await.unwrap();
+    assert_eq!(ok, "+OK\r\n");
+    tokio::spawn(async move {
+        let mut seen = Vec::new();
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(
+                lines.read_line(&mut line).await.unwrap() > 0,
+                "MONITOR closed"
+            );
+            // +<time> [<db> <addr>] "CMD" "arg" ...
+            let (Some(open), Some(close)) = (line.find(" ["), line.find("] ")) else {
+                panic!("unexpected MONITOR line {line:?}");
+            };
+            let source = &line[open + 2..close];
+            let (_, addr) = source.split_once(' ').unwrap();
+            let args = line[close + 2..].trim_end().to_owned();
+            if args.contains(marker) {
+                return seen;
+            }
+            if addr != "lua" {
+                seen.push((addr.to_owned(), args));
+            }
+        }
+    })
+}
+
+/// Decisions use the server's clock only. Two limiters whose clocks are 10 s apart (−5 s and
+/// +5 s) on separate keys send exactly the same commands apart from the key name, captured with
+/// MONITOR on a server of the test's own and told apart by connection. Had a client clock
+/// reached the wire (an argument, a `PEXPIREAT`, a script input), the lists would differ; equal
+/// admitted totals alone could not show that, since the offset only moves the local fallback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skewed_client_clocks_send_identical_commands_and_admit_the_same_totals() {
+    let server = start(LocalOptions::default()).await;
+    let make = |redis: &Redis, offset_ms: i64| {
+        let mut config = RateLimiterConfig::default().with_clock_offset(offset_ms);
+        for algorithm in ALGORITHMS {
+            let tier = Tier::new(20, Duration::from_secs(3600))
+                .unwrap()
+                .with_algorithm(algorithm);
+            config = config.tier(TierName::custom(format!("t-{algorithm}")), tier);
+        }
+        redis.rate_limiter_with(config).unwrap()
+    };
+    let (ahead_redis, behind_redis, other) = (
+        Redis::connect(server.config()).await.unwrap(),
+        Redis::connect(server.config()).await.unwrap(),
+        Redis::connect(server.config()).await.unwrap(),
+    );
+    let (ahead, behind) = (make(&ahead_redis, 5_000), make(&behind_redis, -5_000));
+    let (ahead_addr, behind_addr) = (
+        client_addr(&ahead_redis).await,
+        client_addr(&behind_redis).await,
+    );
+    assert_ne!(ahead_addr, behind_addr);
+    // Warm up: the scripts are cached, so neither side meets NOSCRIPT while monitored.
+    for algorithm in ALGORITHMS {
+        let tier = TierName::custom(format!("t-{algorithm}"));
+        ahead
+            .check("warm-ahead", algorithm.to_string().as_str(), &tier)
+            .await
+            .unwrap();
+        behind
+            .check("warm-behind", algorithm.to_string().as_str(), &tier)
+            .await
+            .unwrap();
+    }
+
+    const DONE: &str = "skew-test-done";
+    let capture = monitor(&server, DONE).await;
+    let mut keys = Vec::new();
+    for algorithm in ALGORITHMS {
+        let tier = TierName::custom(format!("t-{algorithm}"));
+        let (a, b) = (format!("ahead-{algorithm}"), format!("behind-{algorithm}"));
+        let (mut admitted_ahead, mut admitted_behind) = (0, 0);
+        for _ in 0..30 {
+            admitted_ahead += u64::from(ahead.check(&a, "e", &tier).await.unwrap().allowed);
+            admitted_behind += u64::from(behind.check(&b, "e", &tier).await.unwrap().allowed);
+        }
+        let (pa, pb) = (
+            ahead.peek(&a, "e", &tier).await.unwrap(),
+            behind.peek(&b, "e", &tier).await.unwrap(),
+        );
+        assert_eq!(
+            (pa.allowed, pa.remaining),
+            (pb.allowed, pb.remaining),
+            "{algorithm}"
+        );
+        assert_eq!((admitted_ahead, admitted_behind), (20, 20), "{algorithm}");
+        keys.push((
+            ahead.key(&a, "e").unwrap(),
+            behind.key(&b, "e").unwrap(),
+            algorithm,
+        ));
+    }
+    let _: String = query(&other, redis::cmd("ECHO").arg(DONE)).await;
+    let seen = capture.await.unwrap();
+
+    // Each side's commands, with its keys replaced by one name per algorithm.
+    let side = |addr: &str, pick: fn(&(String, String, Algorithm)) -> &String| -> Vec<String> {
+        seen.iter()
+            .filter(|(from, _)| from == addr)
+            .map(|(_, args)| {
+                keys.iter().fold(args.clone(), |args, k| {
+                    args.replace(&format!("\"{}\"", pick(k)), &format!("\"<key {}>\"", k.2))
+                })
+            })
+            .collect()
+    };
+    let sent_ahead = side(&ahead_addr, |k| &k.0);
+    let sent_behind = side(&behind_addr, |k| &k.1);
+    // 3 algorithms × (30 checks + 1 peek); a fixed-window check is several commands.
+    assert!(sent_ahead.len() >= 3 * 31, "{sent_ahead:#?}");
+    assert!(
+        sent_ahead
+            .iter()
+            .all(|c| !c.contains("ahead-") && !c.contains("behind-")),
+        "{sent_ahead:#?}"
+    );
+    assert_eq!(sent_ahead, sent_behind, "a client clock reached the wire");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -728,6 +886,50 @@ async fn scripting_disabled_fails_script_tiers_at_construction_fixed_window_work
             .unwrap()
             .allowed
     );
+}
+
+/// A master demoted to a replica (a Sentinel failover, seen from a connection that has not
+/// moved yet) answers writes with `READONLY`: to the limiter that is Redis unavailable, so each
+/// tier's failure policy applies, for scripts and for the fixed window's `MULTI` alike.
+#[tokio::test]
+async fn read_only_replica_applies_the_failure_policy() {
+    let master_port = aether_redis::testkit::free_port().unwrap();
+    let server = start(LocalOptions {
+        config_lines: vec![format!("replicaof 127.0.0.1 {master_port}")],
+        ..LocalOptions::default()
+    })
+    .await;
+    let redis = Redis::connect(server.config()).await.unwrap();
+    for algorithm in ALGORITHMS {
+        let tier = |policy| {
+            Tier::new(5, Duration::from_secs(60))
+                .unwrap()
+                .with_algorithm(algorithm)
+                .with_failure_policy(policy)
+        };
+        let (open, closed, local) = (
+            TierName::custom("open"),
+            TierName::custom("closed"),
+            TierName::custom("local"),
+        );
+        let limiter = redis
+            .rate_limiter_with(
+                RateLimiterConfig::default()
+                    .tier(open.clone(), tier(FailurePolicy::FailOpen))
+                    .tier(closed.clone(), tier(FailurePolicy::FailClosed))
+                    .tier(local.clone(), tier(FailurePolicy::Local))
+                    .breaker(BreakerSettings::new(100, Duration::from_secs(1))),
+            )
+            .unwrap();
+        let d = limiter.check("u", "open", &open).await.unwrap();
+        assert_eq!(d.source, DecisionSource::FailOpen, "{algorithm}");
+        let d = limiter.check("u", "local", &local).await.unwrap();
+        assert_eq!(d.source, DecisionSource::Local, "{algorithm}");
+        let err = limiter.check("u", "closed", &closed).await.unwrap_err();
+        assert!(err.is_unavailable(), "{algorithm}: {err:?}");
+        assert!(err.to_string().contains("read-only"), "{algorithm}: {err}");
+        assert_eq!(limiter.stats().redis_failures, 3, "{algorithm}");
+    }
 }
 
 /// A limiter whose tier `open` (5 per minute) fails open, with a 200 ms deadline and `breaker`,
