@@ -2,13 +2,14 @@
 //! hostile ids, interoperability with the documented TypeScript counter, failure policies with
 //! the circuit breaker, and the hardened server.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aether_redis::rate_limit::{
     Algorithm, BreakerSettings, BreakerState, DecisionSource, FailurePolicy, RateLimiter,
     RateLimiterConfig, Tier, TierName,
 };
-use aether_redis::testkit::{LocalOptions, LocalServer};
+use aether_redis::testkit::{LocalCluster, LocalOptions, LocalServer};
 use aether_redis::{Config, Error, Redis};
 
 mod support;
@@ -670,8 +671,73 @@ async fn skewed_client_clocks_send_identical_commands_and_admit_the_same_totals(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_stopped_mid_run_each_policy_then_recovery() {
-    let mut server = start(LocalOptions::default()).await;
+    let server = start(LocalOptions::default()).await;
     let redis = Redis::connect(server.config()).await.unwrap();
+    let server = Arc::new(Mutex::new(server));
+    let (k, r) = (server.clone(), server.clone());
+    stopped_mid_run(
+        redis,
+        "u",
+        move || k.lock().unwrap().kill(),
+        move || r.lock().unwrap().restart().unwrap(),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_node_stopped_mid_run_each_policy_then_recovery() {
+    let cluster = tokio::task::spawn_blocking(|| LocalCluster::start(3))
+        .await
+        .unwrap()
+        .unwrap();
+    let redis = Redis::connect(cluster.config()).await.unwrap();
+    // A user whose three keys (one per tier below) are all served by the first node, which is
+    // then killed: every check of the run meets the outage.
+    let probe = redis.rate_limiter().unwrap();
+    let mut conn = redis::Client::open(format!("redis://127.0.0.1:{}", cluster.nodes()[0].port()))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut user = None;
+    for i in 0..2000 {
+        let candidate = format!("u{i}");
+        let mut on_first = true;
+        for endpoint in ["open", "closed", "local"] {
+            let key = probe.key(&candidate, endpoint).unwrap();
+            let slot: u16 = redis::cmd("CLUSTER")
+                .arg("KEYSLOT")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            on_first &= cluster.node_for_slot(slot) == 0;
+        }
+        if on_first {
+            user = Some(candidate);
+            break;
+        }
+    }
+    let user = user.expect("a user whose keys share a node");
+    let cluster = Arc::new(Mutex::new(cluster));
+    let (k, r) = (cluster.clone(), cluster.clone());
+    stopped_mid_run(
+        redis,
+        &user,
+        move || k.lock().unwrap().nodes_mut()[0].kill(),
+        move || r.lock().unwrap().nodes_mut()[0].restart().unwrap(),
+    )
+    .await;
+}
+
+/// Checks of `user` on three tiers (fail open, fail closed, local) while the server holding
+/// their keys is killed, with the breaker open, and after it restarts.
+async fn stopped_mid_run(
+    redis: Redis,
+    user: &str,
+    kill: impl FnOnce() + Send + 'static,
+    restart: impl FnOnce() + Send + 'static,
+) {
     let window = Duration::from_secs(3600);
     let tier = |policy| Tier::new(5, window).unwrap().with_failure_policy(policy);
     let (open, closed, local) = (
@@ -690,28 +756,23 @@ async fn redis_stopped_mid_run_each_policy_then_recovery() {
         )
         .unwrap();
     for t in [&open, &closed, &local] {
-        let d = limiter.check("u", t.as_str(), t).await.unwrap();
+        let d = limiter.check(user, t.as_str(), t).await.unwrap();
         assert_eq!((d.allowed, d.source), (true, DecisionSource::Redis));
     }
 
-    let mut server = tokio::task::spawn_blocking(move || {
-        server.kill();
-        server
-    })
-    .await
-    .unwrap();
+    tokio::task::spawn_blocking(kill).await.unwrap();
 
     // Fail open: allowed, and says so.
-    let d = limiter.check("u", "open", &open).await.unwrap();
+    let d = limiter.check(user, "open", &open).await.unwrap();
     assert_eq!((d.allowed, d.source), (true, DecisionSource::FailOpen));
     assert!(d.is_degraded());
     // Fail closed: an error, never a denial.
-    let err = limiter.check("u", "closed", &closed).await.unwrap_err();
+    let err = limiter.check(user, "closed", &closed).await.unwrap_err();
     assert!(err.is_unavailable() || err.is_timeout(), "{err:?}");
     // Local: the same limit enforced in process (5 per hour from a fresh local state).
     let mut local_admitted = 0;
     for _ in 0..8 {
-        let d = limiter.check("u", "local", &local).await.unwrap();
+        let d = limiter.check(user, "local", &local).await.unwrap();
         assert_eq!(d.source, DecisionSource::Local);
         local_admitted += u64::from(d.allowed);
     }
@@ -723,10 +784,10 @@ async fn redis_stopped_mid_run_each_policy_then_recovery() {
     let started = Instant::now();
     for i in 0..100 {
         match i % 3 {
-            0 => assert!(limiter.check("u", "open", &open).await.unwrap().allowed),
-            1 => assert!(limiter.check("u", "closed", &closed).await.is_err()),
+            0 => assert!(limiter.check(user, "open", &open).await.unwrap().allowed),
+            1 => assert!(limiter.check(user, "closed", &closed).await.is_err()),
             _ => assert_eq!(
-                limiter.check("u", "local", &local).await.unwrap().source,
+                limiter.check(user, "local", &local).await.unwrap().source,
                 DecisionSource::Local
             ),
         }
@@ -739,17 +800,12 @@ async fn redis_stopped_mid_run_each_policy_then_recovery() {
     // 100 would take 30 s.
     assert!(elapsed < Duration::from_secs(3), "{elapsed:?}");
 
-    let _server = tokio::task::spawn_blocking(move || {
-        server.restart().unwrap();
-        server
-    })
-    .await
-    .unwrap();
+    tokio::task::spawn_blocking(restart).await.unwrap();
     // After the cooldown one trial call goes through, succeeds and closes the breaker.
     tokio::time::sleep(Duration::from_millis(3100)).await;
     let mut recovered = None;
     for _ in 0..20 {
-        match limiter.check("u2", "closed", &closed).await {
+        match limiter.check(user, "closed", &closed).await {
             Ok(d) => {
                 recovered = Some(d);
                 break;
@@ -763,7 +819,7 @@ async fn redis_stopped_mid_run_each_policy_then_recovery() {
     let d = recovered.expect("Redis decisions resume after restart");
     assert_eq!((d.allowed, d.source), (true, DecisionSource::Redis));
     assert_eq!(limiter.breaker_state(), BreakerState::Closed);
-    let d = limiter.check("u", "local", &local).await.unwrap();
+    let d = limiter.check(user, "local", &local).await.unwrap();
     assert_eq!(d.source, DecisionSource::Redis);
 }
 
@@ -777,8 +833,24 @@ async fn hardened_server_with_renamed_eval_runs_every_algorithm() {
         ..LocalOptions::default()
     })
     .await;
-    let config = server
-        .config()
+    let ports = [server.port()];
+    renamed_eval_runs_every_algorithm(hardened(server.config()), &ports).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hardened_cluster_with_renamed_eval_runs_every_algorithm() {
+    let cluster =
+        tokio::task::spawn_blocking(|| LocalCluster::start_with(3, support::RENAMED_COMMANDS))
+            .await
+            .unwrap()
+            .unwrap();
+    let ports: Vec<u16> = cluster.nodes().iter().map(|n| n.port()).collect();
+    renamed_eval_runs_every_algorithm(hardened(cluster.config()), &ports).await;
+}
+
+/// The client side of [`support::RENAMED_COMMANDS`].
+fn hardened(config: Config) -> Config {
+    config
         .to_builder()
         .renamed_command("EVAL", "EVAL_b835c3f9a8")
         .renamed_command("SCRIPT", "SCRIPT_b835c3f9a8")
@@ -788,48 +860,82 @@ async fn hardened_server_with_renamed_eval_runs_every_algorithm() {
         .renamed_command("FLUSHALL", "")
         .renamed_command("DEBUG", "")
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+/// Every algorithm admits exactly its limit although the script cache of every node (`ports`)
+/// is flushed between calls: `NOSCRIPT` is recovered through the renamed `EVAL`.
+async fn renamed_eval_runs_every_algorithm(config: Config, ports: &[u16]) {
     let redis = Redis::connect(config).await.unwrap();
-    let mut conn = redis.connection().await.unwrap();
+    let mut nodes = Vec::new();
+    for port in ports {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+        nodes.push(client.get_multiplexed_async_connection().await.unwrap());
+    }
     for algorithm in ALGORITHMS {
         let limiter = limiter(&redis, algorithm, 3, Duration::from_secs(60));
         let t = TierName::custom("t");
         let mut admitted = 0;
         for _ in 0..5 {
             admitted += u64::from(limiter.check("h", "e", &t).await.unwrap().allowed);
-            // The script cache emptied between calls: recovered through the renamed EVAL.
-            let _: () = redis::cmd("SCRIPT_b835c3f9a8")
-                .arg("FLUSH")
-                .query_async(&mut conn)
-                .await
-                .unwrap();
+            for conn in &mut nodes {
+                let _: () = redis::cmd("SCRIPT_b835c3f9a8")
+                    .arg("FLUSH")
+                    .query_async(conn)
+                    .await
+                    .unwrap();
+            }
         }
         assert_eq!(admitted, 3, "{algorithm}");
         limiter.reset("h", "e").await.unwrap();
     }
 }
 
-#[tokio::test]
-async fn scripting_disabled_fails_script_tiers_at_construction_fixed_window_works() {
+/// [`support::RENAMED_COMMANDS`] with `EVAL` and `EVALSHA` disabled.
+fn without_scripting() -> Vec<String> {
     let mut lines: Vec<String> = support::RENAMED_COMMANDS
         .iter()
         .map(|s| s.to_string())
         .collect();
     lines[0] = "rename-command EVAL \"\"".into();
     lines.push("rename-command EVALSHA \"\"".into());
-    let server = start(LocalOptions {
-        config_lines: lines,
-        ..LocalOptions::default()
-    })
-    .await;
-    let config = server
-        .config()
+    lines
+}
+
+fn scripting_disabled(config: Config) -> Config {
+    config
         .to_builder()
         .renamed_command("EVAL", "")
         .renamed_command("EVALSHA", "")
         .renamed_command("SCRIPT", "SCRIPT_b835c3f9a8")
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test]
+async fn scripting_disabled_fails_script_tiers_at_construction_fixed_window_works() {
+    let server = start(LocalOptions {
+        config_lines: without_scripting(),
+        ..LocalOptions::default()
+    })
+    .await;
+    fixed_window_works_without_scripting(scripting_disabled(server.config())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_without_scripting_fails_script_tiers_at_construction_fixed_window_works() {
+    let cluster = tokio::task::spawn_blocking(|| {
+        let lines = without_scripting();
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        LocalCluster::start_with(3, &lines)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    fixed_window_works_without_scripting(scripting_disabled(cluster.config())).await;
+}
+
+async fn fixed_window_works_without_scripting(config: Config) {
     let redis = Redis::connect(config).await.unwrap();
     assert!(!redis.capabilities().scripting);
 
