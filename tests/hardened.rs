@@ -1,6 +1,6 @@
-//! Both foundation repositories and the email queue on a hardened server: `EVAL`/`SCRIPT` renamed, `CONFIG`, `KEYS`,
-//! `FLUSHDB`, `FLUSHALL` and `DEBUG` removed, and an ACL user that may run nothing `@dangerous`
-//! (so no `INFO` either).
+//! The foundation repositories, the email queue and the rate limiter on a hardened server:
+//! `EVAL`/`SCRIPT` renamed, `CONFIG`, `KEYS`, `FLUSHDB`, `FLUSHALL` and `DEBUG` removed, and an
+//! ACL user that may run nothing `@dangerous` (so no `INFO` either).
 
 use aether_redis::cache::CacheEntry;
 use aether_redis::session::{NewSession, Role};
@@ -200,4 +200,50 @@ async fn email_queue_works_on_a_hardened_server() {
         (stats.waiting(), stats.active, stats.delayed, stats.dead),
         (0, 0, 0, 0)
     );
+}
+
+#[tokio::test]
+async fn rate_limiter_works_on_a_hardened_server() {
+    use aether_redis::rate_limit::{Algorithm, RateLimiterConfig, Tier, TierName};
+    use std::time::Duration;
+
+    let server = hardened_server().await;
+    let redis = app_user(&server).await;
+    for algorithm in [
+        Algorithm::Gcra,
+        Algorithm::FixedWindow,
+        Algorithm::SlidingWindow,
+    ] {
+        let tier = TierName::custom("t");
+        let limiter = redis
+            .rate_limiter_with(
+                RateLimiterConfig::default().tier(
+                    tier.clone(),
+                    Tier::new(3, Duration::from_secs(60))
+                        .unwrap()
+                        .with_algorithm(algorithm),
+                ),
+            )
+            .unwrap();
+        let mut admitted = 0;
+        for _ in 0..5 {
+            let decision = limiter.check("h", "e", &tier).await.unwrap();
+            admitted += u64::from(decision.allowed);
+            // NOSCRIPT after the flush is recovered through the renamed EVAL.
+            flush_scripts(&server).await;
+        }
+        assert_eq!(admitted, 3, "{algorithm}");
+        let peeked = limiter.peek("h", "e", &tier).await.unwrap();
+        assert_eq!(
+            (peeked.allowed, peeked.remaining),
+            (false, 0),
+            "{algorithm}"
+        );
+        limiter.reset("h", "e").await.unwrap();
+        assert!(
+            limiter.check("h", "e", &tier).await.unwrap().allowed,
+            "{algorithm}"
+        );
+        limiter.reset("h", "e").await.unwrap();
+    }
 }
