@@ -194,9 +194,10 @@ fn bench(c: &mut Criterion) {
             .rate_limiter_with(RateLimiterConfig::default().tier(TierName::custom("bench"), tier))
             .expect("limiter");
         // The first check loads the script into the server's cache, so that the raw side's
-        // EVALSHA finds it.
+        // EVALSHA finds it. Its key is the algorithm's own: no check replaces another
+        // algorithm's state.
         runtime
-            .block_on(limiter.check("warm", "api", &TierName::custom("bench")))
+            .block_on(limiter.check("warm", &algorithm.to_string(), &TierName::custom("bench")))
             .expect("warm-up check");
         // One key per side and algorithm: the layouts differ by algorithm. All tasks of a side
         // share it, as concurrent requests of one user do; the spread runs below give each

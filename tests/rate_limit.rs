@@ -730,6 +730,37 @@ async fn cluster_node_stopped_mid_run_each_policy_then_recovery() {
     .await;
 }
 
+/// `config` plus three tiers of 5 per `window` under `algorithm`, one per failure policy:
+/// `open`, `closed` and `local`.
+fn policy_tiers(
+    redis: &Redis,
+    algorithm: Algorithm,
+    window: Duration,
+    config: RateLimiterConfig,
+) -> (RateLimiter, [TierName; 3]) {
+    let names = [
+        TierName::custom("open"),
+        TierName::custom("closed"),
+        TierName::custom("local"),
+    ];
+    let policies = [
+        FailurePolicy::FailOpen,
+        FailurePolicy::FailClosed,
+        FailurePolicy::Local,
+    ];
+    let config = names
+        .iter()
+        .zip(policies)
+        .fold(config, |config, (name, policy)| {
+            let tier = Tier::new(5, window)
+                .unwrap()
+                .with_algorithm(algorithm)
+                .with_failure_policy(policy);
+            config.tier(name.clone(), tier)
+        });
+    (redis.rate_limiter_with(config).unwrap(), names)
+}
+
 /// Checks of `user` on three tiers (fail open, fail closed, local) while the server holding
 /// their keys is killed, with the breaker open, and after it restarts.
 async fn stopped_mid_run(
@@ -738,23 +769,14 @@ async fn stopped_mid_run(
     kill: impl FnOnce() + Send + 'static,
     restart: impl FnOnce() + Send + 'static,
 ) {
-    let window = Duration::from_secs(3600);
-    let tier = |policy| Tier::new(5, window).unwrap().with_failure_policy(policy);
-    let (open, closed, local) = (
-        TierName::custom("open"),
-        TierName::custom("closed"),
-        TierName::custom("local"),
+    let (limiter, [open, closed, local]) = policy_tiers(
+        &redis,
+        Algorithm::Gcra,
+        Duration::from_secs(3600),
+        RateLimiterConfig::default()
+            .timeout(Duration::from_millis(300))
+            .breaker(BreakerSettings::new(3, Duration::from_secs(3))),
     );
-    let limiter = redis
-        .rate_limiter_with(
-            RateLimiterConfig::default()
-                .tier(open.clone(), tier(FailurePolicy::FailOpen))
-                .tier(closed.clone(), tier(FailurePolicy::FailClosed))
-                .tier(local.clone(), tier(FailurePolicy::Local))
-                .timeout(Duration::from_millis(300))
-                .breaker(BreakerSettings::new(3, Duration::from_secs(3))),
-        )
-        .unwrap();
     for t in [&open, &closed, &local] {
         let d = limiter.check(user, t.as_str(), t).await.unwrap();
         assert_eq!((d.allowed, d.source), (true, DecisionSource::Redis));
@@ -1007,26 +1029,12 @@ async fn read_only_replica_applies_the_failure_policy() {
     .await;
     let redis = Redis::connect(server.config()).await.unwrap();
     for algorithm in ALGORITHMS {
-        let tier = |policy| {
-            Tier::new(5, Duration::from_secs(60))
-                .unwrap()
-                .with_algorithm(algorithm)
-                .with_failure_policy(policy)
-        };
-        let (open, closed, local) = (
-            TierName::custom("open"),
-            TierName::custom("closed"),
-            TierName::custom("local"),
+        let (limiter, [open, closed, local]) = policy_tiers(
+            &redis,
+            algorithm,
+            Duration::from_secs(60),
+            RateLimiterConfig::default().breaker(BreakerSettings::new(100, Duration::from_secs(1))),
         );
-        let limiter = redis
-            .rate_limiter_with(
-                RateLimiterConfig::default()
-                    .tier(open.clone(), tier(FailurePolicy::FailOpen))
-                    .tier(closed.clone(), tier(FailurePolicy::FailClosed))
-                    .tier(local.clone(), tier(FailurePolicy::Local))
-                    .breaker(BreakerSettings::new(100, Duration::from_secs(1))),
-            )
-            .unwrap();
         let d = limiter.check("u", "open", &open).await.unwrap();
         assert_eq!(d.source, DecisionSource::FailOpen, "{algorithm}");
         let d = limiter.check("u", "local", &local).await.unwrap();
