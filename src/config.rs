@@ -767,9 +767,6 @@ impl Config {
     /// The default rate-limit tier within `Tier::new`'s bounds, so that a bad value fails here,
     /// naming `max_name` or `window_name`, not later in `rate_limiter()` without a name.
     fn check_rate_limit(&self, max_name: &str, window_name: &str) -> Result<(), ConfigError> {
-        if self.rate_limit_max.is_none() && self.rate_limit_window.is_none() {
-            return Ok(());
-        }
         let limit = self.rate_limit_max.unwrap_or(100);
         let (window, window_name) = match self.rate_limit_window {
             Some(window) => (window, window_name.to_owned()),
@@ -1221,6 +1218,12 @@ mod tests {
             .insert(Keyspace::RateLimit, Duration::from_secs(400 * 86_400));
         config.rate_limit_max = Some(10);
         assert_eq!(config.validate().unwrap_err().variable(), "ttl(rate-limit)");
+        // Also with nothing set for the default tier: its window is that TTL row.
+        let err = Config::builder()
+            .ttl(Keyspace::RateLimit, Duration::from_secs(400 * 86_400))
+            .build()
+            .unwrap_err();
+        assert_eq!(err.variable(), "ttl(rate-limit)", "{err}");
     }
 
     #[test]

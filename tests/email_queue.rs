@@ -577,6 +577,44 @@ aether_redis::contract_tests! {
         assert!(!left, "an expired job left its delivery count behind");
     }
 
+    async fn an_expired_copy_of_a_running_job_is_filed_as_a_duplicate(redis) {
+        // A raw copy of an id that is being processed, too old to run: buried as `expired`
+        // under a dead id of its own, so that replay cannot send the running job's mail again,
+        // and the running copy keeps its delivery count.
+        let config = redis.config().to_builder().ttl(Keyspace::EmailQueue, Duration::from_millis(800)).build().unwrap();
+        let short = Redis::connect(config).await.unwrap();
+        let queue = fast(&short.email_queue_named("expdup").unwrap());
+        queue.enqueue(job("x", Priority::Normal)).await.unwrap();
+        let started = Arc::new(AtomicUsize::new(0));
+        let release = Arc::new(tokio::sync::Notify::new());
+        let (s, r) = (started.clone(), release.clone());
+        let worker = spawn_worker(&queue, 2, move |_job| {
+            s.fetch_add(1, Ordering::SeqCst);
+            let r = r.clone();
+            async move {
+                r.notified().await;
+                Ok(())
+            }
+        });
+        wait_for("x to start", Duration::from_secs(10), || started.load(Ordering::SeqCst) == 1).await;
+        let mut conn = short.connection().await.unwrap();
+        let stale = documented_json("x", "normal", now_ms() - 5_000);
+        let _: () = redis::cmd("LPUSH").arg(queue.list_key(Priority::Normal)).arg(stale).query_async(&mut conn).await.unwrap();
+        wait_stats(&queue, "the stale copy", Duration::from_secs(10), |s| s.dead == 1).await;
+        let dead = queue.dead_jobs(10).await.unwrap();
+        assert_eq!(dead[0].reason, "expired");
+        assert!(dead[0].dead_id.starts_with("x#duplicate-"), "{}", dead[0].dead_id);
+        assert!(!dead[0].is_replayable());
+        let deliveries = queue.list_key(Priority::Normal).replace(":normal", ":deliveries");
+        let count: Option<String> = redis::cmd("HGET").arg(&deliveries).arg("x").query_async(&mut conn).await.unwrap();
+        assert_eq!(count.as_deref(), Some("1"), "the running copy lost its delivery count");
+        release.notify_waiters();
+        wait_stats(&queue, "x completed", Duration::from_secs(10), |s| s.completed == 1).await;
+        worker.shutdown().await.unwrap();
+        assert_eq!(queue.replay(10).await.unwrap(), 0);
+        assert_eq!(started.load(Ordering::SeqCst), 1);
+    }
+
     async fn aging_serves_a_starved_low_job(redis) {
         let mut o = fast(&redis.email_queue().unwrap()).options().clone();
         o.aging = Some(Duration::from_millis(300));

@@ -629,11 +629,17 @@ impl EmailQueue {
     /// The `limit` oldest dead jobs, oldest first. Two round trips (`ZRANGE`, `HMGET`),
     /// read-only; an entry removed in between is skipped.
     pub async fn dead_jobs(&self, limit: usize) -> Result<Vec<DeadJob>> {
-        self.dead_page(0, limit).await
+        Ok(self
+            .dead_page(0, limit)
+            .await?
+            .into_iter()
+            .flatten()
+            .collect())
     }
 
-    /// Up to `count` dead jobs from the `start`-th oldest on.
-    async fn dead_page(&self, start: usize, count: usize) -> Result<Vec<DeadJob>> {
+    /// The members of the dead set from the `start`-th oldest on, at most `count`: each entry,
+    /// or `None` where its record went in between.
+    async fn dead_page(&self, start: usize, count: usize) -> Result<Vec<Option<DeadJob>>> {
         if count == 0 {
             return Ok(Vec::new());
         }
@@ -674,10 +680,11 @@ impl EmailQueue {
         let mut out = Vec::with_capacity(ids.len());
         for (dead_id, value) in ids.into_iter().zip(records) {
             if value == Value::Nil {
+                out.push(None);
                 continue;
             }
             let raw = text(&k[K_DEAD_JOBS], Some(&dead_id), value)?;
-            out.push(self.dead_entry(dead_id, &raw)?);
+            out.push(Some(self.dead_entry(dead_id, &raw)?));
         }
         Ok(out)
     }
@@ -706,25 +713,40 @@ impl EmailQueue {
 
     /// Moves up to `limit` of the oldest replayable dead jobs back to the tail of the lists
     /// they died from, with `attempts` reset, and returns how many moved. Entries that stay
-    /// dead: a payload that is not an [`EmailJob`], and a copy buried as `duplicate` (its dead
-    /// id is not the job's id; the job it copies ran or is running, so replaying it would send
-    /// the mail twice). Those are skipped, not counted against `limit`. Per page of `limit`
-    /// entries: two round trips to read ([`dead_jobs`](Self::dead_jobs)), then one atomic
-    /// script per 1000 jobs that moves only entries still in the dead set, so concurrent
-    /// replays never duplicate a job.
+    /// dead: a payload that is not an [`EmailJob`], and a copy filed under another dead id
+    /// (`<id>#duplicate-..`: the job it copies ran or is running, so replaying it would send the
+    /// mail twice). Those are skipped, not counted against `limit`. Reads pages of at least 100
+    /// entries with [`dead_jobs`](Self::dead_jobs)'s two round trips, then one atomic script per
+    /// 1000 jobs that moves only entries still in the dead set, so concurrent replays never
+    /// duplicate a job.
     pub async fn replay(&self, limit: usize) -> Result<usize> {
+        const PAGE: usize = 100;
         let mut moved = 0;
         // Entries ahead of the next page that stay dead; replayed ones leave the set.
         let mut staying = 0;
         while moved < limit {
             let wanted = limit - moved;
-            let page = self.dead_page(staying, wanted).await?;
-            let read = page.len();
-            let (replayable, stay): (Vec<_>, Vec<_>) =
-                page.into_iter().partition(DeadJob::is_replayable);
-            staying += stay.len();
-            moved += self.replay_entries(replayable).await?;
-            if read < wanted {
+            let page_size = wanted.max(PAGE);
+            let page = self.dead_page(staying, page_size).await?;
+            let listed = page.len();
+            // The first `wanted` replayable entries are tried; what stays dead before the last
+            // of them is stepped over next time, the rest of the page is read again. A member
+            // whose record went meanwhile is stepped over too: at worst this call then misses
+            // one entry, it never loops on it.
+            let mut tried = Vec::new();
+            let mut complete = true;
+            for entry in page {
+                if tried.len() == wanted {
+                    complete = false;
+                    break;
+                }
+                match entry {
+                    Some(entry) if entry.is_replayable() => tried.push(entry),
+                    _ => staying += 1,
+                }
+            }
+            moved += self.replay_entries(tried).await?;
+            if complete && listed < page_size {
                 break;
             }
         }

@@ -392,12 +392,16 @@ if op == 'work' then
         if at > now + 1000 then
           redis.call('ZADD', SCHED, at, prio .. '|' .. payload)
         elseif ttl > 0 and at > 0 and now - at > ttl then
-          -- A job recovered or released earlier has a delivery count; it goes with the job,
-          -- unless another copy of the id holds a lease (the count is that copy's).
+          -- A job recovered or released earlier has a delivery count; it goes with the job.
+          -- When another copy of the id holds a lease, the count is that copy's, and this copy
+          -- is filed as a duplicate: replaying it would send the mail twice.
+          local did = id
           if redis.call('HEXISTS', LEASES, id) == 0 then
             redis.call('HDEL', DELIV, id)
+          else
+            did = unique_dead_id(id .. '#duplicate-' .. string.format('%d', now))
           end
-          bury(id, record(id, 'expired', 'waited ' .. string.format('%d', now - at)
+          bury(did, record(did, 'expired', 'waited ' .. string.format('%d', now - at)
             .. ' ms, longer than the ' .. string.format('%d', ttl) .. ' ms job TTL', prio, payload,
             now, true), now)
         elseif redis.call('HSETNX', LEASES, id, token .. '|' .. prio .. '|' .. payload) == 0 then
