@@ -537,9 +537,16 @@ async fn monitor(
     server: &LocalServer,
     marker: &'static str,
 ) -> tokio::task::JoinHandle<Vec<(String, String)>> {
+    monitor_port(server.port(), marker).await
+}
+
+/// [`monitor`] of the server on 127.0.0.1:`port`.
+async fn monitor_port(
+    port: u16,
+    marker: &'static str,
+) -> tokio::task::JoinHandle<Vec<(String, String)>> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-    let config = server.config();
-    let stream = tokio::net::TcpStream::connect((config.host.as_str(), config.port))
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
     let mut lines = tokio::io::BufReader::new(stream);
@@ -581,16 +588,7 @@ async fn monitor(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skewed_client_clocks_send_identical_commands_and_admit_the_same_totals() {
     let server = start(LocalOptions::default()).await;
-    let make = |redis: &Redis, offset_ms: i64| {
-        let mut config = RateLimiterConfig::default().with_clock_offset(offset_ms);
-        for algorithm in ALGORITHMS {
-            let tier = Tier::new(20, Duration::from_secs(3600))
-                .unwrap()
-                .with_algorithm(algorithm);
-            config = config.tier(TierName::custom(format!("t-{algorithm}")), tier);
-        }
-        redis.rate_limiter_with(config).unwrap()
-    };
+    let make = skewed_limiter;
     let (ahead_redis, behind_redis, other) = (
         Redis::connect(server.config()).await.unwrap(),
         Redis::connect(server.config()).await.unwrap(),
@@ -667,6 +665,112 @@ async fn skewed_client_clocks_send_identical_commands_and_admit_the_same_totals(
         "{sent_ahead:#?}"
     );
     assert_eq!(sent_ahead, sent_behind, "a client clock reached the wire");
+}
+
+/// A limiter whose clock runs `offset_ms` off, with a tier `t-<algorithm>` of 20 per hour for
+/// each algorithm.
+fn skewed_limiter(redis: &Redis, offset_ms: i64) -> RateLimiter {
+    let mut config = RateLimiterConfig::default().with_clock_offset(offset_ms);
+    for algorithm in ALGORITHMS {
+        let tier = Tier::new(20, Duration::from_secs(3600))
+            .unwrap()
+            .with_algorithm(algorithm);
+        config = config.tier(TierName::custom(format!("t-{algorithm}")), tier);
+    }
+    redis.rate_limiter_with(config).unwrap()
+}
+
+/// The Cluster form of the test above: MONITOR on every node, and each side's commands told
+/// apart by the keys they carry (a side's keys may live on any node).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skewed_client_clocks_on_cluster_send_identical_commands() {
+    let cluster = tokio::task::spawn_blocking(|| LocalCluster::start(3))
+        .await
+        .unwrap()
+        .unwrap();
+    let ports: Vec<u16> = cluster.nodes().iter().map(|n| n.port()).collect();
+    let (ahead_redis, behind_redis) = (
+        Redis::connect(cluster.config()).await.unwrap(),
+        Redis::connect(cluster.config()).await.unwrap(),
+    );
+    let (ahead, behind) = (
+        skewed_limiter(&ahead_redis, 5_000),
+        skewed_limiter(&behind_redis, -5_000),
+    );
+    // Warm up on enough keys that every node has every script cached: no NOSCRIPT while
+    // monitored, which would add an EVAL to one side only.
+    for algorithm in ALGORITHMS {
+        let tier = TierName::custom(format!("t-{algorithm}"));
+        for i in 0..40 {
+            let endpoint = algorithm.to_string();
+            ahead
+                .check(&format!("warm-{i}"), &endpoint, &tier)
+                .await
+                .unwrap();
+        }
+    }
+    const DONE: &str = "cluster-skew-test-done";
+    let mut captures = Vec::new();
+    for port in &ports {
+        captures.push(monitor_port(*port, DONE).await);
+    }
+    let mut keys = Vec::new();
+    for algorithm in ALGORITHMS {
+        let tier = TierName::custom(format!("t-{algorithm}"));
+        let (a, b) = (format!("ahead-{algorithm}"), format!("behind-{algorithm}"));
+        let (mut admitted_ahead, mut admitted_behind) = (0, 0);
+        for _ in 0..30 {
+            admitted_ahead += u64::from(ahead.check(&a, "e", &tier).await.unwrap().allowed);
+            admitted_behind += u64::from(behind.check(&b, "e", &tier).await.unwrap().allowed);
+        }
+        let (pa, pb) = (
+            ahead.peek(&a, "e", &tier).await.unwrap(),
+            behind.peek(&b, "e", &tier).await.unwrap(),
+        );
+        assert_eq!(
+            (pa.allowed, pa.remaining),
+            (pb.allowed, pb.remaining),
+            "{algorithm}"
+        );
+        assert_eq!((admitted_ahead, admitted_behind), (20, 20), "{algorithm}");
+        keys.push((
+            ahead.key(&a, "e").unwrap(),
+            behind.key(&b, "e").unwrap(),
+            algorithm,
+        ));
+    }
+    for port in &ports {
+        let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let _: String = redis::cmd("ECHO")
+            .arg(DONE)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let mut seen = Vec::new();
+    for capture in captures {
+        seen.extend(capture.await.unwrap().into_iter().map(|(_, args)| args));
+    }
+    for (ahead_key, behind_key, algorithm) in &keys {
+        let side = |key: &str| -> Vec<String> {
+            let quoted = format!("\"{key}\"");
+            seen.iter()
+                .filter(|args| args.contains(&quoted))
+                .map(|args| args.replace(&quoted, "<key>"))
+                .collect()
+        };
+        let (sent_ahead, sent_behind) = (side(ahead_key), side(behind_key));
+        // 30 checks + 1 peek, at least one command each that names the key.
+        assert!(sent_ahead.len() >= 31, "{algorithm}: {sent_ahead:#?}");
+        assert_eq!(
+            sent_ahead, sent_behind,
+            "{algorithm}: a client clock reached the wire"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
