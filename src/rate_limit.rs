@@ -183,7 +183,10 @@ impl TierName {
         if !name.bytes().all(tier_name_byte) {
             return bad("has a character outside A-Z a-z 0-9 _ . -");
         }
-        if BUILT_IN_NAMES.iter().any(|b| b.eq_ignore_ascii_case(name)) {
+        if BUILT_IN
+            .iter()
+            .any(|b| b.as_str().eq_ignore_ascii_case(name))
+        {
             return bad("is a built-in tier's name: use its TierName variant");
         }
         Ok(())
@@ -192,15 +195,15 @@ impl TierName {
 
 /// Longest custom tier name.
 const MAX_TIER_NAME: usize = 64;
-/// Names of the non-custom variants, which a custom name may not take.
-const BUILT_IN_NAMES: [&str; 7] = [
-    "general",
-    "auth",
-    "sensitive",
-    "admin",
-    "mfa",
-    "financial",
-    "default",
+/// The non-custom variants, whose names a custom name may not take.
+const BUILT_IN: [TierName; 7] = [
+    TierName::General,
+    TierName::Auth,
+    TierName::Sensitive,
+    TierName::Admin,
+    TierName::Mfa,
+    TierName::Financial,
+    TierName::Default,
 ];
 
 fn tier_name_byte(b: u8) -> bool {

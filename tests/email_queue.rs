@@ -280,6 +280,7 @@ aether_redis::contract_tests! {
         assert!(dead[0].error.contains("2 deliveries"), "{}", dead[0].error);
         assert!(dead[0].is_replayable());
 
+        assert!(matches!(queue.replay_one("").await, Err(Error::InvalidInput { what: "dead id", .. })));
         assert!(queue.replay_one("doomed").await.unwrap());
         assert!(!queue.replay_one("doomed").await.unwrap(), "replayed twice");
         wait_for("the replayed job", Duration::from_secs(10), || handled.lock().unwrap().len() == 1).await;
@@ -1055,6 +1056,43 @@ aether_redis::contract_tests! {
         let stats = queue.stats().await.unwrap();
         assert_eq!((stats.high, stats.normal, stats.low, stats.dead), (1, 0, 0, 2));
         assert_eq!(queue.replay(10).await.unwrap(), 0, "malformed entries stay dead");
+    }
+
+    async fn concurrent_replays_move_each_dead_job_exactly_once(redis) {
+        // 300 dead jobs with 20 malformed entries among them, replayed by four concurrent
+        // `replay(100)` calls: together they move every job once, whichever reads what.
+        let queue = fast(&redis.email_queue_named("replays").unwrap());
+        let jobs = (0..300).map(|i| job(&format!("d{i}"), Priority::ALL[i % 3])).collect();
+        queue.enqueue_bulk(jobs).await.unwrap();
+        let mut conn = redis.connection().await.unwrap();
+        for i in 0..20 {
+            let _: () = redis::cmd("LPUSH")
+                .arg(queue.list_key(Priority::Normal))
+                .arg(format!("junk {i}"))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        let worker = spawn_worker(&queue, 8, |_job| async { Err(JobError::permanent("bounced")) });
+        wait_stats(&queue, "every job dead", Duration::from_secs(20), |s| s.dead == 320).await;
+        worker.shutdown().await.unwrap();
+
+        let replays: Vec<_> = (0..4)
+            .map(|_| {
+                let q = queue.clone();
+                tokio::spawn(async move { q.replay(100).await.unwrap() })
+            })
+            .collect();
+        let mut moved = 0;
+        for r in replays {
+            moved += r.await.unwrap();
+        }
+        assert_eq!(moved, 300);
+        let waiting = waiting_ids(&redis, &queue).await;
+        assert_eq!(waiting.len(), 300);
+        assert!(waiting.values().all(|&n| n == 1), "a job replayed twice");
+        let stats = queue.stats().await.unwrap();
+        assert_eq!((stats.waiting(), stats.dead), (300, 20));
     }
 
     async fn a_raw_push_of_an_id_being_processed_is_buried_as_duplicate(redis) {

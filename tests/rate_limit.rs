@@ -615,31 +615,7 @@ async fn skewed_client_clocks_send_identical_commands_and_admit_the_same_totals(
 
     const DONE: &str = "skew-test-done";
     let capture = monitor(&server, DONE).await;
-    let mut keys = Vec::new();
-    for algorithm in ALGORITHMS {
-        let tier = TierName::custom(format!("t-{algorithm}"));
-        let (a, b) = (format!("ahead-{algorithm}"), format!("behind-{algorithm}"));
-        let (mut admitted_ahead, mut admitted_behind) = (0, 0);
-        for _ in 0..30 {
-            admitted_ahead += u64::from(ahead.check(&a, "e", &tier).await.unwrap().allowed);
-            admitted_behind += u64::from(behind.check(&b, "e", &tier).await.unwrap().allowed);
-        }
-        let (pa, pb) = (
-            ahead.peek(&a, "e", &tier).await.unwrap(),
-            behind.peek(&b, "e", &tier).await.unwrap(),
-        );
-        assert_eq!(
-            (pa.allowed, pa.remaining),
-            (pb.allowed, pb.remaining),
-            "{algorithm}"
-        );
-        assert_eq!((admitted_ahead, admitted_behind), (20, 20), "{algorithm}");
-        keys.push((
-            ahead.key(&a, "e").unwrap(),
-            behind.key(&b, "e").unwrap(),
-            algorithm,
-        ));
-    }
+    let keys = check_both_sides(&ahead, &behind).await;
     let _: String = query(&other, redis::cmd("ECHO").arg(DONE)).await;
     let seen = capture.await.unwrap();
 
@@ -680,6 +656,41 @@ fn skewed_limiter(redis: &Redis, offset_ms: i64) -> RateLimiter {
     redis.rate_limiter_with(config).unwrap()
 }
 
+/// 30 checks and a peek per algorithm on each skewed limiter (keys `ahead-<algorithm>` and
+/// `behind-<algorithm>`): both admit exactly the tier's 20 and peek alike. Returns each
+/// algorithm's two full keys.
+async fn check_both_sides(
+    ahead: &RateLimiter,
+    behind: &RateLimiter,
+) -> Vec<(String, String, Algorithm)> {
+    let mut keys = Vec::new();
+    for algorithm in ALGORITHMS {
+        let tier = TierName::custom(format!("t-{algorithm}"));
+        let (a, b) = (format!("ahead-{algorithm}"), format!("behind-{algorithm}"));
+        let (mut admitted_ahead, mut admitted_behind) = (0, 0);
+        for _ in 0..30 {
+            admitted_ahead += u64::from(ahead.check(&a, "e", &tier).await.unwrap().allowed);
+            admitted_behind += u64::from(behind.check(&b, "e", &tier).await.unwrap().allowed);
+        }
+        let (pa, pb) = (
+            ahead.peek(&a, "e", &tier).await.unwrap(),
+            behind.peek(&b, "e", &tier).await.unwrap(),
+        );
+        assert_eq!(
+            (pa.allowed, pa.remaining),
+            (pb.allowed, pb.remaining),
+            "{algorithm}"
+        );
+        assert_eq!((admitted_ahead, admitted_behind), (20, 20), "{algorithm}");
+        keys.push((
+            ahead.key(&a, "e").unwrap(),
+            behind.key(&b, "e").unwrap(),
+            algorithm,
+        ));
+    }
+    keys
+}
+
 /// The Cluster form of the test above: MONITOR on every node, and each side's commands told
 /// apart by the keys they carry (a side's keys may live on any node).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -714,31 +725,7 @@ async fn skewed_client_clocks_on_cluster_send_identical_commands() {
     for port in &ports {
         captures.push(monitor_port(*port, DONE).await);
     }
-    let mut keys = Vec::new();
-    for algorithm in ALGORITHMS {
-        let tier = TierName::custom(format!("t-{algorithm}"));
-        let (a, b) = (format!("ahead-{algorithm}"), format!("behind-{algorithm}"));
-        let (mut admitted_ahead, mut admitted_behind) = (0, 0);
-        for _ in 0..30 {
-            admitted_ahead += u64::from(ahead.check(&a, "e", &tier).await.unwrap().allowed);
-            admitted_behind += u64::from(behind.check(&b, "e", &tier).await.unwrap().allowed);
-        }
-        let (pa, pb) = (
-            ahead.peek(&a, "e", &tier).await.unwrap(),
-            behind.peek(&b, "e", &tier).await.unwrap(),
-        );
-        assert_eq!(
-            (pa.allowed, pa.remaining),
-            (pb.allowed, pb.remaining),
-            "{algorithm}"
-        );
-        assert_eq!((admitted_ahead, admitted_behind), (20, 20), "{algorithm}");
-        keys.push((
-            ahead.key(&a, "e").unwrap(),
-            behind.key(&b, "e").unwrap(),
-            algorithm,
-        ));
-    }
+    let keys = check_both_sides(&ahead, &behind).await;
     for port in &ports {
         let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))
             .unwrap()

@@ -754,8 +754,12 @@ impl EmailQueue {
     }
 
     /// Moves the dead entry `dead_id` back to its list (see [`replay`](Self::replay)); false when
-    /// there is no such entry or it is not replayable. Two round trips.
+    /// there is no such entry or it is not replayable. Two round trips. An empty `dead_id` is
+    /// [`Error::InvalidInput`] (nothing sent).
     pub async fn replay_one(&self, dead_id: &str) -> Result<bool> {
+        if dead_id.is_empty() {
+            return Err(Error::invalid("dead id", "must not be empty"));
+        }
         let k = &self.inner.keys;
         let raw: Option<String> = self
             .inner
