@@ -1,7 +1,9 @@
 //! End-to-end email queue throughput: enqueue → handle → acknowledge, at 1, 8 and 32
 //! concurrency (producer tasks and handler slots), beside a raw `LPUSH`/`BLMOVE`/`LREM`
 //! reliable-queue loop on the redis client and apalis-redis 1.0, same server, same run (settings
-//! of each side: docs/performance.md).
+//! of each side: docs/performance.md). A second group times the producers alone (no worker
+//! running): the rate at which N tasks awaiting each enqueue can add jobs bounds the end-to-end
+//! figure from above.
 //!
 //! ```sh
 //! cargo bench --all-features --bench email_queue -- --warm-up-time 1 --measurement-time 3
@@ -397,5 +399,159 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench);
+/// Deletes every key matching `pattern` (the enqueue-only sides leave their jobs behind).
+async fn unlink_matching(conn: &mut redis::aio::MultiplexedConnection, pattern: &str) {
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await
+            .unwrap();
+        if !keys.is_empty() {
+            let _: i64 = redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async(conn)
+                .await
+                .unwrap();
+        }
+        if next == 0 {
+            return;
+        }
+        cursor = next;
+    }
+}
+
+/// The producers alone: N tasks each awaiting one enqueue at a time, nothing consuming. Ours
+/// (one script per call, concurrent calls on one handle batched), apalis-redis's `push` (one
+/// script per job), a raw `LPUSH` per job on the shared connection, and a `PING` per job: the
+/// round trip itself, which no enqueue that waits for its reply can beat.
+fn bench_enqueue_only(c: &mut Criterion) {
+    let rt = Runtime::new().unwrap();
+    let server = aether_redis::testkit::shared_server().unwrap();
+    let prefix = format!("bench-enqueue:{}:", std::process::id());
+    let config: Config = {
+        let mut config = server.config.clone();
+        config.key_prefix = prefix.clone();
+        config
+    };
+    let url = format!("redis://{}:{}", config.host, config.port);
+    let redis = rt.block_on(Redis::connect(config)).unwrap();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut admin = rt
+        .block_on(client.get_multiplexed_async_connection())
+        .unwrap();
+
+    let mut group = c.benchmark_group("email_queue_enqueue_only");
+    group.throughput(Throughput::Elements(BATCH));
+    for concurrency in CONCURRENCY {
+        let queue = redis
+            .email_queue_named(&format!("enqueue{concurrency}"))
+            .unwrap();
+        group.bench_function(BenchmarkId::new("aether_redis", concurrency), |b| {
+            b.to_async(&rt).iter_custom(|iters| {
+                let queue = queue.clone();
+                async move {
+                    let started = Instant::now();
+                    produce(concurrency, iters * BATCH, move || {
+                        let queue = queue.clone();
+                        async move {
+                            queue.enqueue(job()).await.unwrap();
+                        }
+                    })
+                    .await;
+                    started.elapsed()
+                }
+            })
+        });
+        rt.block_on(unlink_matching(&mut admin, &format!("{prefix}*")));
+
+        let apalis_queue = format!("apalis-bench-enqueue-{concurrency}-{}", std::process::id());
+        let storage = rt.block_on(async {
+            let conn = apalis_redis::Client::open(url.as_str())
+                .unwrap()
+                .get_connection_manager_with_config(
+                    redis::aio::ConnectionManagerConfig::new().set_response_timeout(None),
+                )
+                .await
+                .unwrap();
+            apalis_redis::RedisStorage::<BenchMail>::new(conn).with_config(
+                apalis_redis::Config::default()
+                    .queue(apalis_queue.clone())
+                    .emit_events(false),
+            )
+        });
+        group.bench_function(BenchmarkId::new("apalis_redis", concurrency), |b| {
+            b.to_async(&rt).iter_custom(|iters| {
+                let storage = storage.clone();
+                async move {
+                    let started = Instant::now();
+                    produce(concurrency, iters * BATCH, move || {
+                        let mut storage = storage.clone();
+                        async move {
+                            use apalis::prelude::*;
+                            storage.push(mail()).await.unwrap();
+                        }
+                    })
+                    .await;
+                    started.elapsed()
+                }
+            })
+        });
+        rt.block_on(unlink_matching(&mut admin, &format!("{apalis_queue}*")));
+
+        let list = format!("raw-bench-enqueue:{concurrency}:{}", std::process::id());
+        let conn = rt
+            .block_on(client.get_multiplexed_async_connection())
+            .unwrap();
+        group.bench_function(BenchmarkId::new("raw_lpush", concurrency), |b| {
+            b.to_async(&rt).iter_custom(|iters| {
+                let (conn, list) = (conn.clone(), list.clone());
+                async move {
+                    let started = Instant::now();
+                    produce(concurrency, iters * BATCH, move || {
+                        let (mut conn, list) = (conn.clone(), list.clone());
+                        async move {
+                            let payload = serde_json::to_string(&mail()).unwrap();
+                            let _: i64 = redis::cmd("LPUSH")
+                                .arg(&list)
+                                .arg(payload)
+                                .query_async(&mut conn)
+                                .await
+                                .unwrap();
+                        }
+                    })
+                    .await;
+                    started.elapsed()
+                }
+            })
+        });
+        rt.block_on(unlink_matching(&mut admin, &list));
+
+        group.bench_function(BenchmarkId::new("raw_ping", concurrency), |b| {
+            b.to_async(&rt).iter_custom(|iters| {
+                let conn = conn.clone();
+                async move {
+                    let started = Instant::now();
+                    produce(concurrency, iters * BATCH, move || {
+                        let mut conn = conn.clone();
+                        async move {
+                            let _: String =
+                                redis::cmd("PING").query_async(&mut conn).await.unwrap();
+                        }
+                    })
+                    .await;
+                    started.elapsed()
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench, bench_enqueue_only);
 criterion_main!(benches);
