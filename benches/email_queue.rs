@@ -1,7 +1,7 @@
 //! End-to-end email queue throughput: enqueue → handle → acknowledge, at 1, 8 and 32
 //! concurrency (producer tasks and handler slots), beside a raw `LPUSH`/`BLMOVE`/`LREM`
-//! reliable-queue loop on the redis client and apalis-redis 1.0, same server, same run (settings
-//! of each side: docs/performance.md). A second group times the producers alone (no worker
+//! reliable-queue loop on the redis client, apalis-redis 1.0 and rsmq_async 18, same server, same
+//! run (settings of each side: docs/performance.md). A second group times the producers alone (no worker
 //! running): the rate at which N tasks awaiting each enqueue can add jobs bounds the end-to-end
 //! figure from above.
 //!
@@ -250,6 +250,110 @@ mod apalis_side {
     }
 }
 
+mod rsmq_side {
+    use super::*;
+    use rsmq_async::{Rsmq, RsmqConnection, RsmqMessage, RsmqOptions, Worker};
+
+    /// RSMQ's workers poll; the fastest interval, as for apalis.
+    const POLL_INTERVAL: Duration = Duration::from_millis(1);
+
+    /// rsmq_async 18: `send_message` per job on one multiplexed connection; its `Worker` handles
+    /// one message at a time, so N handler slots are N workers (each with its own connection),
+    /// each receiving, handling and deleting one message per round.
+    pub(super) struct RsmqSide {
+        rsmq: Rsmq,
+        qname: String,
+        pub(super) done: Arc<AtomicU64>,
+        notify: Arc<Notify>,
+        stop: Arc<Notify>,
+        workers: Vec<tokio::task::JoinHandle<()>>,
+    }
+
+    fn options((host, port): (&str, u16), ns: &str) -> RsmqOptions {
+        RsmqOptions {
+            host: host.to_owned(),
+            port,
+            ns: ns.to_owned(),
+            ..RsmqOptions::default()
+        }
+    }
+
+    impl RsmqSide {
+        pub(super) async fn start(server: (&str, u16), concurrency: usize) -> Self {
+            let ns = format!("rsmq-bench-{}", std::process::id());
+            let qname = format!("q{concurrency}");
+            let mut rsmq = Rsmq::new(options(server, &ns)).await.unwrap();
+            rsmq.create_queue(&qname, None, None, Some(-1))
+                .await
+                .unwrap();
+            let done = Arc::new(AtomicU64::new(0));
+            let notify = Arc::new(Notify::new());
+            let stop = Arc::new(Notify::new());
+            let mut workers = Vec::new();
+            for _ in 0..concurrency {
+                let (d, n) = (done.clone(), notify.clone());
+                let worker = Worker::builder(options(server, &ns))
+                    .poll_interval(POLL_INTERVAL)
+                    .route(qname.clone(), move |msg: RsmqMessage<String>| {
+                        let (d, n) = (d.clone(), n.clone());
+                        async move {
+                            let _: BenchMail = serde_json::from_str(&msg.message).unwrap();
+                            d.fetch_add(1, Ordering::Release);
+                            n.notify_waiters();
+                            Ok::<(), std::convert::Infallible>(())
+                        }
+                    })
+                    .build()
+                    .await
+                    .unwrap();
+                let s = stop.clone();
+                workers.push(tokio::spawn(async move {
+                    if let Err(e) = worker.run_until(async move { s.notified().await }).await {
+                        eprintln!("rsmq worker stopped: {e}");
+                    }
+                }));
+            }
+            RsmqSide {
+                rsmq,
+                qname,
+                done,
+                notify,
+                stop,
+                workers,
+            }
+        }
+
+        pub(super) async fn run(&self, concurrency: usize, total: u64) -> Duration {
+            let target = self.done.load(Ordering::Acquire) + total;
+            let started = Instant::now();
+            let (rsmq, qname) = (self.rsmq.clone(), self.qname.clone());
+            produce(concurrency, total, move || {
+                let (mut rsmq, qname) = (rsmq.clone(), qname.clone());
+                async move {
+                    let payload = serde_json::to_string(&mail()).unwrap();
+                    rsmq.send_message(&qname, payload, None).await.unwrap();
+                }
+            })
+            .await;
+            wait_done(&self.done, &self.notify, target).await;
+            started.elapsed()
+        }
+
+        /// Messages still in the queue: each handled one was deleted in the same round.
+        pub(super) async fn remaining(&self) -> u64 {
+            let mut rsmq = self.rsmq.clone();
+            rsmq.get_queue_attributes(&self.qname).await.unwrap().msgs
+        }
+
+        pub(super) async fn stop(self) {
+            self.stop.notify_waiters();
+            for worker in self.workers {
+                let _ = tokio::time::timeout(Duration::from_secs(5), worker).await;
+            }
+        }
+    }
+}
+
 /// The classic reliable queue with the raw client: `LPUSH`; consumers `BLMOVE` to a processing
 /// list (one connection each, as a blocking command needs) and `LREM` it when done.
 struct Raw {
@@ -339,6 +443,7 @@ fn bench(c: &mut Criterion) {
         config
     };
     let url = format!("redis://{}:{}", config.host, config.port);
+    let (host, port) = (config.host.clone(), config.port);
     let redis = rt.block_on(Redis::connect(config)).unwrap();
     let client = redis::Client::open(url.as_str()).unwrap();
 
@@ -381,6 +486,29 @@ fn bench(c: &mut Criterion) {
             }
         });
         rt.block_on(apalis.stop());
+
+        let rsmq = rt.block_on(rsmq_side::RsmqSide::start(
+            (host.as_str(), port),
+            concurrency,
+        ));
+        group.bench_function(BenchmarkId::new("rsmq_async", concurrency), |b| {
+            b.to_async(&rt).iter_custom(|iters| {
+                let rsmq = &rsmq;
+                async move { rsmq.run(concurrency, iters * BATCH).await }
+            })
+        });
+        // A worker deletes a message right after its handler returns; wait for the last.
+        rt.block_on(async {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while rsmq.remaining().await > 0 {
+                assert!(
+                    Instant::now() < deadline,
+                    "rsmq left handled messages undeleted"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        rt.block_on(rsmq.stop());
 
         let raw = rt.block_on(Raw::start(&client, concurrency));
         group.bench_function(
