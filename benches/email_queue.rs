@@ -82,6 +82,26 @@ where
     }
 }
 
+/// Times `concurrency` producer tasks sharing `total` sends until the handlers have counted
+/// them all in `done`.
+async fn end_to_end<F, Fut>(
+    done: &AtomicU64,
+    notify: &Notify,
+    concurrency: usize,
+    total: u64,
+    send: F,
+) -> Duration
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let target = done.load(Ordering::Acquire) + total;
+    let started = Instant::now();
+    produce(concurrency, total, send).await;
+    wait_done(done, notify, target).await;
+    started.elapsed()
+}
+
 struct Ours {
     queue: EmailQueue,
     done: Arc<AtomicU64>,
@@ -124,18 +144,14 @@ impl Ours {
     }
 
     async fn run(&self, concurrency: usize, total: u64) -> Duration {
-        let target = self.done.load(Ordering::Acquire) + total;
-        let started = Instant::now();
         let queue = self.queue.clone();
-        produce(concurrency, total, move || {
+        end_to_end(&self.done, &self.notify, concurrency, total, move || {
             let queue = queue.clone();
             async move {
                 queue.enqueue(job()).await.unwrap();
             }
         })
-        .await;
-        wait_done(&self.done, &self.notify, target).await;
-        started.elapsed()
+        .await
     }
 }
 
@@ -218,18 +234,14 @@ mod apalis_side {
         }
 
         pub(super) async fn run(&self, concurrency: usize, total: u64) -> Duration {
-            let target = self.done.load(Ordering::Acquire) + total;
-            let started = Instant::now();
             let storage = self.storage.clone();
-            produce(concurrency, total, move || {
+            end_to_end(&self.done, &self.notify, concurrency, total, move || {
                 let mut storage = storage.clone();
                 async move {
                     storage.push(mail()).await.unwrap();
                 }
             })
-            .await;
-            wait_done(&self.done, &self.notify, target).await;
-            started.elapsed()
+            .await
         }
 
         /// Jobs acknowledged in Redis (apalis adds each completed task id to its done set).
@@ -324,19 +336,15 @@ mod rsmq_side {
         }
 
         pub(super) async fn run(&self, concurrency: usize, total: u64) -> Duration {
-            let target = self.done.load(Ordering::Acquire) + total;
-            let started = Instant::now();
             let (rsmq, qname) = (self.rsmq.clone(), self.qname.clone());
-            produce(concurrency, total, move || {
+            end_to_end(&self.done, &self.notify, concurrency, total, move || {
                 let (mut rsmq, qname) = (rsmq.clone(), qname.clone());
                 async move {
                     let payload = serde_json::to_string(&mail()).unwrap();
                     rsmq.send_message(&qname, payload, None).await.unwrap();
                 }
             })
-            .await;
-            wait_done(&self.done, &self.notify, target).await;
-            started.elapsed()
+            .await
         }
 
         /// Messages still in the queue: each handled one was deleted in the same round.
@@ -352,6 +360,17 @@ mod rsmq_side {
             }
         }
     }
+}
+
+/// The raw producer's send: one `LPUSH` of the bench mail as JSON.
+async fn lpush_mail(mut conn: redis::aio::MultiplexedConnection, list: String) {
+    let payload = serde_json::to_string(&mail()).unwrap();
+    let _: i64 = redis::cmd("LPUSH")
+        .arg(&list)
+        .arg(payload)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
 }
 
 /// The classic reliable queue with the raw client: `LPUSH`; consumers `BLMOVE` to a processing
@@ -413,24 +432,11 @@ impl Raw {
     }
 
     async fn run(&self, concurrency: usize, total: u64) -> Duration {
-        let target = self.done.load(Ordering::Acquire) + total;
-        let started = Instant::now();
         let (conn, list) = (self.conn.clone(), self.list.clone());
-        produce(concurrency, total, move || {
-            let (mut conn, list) = (conn.clone(), list.clone());
-            async move {
-                let payload = serde_json::to_string(&mail()).unwrap();
-                let _: i64 = redis::cmd("LPUSH")
-                    .arg(&list)
-                    .arg(payload)
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap();
-            }
+        end_to_end(&self.done, &self.notify, concurrency, total, move || {
+            lpush_mail(conn.clone(), list.clone())
         })
-        .await;
-        wait_done(&self.done, &self.notify, target).await;
-        started.elapsed()
+        .await
     }
 }
 
@@ -554,6 +560,30 @@ async fn unlink_matching(conn: &mut redis::aio::MultiplexedConnection, pattern: 
     }
 }
 
+/// Benchmarks `concurrency` producer tasks sharing `BATCH * iters` calls of `send`, timing only
+/// the sends.
+fn time_producers<F, Fut>(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    rt: &Runtime,
+    name: &str,
+    concurrency: usize,
+    send: F,
+) where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    group.bench_function(BenchmarkId::new(name, concurrency), |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let send = send.clone();
+            async move {
+                let started = Instant::now();
+                produce(concurrency, iters * BATCH, send).await;
+                started.elapsed()
+            }
+        })
+    });
+}
+
 /// The producers alone: N tasks each awaiting one enqueue at a time, nothing consuming. Ours
 /// (one script per call, concurrent calls on one handle batched), apalis-redis's `push` (one
 /// script per job), a raw `LPUSH` per job on the shared connection, and a `PING` per job: the
@@ -580,21 +610,11 @@ fn bench_enqueue_only(c: &mut Criterion) {
         let queue = redis
             .email_queue_named(&format!("enqueue{concurrency}"))
             .unwrap();
-        group.bench_function(BenchmarkId::new("aether_redis", concurrency), |b| {
-            b.to_async(&rt).iter_custom(|iters| {
-                let queue = queue.clone();
-                async move {
-                    let started = Instant::now();
-                    produce(concurrency, iters * BATCH, move || {
-                        let queue = queue.clone();
-                        async move {
-                            queue.enqueue(job()).await.unwrap();
-                        }
-                    })
-                    .await;
-                    started.elapsed()
-                }
-            })
+        time_producers(&mut group, &rt, "aether_redis", concurrency, move || {
+            let queue = queue.clone();
+            async move {
+                queue.enqueue(job()).await.unwrap();
+            }
         });
         rt.block_on(unlink_matching(&mut admin, &format!("{prefix}*")));
 
@@ -613,22 +633,12 @@ fn bench_enqueue_only(c: &mut Criterion) {
                     .emit_events(false),
             )
         });
-        group.bench_function(BenchmarkId::new("apalis_redis", concurrency), |b| {
-            b.to_async(&rt).iter_custom(|iters| {
-                let storage = storage.clone();
-                async move {
-                    let started = Instant::now();
-                    produce(concurrency, iters * BATCH, move || {
-                        let mut storage = storage.clone();
-                        async move {
-                            use apalis::prelude::*;
-                            storage.push(mail()).await.unwrap();
-                        }
-                    })
-                    .await;
-                    started.elapsed()
-                }
-            })
+        time_producers(&mut group, &rt, "apalis_redis", concurrency, move || {
+            let mut storage = storage.clone();
+            async move {
+                use apalis::prelude::*;
+                storage.push(mail()).await.unwrap();
+            }
         });
         rt.block_on(unlink_matching(&mut admin, &format!("{apalis_queue}*")));
 
@@ -636,46 +646,17 @@ fn bench_enqueue_only(c: &mut Criterion) {
         let conn = rt
             .block_on(client.get_multiplexed_async_connection())
             .unwrap();
-        group.bench_function(BenchmarkId::new("raw_lpush", concurrency), |b| {
-            b.to_async(&rt).iter_custom(|iters| {
-                let (conn, list) = (conn.clone(), list.clone());
-                async move {
-                    let started = Instant::now();
-                    produce(concurrency, iters * BATCH, move || {
-                        let (mut conn, list) = (conn.clone(), list.clone());
-                        async move {
-                            let payload = serde_json::to_string(&mail()).unwrap();
-                            let _: i64 = redis::cmd("LPUSH")
-                                .arg(&list)
-                                .arg(payload)
-                                .query_async(&mut conn)
-                                .await
-                                .unwrap();
-                        }
-                    })
-                    .await;
-                    started.elapsed()
-                }
-            })
+        let (lpush_conn, lpush_list) = (conn.clone(), list.clone());
+        time_producers(&mut group, &rt, "raw_lpush", concurrency, move || {
+            lpush_mail(lpush_conn.clone(), lpush_list.clone())
         });
         rt.block_on(unlink_matching(&mut admin, &list));
 
-        group.bench_function(BenchmarkId::new("raw_ping", concurrency), |b| {
-            b.to_async(&rt).iter_custom(|iters| {
-                let conn = conn.clone();
-                async move {
-                    let started = Instant::now();
-                    produce(concurrency, iters * BATCH, move || {
-                        let mut conn = conn.clone();
-                        async move {
-                            let _: String =
-                                redis::cmd("PING").query_async(&mut conn).await.unwrap();
-                        }
-                    })
-                    .await;
-                    started.elapsed()
-                }
-            })
+        time_producers(&mut group, &rt, "raw_ping", concurrency, move || {
+            let mut conn = conn.clone();
+            async move {
+                let _: String = redis::cmd("PING").query_async(&mut conn).await.unwrap();
+            }
         });
     }
     group.finish();
