@@ -185,7 +185,7 @@ mod apalis_side {
 
     /// A connection manager without the client's 500 ms default response timeout: on this
     /// loaded 2-core machine one slow reply would otherwise end the worker's stream for good.
-    async fn connection(url: &str) -> apalis_redis::ConnectionManager {
+    pub(super) async fn connection(url: &str) -> apalis_redis::ConnectionManager {
         let config = redis::aio::ConnectionManagerConfig::new().set_response_timeout(None);
         apalis_redis::Client::open(url)
             .unwrap()
@@ -619,20 +619,14 @@ fn bench_enqueue_only(c: &mut Criterion) {
         rt.block_on(unlink_matching(&mut admin, &format!("{prefix}*")));
 
         let apalis_queue = format!("apalis-bench-enqueue-{concurrency}-{}", std::process::id());
-        let storage = rt.block_on(async {
-            let conn = apalis_redis::Client::open(url.as_str())
-                .unwrap()
-                .get_connection_manager_with_config(
-                    redis::aio::ConnectionManagerConfig::new().set_response_timeout(None),
-                )
-                .await
-                .unwrap();
-            apalis_redis::RedisStorage::<BenchMail>::new(conn).with_config(
-                apalis_redis::Config::default()
-                    .queue(apalis_queue.clone())
-                    .emit_events(false),
-            )
-        });
+        let storage = apalis_redis::RedisStorage::<BenchMail>::new(
+            rt.block_on(apalis_side::connection(&url)),
+        )
+        .with_config(
+            apalis_redis::Config::default()
+                .queue(apalis_queue.clone())
+                .emit_events(false),
+        );
         time_producers(&mut group, &rt, "apalis_redis", concurrency, move || {
             let mut storage = storage.clone();
             async move {
