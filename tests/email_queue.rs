@@ -122,6 +122,23 @@ async fn counts(queue: &EmailQueue) -> (u64, u64, u64, u64, u64) {
     (s.waiting(), s.active, s.delayed, s.dead, s.completed)
 }
 
+/// Fields left in the queue's `leases`, `payloads` and `deliveries` hashes.
+async fn lease_fields(redis: &Redis, queue: &EmailQueue) -> (u64, u64, u64) {
+    let mut conn = redis.connection().await.unwrap();
+    let mut out = [0u64; 3];
+    for (n, member) in ["leases", "payloads", "deliveries"].into_iter().enumerate() {
+        let key = queue
+            .list_key(Priority::Normal)
+            .replace(":normal", &format!(":{member}"));
+        out[n] = redis::cmd("HLEN")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    (out[0], out[1], out[2])
+}
+
 fn rank(p: Priority) -> u8 {
     match p {
         Priority::High => 0,
@@ -216,6 +233,7 @@ aether_redis::contract_tests! {
         assert!(seen.values().all(|&n| n == 1), "some job was handled twice");
         // Completed ids are retained up to the bound (1000 by default), not all 80 000.
         assert_eq!(counts(&queue).await, (0, 0, 0, 0, 1000));
+        assert_eq!(lease_fields(&redis, &queue).await, (0, 0, 0), "settled jobs left lease state behind");
     }
 
     async fn aborted_worker_task_job_is_redelivered_after_the_visibility_timeout(redis) {
@@ -585,6 +603,11 @@ aether_redis::contract_tests! {
         let config = redis.config().to_builder().ttl(Keyspace::EmailQueue, Duration::from_millis(800)).build().unwrap();
         let short = Redis::connect(config).await.unwrap();
         let queue = fast(&short.email_queue_named("expdup").unwrap());
+        let deliveries = queue.list_key(Priority::Normal).replace(":normal", ":deliveries");
+        let mut conn = short.connection().await.unwrap();
+        // A first delivery is counted only while some other job's count exists (a recovered
+        // job, say): this one makes x's lease carry a count that the stale copy must not drop.
+        let _: () = redis::cmd("HSET").arg(&deliveries).arg("recovered-elsewhere").arg(1).query_async(&mut conn).await.unwrap();
         queue.enqueue(job("x", Priority::Normal)).await.unwrap();
         let started = Arc::new(AtomicUsize::new(0));
         let release = Arc::new(tokio::sync::Notify::new());
@@ -598,7 +621,6 @@ aether_redis::contract_tests! {
             }
         });
         wait_for("x to start", Duration::from_secs(10), || started.load(Ordering::SeqCst) == 1).await;
-        let mut conn = short.connection().await.unwrap();
         let stale = documented_json("x", "normal", now_ms() - 5_000);
         let _: () = redis::cmd("LPUSH").arg(queue.list_key(Priority::Normal)).arg(stale).query_async(&mut conn).await.unwrap();
         wait_stats(&queue, "the stale copy", Duration::from_secs(10), |s| s.dead == 1).await;
@@ -606,7 +628,6 @@ aether_redis::contract_tests! {
         assert_eq!(dead[0].reason, "expired");
         assert!(dead[0].dead_id.starts_with("x#duplicate-"), "{}", dead[0].dead_id);
         assert!(!dead[0].is_replayable());
-        let deliveries = queue.list_key(Priority::Normal).replace(":normal", ":deliveries");
         let count: Option<String> = redis::cmd("HGET").arg(&deliveries).arg("x").query_async(&mut conn).await.unwrap();
         assert_eq!(count.as_deref(), Some("1"), "the running copy lost its delivery count");
         release.notify_waiters();
@@ -906,6 +927,8 @@ aether_redis::contract_tests! {
         assert_eq!(report.released, 4);
         let (waiting, active, ..) = counts(&queue).await;
         assert_eq!((active, waiting), (0, 20 - done.len() as u64));
+        // A released first delivery is undone: no count (not one of 0 or -1), no leased payload.
+        assert_eq!(lease_fields(&redis, &queue).await, (0, 0, 0));
 
         // 3. Everything is still there: a new worker handles exactly the rest.
         let (rest, worker) = recording_worker(&queue, 4);

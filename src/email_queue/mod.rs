@@ -65,7 +65,7 @@ pub const DEFAULT_QUEUE: &str = "default";
 const BULK_CHUNK: usize = 1_000;
 
 /// Key members of one queue, in the script's `KEYS` order.
-const MEMBERS: [&str; 11] = [
+const MEMBERS: [&str; 12] = [
     "high",
     "normal",
     "low",
@@ -77,6 +77,7 @@ const MEMBERS: [&str; 11] = [
     "completed",
     "dead",
     "dead-jobs",
+    "payloads",
 ];
 const K_SCHEDULED: usize = 3;
 const K_ACTIVE: usize = 4;

@@ -4,6 +4,7 @@
 local HIGH, NORMAL, LOW = KEYS[1], KEYS[2], KEYS[3]
 local SCHED, ACTIVE, LEASES, DELIV = KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local IDS, DONE, DEAD, DEADJOBS = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
+local PAYLOADS = KEYS[12]
 local LISTS = { high = HIGH, normal = NORMAL, low = LOW }
 local ORDER = { HIGH, NORMAL, LOW }
 local NAMES = { 'high', 'normal', 'low' }
@@ -151,15 +152,17 @@ local function trim(zkey, hkey, max_count, max_age, now, limit)
   return removed
 end
 
--- A lease value is `<token>|<priority>|<payload>`.
-local function split_lease(lease)
+-- A lease value is `<token>|<priority>`; the leased job's payload is in PAYLOADS under its id.
+-- Kept apart so that the token checks of every settlement and extension read a few bytes, not
+-- the job: each string that enters Lua is hashed over its whole length.
+local function lease_priority(lease)
   local a = string.find(lease, '|', 1, true)
-  local b = string.find(lease, '|', a + 1, true)
-  return string.sub(lease, 1, a - 1), string.sub(lease, a + 1, b - 1), string.sub(lease, b + 1)
+  return string.sub(lease, a + 1)
 end
 
 local function drop_lease(id)
   redis.call('HDEL', LEASES, id)
+  redis.call('HDEL', PAYLOADS, id)
   redis.call('ZREM', ACTIVE, id)
 end
 
@@ -245,9 +248,14 @@ if op == 'work' then
           finished[#finished + 1] = id
           bury(id, ARGV[base + 3], now)
         elseif kind == 'release' then
-          local _, prio, payload = split_lease(lease)
-          redis.call('RPUSH', LISTS[prio], payload)
-          redis.call('HINCRBY', DELIV, id, -1)
+          local payload = redis.call('HGET', PAYLOADS, id)
+          if payload then
+            redis.call('RPUSH', LISTS[lease_priority(lease)], payload)
+          end
+          -- The delivery is undone; a count back at 0 goes (no field means none).
+          if redis.call('HINCRBY', DELIV, id, -1) <= 0 then
+            redis.call('HDEL', DELIV, id)
+          end
         end
         settled[#settled + 1] = 1
       else
@@ -255,6 +263,7 @@ if op == 'work' then
       end
     end
     variadic('HDEL', LEASES, dropped)
+    variadic('HDEL', PAYLOADS, dropped)
     variadic('ZREM', ACTIVE, dropped)
     variadic('HDEL', DELIV, finished)
     variadic('ZADD', DONE, done)
@@ -266,15 +275,21 @@ if op == 'work' then
     or {}
   for _, id in ipairs(expired) do
     local lease = redis.call('HGET', LEASES, id)
+    local payload = redis.call('HGET', PAYLOADS, id)
     drop_lease(id)
-    if lease then
-      local _, prio, payload = split_lease(lease)
-      local d = tonumber(redis.call('HGET', DELIV, id)) or 0
+    if lease and payload then
+      local prio = lease_priority(lease)
+      -- A leased job without a count is on its first delivery (see the fetch below).
+      local counted = tonumber(redis.call('HGET', DELIV, id))
+      local d = counted or 1
       if d >= max_deliveries then
         redis.call('HDEL', DELIV, id)
         bury(id, record(id, 'abandoned', 'lease expired after ' .. d .. ' deliveries', prio,
           payload, now, true), now)
       else
+        if not counted then
+          redis.call('HSET', DELIV, id, 1)
+        end
         redis.call('RPUSH', LISTS[prio], payload)
       end
     end
@@ -302,11 +317,15 @@ if op == 'work' then
   -- instead. Within one call a list found empty stays empty (nothing here pushes to a list) and
   -- a head checked for age stays the head until it is popped, so a run is exactly what popping
   -- its jobs one at a time would give. `heads[j]` keeps the decoded head of list j, so the job
-  -- popped from it is not decoded twice. The deadline and the known id of every leased job are
-  -- written with one variadic command each after the loop.
+  -- popped from it is not decoded twice. The deadline, the known id and the payload of every
+  -- leased job are written with one variadic command each after the loop.
+  -- Delivery counts are written only while some job has been delivered before (recovered or
+  -- released): with no count anywhere, every job leased now is on its first delivery and needs
+  -- no per-job HINCRBY. A count is then created when its lease is recovered.
+  local counting = redis.call('EXISTS', DELIV) == 1
   local out = {}
   local empty, aged, heads = {}, {}, {}
-  local deadlines, known = {}, {}
+  local deadlines, known, payloads = {}, {}, {}
   local fetched, guard = 0, 0
   while fetched < fetch and guard < fetch + 100 do
     guard = guard + 1
@@ -404,7 +423,7 @@ if op == 'work' then
           bury(did, record(did, 'expired', 'waited ' .. string.format('%d', now - at)
             .. ' ms, longer than the ' .. string.format('%d', ttl) .. ' ms job TTL', prio, payload,
             now, true), now)
-        elseif redis.call('HSETNX', LEASES, id, token .. '|' .. prio .. '|' .. payload) == 0 then
+        elseif redis.call('HSETNX', LEASES, id, token .. '|' .. prio) == 0 then
           local did = unique_dead_id(id .. '#duplicate-' .. string.format('%d', now))
           bury(did, record(did, 'duplicate', 'a job with this id is being processed', prio,
             payload, now, true), now)
@@ -412,7 +431,9 @@ if op == 'work' then
           deadlines[#deadlines + 1] = now + visibility
           deadlines[#deadlines + 1] = id
           known[#known + 1] = id
-          local d = redis.call('HINCRBY', DELIV, id, 1)
+          payloads[#payloads + 1] = id
+          payloads[#payloads + 1] = payload
+          local d = counting and redis.call('HINCRBY', DELIV, id, 1) or 1
           out[#out + 1] = { id, payload, prio, d }
           fetched = fetched + 1
         end
@@ -423,6 +444,7 @@ if op == 'work' then
   end
   variadic('ZADD', ACTIVE, deadlines)
   variadic('SADD', IDS, known)
+  variadic('HSET', PAYLOADS, payloads)
 
   -- 5. Bounded retention of completed ids and dead jobs. Between two maintenance calls a set
   -- may grow past its bound by what the workers finished in the meantime; 2000 per call is
