@@ -207,6 +207,10 @@ if op == 'work' then
   local maintain = ARGV[12] == '1'
   local settles = tonumber(ARGV[13])
   local now = now_ms()
+  -- Scores as decimal strings, formatted once per call: a Lua number passed to redis.call is
+  -- formatted with `%.17g` every time, which costs more than the ZADD entry it feeds.
+  local now_score = string.format('%d', now)
+  local deadline_score = string.format('%d', now + visibility)
 
   -- 1. Settle finished deliveries. A settlement applies only while its lease is still held.
   -- The structures every settlement touches are read and written with one variadic command
@@ -234,7 +238,7 @@ if op == 'work' then
         if kind == 'ack' then
           finished[#finished + 1] = id
           if done_max > 0 then
-            done[#done + 1] = now
+            done[#done + 1] = now_score
             done[#done + 1] = id
           else
             redis.call('SREM', IDS, id)
@@ -428,7 +432,7 @@ if op == 'work' then
           bury(did, record(did, 'duplicate', 'a job with this id is being processed', prio,
             payload, now, true), now)
         else
-          deadlines[#deadlines + 1] = now + visibility
+          deadlines[#deadlines + 1] = deadline_score
           deadlines[#deadlines + 1] = id
           known[#known + 1] = id
           payloads[#payloads + 1] = id
