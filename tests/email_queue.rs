@@ -266,6 +266,8 @@ aether_redis::contract_tests! {
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].0, "abort-me");
         assert_eq!(got[0].1, 0, "a crash is not a failed attempt");
+        // The recovered job was counted (two deliveries); its ack removed the count.
+        assert_eq!(lease_fields(&redis, &queue).await, (0, 0, 0));
         let first = started.lock().unwrap().unwrap();
         assert!(got[0].2 - first >= Duration::from_millis(900), "redelivered before the visibility timeout");
         assert_eq!(counts(&queue).await, (0, 0, 0, 0, 1));

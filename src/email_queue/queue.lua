@@ -209,6 +209,11 @@ if op == 'work' then
   -- formatted with `%.17g` every time, which costs more than the ZADD entry it feeds.
   local now_score = string.format('%d', now)
   local deadline_score = string.format('%d', now + visibility)
+  -- Delivery counts are written only while some job has been delivered before (recovered or
+  -- released): with no count anywhere, settlements have none to remove and every job leased
+  -- now is on its first delivery, needing no per-job HINCRBY. Recovery creates the count of a
+  -- job it puts back.
+  local counting = redis.call('EXISTS', DELIV) == 1
 
   -- 1. Settle finished deliveries. A settlement applies only while its lease is still held.
   -- The structures every settlement touches are read and written with one variadic command
@@ -267,7 +272,9 @@ if op == 'work' then
     variadic('HDEL', LEASES, dropped)
     variadic('HDEL', PAYLOADS, dropped)
     variadic('ZREM', ACTIVE, dropped)
-    variadic('HDEL', DELIV, finished)
+    if counting then
+      variadic('HDEL', DELIV, finished)
+    end
     variadic('ZADD', DONE, done)
   end
 
@@ -281,7 +288,7 @@ if op == 'work' then
     drop_lease(id)
     if lease and payload then
       local prio = lease_priority(lease)
-      -- A leased job without a count is on its first delivery (see the fetch below).
+      -- A leased job without a count is on its first delivery (see `counting` above).
       local counted = tonumber(redis.call('HGET', DELIV, id))
       local d = counted or 1
       if d >= max_deliveries then
@@ -291,6 +298,7 @@ if op == 'work' then
       else
         if not counted then
           redis.call('HSET', DELIV, id, 1)
+          counting = true
         end
         redis.call('RPUSH', LISTS[prio], payload)
       end
@@ -321,10 +329,6 @@ if op == 'work' then
   -- its jobs one at a time would give. `heads[j]` keeps the decoded head of list j, so the job
   -- popped from it is not decoded twice. The deadline, the known id and the payload of every
   -- leased job are written with one variadic command each after the loop.
-  -- Delivery counts are written only while some job has been delivered before (recovered or
-  -- released): with no count anywhere, every job leased now is on its first delivery and needs
-  -- no per-job HINCRBY. A count is then created when its lease is recovered.
-  local counting = redis.call('EXISTS', DELIV) == 1
   local out = {}
   local empty, aged, heads = {}, {}, {}
   local deadlines, known, payloads = {}, {}, {}
