@@ -870,13 +870,7 @@ impl EmailQueue {
             .arg(settles.len());
         for settle in settles {
             call = match settle {
-                Settle::Ack { id, token } => call
-                    .arg("ack")
-                    .arg(id.as_str())
-                    .arg(&**token)
-                    .arg("")
-                    .arg("")
-                    .arg(""),
+                Settle::Ack { id, token } => call.arg("ack").arg(id.as_str()).arg(&**token),
                 Settle::Retry {
                     id,
                     token,
@@ -894,16 +888,8 @@ impl EmailQueue {
                     .arg("dead")
                     .arg(id.as_str())
                     .arg(&**token)
-                    .arg(record.as_str())
-                    .arg("")
-                    .arg(""),
-                Settle::Release { id, token } => call
-                    .arg("release")
-                    .arg(id.as_str())
-                    .arg(&**token)
-                    .arg("")
-                    .arg("")
-                    .arg(""),
+                    .arg(record.as_str()),
+                Settle::Release { id, token } => call.arg("release").arg(id.as_str()).arg(&**token),
             };
         }
         let reply = self.inner.redis.eval_script(&SCRIPT, &call).await?;

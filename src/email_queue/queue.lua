@@ -192,8 +192,9 @@ end
 
 if op == 'work' then
   -- ARGV: op, token, fetch, visibility ms, aging ms, ttl ms, max deliveries, completed max,
-  -- completed age ms, dead max, dead age ms, maintain (1/0), settle count, then 6 fields per
-  -- settlement: kind, id, token, a, b, c.
+  -- completed age ms, dead max, dead age ms, maintain (1/0), settle count, then per
+  -- settlement: kind, id, token, and for a retry its due ms, priority and payload, for a dead
+  -- its record (each argument costs the call about a microsecond, so acks carry no padding).
   -- Maintenance (lease recovery, promotion of due jobs, retention trims) costs a handful of
   -- server calls whether or not there is anything to do, so workers ask for it at most every
   -- few tens of milliseconds instead of on every call.
@@ -221,8 +222,13 @@ if op == 'work' then
   local settled = {}
   if settles > 0 then
     local ids = {}
-    for s = 0, settles - 1 do
-      ids[s + 1] = ARGV[15 + s * 6]
+    local bases = {}
+    local base = 14
+    for s = 1, settles do
+      bases[s] = base
+      ids[s] = ARGV[base + 1]
+      local kind = ARGV[base]
+      base = base + 3 + (kind == 'retry' and 3 or kind == 'dead' and 1 or 0)
     end
     local leases = {}
     each_chunk(ids, 1000, function(chunk)
@@ -231,10 +237,10 @@ if op == 'work' then
       end
     end)
     local seen, dropped, finished, done = {}, {}, {}, {}
-    for s = 0, settles - 1 do
-      local base = 14 + s * 6
+    for s = 1, settles do
+      local base = bases[s]
       local kind, id, tok = ARGV[base], ARGV[base + 1], ARGV[base + 2]
-      local lease = leases[s + 1]
+      local lease = leases[s]
       if lease and not seen[id] and string.sub(lease, 1, #tok + 1) == tok .. '|' then
         seen[id] = true
         dropped[#dropped + 1] = id
@@ -247,11 +253,11 @@ if op == 'work' then
             redis.call('SREM', IDS, id)
           end
         elseif kind == 'retry' then
-          -- a = due ms, b = priority, c = payload with the attempt counted
+          -- due ms, priority, payload with the attempt counted
           finished[#finished + 1] = id
           redis.call('ZADD', SCHED, tonumber(ARGV[base + 3]), ARGV[base + 4] .. '|' .. ARGV[base + 5])
         elseif kind == 'dead' then
-          -- a = dead record JSON
+          -- the dead record JSON
           finished[#finished + 1] = id
           bury(id, ARGV[base + 3], now)
         elseif kind == 'release' then
