@@ -64,23 +64,25 @@ pub const DEFAULT_QUEUE: &str = "default";
 /// Jobs per script call in bulk operations.
 const BULK_CHUNK: usize = 1_000;
 
-/// Key members of one queue, in the script's `KEYS` order.
+/// Key members of one queue, in the script's `KEYS` order. An enqueue touches only the first
+/// [`ENQUEUE_KEYS`] and passes only those: every key costs the script call.
 const MEMBERS: [&str; 12] = [
     "high",
     "normal",
     "low",
     "scheduled",
+    "ids",
     "active",
     "leases",
     "deliveries",
-    "ids",
     "completed",
     "dead",
     "dead-jobs",
     "payloads",
 ];
+const ENQUEUE_KEYS: usize = 5;
 const K_SCHEDULED: usize = 3;
-const K_ACTIVE: usize = 4;
+const K_ACTIVE: usize = 5;
 const K_COMPLETED: usize = 8;
 const K_DEAD: usize = 9;
 const K_DEAD_JOBS: usize = 10;
@@ -462,8 +464,12 @@ impl EmailQueue {
     }
 
     fn call(&self) -> ScriptCall {
-        self.inner
-            .keys
+        self.call_with_keys(MEMBERS.len())
+    }
+
+    /// A script call passing the first `count` keys of [`MEMBERS`].
+    fn call_with_keys(&self, count: usize) -> ScriptCall {
+        self.inner.keys[..count]
             .iter()
             .fold(ScriptCall::new(), |call, key| call.key(key.as_str()))
     }
@@ -531,7 +537,7 @@ impl EmailQueue {
 
     /// One enqueue script call for `jobs`, one result per job in order.
     async fn send(&self, jobs: &[Encoded]) -> Result<Vec<Enqueued>> {
-        let mut call = self.call().arg("enqueue");
+        let mut call = self.call_with_keys(ENQUEUE_KEYS).arg("enqueue");
         for job in jobs {
             call = call
                 .arg(job.id.as_str())

@@ -1,9 +1,11 @@
 -- The email queue's server side: every operation that must be atomic, dispatched on ARGV[1].
--- All KEYS belong to one queue and share one Cluster slot. Job JSON is never re-encoded here
--- (cjson would rewrite numbers and empty arrays): payloads are read with cjson and stored as is.
+-- All KEYS belong to one queue and share one Cluster slot; an enqueue passes only the first five.
+-- Job JSON is never re-encoded here (cjson would rewrite numbers and empty arrays): payloads are
+-- read with cjson and stored as is.
 local HIGH, NORMAL, LOW = KEYS[1], KEYS[2], KEYS[3]
-local SCHED, ACTIVE, LEASES, DELIV = KEYS[4], KEYS[5], KEYS[6], KEYS[7]
-local IDS, DONE, DEAD, DEADJOBS = KEYS[8], KEYS[9], KEYS[10], KEYS[11]
+local SCHED, IDS = KEYS[4], KEYS[5]
+local ACTIVE, LEASES, DELIV = KEYS[6], KEYS[7], KEYS[8]
+local DONE, DEAD, DEADJOBS = KEYS[9], KEYS[10], KEYS[11]
 local PAYLOADS = KEYS[12]
 local LISTS = { high = HIGH, normal = NORMAL, low = LOW }
 local ORDER = { HIGH, NORMAL, LOW }
