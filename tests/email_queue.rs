@@ -598,6 +598,25 @@ aether_redis::contract_tests! {
         assert!(!left, "an expired job left its delivery count behind");
     }
 
+    async fn a_lease_in_the_earlier_layout_is_still_recovered(redis) {
+        // Leases written before the payloads hash held `<token>|<priority>|<job JSON>`: a job
+        // leased by a worker of that version comes back when its lease expires.
+        let queue = fast(&redis.email_queue_named("oldlease").unwrap());
+        let member = |m: &str| queue.list_key(Priority::Normal).replace(":normal", &format!(":{m}"));
+        let mut conn = redis.connection().await.unwrap();
+        let payload = documented_json("old-1", "high", now_ms());
+        let _: () = redis::cmd("HSET").arg(member("leases")).arg("old-1").arg(format!("w.n.1|high|{payload}")).query_async(&mut conn).await.unwrap();
+        let _: () = redis::cmd("ZADD").arg(member("active")).arg(now_ms() - 1000).arg("old-1").query_async(&mut conn).await.unwrap();
+        let _: () = redis::cmd("SADD").arg(member("ids")).arg("old-1").query_async(&mut conn).await.unwrap();
+        let (handled, worker) = recording_worker(&queue, 1);
+        wait_for("the recovered job", Duration::from_secs(10), || handled.lock().unwrap().len() == 1).await;
+        worker.shutdown().await.unwrap();
+        assert_eq!(handled.lock().unwrap().as_slice(), ["old-1"]);
+        let dead = queue.dead_jobs(10).await.unwrap();
+        assert!(dead.is_empty(), "{dead:?}");
+        assert_eq!(lease_fields(&redis, &queue).await, (0, 0, 0));
+    }
+
     async fn an_expired_copy_of_a_running_job_is_filed_as_a_duplicate(redis) {
         // A raw copy of an id that is being processed, too old to run: buried as `expired`
         // under a dead id of its own, so that replay cannot send the running job's mail again,

@@ -154,10 +154,16 @@ end
 
 -- A lease value is `<token>|<priority>`; the leased job's payload is in PAYLOADS under its id.
 -- Kept apart so that the token checks of every settlement and extension read a few bytes, not
--- the job: each string that enters Lua is hashed over its whole length.
-local function lease_priority(lease)
+-- the job: each string that enters Lua is hashed over its whole length. Leases written by
+-- earlier versions held the payload too (`<token>|<priority>|<payload>`) and are still read, so
+-- that their jobs survive an upgrade. Returns the priority and the payload (nil if gone).
+local function leased_job(id, lease)
   local a = string.find(lease, '|', 1, true)
-  return string.sub(lease, a + 1)
+  local b = string.find(lease, '|', a + 1, true)
+  if b then
+    return string.sub(lease, a + 1, b - 1), string.sub(lease, b + 1)
+  end
+  return string.sub(lease, a + 1), redis.call('HGET', PAYLOADS, id)
 end
 
 local function drop_lease(id)
@@ -263,9 +269,9 @@ if op == 'work' then
           finished[#finished + 1] = id
           bury(id, ARGV[base + 3], now)
         elseif kind == 'release' then
-          local payload = redis.call('HGET', PAYLOADS, id)
+          local prio, payload = leased_job(id, lease)
           if payload then
-            redis.call('RPUSH', LISTS[lease_priority(lease)], payload)
+            redis.call('RPUSH', LISTS[prio], payload)
           end
           -- The delivery is undone; a count back at 0 goes (no field means none).
           if redis.call('HINCRBY', DELIV, id, -1) <= 0 then
@@ -292,10 +298,13 @@ if op == 'work' then
     or {}
   for _, id in ipairs(expired) do
     local lease = redis.call('HGET', LEASES, id)
-    local payload = redis.call('HGET', PAYLOADS, id)
+    local prio, payload = nil, nil
+    if lease then
+      prio, payload = leased_job(id, lease)
+    end
     drop_lease(id)
-    if lease and payload then
-      local prio = lease_priority(lease)
+    -- A lease whose payload was deleted by hand has no job left to put back.
+    if payload then
       -- A leased job without a count is on its first delivery (see `counting` above).
       local counted = tonumber(redis.call('HGET', DELIV, id))
       local d = counted or 1
