@@ -465,9 +465,11 @@ if op == 'work' then
     heads[idx] = nil
     aged[idx] = nil
   end
+  -- Payloads before deadlines: a script stopped by an error keeps what it wrote, and recovery,
+  -- which finds leases by their deadline, must not find one whose job was never written.
+  variadic('HSET', PAYLOADS, payloads)
   variadic('ZADD', ACTIVE, deadlines)
   variadic('SADD', IDS, known)
-  variadic('HSET', PAYLOADS, payloads)
 
   -- 5. Bounded retention of completed ids and dead jobs. Between two maintenance calls a set
   -- may grow past its bound by what the workers finished in the meantime; 2000 per call is
