@@ -19,6 +19,9 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use tokio::runtime::Runtime;
 use tokio::sync::Notify;
 
+mod support;
+use support::run_concurrent;
+
 /// Jobs per measured iteration.
 const BATCH: u64 = 200;
 const CONCURRENCY: [usize; 3] = [1, 8, 32];
@@ -61,27 +64,6 @@ async fn wait_done(done: &AtomicU64, notify: &Notify, target: u64) {
     }
 }
 
-/// `concurrency` producer tasks share `BATCH * iters` sends.
-async fn produce<F, Fut>(concurrency: usize, total: u64, send: F)
-where
-    F: Fn() -> Fut + Clone + Send + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
-{
-    let mut tasks = Vec::with_capacity(concurrency);
-    for p in 0..concurrency as u64 {
-        let send = send.clone();
-        let share = total / concurrency as u64 + u64::from(p < total % concurrency as u64);
-        tasks.push(tokio::spawn(async move {
-            for _ in 0..share {
-                send().await;
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-}
-
 /// Times `concurrency` producer tasks sharing `total` sends until the handlers have counted
 /// them all in `done`.
 async fn end_to_end<F, Fut>(
@@ -97,7 +79,7 @@ where
 {
     let target = done.load(Ordering::Acquire) + total;
     let started = Instant::now();
-    produce(concurrency, total, send).await;
+    run_concurrent(total, concurrency, send).await;
     wait_done(done, notify, target).await;
     started.elapsed()
 }
@@ -573,14 +555,8 @@ fn time_producers<F, Fut>(
     Fut: std::future::Future<Output = ()> + Send,
 {
     group.bench_function(BenchmarkId::new(name, concurrency), |b| {
-        b.to_async(rt).iter_custom(|iters| {
-            let send = send.clone();
-            async move {
-                let started = Instant::now();
-                produce(concurrency, iters * BATCH, send).await;
-                started.elapsed()
-            }
-        })
+        b.to_async(rt)
+            .iter_custom(|iters| run_concurrent(iters * BATCH, concurrency, send.clone()))
     });
 }
 

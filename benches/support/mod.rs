@@ -5,20 +5,22 @@
 
 use std::time::{Duration, Instant};
 
-/// Runs `iters` operations split over `tasks` concurrent tasks and returns the wall time: the
-/// throughput of one shared handle under that concurrency.
+/// Runs exactly `iters` operations split over `tasks` concurrent tasks and returns the wall
+/// time: the throughput of one shared handle under that concurrency.
 pub async fn run_concurrent<F, Fut>(iters: u64, tasks: usize, op: F) -> Duration
 where
     F: Fn() -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send,
 {
-    let per_task = iters.div_ceil(tasks as u64);
+    let tasks = tasks.max(1) as u64;
     let started = Instant::now();
     let handles: Vec<_> = (0..tasks)
-        .map(|_| {
+        .map(|t| {
             let op = op.clone();
+            // The first `iters % tasks` tasks take one more, so the total is `iters`.
+            let share = iters / tasks + u64::from(t < iters % tasks);
             tokio::spawn(async move {
-                for _ in 0..per_task {
+                for _ in 0..share {
                     op().await;
                 }
             })
