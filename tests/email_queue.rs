@@ -733,6 +733,39 @@ aether_redis::contract_tests! {
         assert_eq!(counts(&queue).await, (0, 0, 0, 0, 20));
     }
 
+    async fn a_finished_job_waiting_for_its_ack_keeps_its_lease(redis) {
+        // Two slots and a prefetch of two: A finishes at once, but its ack waits for the next
+        // call, which comes only once the buffer is empty, i.e. after B and C (3 s each) free a
+        // slot. Meanwhile A's lease must be extended, or the standby worker runs A again.
+        let queue = fast(&redis.email_queue().unwrap());
+        let ids = ["A", "B", "C", "D"];
+        queue.enqueue_bulk(ids.iter().map(|id| job(id, Priority::Normal)).collect()).await.unwrap();
+        let runs: Arc<Mutex<Vec<String>>> = Arc::default();
+        let handler = |runs: Arc<Mutex<Vec<String>>>| {
+            move |job: EmailJob| {
+                runs.lock().unwrap().push(job.id.to_string());
+                let long = matches!(job.id.as_str(), "B" | "C");
+                async move {
+                    if long {
+                        tokio::time::sleep(Duration::from_millis(3000)).await;
+                    }
+                    Ok(())
+                }
+            }
+        };
+        let mut options = worker_options(2);
+        options.prefetch = 2;
+        let first = spawn_worker_with(&queue, options, handler(runs.clone()));
+        wait_for("A, B and C", Duration::from_secs(10), || runs.lock().unwrap().len() >= 3).await;
+        let standby = spawn_worker_with(&queue, worker_options(1), handler(runs.clone()));
+        wait_stats(&queue, "all four acknowledged", Duration::from_secs(20), |s| s.completed == 4).await;
+        let (first, standby) = (first.shutdown().await.unwrap(), standby.shutdown().await.unwrap());
+        let mut handled = runs.lock().unwrap().clone();
+        handled.sort();
+        assert_eq!(handled, ids, "a job ran twice or never");
+        assert_eq!((first.completed + standby.completed, first.lost_leases), (4, 0));
+    }
+
     async fn a_lingering_worker_collects_a_trickle_into_one_call(redis) {
         let queue = fast(&redis.email_queue().unwrap());
         let starts: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();

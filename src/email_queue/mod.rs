@@ -312,6 +312,18 @@ pub(crate) enum Settle {
     },
 }
 
+impl Settle {
+    /// The lease this settlement applies to: the job id and the token it was leased under.
+    pub(crate) fn lease(&self) -> (&str, &Arc<str>) {
+        match self {
+            Settle::Ack { id, token }
+            | Settle::Retry { id, token, .. }
+            | Settle::Dead { id, token, .. }
+            | Settle::Release { id, token } => (id, token),
+        }
+    }
+}
+
 struct Inner {
     redis: Redis,
     name: String,

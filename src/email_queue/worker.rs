@@ -116,7 +116,8 @@ pub struct WorkerOptions {
     /// higher priority than the buffered ones waits behind at most `p` of them, and
     /// acknowledgements wait for the next call (a worker killed in between has those jobs
     /// delivered again). Buffered jobs are leased like running ones: their leases are extended
-    /// and a graceful shutdown returns them to the head of their lists.
+    /// and a graceful shutdown returns them to the head of their lists. Finished jobs whose
+    /// acknowledgement waits for the next call keep their leases extended too.
     pub prefetch: usize,
     /// After a fetch that found fewer jobs than it asked for, how long the next fetch waits
     /// (default 0: it goes at once). Under a steady trickle of jobs a short linger (1 ms, say)
@@ -472,13 +473,20 @@ impl Worker {
                     stop_deadline = Some(Instant::now() + self.options.shutdown_timeout);
                 }
                 // Before the settlements: under load a finished job is ready on every pass, and
-                // a biased select would never reach a branch behind it.
+                // a biased select would never reach a branch behind it. Settlements waiting for
+                // the next call hold their leases too: with a prefetch or a linger they may wait
+                // while the slots stay busy, and a lapsed lease would hand a finished job to
+                // another worker.
                 _ = extend_every.tick() => {
-                    if !flight.is_empty() || !buffer.is_empty() {
+                    if !flight.is_empty() || !buffer.is_empty() || !pending.is_empty() {
                         let leases: Vec<(String, Arc<str>)> = flight
                             .values()
                             .map(|f| (f.id.clone(), f.token.clone()))
                             .chain(buffer.iter().map(|(f, token)| (f.id.clone(), token.clone())))
+                            .chain(pending.iter().map(|s| {
+                                let (id, token) = s.lease();
+                                (id.to_owned(), token.clone())
+                            }))
                             .collect();
                         match queue.extend(&leases).await {
                             Ok(held) => {
