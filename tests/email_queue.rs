@@ -492,6 +492,35 @@ aether_redis::contract_tests! {
         assert!(ran[1].1 >= at_ms - 500);
     }
 
+    async fn a_time_in_the_past_means_now(redis) {
+        // Past the job TTL (24 h) and at the epoch: each is due at once and runs, stamped with
+        // the enqueue time, instead of being buried as expired or never aging.
+        let queue = redis.email_queue().unwrap();
+        let before = now_ms();
+        let day_ago = SystemTime::now() - Duration::from_secs(25 * 3600);
+        queue.enqueue_at(job("yesterday", Priority::Normal), day_ago).await.unwrap();
+        queue.enqueue_at(job("epoch", Priority::Normal), UNIX_EPOCH).await.unwrap();
+        let seen: Arc<Mutex<Vec<(String, i64)>>> = Arc::default();
+        let s = seen.clone();
+        let worker = spawn_worker(&queue, 1, move |job: EmailJob| {
+            s.lock().unwrap().push((job.id.to_string(), job.scheduled_at));
+            async { Ok(()) }
+        });
+        wait_for("both jobs", Duration::from_secs(10), || seen.lock().unwrap().len() == 2).await;
+        assert_eq!(worker.shutdown().await.unwrap().completed, 2);
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.iter().map(|s| s.0.as_str()).collect::<Vec<_>>(), ["yesterday", "epoch"]);
+        assert!(seen.iter().all(|s| s.1 >= before), "{seen:?} stamped before {before}");
+        assert_eq!(queue.stats().await.unwrap().dead, 0);
+
+        let far = queue.enqueue_in(job("far", Priority::Normal), Duration::MAX).await;
+        assert!(matches!(far, Err(Error::InvalidInput { what: "delay", .. })), "{far:?}");
+        let mut options = worker_options(1);
+        options.shutdown_timeout = Duration::MAX;
+        let refused = queue.worker(handler_fn(|_job| async { Ok(()) })).with_options(options);
+        assert!(matches!(refused, Err(Error::InvalidInput { what: "shutdown timeout", .. })), "{refused:?}");
+    }
+
     async fn enqueue_is_idempotent_by_id_even_under_concurrency(redis) {
         let queue = fast(&redis.email_queue().unwrap());
         assert_eq!(queue.enqueue(job("once", Priority::Normal)).await.unwrap(), Enqueued::New);

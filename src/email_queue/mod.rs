@@ -146,6 +146,22 @@ impl Default for QueueOptions {
     }
 }
 
+/// Longest duration any queue or worker option accepts. The script adds durations to the
+/// server clock in milliseconds, and a sum past 2^63 ms would wrap to a time in the past (a
+/// lease already expired); a year is far beyond any sensible setting.
+pub const MAX_OPTION_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Refuses `value` over [`MAX_OPTION_DURATION`], naming `what`.
+pub(crate) fn bounded(what: &'static str, value: Duration) -> Result<()> {
+    if value > MAX_OPTION_DURATION {
+        return Err(Error::invalid(
+            what,
+            format!("must be at most {MAX_OPTION_DURATION:?}, got {value:?}"),
+        ));
+    }
+    Ok(())
+}
+
 impl QueueOptions {
     fn validate(&self) -> Result<()> {
         if self.visibility_timeout < Duration::from_millis(100) {
@@ -153,6 +169,16 @@ impl QueueOptions {
                 "visibility timeout",
                 "must be at least 100 ms",
             ));
+        }
+        bounded("visibility timeout", self.visibility_timeout)?;
+        bounded("backoff max", self.backoff_max)?;
+        bounded(
+            "completed retention max age",
+            self.completed_retention.max_age,
+        )?;
+        bounded("dead retention max age", self.dead_retention.max_age)?;
+        if let Some(aging) = self.aging {
+            bounded("aging", aging)?;
         }
         if self.max_attempts == 0 {
             return Err(Error::invalid("max attempts", "must be at least 1"));
@@ -442,7 +468,8 @@ impl EmailQueue {
         })
     }
 
-    /// The same queue with other options (validated).
+    /// The same queue with other options (validated: no duration over
+    /// [`MAX_OPTION_DURATION`], a visibility timeout of at least 100 ms).
     pub fn with_options(&self, options: QueueOptions) -> Result<Self> {
         Self::open(&self.inner.redis, &self.inner.name, options)
     }
@@ -506,16 +533,22 @@ impl EmailQueue {
 
     /// Adds `job` to run no earlier than `at` (it waits in the schedule until due, then joins
     /// the tail of its list). One round trip, atomic, idempotent by id and batched with
-    /// concurrent enqueues like [`enqueue`](Self::enqueue).
+    /// concurrent enqueues like [`enqueue`](Self::enqueue). A time already past means now: the
+    /// job's `scheduledAt` is then the enqueue time, so its TTL and aging count from there.
     pub async fn enqueue_at(&self, job: EmailJob, at: SystemTime) -> Result<Enqueued> {
         let at = ms_since_epoch(at)?;
         let encoded = self.encode(job, Some(at), now_millis())?;
         coalesce::submit(self, (), encoded).await
     }
 
-    /// Adds `job` to run after `delay`. See [`enqueue_at`](Self::enqueue_at).
+    /// Adds `job` to run after `delay` (at most [`MAX_OPTION_DURATION`]). See
+    /// [`enqueue_at`](Self::enqueue_at).
     pub async fn enqueue_in(&self, job: EmailJob, delay: Duration) -> Result<Enqueued> {
-        self.enqueue_at(job, SystemTime::now() + delay).await
+        bounded("delay", delay)?;
+        let at = SystemTime::now()
+            .checked_add(delay)
+            .ok_or_else(|| Error::invalid("delay", "beyond the system clock's range"))?;
+        self.enqueue_at(job, at).await
     }
 
     /// Adds many jobs to run now, one result per job in order. Every job is validated before
@@ -537,13 +570,14 @@ impl EmailQueue {
     fn encode(&self, mut job: EmailJob, at: Option<i64>, now: i64) -> Result<Encoded> {
         job.validate()?;
         job.version = PAYLOAD_VERSION;
-        job.scheduled_at = at.unwrap_or(now);
+        let due = at.filter(|&at| at > now);
+        job.scheduled_at = due.unwrap_or(now);
         let payload = crate::codec::to_json("email job", &job)?;
         Ok(Encoded {
             id: job.id,
             priority: job.priority,
             payload,
-            due: at.unwrap_or(0),
+            due: due.unwrap_or(0),
         })
     }
 
@@ -1045,5 +1079,35 @@ mod tests {
             ..QueueOptions::default()
         };
         assert!(o.validate().is_err());
+        // A year and a millisecond would overflow nothing yet, but is refused like anything
+        // past the bound, so that sums with the clock stay far from 2^63 ms.
+        for o in [
+            QueueOptions {
+                visibility_timeout: Duration::MAX,
+                ..QueueOptions::default()
+            },
+            QueueOptions {
+                aging: Some(MAX_OPTION_DURATION + Duration::from_millis(1)),
+                ..QueueOptions::default()
+            },
+            QueueOptions {
+                backoff_max: Duration::MAX,
+                ..QueueOptions::default()
+            },
+            QueueOptions {
+                dead_retention: Retention::new(10, Duration::MAX),
+                ..QueueOptions::default()
+            },
+        ] {
+            assert!(
+                matches!(o.validate(), Err(Error::InvalidInput { ref reason, .. }) if reason.contains("at most")),
+                "{o:?}"
+            );
+        }
+        let o = QueueOptions {
+            visibility_timeout: MAX_OPTION_DURATION,
+            ..QueueOptions::default()
+        };
+        assert!(o.validate().is_ok());
     }
 }

@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::{EmailJob, EmailQueue, Fetched, PAYLOAD_VERSION, Settle};
+use super::{EmailJob, EmailQueue, Fetched, PAYLOAD_VERSION, Settle, bounded};
 use crate::codec::now_millis;
 use crate::error::{Error, Result};
 use crate::keyspace::validate_key_part;
@@ -253,8 +253,9 @@ enum Outcome {
 
 impl Worker {
     /// Replaces the options. Fails on a concurrency of 0, a prefetch over [`MAX_PREFETCH`], a
-    /// linger over [`MAX_LINGER`], zero
-    /// intervals or an invalid worker id (a key part without `|` or `.`).
+    /// linger over [`MAX_LINGER`], zero intervals, a duration over
+    /// [`MAX_OPTION_DURATION`](super::MAX_OPTION_DURATION) or an invalid worker id (a key part
+    /// without `|` or `.`).
     pub fn with_options(mut self, options: WorkerOptions) -> Result<Self> {
         if options.concurrency == 0 {
             return Err(Error::invalid("concurrency", "must be at least 1"));
@@ -277,6 +278,9 @@ impl Worker {
                 "poll interval and job timeout must be positive",
             ));
         }
+        bounded("poll interval", options.poll_interval)?;
+        bounded("shutdown timeout", options.shutdown_timeout)?;
+        bounded("job timeout", options.job_timeout)?;
         if let Some(id) = &options.worker_id {
             validate_key_part("worker id", id)?;
             if id.contains(['|', '.']) {
