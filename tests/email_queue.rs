@@ -710,6 +710,40 @@ aether_redis::contract_tests! {
         assert!(pos < 250, "the low job waited behind {pos} high jobs");
     }
 
+    async fn aged_jobs_alternate_with_higher_priorities_instead_of_taking_over(redis) {
+        let mut o = fast(&redis.email_queue().unwrap()).options().clone();
+        o.aging = Some(Duration::from_millis(300));
+        let queue = redis.email_queue().unwrap().with_options(o).unwrap();
+        // An old backlog of low mail, and fresh high mail arriving after it aged: the two
+        // alternate, and the backlog's rest follows.
+        let low: Vec<String> = (0..20).map(|i| format!("low{i:02}")).collect();
+        queue.enqueue_bulk(low.iter().map(|id| job(id, Priority::Low)).collect()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let high: Vec<String> = (0..5).map(|i| format!("high{i}")).collect();
+        queue.enqueue_bulk(high.iter().map(|id| job(id, Priority::High)).collect()).await.unwrap();
+        let (order, worker) = recording_worker(&queue, 1);
+        wait_for("all jobs", Duration::from_secs(10), || order.lock().unwrap().len() == 25).await;
+        worker.shutdown().await.unwrap();
+        let mut expected = Vec::new();
+        for i in 0..5 {
+            expected.push(low[i].clone());
+            expected.push(high[i].clone());
+        }
+        expected.extend_from_slice(&low[5..]);
+        assert_eq!(*order.lock().unwrap(), expected);
+
+        // Among aged heads the one that waited longest goes first, whatever its priority.
+        queue.enqueue(job("old-low", Priority::Low)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        queue.enqueue(job("old-normal", Priority::Normal)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        queue.enqueue_bulk(vec![job("h0", Priority::High), job("h1", Priority::High)]).await.unwrap();
+        let (order, worker) = recording_worker(&queue, 1);
+        wait_for("four jobs", Duration::from_secs(10), || order.lock().unwrap().len() == 4).await;
+        worker.shutdown().await.unwrap();
+        assert_eq!(*order.lock().unwrap(), ["old-low", "h0", "old-normal", "h1"]);
+    }
+
     async fn prefetched_jobs_stay_leased_and_go_back_in_order_at_shutdown(redis) {
         let queue = fast(&redis.email_queue().unwrap());
         let ids: Vec<String> = (0..20).map(|i| format!("p{i:02}")).collect();
@@ -1044,6 +1078,8 @@ aether_redis::contract_tests! {
             format!(r#"{{"id":"only-nested",{rest},"metadata":{{"scheduledAt":{day_ago}}}}}"#),
             // ... or inside a longer top-level key, behind an escaped quote: absent too.
             format!(r#"{{"id":"escaped-key",{rest},"x \"scheduledAt":{day_ago}}}"#),
+            // A space before the colon: present, stale, so expired.
+            format!(r#"{{"id":"spaced-colon",{rest},"scheduledAt" : {day_ago}}}"#),
         ];
         let mut conn = redis.connection().await.unwrap();
         for payload in &payloads {
@@ -1055,8 +1091,8 @@ aether_redis::contract_tests! {
                 .unwrap();
         }
         let (handled, worker) = recording_worker(&queue, 1);
-        wait_stats(&queue, "six handled and one dead", Duration::from_secs(10), |s| {
-            s.completed == 6 && s.dead == 1
+        wait_stats(&queue, "six handled and two dead", Duration::from_secs(10), |s| {
+            s.completed == 6 && s.dead == 2
         })
         .await;
         worker.shutdown().await.unwrap();
@@ -1071,9 +1107,109 @@ aether_redis::contract_tests! {
                 "escaped-key"
             ]
         );
+        let mut dead: Vec<(String, String)> =
+            queue.dead_jobs(10).await.unwrap().into_iter().map(|d| (d.dead_id, d.reason)).collect();
+        dead.sort();
+        assert_eq!(
+            dead,
+            [("spaced-colon".to_string(), "expired".to_string()), ("stale".into(), "expired".into())]
+        );
+    }
+
+    async fn bytes_that_are_not_utf8_are_buried_without_holding_up_their_batch(redis) {
+        // One payload with a Latin-1 byte in its subject and one with such a byte in its id,
+        // between healthy jobs: the healthy ones run, the two are buried as malformed with their
+        // exact bytes, and the dead set stays readable.
+        let queue = fast(&redis.email_queue().unwrap());
+        let now = now_ms();
+        let healthy = |id: &str| {
+            format!(r#"{{"id":"{id}","to":["a@example.com"],"from":"f@example.com","subject":"s","body":"b","scheduledAt":{now}}}"#)
+                .into_bytes()
+        };
+        let with_byte = |before: &str, after: &str| {
+            let mut bytes = before.as_bytes().to_vec();
+            bytes.push(0xe9);
+            bytes.extend_from_slice(after.as_bytes());
+            bytes
+        };
+        let latin1_subject = with_byte(
+            r#"{"id":"latin1","to":["a@example.com"],"from":"f@example.com","subject":"caf"#,
+            &format!(r#"","body":"b","scheduledAt":{now}}}"#),
+        );
+        let latin1_id = with_byte(
+            r#"{"id":"caf"#,
+            &format!(r#"","to":["a@example.com"],"from":"f@example.com","subject":"s","body":"b","scheduledAt":{now}}}"#),
+        );
+        let mut conn = redis.connection().await.unwrap();
+        for payload in [healthy("ok1"), latin1_subject.clone(), healthy("ok2"), latin1_id, healthy("ok3")] {
+            let _: () = redis::cmd("LPUSH")
+                .arg(queue.list_key(Priority::Normal))
+                .arg(payload)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        let (handled, worker) = recording_worker(&queue, 4);
+        wait_stats(&queue, "three handled, two dead", Duration::from_secs(10), |s| {
+            s.completed == 3 && s.dead == 2
+        })
+        .await;
+        let report = worker.shutdown().await.unwrap();
+        assert_eq!((report.lost_leases, report.dead), (0, 1), "{report:?}");
+        let mut handled = handled.lock().unwrap().clone();
+        handled.sort();
+        assert_eq!(handled, ["ok1", "ok2", "ok3"]);
         let dead = queue.dead_jobs(10).await.unwrap();
-        assert_eq!(dead.len(), 1);
-        assert_eq!((dead[0].dead_id.as_str(), dead[0].reason.as_str()), ("stale", "expired"));
+        let latin1 = dead.iter().find(|d| d.dead_id == "latin1").expect("buried under its id");
+        assert_eq!(latin1.reason, "malformed");
+        assert!(latin1.raw.as_deref().is_some_and(|r| r.contains("caf\u{fffd}")), "{latin1:?}");
+        let by_script = dead.iter().find(|d| d.dead_id.starts_with("malformed-")).expect("the bad id");
+        assert_eq!(by_script.reason, "malformed");
+        // The records keep the exact bytes as hex.
+        let dead_jobs_key = queue.list_key(Priority::Normal).replace(":normal", ":dead-jobs");
+        for dead_id in ["latin1", by_script.dead_id.as_str()] {
+            let record: String = redis::cmd("HGET").arg(&dead_jobs_key).arg(dead_id).query_async(&mut conn).await.unwrap();
+            let record: serde_json::Value = serde_json::from_str(&record).unwrap();
+            assert!(record["rawHex"].as_str().is_some_and(|h| h.contains("e9")), "{record}");
+        }
+        let hex: String = latin1_subject.iter().map(|b| format!("{b:02x}")).collect();
+        let record: String = redis::cmd("HGET").arg(&dead_jobs_key).arg("latin1").query_async(&mut conn).await.unwrap();
+        assert!(record.contains(&hex), "{record}");
+        assert_eq!(queue.replay(10).await.unwrap(), 0);
+    }
+
+    async fn one_unreadable_dead_record_does_not_hide_the_others(redis) {
+        let queue = fast(&redis.email_queue().unwrap());
+        // A payload the scan reads (`id`, `scheduledAt`) but that is not JSON, stale: buried as
+        // expired by the script, which keeps it as `raw`.
+        let mut conn = redis.connection().await.unwrap();
+        let truncated = r#"{"id":"trunc","scheduledAt":1,"to":["#;
+        let _: () = redis::cmd("LPUSH").arg(queue.list_key(Priority::Normal)).arg(truncated).query_async(&mut conn).await.unwrap();
+        queue.enqueue(job("bounce", Priority::Normal)).await.unwrap();
+        let worker = spawn_worker(&queue, 1, |_job| async { Err(JobError::permanent("550")) });
+        wait_stats(&queue, "two dead", Duration::from_secs(10), |s| s.dead == 2).await;
+        worker.shutdown().await.unwrap();
+        // And a record written by hand that is neither UTF-8 nor JSON.
+        let dead_jobs_key = queue.list_key(Priority::Normal).replace(":normal", ":dead-jobs");
+        let _: () = redis::cmd("HSET").arg(&dead_jobs_key).arg("by-hand").arg(&b"\xff{oops"[..]).query_async(&mut conn).await.unwrap();
+        let _: () = redis::cmd("ZADD").arg(queue.dead_key()).arg(now_ms()).arg("by-hand").query_async(&mut conn).await.unwrap();
+
+        let mut dead: Vec<(String, String, Option<String>)> = queue
+            .dead_jobs(10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|d| (d.dead_id, d.reason, d.raw))
+            .collect();
+        dead.sort();
+        assert_eq!(dead.len(), 3, "{dead:?}");
+        assert_eq!((dead[0].0.as_str(), dead[0].1.as_str()), ("bounce", "permanent"));
+        assert_eq!((dead[1].0.as_str(), dead[1].1.as_str()), ("by-hand", "unreadable"));
+        assert_eq!(dead[2], ("trunc".into(), "expired".into(), Some(truncated.into())));
+        // Replay moves the one real job and leaves the other two.
+        assert_eq!(queue.replay(10).await.unwrap(), 1);
+        assert!(!queue.replay_one("by-hand").await.unwrap());
+        assert_eq!(queue.stats().await.unwrap().dead, 2);
     }
 
     async fn raw_lpush_with_the_documented_json_is_consumed_fifo(redis) {

@@ -164,22 +164,22 @@ pub struct EmailJob {
     /// Message body.
     pub body: String,
     /// Which list the job waits in.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub priority: Priority,
     /// Failed attempts so far.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub attempts: u32,
     /// When the job became or becomes due (ms since the Unix epoch); 0 when unknown.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub scheduled_at: i64,
     /// Free-form data for the handler.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub metadata: serde_json::Map<String, serde_json::Value>,
     /// The error of the last failed attempt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
-    /// Payload version (absent means 1).
-    #[serde(default = "version_one")]
+    /// Payload version (absent or `null` means 1).
+    #[serde(default = "version_one", deserialize_with = "null_as_version_one")]
     pub version: u32,
     /// Members written by other producers, kept on rewrite.
     #[serde(flatten)]
@@ -188,6 +188,23 @@ pub struct EmailJob {
 
 fn version_one() -> u32 {
     1
+}
+
+/// `null` as the member's default: producers in other languages write absent optional members
+/// as `null` (Go's nil map, Python's `None`), and the documented defaults apply to both.
+fn null_as_default<'de, D, T>(deserializer: D) -> std::result::Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
+}
+
+fn null_as_version_one<'de, D>(deserializer: D) -> std::result::Result<u32, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    Ok(Option::<u32>::deserialize(deserializer)?.unwrap_or(1))
 }
 
 impl EmailJob {
@@ -337,6 +354,22 @@ mod tests {
         assert!(back.contains(r#""tenant":"t9""#), "{back}");
         assert!(back.contains(r#""scheduledAt":1732233600000"#), "{back}");
         assert!(back.contains(r#""metadata":{"k":[]}"#), "{back}");
+    }
+
+    #[test]
+    fn null_optional_members_take_their_defaults() {
+        let raw = r#"{"id":"j1","to":["a@x.io"],"from":"n@x.io","subject":"s","body":"b",
+            "priority":null,"attempts":null,"scheduledAt":null,"metadata":null,"version":null,
+            "lastError":null}"#;
+        let job: EmailJob = serde_json::from_str(raw).unwrap();
+        assert_eq!(
+            (job.priority, job.attempts, job.scheduled_at, job.version),
+            (Priority::Normal, 0, 0, 1)
+        );
+        assert!(job.metadata.is_empty() && job.last_error.is_none() && job.extra.is_empty());
+        // A wrong type is still an error, not a default.
+        let wrong = raw.replace(r#""attempts":null"#, r#""attempts":"two""#);
+        assert!(serde_json::from_str::<EmailJob>(&wrong).is_err());
     }
 
     #[test]

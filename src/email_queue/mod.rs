@@ -63,6 +63,30 @@ pub const DEFAULT_QUEUE: &str = "default";
 
 /// Jobs per script call in bulk operations.
 const BULK_CHUNK: usize = 1_000;
+/// Payload bytes per script call in bulk operations (a larger job goes alone): the server
+/// copies every argument into Lua while nothing else runs, and a client's request may not
+/// exceed `client-query-buffer-limit` (1 GiB by default).
+const BULK_CHUNK_BYTES: usize = 8 << 20;
+
+/// Consecutive runs of `items` of at most `max_count` items and `max_bytes` by `size` (an item
+/// heavier than that alone), in order.
+fn bulk_chunks<T>(items: &[T], size: impl Fn(&T) -> usize) -> Vec<&[T]> {
+    let mut chunks = Vec::new();
+    let (mut start, mut bytes) = (0, 0usize);
+    for (i, item) in items.iter().enumerate() {
+        let weight = size(item);
+        if i > start && (i - start == BULK_CHUNK || bytes.saturating_add(weight) > BULK_CHUNK_BYTES)
+        {
+            chunks.push(&items[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes = bytes.saturating_add(weight);
+    }
+    if start < items.len() {
+        chunks.push(&items[start..]);
+    }
+    chunks
+}
 
 /// Key members of one queue, in the script's `KEYS` order. An enqueue touches only the first
 /// [`ENQUEUE_KEYS`] and passes only those: every key costs the script call.
@@ -119,8 +143,11 @@ pub struct QueueOptions {
     pub backoff_base: Duration,
     /// Cap of the retry delay (default 1 h).
     pub backoff_max: Duration,
-    /// A normal or low job waiting longer than this is served before higher priorities
-    /// (default 5 min; `None`: strict priority).
+    /// A normal or low job waiting longer than this is served despite higher priorities
+    /// (default 5 min; `None`: strict priority). Aged jobs do not take over: each worker
+    /// alternates an aged job (the longest waiting of the lower lists' heads) with one in strict
+    /// order, so a backlog of old low-priority mail is served at half the pace while
+    /// higher-priority mail keeps flowing.
     pub aging: Option<Duration>,
     /// Deliveries whose lease expired (the worker died) before the job is buried with reason
     /// `abandoned` (default 5): a job that crashes every worker cannot loop forever.
@@ -264,17 +291,21 @@ pub struct DeadJob {
     pub dead_id: String,
     /// Why it died: `failed` (attempts exhausted), `permanent` (the handler said so), `expired`
     /// (waited longer than the job TTL), `abandoned` (its workers kept dying), `duplicate`,
-    /// `malformed`.
+    /// `malformed`; or `unreadable` when the stored record itself could not be read (then
+    /// `raw` holds the record, lossily if it is not UTF-8, and `error` says why).
     pub reason: String,
     /// The last error.
     pub error: String,
-    /// When it died (ms since the epoch, server clock).
+    /// When it died (ms since the epoch): the server's clock for `expired`, `abandoned`,
+    /// `duplicate` and entries the fetch found malformed, the burying worker's for `failed`,
+    /// `permanent` and payloads the worker could not decode.
     pub failed_at: i64,
     /// The list it came from.
     pub priority: Priority,
     /// The job, when its JSON decodes as an [`EmailJob`].
     pub job: Option<EmailJob>,
-    /// The stored payload when it does not.
+    /// The stored payload when it does not (a payload that was not UTF-8, stored as `rawHex`,
+    /// shown lossily).
     pub raw: Option<String>,
 }
 
@@ -302,13 +333,32 @@ struct DeadRecord {
     job: Option<serde_json::Value>,
     #[serde(default)]
     raw: Option<String>,
+    #[serde(default)]
+    raw_hex: Option<String>,
+}
+
+/// Bytes from lowercase or uppercase hex; `None` on anything else.
+fn from_hex(hex: &str) -> Option<Vec<u8>> {
+    if !hex.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| {
+            hex.get(i..i + 2)
+                .filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        })
+        .collect()
 }
 
 /// A job fetched by a worker.
 #[derive(Debug)]
 pub(crate) struct Fetched {
     pub(crate) id: String,
-    pub(crate) payload: String,
+    /// The payload, or its bytes when they are not UTF-8 (a foreign producer's): such a job is
+    /// buried as `malformed` by the worker, and the rest of its batch runs.
+    pub(crate) payload: std::result::Result<String, Vec<u8>>,
     pub(crate) priority: Priority,
     pub(crate) deliveries: u32,
 }
@@ -425,6 +475,61 @@ impl Redis {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The dead entry `dead_id` from its stored record. A record that cannot be read (not UTF-8,
+/// not the documented JSON: written by hand or by another program) is listed as it is, with
+/// reason `unreadable`, so that one bad entry never hides the others; replay leaves it alone.
+fn dead_entry(dead_id: String, value: Value) -> DeadJob {
+    let unreadable = |dead_id: String, raw: String, error: String| DeadJob {
+        dead_id,
+        reason: "unreadable".into(),
+        error,
+        failed_at: 0,
+        priority: Priority::default(),
+        job: None,
+        raw: Some(raw),
+    };
+    let text = match value {
+        Value::BulkString(bytes) => match String::from_utf8(bytes) {
+            Ok(text) => text,
+            Err(e) => {
+                let raw = String::from_utf8_lossy(e.as_bytes()).into_owned();
+                return unreadable(dead_id, raw, "the dead record is not UTF-8".into());
+            }
+        },
+        other => return unreadable(dead_id, format!("{other:?}"), "not a string".into()),
+    };
+    let record: DeadRecord = match serde_json::from_str(&text) {
+        Ok(record) => record,
+        Err(e) => {
+            let error = format!("the dead record is not valid JSON: {e}");
+            return unreadable(dead_id, text, error);
+        }
+    };
+    let (job, raw_job) = match record.job {
+        Some(value) => match serde_json::from_value::<EmailJob>(value.clone()) {
+            Ok(job) => (Some(job), None),
+            Err(_) => (None, Some(value.to_string())),
+        },
+        None => match (record.raw, record.raw_hex) {
+            (Some(raw), _) => (None, Some(raw)),
+            (None, Some(hex)) => match from_hex(&hex) {
+                Some(bytes) => (None, Some(String::from_utf8_lossy(&bytes).into_owned())),
+                None => (None, Some(hex)),
+            },
+            (None, None) => (None, None),
+        },
+    };
+    DeadJob {
+        dead_id,
+        reason: record.reason,
+        error: record.error,
+        failed_at: record.failed_at,
+        priority: record.priority.unwrap_or_default(),
+        job,
+        raw: raw_job,
+    }
 }
 
 fn ms_since_epoch(at: SystemTime) -> Result<i64> {
@@ -552,7 +657,9 @@ impl EmailQueue {
     }
 
     /// Adds many jobs to run now, one result per job in order. Every job is validated before
-    /// anything is sent; then one round trip (one atomic script) per 1000 jobs.
+    /// anything is sent; then one round trip (one atomic script) per 1000 jobs or 8 MiB of
+    /// payload. Each call is atomic; when a later call fails, the jobs of the earlier ones are
+    /// in the queue (enqueueing the same jobs again is safe: ids are idempotent).
     pub async fn enqueue_bulk(&self, jobs: Vec<EmailJob>) -> Result<Vec<Enqueued>> {
         let now = now_millis();
         let encoded = jobs
@@ -560,7 +667,7 @@ impl EmailQueue {
             .map(|job| self.encode(job, None, now))
             .collect::<Result<Vec<_>>>()?;
         let mut out = Vec::with_capacity(encoded.len());
-        for chunk in encoded.chunks(BULK_CHUNK) {
+        for chunk in bulk_chunks(&encoded, |job| job.payload.len()) {
             out.extend(self.send(chunk).await?);
         }
         Ok(out)
@@ -736,32 +843,9 @@ impl EmailQueue {
                 out.push(None);
                 continue;
             }
-            let raw = text(&k[K_DEAD_JOBS], Some(&dead_id), value)?;
-            out.push(Some(self.dead_entry(dead_id, &raw)?));
+            out.push(Some(dead_entry(dead_id, value)));
         }
         Ok(out)
-    }
-
-    fn dead_entry(&self, dead_id: String, raw: &str) -> Result<DeadJob> {
-        let record: DeadRecord = serde_json::from_str(raw).map_err(|e| {
-            Error::decode(&self.inner.keys[K_DEAD_JOBS], Some(&dead_id), e.to_string())
-        })?;
-        let (job, raw_job) = match record.job {
-            Some(value) => match serde_json::from_value::<EmailJob>(value.clone()) {
-                Ok(job) => (Some(job), None),
-                Err(_) => (None, Some(value.to_string())),
-            },
-            None => (None, record.raw),
-        };
-        Ok(DeadJob {
-            dead_id,
-            reason: record.reason,
-            error: record.error,
-            failed_at: record.failed_at,
-            priority: record.priority.unwrap_or_default(),
-            job,
-            raw: raw_job,
-        })
     }
 
     /// Moves up to `limit` of the oldest replayable dead jobs back to the tail of the lists
@@ -814,17 +898,18 @@ impl EmailQueue {
             return Err(Error::invalid("dead id", "must not be empty"));
         }
         let k = &self.inner.keys;
-        let raw: Option<String> = self
+        let record = self
             .inner
             .redis
-            .query_as(
+            .query(
                 "email queue dead",
-                &k[K_DEAD_JOBS],
                 redis::cmd("HGET").arg(&k[K_DEAD_JOBS]).arg(dead_id),
             )
             .await?;
-        let Some(raw) = raw else { return Ok(false) };
-        let entry = self.dead_entry(dead_id.to_owned(), &raw)?;
+        if record == Value::Nil {
+            return Ok(false);
+        }
+        let entry = dead_entry(dead_id.to_owned(), record);
         if !entry.is_replayable() {
             return Ok(false);
         }
@@ -845,7 +930,7 @@ impl EmailQueue {
             }
         }
         let mut moved = 0;
-        for chunk in entries.chunks(BULK_CHUNK) {
+        for chunk in bulk_chunks(&entries, |entry| entry.3.len()) {
             let mut call = self.call().arg("replay");
             for (dead_id, id, priority, payload) in chunk {
                 call = call
@@ -896,13 +981,15 @@ impl EmailQueue {
 
     /// Settles finished deliveries and leases up to `fetch` jobs under `token`; with `maintain`
     /// also recovers expired leases, promotes due scheduled jobs and trims retention. One atomic
-    /// script.
+    /// script. `aging` is whether the worker's last pick was an aged one (aged and strict picks
+    /// alternate); the reply says the same of this call's last pick.
     pub(crate) async fn work(
         &self,
         token: &str,
         fetch: usize,
         maintain: bool,
         settles: &[Settle],
+        aging: &mut bool,
     ) -> Result<(Vec<bool>, Vec<Fetched>)> {
         let o = &self.inner.options;
         let mut call = self
@@ -919,7 +1006,8 @@ impl EmailQueue {
             .arg(o.dead_retention.max_count)
             .arg(millis(o.dead_retention.max_age))
             .arg(if maintain { "1" } else { "0" })
-            .arg(settles.len());
+            .arg(settles.len())
+            .arg(if *aging { "1" } else { "0" });
         for settle in settles {
             call = match settle {
                 Settle::Ack { id, token } => call.arg("ack").arg(id.as_str()).arg(&**token),
@@ -950,9 +1038,10 @@ impl EmailQueue {
         let Value::Array(mut parts) = reply else {
             return Err(bad("not an array"));
         };
-        if parts.len() != 2 {
-            return Err(bad("expected two parts"));
+        if parts.len() != 3 {
+            return Err(bad("expected three parts"));
         }
+        *aging = int(&key, parts.pop().unwrap_or(Value::Nil))? == 1;
         let jobs = parts.pop().unwrap_or(Value::Nil);
         let settled = parts.pop().unwrap_or(Value::Nil);
         let settled = match settled {
@@ -979,9 +1068,13 @@ impl EmailQueue {
             else {
                 return Err(bad("a job has fewer than 4 fields"));
             };
+            let payload = match payload {
+                Value::BulkString(bytes) => String::from_utf8(bytes).map_err(|e| e.into_bytes()),
+                other => text(&key, None, other).map_err(|_| Vec::new()),
+            };
             fetched.push(Fetched {
                 id: text(&key, None, id)?,
-                payload: text(&key, None, payload)?,
+                payload,
                 priority: text(&key, None, priority)?.parse()?,
                 deliveries: u32::try_from(int(&key, deliveries)?).unwrap_or(u32::MAX),
             });
@@ -1059,6 +1152,27 @@ mod tests {
         assert_eq!(o.backoff(2), Duration::from_secs(4));
         assert_eq!(o.backoff(3), Duration::from_secs(8));
         assert_eq!(o.backoff(60), Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn bulk_chunks_cap_count_and_bytes_in_order() {
+        let sizes: Vec<usize> = vec![1; 2500];
+        let lens: Vec<usize> = bulk_chunks(&sizes, |s| *s)
+            .iter()
+            .map(|c| c.len())
+            .collect();
+        assert_eq!(lens, [1000, 1000, 500]);
+        let mib = 1 << 20;
+        let sizes = [3 * mib, 3 * mib, 3 * mib, 20 * mib, 1, 1];
+        let chunks = bulk_chunks(&sizes, |s| *s);
+        let lens: Vec<usize> = chunks.iter().map(|c| c.len()).collect();
+        assert_eq!(
+            lens,
+            [2, 1, 1, 2],
+            "a heavy item goes alone, the others up to 8 MiB"
+        );
+        assert_eq!(chunks.concat(), sizes);
+        assert!(bulk_chunks::<usize>(&[], |s| *s).is_empty());
     }
 
     #[test]

@@ -26,11 +26,12 @@ end
 
 -- The top-level `id` and `scheduledAt` of a job without decoding it, when that can be done
 -- exactly: decoding costs more than the rest of a fetch does per job. The payload must start with
--- `{"id":"`, the id must hold no escape, and `"id":` must not occur again (a duplicate key, or a
--- nested one, leaves the answer to the decoder). A key match comes before any `{` of a nested
+-- `{"id":"`, the id must hold no escape, and the string `"id"` must not occur again (a duplicate
+-- key, a nested one, or one with a space before its colon leaves the answer to the decoder). A key match comes before any `{` of a nested
 -- object, so it is a top-level key: inside a string every quote is escaped and the plain pattern
 -- cannot match unless preceded by a backslash, and arrays hold no keys. `scheduledAt` must be a
--- plain integer, occur once, not after a backslash, and occur before any `{`. Anything else is decoded. The serializer of `EmailJob` writes `id`
+-- plain integer, occur once (as the string `"scheduledAt"` at all), not after a backslash, and
+-- occur before any `{`. Anything else is decoded. The serializer of `EmailJob` writes `id`
 -- first and `scheduledAt` before `metadata`, so its payloads take this path.
 local function scan(payload)
   -- Each string function call costs about as much as the search it makes, so every step that
@@ -40,7 +41,7 @@ local function scan(payload)
     return nil
   end
   local close = 8 + #id
-  if string.find(payload, '"id":', close, true) then
+  if string.find(payload, '"id"', close, true) then
     return nil
   end
   local at = nil
@@ -50,7 +51,7 @@ local function scan(payload)
     -- A backslash (byte 92) before the match means its quote is escaped: the text sits inside
     -- a longer key (`"x \"scheduledAt":`), not the top-level one.
     if (brace and brace < key) or string.byte(payload, key - 1) == 92
-      or string.find(payload, '"scheduledAt":', key_end, true) then
+      or string.find(payload, '"scheduledAt"', key_end, true) then
       return nil
     end
     local digits = string.match(payload, '^(%-?%d+)[,}]', key_end + 1)
@@ -58,8 +59,9 @@ local function scan(payload)
       return nil
     end
     at = tonumber(digits)
-  elseif brace then
-    -- Absent at the top level, or inside a nested object: only the decoder can tell.
+  elseif brace or string.find(payload, '"scheduledAt"', close, true) then
+    -- Absent at the top level, inside a nested object, or written with a space before its
+    -- colon: only the decoder can tell.
     return nil
   end
   return { id = id, scheduledAt = at }
@@ -77,12 +79,59 @@ local function inspect(payload)
   return nil
 end
 
+-- Whether `s` is valid UTF-8 (no overlong forms, surrogates or code points past U+10FFFF).
+local function utf8_valid(s)
+  local i, n = 1, #s
+  while i <= n do
+    local c = string.byte(s, i)
+    local len
+    if c < 128 then
+      len = 1
+    elseif c >= 194 and c <= 223 then
+      len = 2
+    elseif c >= 224 and c <= 239 then
+      len = 3
+    elseif c >= 240 and c <= 244 then
+      len = 4
+    else
+      return false
+    end
+    if i + len - 1 > n then
+      return false
+    end
+    for j = i + 1, i + len - 1 do
+      local cc = string.byte(s, j)
+      if cc < 128 or cc > 191 then
+        return false
+      end
+    end
+    local c2 = string.byte(s, i + 1)
+    if (c == 224 and c2 < 160) or (c == 237 and c2 > 159) or (c == 240 and c2 < 144)
+      or (c == 244 and c2 > 143) then
+      return false
+    end
+    i = i + len
+  end
+  return true
+end
+
+-- A dead record. `is_json` marks a payload read as a job; it is embedded as `job` only if it
+-- really is JSON (the scan reads `id` and `scheduledAt` without checking the rest), else kept
+-- as `raw`, or as `rawHex` when it is not UTF-8, so that the record stays readable. Burials
+-- are rare; these checks cost nothing on the hot path.
 local function record(id, reason, err, prio, payload, now, is_json)
   local r = '{"id":' .. cjson.encode(id) .. ',"reason":' .. cjson.encode(reason)
     .. ',"error":' .. cjson.encode(err) .. ',"failedAt":' .. string.format('%d', now)
     .. ',"priority":' .. cjson.encode(prio)
-  if is_json then
+  if is_json and pcall(cjson.decode, payload) then
     return r .. ',"job":' .. payload .. '}'
+  end
+  -- cjson copies bytes past 127 as they are, which would leave the record itself not UTF-8.
+  if string.find(payload, '[\128-\255]') and not utf8_valid(payload) then
+    local hex = string.gsub(payload, '.', function(c)
+      return string.format('%02x', string.byte(c))
+    end)
+    return r .. ',"rawHex":"' .. hex .. '"}'
   end
   return r .. ',"raw":' .. cjson.encode(payload) .. '}'
 end
@@ -200,8 +249,8 @@ end
 
 if op == 'work' then
   -- ARGV: op, token, fetch, visibility ms, aging ms, ttl ms, max deliveries, completed max,
-  -- completed age ms, dead max, dead age ms, maintain (1/0), settle count, then per
-  -- settlement: kind, id, token, and for a retry its due ms, priority and payload, for a dead
+  -- completed age ms, dead max, dead age ms, maintain (1/0), settle count, whether this
+  -- worker's last pick was an aged one (1/0), then per settlement: kind, id, token, and for a retry its due ms, priority and payload, for a dead
   -- its record (each argument costs the call about a microsecond, so acks carry no padding).
   -- Maintenance (lease recovery, promotion of due jobs, retention trims) costs a handful of
   -- server calls whether or not there is anything to do, so workers ask for it at most every
@@ -213,6 +262,7 @@ if op == 'work' then
   local dead_max, dead_age = tonumber(ARGV[10]), tonumber(ARGV[11])
   local maintain = ARGV[12] == '1'
   local settles = tonumber(ARGV[13])
+  local last_aged = ARGV[14] == '1'
   local now = now_ms()
   -- Scores as decimal strings, formatted once per call: a Lua number passed to redis.call is
   -- formatted with `%.17g` every time, which costs more than the ZADD entry it feeds.
@@ -231,7 +281,7 @@ if op == 'work' then
   if settles > 0 then
     local ids = {}
     local bases = {}
-    local base = 14
+    local base = 15
     for s = 1, settles do
       bases[s] = base
       ids[s] = ARGV[base + 1]
@@ -337,11 +387,14 @@ if op == 'work' then
     end
   end
 
-  -- 4. Fetch: strict priority, except that a list head waiting longer than `aging` goes first.
-  -- Jobs are popped in runs from the first non-empty list (`LMPOP .. RIGHT COUNT <n>`); then the
-  -- heads of the lower lists are checked for age, and if one is aged the run goes back to the
-  -- tail it came from (the script is atomic, so nobody sees it move) and that head is taken
-  -- instead. Within one call a list found empty stays empty (nothing here pushes to a list) and
+  -- 4. Fetch: strict priority, except that a lower list's head waiting longer than `aging` is
+  -- served: aged picks and strict picks alternate (the flag `last_aged` carries the alternation
+  -- from one call of the worker to its next), so an aged backlog of low jobs is served at half
+  -- the pace without holding up higher priorities, and among aged heads the longest waiting
+  -- goes first. Jobs are popped in runs from the first non-empty list (`LMPOP .. RIGHT COUNT
+  -- <n>`); then the heads of the lower lists are checked for age. When an aged pick is due, the
+  -- run goes back to the tail it came from (the script is atomic, so nobody sees it move) and
+  -- the aged head is taken instead; right after an aged pick, only the run's first job is kept. Within one call a list found empty stays empty (nothing here pushes to a list) and
   -- a head checked for age stays the head until it is popped, so a run is exactly what popping
   -- its jobs one at a time would give. `heads[j]` keeps the decoded head of list j, so the job
   -- popped from it is not decoded twice. The deadline, the known id and the payload of every
@@ -385,6 +438,8 @@ if op == 'work' then
     end
     local drained = #run < want
     if aging > 0 then
+      -- `aged[j]`: the head's `scheduledAt` when it is aged, false when not, nil: not checked.
+      local pick, pick_at = nil, nil
       for j = 3, idx + 1, -1 do
         if not empty[j] and aged[j] == nil then
           local head = redis.call('LINDEX', ORDER[j], -1)
@@ -392,22 +447,35 @@ if op == 'work' then
             local job = inspect(head)
             heads[j] = job or false
             local at = job and tonumber(job.scheduledAt)
-            aged[j] = (at ~= nil and at > 0 and now - at > aging)
+            aged[j] = (at ~= nil and at > 0 and now - at > aging) and at or false
           else
             empty[j] = true
           end
         end
-        if aged[j] then
-          local back = {}
-          for i = #run, 1, -1 do
-            back[#back + 1] = run[i]
-          end
-          variadic('RPUSH', ORDER[idx], back)
-          drained = false
-          run = { redis.call('RPOP', ORDER[j]) }
-          idx = j
-          break
+        if aged[j] and (pick == nil or aged[j] < pick_at) then
+          pick, pick_at = j, aged[j]
         end
+      end
+      -- The run's jobs from `from` on go back to the head of their list, in order.
+      local function put_back(from)
+        local back = {}
+        for i = #run, from, -1 do
+          back[#back + 1] = run[i]
+        end
+        variadic('RPUSH', ORDER[idx], back)
+        drained = false
+      end
+      if pick and not last_aged then
+        put_back(1)
+        run = { redis.call('RPOP', ORDER[pick]) }
+        idx = pick
+        last_aged = true
+      else
+        if pick and #run > 1 then
+          put_back(2)
+          run = { run[1] }
+        end
+        last_aged = false
       end
     end
     if drained then
@@ -425,9 +493,14 @@ if op == 'work' then
         job = nil
       end
       local id = job and job.id
-      if type(id) ~= 'string' or id == '' or string.len(id) > 512 then
+      -- An id that is not UTF-8 could never be settled (workers hold ids as text), so such a
+      -- job is buried here instead of being leased; ids are ASCII in practice, so the full check
+      -- runs only when a byte past 127 shows up.
+      if type(id) ~= 'string' or id == '' or string.len(id) > 256
+        or (string.find(id, '[\128-\255]') and not utf8_valid(id)) then
         local mid = 'malformed-' .. redis.sha1hex(payload)
-        bury(mid, record(mid, 'malformed', 'not a JSON object with a non-empty string id', prio,
+        bury(mid, record(mid, 'malformed',
+          'not a JSON object with a non-empty UTF-8 string id of at most 256 bytes', prio,
           payload, now, false), now)
       else
         local at = tonumber(job.scheduledAt) or 0
@@ -478,7 +551,7 @@ if op == 'work' then
     trim(DONE, nil, done_max, done_age, now, 2000)
     trim(DEAD, DEADJOBS, dead_max, dead_age, now, 2000)
   end
-  return { settled, out }
+  return { settled, out, last_aged and 1 or 0 }
 end
 
 if op == 'extend' then

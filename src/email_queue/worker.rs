@@ -241,8 +241,9 @@ impl EmailQueue {
 struct InFlight {
     id: String,
     token: Arc<str>,
-    /// The decoded job, or the raw payload and its list when it did not decode.
-    job: std::result::Result<EmailJob, (String, super::Priority)>,
+    /// The decoded job, or the raw payload (bytes when not UTF-8) and its list when it did not
+    /// decode.
+    job: std::result::Result<EmailJob, (std::result::Result<String, Vec<u8>>, super::Priority)>,
 }
 
 enum Outcome {
@@ -353,6 +354,9 @@ impl Worker {
         // Whether settlements landed after the last maintenance: a stopping worker then trims
         // once more, so retention is back within its bounds when the last worker stops.
         let mut settled_unmaintained = false;
+        // Whether this worker's last pick was an aged one: the next call then starts with a job
+        // in strict priority order (see `QueueOptions::aging`).
+        let mut last_pick_aged = false;
         let mut extend_every = tokio::time::interval(options.visibility_timeout / 3);
         extend_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         extend_every.reset();
@@ -404,7 +408,10 @@ impl Worker {
             if may_call && (settle_now || fetch > 0) {
                 let token = next_token();
                 let maintain = maintained_at.is_none_or(|t| t.elapsed() >= MAINTENANCE_INTERVAL);
-                match queue.work(&token, fetch, maintain, &pending).await {
+                match queue
+                    .work(&token, fetch, maintain, &pending, &mut last_pick_aged)
+                    .await
+                {
                     Ok((settled, jobs)) => {
                         retry_at = None;
                         if maintain {
@@ -462,7 +469,9 @@ impl Worker {
             }
             if stopping && tasks.is_empty() && pending.is_empty() && buffer.is_empty() {
                 if settled_unmaintained
-                    && let Err(e) = queue.work(&next_token(), 0, true, &[]).await
+                    && let Err(e) = queue
+                        .work(&next_token(), 0, true, &[], &mut last_pick_aged)
+                        .await
                 {
                     tracing::warn!(queue = queue.name(), worker = %self.id, error = %e,
                         "email queue: final retention trim failed");
@@ -555,22 +564,25 @@ impl Worker {
         fetched: Fetched,
         token: Arc<str>,
     ) {
-        let decoded = serde_json::from_str::<EmailJob>(&fetched.payload)
-            .map_err(|e| format!("payload is not an EmailJob: {e}"))
-            .and_then(|mut job| {
-                if job.version == 0 || job.version > PAYLOAD_VERSION {
-                    Err(format!(
-                        "payload version {} is not supported (1..={PAYLOAD_VERSION})",
-                        job.version
-                    ))
-                } else {
-                    // The list a job waited in is its priority: a foreign producer's payload
-                    // may leave the field out or disagree, and retries, dead records and
-                    // replays must keep the job where it was queued.
-                    job.priority = fetched.priority;
-                    Ok(job)
-                }
-            });
+        let decoded = match &fetched.payload {
+            Ok(text) => serde_json::from_str::<EmailJob>(text)
+                .map_err(|e| format!("payload is not an EmailJob: {e}")),
+            Err(_) => Err("payload is not UTF-8".to_owned()),
+        };
+        let decoded = decoded.and_then(|mut job| {
+            if job.version == 0 || job.version > PAYLOAD_VERSION {
+                Err(format!(
+                    "payload version {} is not supported (1..={PAYLOAD_VERSION})",
+                    job.version
+                ))
+            } else {
+                // The list a job waited in is its priority: a foreign producer's payload
+                // may leave the field out or disagree, and retries, dead records and
+                // replays must keep the job where it was queued.
+                job.priority = fetched.priority;
+                Ok(job)
+            }
+        });
         let handler = self.handler.clone();
         let timeout = self.options.job_timeout;
         let (job, task) = match decoded {
@@ -622,36 +634,42 @@ impl Worker {
         let InFlight { id, token, job } = flight.remove(&task)?;
         let options = self.queue.options();
         let now = now_millis();
-        let dead =
-            |reason: &str, error: &str, job: serde_json::Value, priority: super::Priority| {
-                let mut record = serde_json::Map::new();
-                record.insert("id".into(), id.clone().into());
-                record.insert("reason".into(), reason.into());
-                record.insert("error".into(), error.into());
-                record.insert("failedAt".into(), now.into());
-                record.insert("priority".into(), priority.as_str().into());
-                if job.is_string() {
-                    record.insert("raw".into(), job);
-                } else {
+        let dead = |reason: &str, error: &str, job: Stored, priority: super::Priority| {
+            let mut record = serde_json::Map::new();
+            record.insert("id".into(), id.clone().into());
+            record.insert("reason".into(), reason.into());
+            record.insert("error".into(), error.into());
+            record.insert("failedAt".into(), now.into());
+            record.insert("priority".into(), priority.as_str().into());
+            match job {
+                Stored::Job(job) => {
                     record.insert("job".into(), job);
                 }
-                Settle::Dead {
-                    id: id.clone(),
-                    token: token.clone(),
-                    record: serde_json::Value::Object(record).to_string(),
+                Stored::Raw(Ok(text)) => {
+                    record.insert("raw".into(), text.into());
                 }
-            };
-        let as_value =
-            |job: &EmailJob| serde_json::to_value(job).unwrap_or(serde_json::Value::Null);
+                Stored::Raw(Err(bytes)) => {
+                    record.insert("rawHex".into(), hex(&bytes).into());
+                }
+            }
+            Settle::Dead {
+                id: id.clone(),
+                token: token.clone(),
+                record: serde_json::Value::Object(record).to_string(),
+            }
+        };
+        let as_value = |job: &EmailJob| {
+            Stored::Job(serde_json::to_value(job).unwrap_or(serde_json::Value::Null))
+        };
         let mut job = match (job, outcome) {
             (Err((raw, priority)), Outcome::Malformed(reason)) => {
-                return Some(dead("malformed", &reason, raw.into(), priority));
+                return Some(dead("malformed", &reason, Stored::Raw(raw), priority));
             }
             (Err((raw, priority)), _) => {
                 return Some(dead(
                     "malformed",
                     "payload did not decode",
-                    raw.into(),
+                    Stored::Raw(raw),
                     priority,
                 ));
             }
@@ -692,6 +710,23 @@ impl Worker {
             ),
         })
     }
+}
+
+/// What a dead record keeps of the job: the job, or the payload that did not decode.
+enum Stored {
+    Job(serde_json::Value),
+    Raw(std::result::Result<String, Vec<u8>>),
+}
+
+/// Lowercase hex, as the script writes `rawHex` (Redis's Lua has no base64).
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
+            let _ = write!(out, "{b:02x}");
+            out
+        })
 }
 
 /// A delay drawn uniformly from `[d/2, d]`.
