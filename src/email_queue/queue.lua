@@ -36,7 +36,8 @@ end
 local function scan(payload)
   -- Each string function call costs about as much as the search it makes, so every step that
   -- can be one pattern match is one.
-  local id = string.match(payload, '^{"id":"([^"\\]*)"')
+  -- The id must be ASCII here: the fetch then needs no UTF-8 check of it (see the fetch).
+  local id = string.match(payload, '^{"id":"([^"\\\128-\255]*)"')
   if not id then
     return nil
   end
@@ -64,7 +65,7 @@ local function scan(payload)
     -- colon: only the decoder can tell.
     return nil
   end
-  return { id = id, scheduledAt = at }
+  return { id = id, scheduledAt = at, ascii = true }
 end
 
 local function inspect(payload)
@@ -173,6 +174,15 @@ local function variadic(command, key, args)
   each_chunk(args, 1000, function(chunk)
     redis.call(command, key, unpack(chunk))
   end)
+end
+
+-- Puts `run[from..]`, popped from the head (right end) of `list`, back where it was, in order.
+local function put_back(list, run, from)
+  local back = {}
+  for i = #run, from, -1 do
+    back[#back + 1] = run[i]
+  end
+  variadic('RPUSH', list, back)
 end
 
 -- Removes members from a retention ZSET, its record hash and the known ids.
@@ -456,23 +466,16 @@ if op == 'work' then
           pick, pick_at = j, aged[j]
         end
       end
-      -- The run's jobs from `from` on go back to the head of their list, in order.
-      local function put_back(from)
-        local back = {}
-        for i = #run, from, -1 do
-          back[#back + 1] = run[i]
-        end
-        variadic('RPUSH', ORDER[idx], back)
-        drained = false
-      end
       if pick and not last_aged then
-        put_back(1)
+        put_back(ORDER[idx], run, 1)
+        drained = false
         run = { redis.call('RPOP', ORDER[pick]) }
         idx = pick
         last_aged = true
       else
         if pick and #run > 1 then
-          put_back(2)
+          put_back(ORDER[idx], run, 2)
+          drained = false
           run = { run[1] }
         end
         last_aged = false
@@ -494,10 +497,10 @@ if op == 'work' then
       end
       local id = job and job.id
       -- An id that is not UTF-8 could never be settled (workers hold ids as text), so such a
-      -- job is buried here instead of being leased; ids are ASCII in practice, so the full check
-      -- runs only when a byte past 127 shows up.
+      -- job is buried here instead of being leased. The scan only takes ASCII ids, so only a
+      -- decoded id is checked, and fully only when a byte past 127 shows up.
       if type(id) ~= 'string' or id == '' or string.len(id) > 256
-        or (string.find(id, '[\128-\255]') and not utf8_valid(id)) then
+        or (not job.ascii and string.find(id, '[\128-\255]') and not utf8_valid(id)) then
         local mid = 'malformed-' .. redis.sha1hex(payload)
         bury(mid, record(mid, 'malformed',
           'not a JSON object with a non-empty UTF-8 string id of at most 256 bytes', prio,
