@@ -1337,6 +1337,71 @@ aether_redis::contract_tests! {
         assert_eq!((stats.waiting(), stats.dead), (300, 20));
     }
 
+    async fn concurrent_replay_one_calls_move_a_dead_job_once(redis) {
+        let queue = fast(&redis.email_queue().unwrap());
+        for round in 0..20 {
+            let id = format!("once{round}");
+            queue.enqueue(job(&id, Priority::Normal)).await.unwrap();
+            let worker = spawn_worker(&queue, 1, |_job| async { Err(JobError::permanent("550")) });
+            wait_stats(&queue, "the job dead", Duration::from_secs(10), |s| s.dead == 1).await;
+            worker.shutdown().await.unwrap();
+            let calls: Vec<_> = (0..4)
+                .map(|_| {
+                    let (q, id) = (queue.clone(), id.clone());
+                    tokio::spawn(async move { q.replay_one(&id).await.unwrap() })
+                })
+                .collect();
+            let mut moved = 0;
+            for call in calls {
+                moved += usize::from(call.await.unwrap());
+            }
+            assert_eq!(moved, 1, "round {round}");
+            assert_eq!(waiting_ids(&redis, &queue).await.get(&id), Some(&1));
+            let (handled, worker) = recording_worker(&queue, 1);
+            wait_for("the replayed job", Duration::from_secs(10), || handled.lock().unwrap().len() == 1).await;
+            worker.shutdown().await.unwrap();
+        }
+    }
+
+    async fn stats_are_one_consistent_snapshot_while_workers_move_jobs(redis) {
+        // Every job is in exactly one of the counted structures at any instant (fetch, retry
+        // and ack each move it in one script), so each snapshot adds up to the total; counts
+        // read one by one would miss or double-count jobs moving in between.
+        const JOBS: u64 = 2_000;
+        let mut options = fast(&redis.email_queue().unwrap()).options().clone();
+        options.backoff_base = Duration::from_millis(20);
+        options.backoff_max = Duration::from_millis(40);
+        options.completed_retention = Retention::new(10_000, Duration::from_secs(3600));
+        let queue = redis.email_queue().unwrap().with_options(options).unwrap();
+        let jobs = (0..JOBS).map(|i| job(&format!("s{i}"), Priority::ALL[i as usize % 3])).collect();
+        queue.enqueue_bulk(jobs).await.unwrap();
+        // Every other attempt fails once, so jobs also move through `scheduled`.
+        let workers: Vec<_> = (0..3)
+            .map(|_| {
+                spawn_worker(&queue, 4, |job: EmailJob| async move {
+                    if job.attempts == 0 && job.id.as_str().ends_with(['1', '3', '5', '7', '9']) {
+                        Err(JobError::retry("421"))
+                    } else {
+                        Ok(())
+                    }
+                })
+            })
+            .collect();
+        let mut snapshots = 0;
+        loop {
+            let s = queue.stats().await.unwrap();
+            assert_eq!(s.waiting() + s.active + s.delayed + s.completed + s.dead, JOBS, "{s:?}");
+            snapshots += 1;
+            if s.completed == JOBS {
+                break;
+            }
+        }
+        assert!(snapshots > 10, "the run ended before it was observed: {snapshots}");
+        for w in workers {
+            w.shutdown().await.unwrap();
+        }
+    }
+
     async fn a_raw_push_of_an_id_being_processed_is_buried_as_duplicate(redis) {
         // Raw pushes bypass the idempotency set. The same id twice in one fetched run (the batch
         // lease path), and once more while the first copy is in flight (the single-job path):
