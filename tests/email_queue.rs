@@ -373,17 +373,27 @@ aether_redis::contract_tests! {
                 panic!("the child worker never leased the job");
             }
         };
+        // The child printed the line after its lease was written, so the lease is at least this
+        // old when the job is redelivered.
+        let leased_at = Instant::now();
         assert_eq!(leased.as_deref(), Some("killed-mid-job"));
         child.kill().unwrap(); // SIGKILL
-        let killed_at = Instant::now();
         child.wait().unwrap();
         assert_eq!(queue.stats().await.unwrap().active, 1);
 
-        let (handled, worker) = recording_worker(&queue, 2);
-        wait_for("the redelivery", Duration::from_secs(10), || !handled.lock().unwrap().is_empty()).await;
+        let redelivered: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
+        let r = redelivered.clone();
+        let worker = spawn_worker(&queue, 2, move |job: EmailJob| {
+            r.lock().unwrap().push((job.id.to_string(), Instant::now()));
+            async { Ok(()) }
+        });
+        wait_for("the redelivery", Duration::from_secs(10), || !redelivered.lock().unwrap().is_empty()).await;
         worker.shutdown().await.unwrap();
-        assert!(killed_at.elapsed() < Duration::from_secs(10));
-        assert_eq!(handled.lock().unwrap().as_slice(), ["killed-mid-job"]);
+        let got = redelivered.lock().unwrap().clone();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0, "killed-mid-job");
+        // Not before the lease ran out (1 s visibility): the kill itself released nothing.
+        assert!(got[0].1 - leased_at >= Duration::from_millis(900), "redelivered {:?} after the lease", got[0].1 - leased_at);
         assert_eq!(counts(&queue).await, (0, 0, 0, 0, 1));
     }
 
@@ -1475,13 +1485,30 @@ aether_redis::contract_tests! {
             format!("{prefix}email-queue:bulk:high")
         };
         assert_eq!(a.list_key(Priority::High), expected);
-        let slots: std::collections::HashSet<u16> = Priority::ALL
-            .iter()
-            .map(|p| aether_redis::keyspace::cluster_slot(a.list_key(*p)))
-            .chain([aether_redis::keyspace::cluster_slot(a.dead_key())])
-            .collect();
+        // Every member of the queue, as documented; in Cluster all in one slot.
+        let members = [
+            "high", "normal", "low", "scheduled", "ids", "active", "leases", "deliveries",
+            "completed", "dead", "dead-jobs", "payloads",
+        ];
+        let keys: Vec<String> =
+            members.iter().map(|m| a.list_key(Priority::High).replace(":high", &format!(":{m}"))).collect();
+        assert_eq!(keys[9], a.dead_key());
+        let slots: std::collections::HashSet<u16> =
+            keys.iter().map(|k| aether_redis::keyspace::cluster_slot(k)).collect();
         if redis.keys().is_cluster() {
-            assert_eq!(slots.len(), 1, "one queue, one slot");
+            assert_eq!(slots.len(), 1, "one queue, one slot: {keys:?}");
+        }
+        // And the queue writes nothing else: after a full run, each key it left is a member.
+        let (handled, worker) = recording_worker(&a, 1);
+        wait_for("the job", Duration::from_secs(10), || handled.lock().unwrap().len() == 1).await;
+        worker.shutdown().await.unwrap();
+        // (Standalone only: in Cluster the keys spread over nodes; their slot is checked above.)
+        if !redis.keys().is_cluster() {
+            let pattern = a.list_key(Priority::High).replace(":high", ":*");
+            let mut conn = redis.connection().await.unwrap();
+            let found: Vec<String> = redis::cmd("KEYS").arg(&pattern).query_async(&mut conn).await.unwrap();
+            assert!(!found.is_empty());
+            assert!(found.iter().all(|k| keys.contains(k)), "{found:?} outside {keys:?}");
         }
     }
 }
