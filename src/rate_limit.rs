@@ -37,8 +37,10 @@
 //! times out, the tier's [`FailurePolicy`] applies: [`FailurePolicy::FailOpen`] allows (the
 //! decision's [`DecisionSource`] says so), [`FailurePolicy::Local`] decides with an in-process
 //! limiter of the same parameters, [`FailurePolicy::FailClosed`] returns the error (answer 503,
-//! not 429). A circuit breaker stops calling Redis after consecutive failures, so calls during an
-//! outage return at once instead of each paying a timeout.
+//! not 429). "Unavailable" includes a server that refuses the check before running any of it:
+//! `READONLY` (a failover), `BUSY`, `OOM`, `MISCONF` and `NOREPLICAS`. A circuit breaker stops
+//! calling Redis after consecutive failures, so calls during an outage return at once instead of
+//! each paying a timeout.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -1398,7 +1400,8 @@ impl RateLimiter {
     /// Errors: [`Error::InvalidInput`] for a bad user/endpoint, unknown tier or cost (nothing
     /// sent); [`Error::Unavailable`] / [`Error::Timeout`] only under
     /// [`FailurePolicy::FailClosed`] (a `READONLY` reply, from a node demoted by a failover,
-    /// counts as unavailable); [`Error::Server`] for a server-side error, e.g. `WRONGTYPE` when
+    /// and a `BUSY`, `OOM`, `MISCONF` or `NOREPLICAS` refusal count as unavailable: the server
+    /// ran nothing); [`Error::Server`] for a server-side error, e.g. `WRONGTYPE` when
     /// the key holds another algorithm's state (a fixed-window tier meeting a hash, a GCRA or
     /// sliding tier meeting the counter): that state is left as it was.
     pub async fn check_n(
@@ -1544,9 +1547,10 @@ impl RateLimiter {
                 }
             }
         };
-        // A demoted master during a failover: nothing was written, so it is an outage to the
-        // failure policy and the breaker, not a server error to pass on.
-        let result = result.map_err(|err| err.read_only_as_unavailable(CHECK));
+        // A demoted master during a failover, or a server refusing commands before running them
+        // (BUSY, OOM, ...): nothing was written, so it is an outage to the failure policy and the
+        // breaker, not a server error to pass on.
+        let result = result.map_err(refusal_as_unavailable);
         match &result {
             Ok(_) => inner.breaker.success(),
             Err(err) if err.is_retryable() => {
@@ -1736,6 +1740,46 @@ impl RateLimiter {
     }
 }
 
+/// Replies with which a server refuses a command before running any of it because it cannot
+/// serve now, not because the command is wrong: another client's script runs past
+/// `busy-reply-threshold` (`BUSY`), the server is over `maxmemory` (`OOM`), its last save
+/// failed with `stop-writes-on-bgsave-error` (`MISCONF`), or `min-replicas-to-write` is not met
+/// (`NOREPLICAS`).
+const REFUSAL_CODES: [&str; 4] = ["BUSY", "OOM", "MISCONF", "NOREPLICAS"];
+
+/// `READONLY` and the [`REFUSAL_CODES`] (alone, from inside a script, or aborting a `MULTI`)
+/// become [`Error::Unavailable`], so that the failure policy applies and the breaker counts
+/// them. Every other error is returned as it was.
+fn refusal_as_unavailable(err: Error) -> Error {
+    match err.read_only_as_unavailable(CHECK) {
+        Error::Server(e) => match refusal_code(&e) {
+            Some(code) => Error::Unavailable {
+                message: format!("{CHECK}: the server refused the check with {code}: {e}"),
+                source: Some(e),
+            },
+            None => Error::Server(e),
+        },
+        other => other,
+    }
+}
+
+fn refusal_code(err: &redis::RedisError) -> Option<&'static str> {
+    let known = |code: &str| REFUSAL_CODES.iter().copied().find(|c| *c == code);
+    if let Some(code) = err.code().and_then(known) {
+        return Some(code);
+    }
+    // A command refused while queued in `MULTI` makes `EXEC` fail with `EXECABORT`; the
+    // refusal itself is among the queued replies.
+    if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ExecAbort) {
+        return err
+            .clone()
+            .into_server_errors()?
+            .iter()
+            .find_map(|(_, e)| known(e.code()));
+    }
+    None
+}
+
 fn short_reply(key: &str) -> Error {
     Error::decode(
         key,
@@ -1785,6 +1829,37 @@ impl Batch for RateLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn server_error(reply: &[u8]) -> Error {
+        let value = redis::parse_redis_value(reply).unwrap();
+        let Value::ServerError(err) = value else {
+            panic!("not an error reply: {value:?}");
+        };
+        Error::from_redis("test", err.into())
+    }
+
+    #[test]
+    fn refusals_are_unavailable_other_server_errors_stay() {
+        for reply in [
+            &b"-BUSY Redis is busy running a script.\r\n"[..],
+            b"-OOM command not allowed when used memory > 'maxmemory'.\r\n",
+            b"-MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist to disk.\r\n",
+            b"-NOREPLICAS Not enough good replicas to write.\r\n",
+            b"-READONLY You can't write against a read only replica.\r\n",
+        ] {
+            let err = refusal_as_unavailable(server_error(reply));
+            assert!(err.is_unavailable() && err.is_retryable(), "{err:?}");
+        }
+        for reply in [
+            &b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n"[..],
+            b"-NOPERM this user has no permissions\r\n",
+            b"-ERR unknown command\r\n",
+            b"-BUSYGROUP Consumer Group name already exists\r\n",
+        ] {
+            let err = refusal_as_unavailable(server_error(reply));
+            assert!(matches!(err, Error::Server(_)), "{err:?}");
+        }
+    }
 
     fn lookup<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
         move |k| {

@@ -74,6 +74,43 @@ async fn hammer(limiter: &RateLimiter, user: &str) -> u64 {
     total
 }
 
+/// 64 tasks checking one key until `run` has passed; returns how many were admitted and when
+/// (client clock) the last check that was then denied was called.
+async fn hammer_for(limiter: &RateLimiter, user: &str, run: Duration) -> (u64, Instant) {
+    let deadline = Instant::now() + run;
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let limiter = limiter.clone();
+        let user = user.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let (mut admitted, mut last_denied) = (0u64, None);
+            loop {
+                let called = Instant::now();
+                if called >= deadline {
+                    return (admitted, last_denied);
+                }
+                let d = limiter
+                    .check(&user, "api", &TierName::custom("t"))
+                    .await
+                    .unwrap();
+                assert_eq!(d.source, DecisionSource::Redis, "{d:?}");
+                if d.allowed {
+                    admitted += 1;
+                } else {
+                    last_denied = Some(called);
+                }
+            }
+        }));
+    }
+    let (mut total, mut last_denied) = (0, None);
+    for t in tasks {
+        let (admitted, denied) = t.await.unwrap();
+        total += admitted;
+        last_denied = last_denied.max(denied);
+    }
+    (total, last_denied.expect("the run saturated the limiter"))
+}
+
 aether_redis::contract_tests! {
     async fn fixed_window_admits_exactly_the_limit_under_concurrency(redis) {
         let window = Duration::from_secs(3600);
@@ -90,20 +127,39 @@ aether_redis::contract_tests! {
     }
 
     async fn gcra_admits_exactly_burst_plus_elapsed_over_period(redis) {
-        // 100 per hour: period 36 s, burst 100.
-        let limiter = limiter(&redis, Algorithm::Gcra, 100, Duration::from_secs(3600));
-        let period_us = 36_000_000;
-        let started = server_time_us(&redis).await;
-        let admitted = hammer(&limiter, "u1").await;
-        let ended = server_time_us(&redis).await;
-        let allowed_by_formula = 100 + ((ended - started) / period_us) as u64;
-        assert_eq!(admitted, allowed_by_formula);
+        // 200 per second: period 5 ms, burst 200; a run of about a second refills ~200.
+        let (burst, period_us) = (200u64, 5_000i64);
+        let limiter = limiter(&redis, Algorithm::Gcra, burst, Duration::from_secs(1));
+        let t = TierName::custom("t");
         let key = limiter.key("u1", "api").unwrap();
+        let tat = |redis: Redis, key: String| async move {
+            let v: i64 = query(&redis, redis::cmd("HGET").arg(&key).arg("tat")).await;
+            v
+        };
+        // The first check starts the run at server time t0 = tat - period, exactly.
+        assert!(limiter.check("u1", "api", &t).await.unwrap().allowed);
+        let t0 = tat(redis.clone(), key.clone()).await - period_us;
+        let (admitted, last_denied_call) = hammer_for(&limiter, "u1", Duration::from_secs(1)).await;
+        let ended = server_time_us(&redis).await;
+        let after = Instant::now();
+        let admitted = admitted + 1;
+        // Each admission moves tat by one period: the server admitted exactly what we counted.
+        assert_eq!(tat(redis.clone(), key.clone()).await, t0 + admitted as i64 * period_us);
+        // GCRA's bound: an admission at server time t needs admitted <= burst + floor((t - t0) /
+        // period), so over the run (t <= ended) never more than `upper`. A denial at t means
+        // admitted > burst - 1 + (t - t0) / period; the last denied check ran on the server no
+        // earlier than `ended` minus the client time from its call to TIME's reply.
+        let upper = burst + ((ended - t0) / period_us) as u64;
+        let last_denied_at = ended - i64::try_from((after - last_denied_call).as_micros()).unwrap();
+        let lower = burst + ((last_denied_at - t0) / period_us) as u64;
+        assert!(
+            (lower..=upper).contains(&admitted),
+            "admitted {admitted}, GCRA allows {lower}..={upper} over {} µs",
+            ended - t0
+        );
+        assert!(upper - burst >= 100, "the run refilled only {} periods", upper - burst);
         let ttl = pttl(&redis, &key).await;
-        assert!(ttl > 0 && ttl <= 3_600_000 + 36_000, "{ttl}");
-        let d = limiter.check("u1", "api", &TierName::custom("t")).await.unwrap();
-        assert!(!d.allowed);
-        assert!(d.retry_after.unwrap() <= Duration::from_secs(36));
+        assert!(ttl > 0 && ttl <= 1_000, "{ttl}");
     }
 
     async fn concurrent_checks_on_one_key_share_calls_and_keep_their_own_decisions(redis) {
@@ -1134,6 +1190,184 @@ async fn read_only_replica_applies_the_failure_policy() {
         assert!(err.is_unavailable(), "{algorithm}: {err:?}");
         assert!(err.to_string().contains("read-only"), "{algorithm}: {err}");
         assert_eq!(limiter.stats().redis_failures, 3, "{algorithm}");
+    }
+}
+
+/// Runs a script on a connection of its own that holds the server for `millis` (past
+/// `busy-reply-threshold`, every other client is answered `BUSY`); returns once it ended.
+fn hold_server_busy(port: u16, millis: u64) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .unwrap()
+            .get_multiplexed_async_connection_with_config(
+                &redis::AsyncConnectionConfig::new().set_response_timeout(None),
+            )
+            .await
+            .unwrap();
+        let _: i64 = redis::cmd("EVAL")
+            .arg(
+                "local t0 = redis.call('TIME') \
+                 while true do \
+                   local t = redis.call('TIME') \
+                   if (t[1] - t0[1]) * 1000000 + (t[2] - t0[2]) >= tonumber(ARGV[1]) * 1000 then \
+                     return 1 end \
+                 end",
+            )
+            .arg(0)
+            .arg(millis)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    })
+}
+
+/// Checks each policy tier of every algorithm (user = the algorithm's name) on a server that
+/// refuses them with `code` (applying nothing): fail open allows, local decides in process, fail
+/// closed is `Unavailable` naming the reply, and the breaker counts every one. A peek, which
+/// writes nothing, is refused too when `peeks_refused`.
+async fn refused_checks_apply_the_failure_policy(
+    limiters: &[(Algorithm, RateLimiter, [TierName; 3])],
+    code: &str,
+    peeks_refused: bool,
+) {
+    for (algorithm, limiter, [open, closed, local]) in limiters {
+        let user = algorithm.to_string();
+        let before = limiter.stats();
+        let d = limiter.check(&user, "open", open).await.unwrap();
+        assert_eq!(
+            (d.allowed, d.source),
+            (true, DecisionSource::FailOpen),
+            "{algorithm} {code}"
+        );
+        let d = limiter.check(&user, "local", local).await.unwrap();
+        assert_eq!(d.source, DecisionSource::Local, "{algorithm} {code}");
+        let err = limiter.check(&user, "closed", closed).await.unwrap_err();
+        assert!(err.is_unavailable(), "{algorithm}: {err:?}");
+        assert!(err.to_string().contains(code), "{algorithm}: {err}");
+        let mut failures = 3;
+        if peeks_refused {
+            let d = limiter.peek(&user, "open", open).await.unwrap();
+            assert_eq!(
+                d.source,
+                DecisionSource::FailOpen,
+                "{algorithm} {code} peek"
+            );
+            failures += 1;
+        }
+        assert_eq!(
+            limiter.stats().redis_failures - before.redis_failures,
+            failures,
+            "{algorithm} {code}"
+        );
+    }
+}
+
+fn limiters_per_algorithm(redis: &Redis) -> Vec<(Algorithm, RateLimiter, [TierName; 3])> {
+    ALGORITHMS
+        .into_iter()
+        .map(|algorithm| {
+            let (limiter, tiers) = policy_tiers(
+                redis,
+                algorithm,
+                Duration::from_secs(60),
+                RateLimiterConfig::default()
+                    .timeout(Duration::from_secs(2))
+                    .breaker(BreakerSettings::new(100, Duration::from_secs(1))),
+            );
+            (algorithm, limiter, tiers)
+        })
+        .collect()
+}
+
+/// A server busy running another client's long script answers `BUSY` and runs nothing: an
+/// outage to the limiter, not a server error to pass on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_server_applies_the_failure_policy() {
+    let server = start(LocalOptions {
+        config_lines: vec!["busy-reply-threshold 100".into()],
+        ..LocalOptions::default()
+    })
+    .await;
+    let redis = Redis::connect(server.config()).await.unwrap();
+    let limiters = limiters_per_algorithm(&redis);
+    let busy = hold_server_busy(server.port(), 3000);
+    // Past the 100 ms threshold the server answers other clients with BUSY.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let started = Instant::now();
+    refused_checks_apply_the_failure_policy(&limiters, "BUSY", true).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(2000),
+        "checks outlived the busy script"
+    );
+    busy.await.unwrap();
+    for (algorithm, limiter, [open, ..]) in &limiters {
+        let d = limiter
+            .check(&algorithm.to_string(), "open", open)
+            .await
+            .unwrap();
+        assert_eq!(
+            d.source,
+            DecisionSource::Redis,
+            "{algorithm} after the script"
+        );
+    }
+}
+
+/// A server over `maxmemory` refuses writes with `OOM` (and a transaction holding one with
+/// `EXECABORT`) before applying anything: the failure policy applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_out_of_memory_applies_the_failure_policy() {
+    let server = start(LocalOptions::default()).await;
+    let redis = Redis::connect(server.config()).await.unwrap();
+    let limiters = limiters_per_algorithm(&redis);
+    let _: () = query(
+        &redis,
+        redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg(1),
+    )
+    .await;
+    // Reads are still served: only the consuming checks are refused.
+    refused_checks_apply_the_failure_policy(&limiters, "OOM", false).await;
+    let _: () = query(
+        &redis,
+        redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg(0),
+    )
+    .await;
+    for (algorithm, limiter, [open, ..]) in &limiters {
+        let d = limiter
+            .check(&algorithm.to_string(), "open", open)
+            .await
+            .unwrap();
+        assert_eq!(d.source, DecisionSource::Redis, "{algorithm} after OOM");
+    }
+}
+
+/// A server with `min-replicas-to-write` and too few replicas refuses writes with
+/// `NOREPLICAS` before applying anything: the failure policy applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_without_enough_replicas_applies_the_failure_policy() {
+    let server = start(LocalOptions::default()).await;
+    let redis = Redis::connect(server.config()).await.unwrap();
+    let limiters = limiters_per_algorithm(&redis);
+    let set = |n: u32| {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("min-replicas-to-write")
+            .arg(n)
+            .clone()
+    };
+    let _: () = query(&redis, &set(1)).await;
+    refused_checks_apply_the_failure_policy(&limiters, "NOREPLICAS", false).await;
+    let _: () = query(&redis, &set(0)).await;
+    for (algorithm, limiter, [open, ..]) in &limiters {
+        let d = limiter
+            .check(&algorithm.to_string(), "open", open)
+            .await
+            .unwrap();
+        assert_eq!(
+            d.source,
+            DecisionSource::Redis,
+            "{algorithm} after NOREPLICAS"
+        );
     }
 }
 

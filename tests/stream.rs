@@ -10,6 +10,8 @@ use aether_redis::stream::{ConsumerOptions, StartFrom, StreamMessage};
 use aether_redis::{Error, Redis};
 use serde::{Deserialize, Serialize};
 
+mod support;
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 struct Job {
     n: i64,
@@ -61,6 +63,73 @@ impl Seen {
             .map(|v| v.0)
             .max()
             .unwrap_or(0)
+    }
+}
+
+/// (delivery count the handler was given, `XPENDING` count when it finished).
+type DeliveryCounts = (u64, Option<u64>);
+/// An extended `XPENDING` row: id, consumer, idle ms, deliveries.
+type PendingRow = (String, String, u64, u64);
+
+/// Claims after 500 ms idle, checked every 50 ms: the slow handlers below outlast that.
+fn slow_claims() -> ConsumerOptions {
+    fast()
+        .with_claim_min_idle(Duration::from_millis(500))
+        .with_claim_interval(Duration::from_millis(50))
+}
+
+/// The group's delivery count of `id` (`XPENDING`); `None` once it is no longer pending.
+async fn pending_count(redis: &Redis, stream: &str, group: &str, id: &str) -> Option<u64> {
+    let reply = raw(
+        redis,
+        redis::cmd("XPENDING")
+            .arg(stream)
+            .arg(group)
+            .arg(id)
+            .arg(id)
+            .arg(1),
+    )
+    .await;
+    let redis::Value::Array(rows) = reply else {
+        panic!("XPENDING: {reply:?}")
+    };
+    let row = rows.into_iter().next()?;
+    let redis::Value::Array(row) = row else {
+        panic!("XPENDING row: {row:?}")
+    };
+    match row[3] {
+        redis::Value::Int(n) => Some(n as u64),
+        ref other => panic!("XPENDING count: {other:?}"),
+    }
+}
+
+async fn pending(redis: &Redis, name: &str, group: &str) -> u64 {
+    redis
+        .streams()
+        .group_info(name, group)
+        .await
+        .unwrap()
+        .unwrap()
+        .pending
+}
+
+/// Appends `count` entries `payload {"n":0}` to `key` in one script (fast for large counts).
+async fn fill(redis: &Redis, key: &str, count: u64) {
+    raw(redis, redis::cmd("EVAL")
+        .arg("for i = 1, tonumber(ARGV[1]) do redis.call('XADD', KEYS[1], '*', 'payload', ARGV[2]) end")
+        .arg(1).arg(key).arg(count).arg("{\"n\":0}")).await;
+}
+
+/// `XADD key * <fields>`, field names as raw bytes; returns the id.
+async fn xadd(redis: &Redis, key: &str, fields: &[(&[u8], &[u8])]) -> String {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(key).arg("*");
+    for (k, v) in fields {
+        cmd.arg(*k).arg(*v);
+    }
+    match raw(redis, &cmd).await {
+        redis::Value::BulkString(id) => String::from_utf8(id).unwrap(),
+        other => panic!("XADD: {other:?}"),
     }
 }
 
@@ -523,4 +592,620 @@ aether_redis::contract_tests! {
         );
         assert_eq!(streams.group_info("panics", "workers").await.unwrap().unwrap().pending, 0);
     }
+
+    async fn a_handler_slower_than_claim_min_idle_fails_once_and_is_redelivered_once(redis) {
+        let streams = redis.streams();
+        let producer = streams.producer::<Job>("slow_fail").unwrap();
+        streams.create_group("slow_fail", "workers", StartFrom::Beginning).await.unwrap();
+        producer.publish(&Job { n: 1 }).await.unwrap();
+        let deliveries: Arc<Mutex<Vec<u64>>> = Arc::default();
+        let d = deliveries.clone();
+        let running = streams
+            .consumer::<Job>("slow_fail", "workers", slow_claims().with_max_retries(3))
+            .unwrap()
+            .spawn(move |msg: StreamMessage<Job>| {
+                let d = d.clone();
+                async move {
+                    d.lock().unwrap().push(msg.delivery_count);
+                    if msg.delivery_count == 1 {
+                        // Three claim_min_idle periods while this consumer holds the message.
+                        tokio::time::sleep(Duration::from_millis(1500)).await;
+                        return Err("the first attempt fails, slowly".to_owned());
+                    }
+                    Ok(())
+                }
+            });
+        wait_for("an outcome", Duration::from_secs(15), || {
+            let m = running.metrics();
+            m.processed + m.dead_lettered > 0
+        })
+        .await;
+        // Time for a wrong claim or dead letter to show.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let metrics = running.shutdown().await.unwrap();
+        assert_eq!(*deliveries.lock().unwrap(), vec![1, 2], "delivery counts seen by the handler");
+        assert_eq!(
+            (metrics.processed, metrics.retried, metrics.dead_lettered, metrics.claimed),
+            (1, 1, 0, 1)
+        );
+        assert!(streams.dead_letters("slow_fail", 10).await.unwrap().is_empty());
+        assert_eq!(pending(&redis, "slow_fail", "workers").await, 0);
+    }
+
+    async fn slow_running_and_queued_messages_keep_their_delivery_count(redis) {
+        let streams = redis.streams();
+        let producer = streams.producer::<Job>("slow_ok").unwrap();
+        let stream = streams.keys("slow_ok").unwrap().stream().to_owned();
+        streams.create_group("slow_ok", "workers", StartFrom::Beginning).await.unwrap();
+        producer.publish_many(&(0..4).map(|n| Job { n }).collect::<Vec<_>>()).await.unwrap();
+        let seen = Seen::default();
+        let counts: Arc<Mutex<Vec<DeliveryCounts>>> = Arc::default();
+        let (s, c, r) = (seen.clone(), counts.clone(), redis.clone());
+        // Two workers for four messages: two of them wait 800 ms in the queue, then run 800 ms.
+        let running = streams
+            .consumer::<Job>("slow_ok", "workers", slow_claims().with_batch(4).with_concurrency(2))
+            .unwrap()
+            .spawn(move |msg: StreamMessage<Job>| {
+                let (s, c, r, stream) = (s.clone(), c.clone(), r.clone(), stream.clone());
+                async move {
+                    s.record(&msg);
+                    tokio::time::sleep(Duration::from_millis(800)).await;
+                    let now = pending_count(&r, &stream, "workers", &msg.id).await;
+                    c.lock().unwrap().push((msg.delivery_count, now));
+                    Ok::<_, std::io::Error>(())
+                }
+            });
+        wait_for("4 processed", Duration::from_secs(15), || running.metrics().processed == 4).await;
+        let metrics = running.shutdown().await.unwrap();
+        let counts = counts.lock().unwrap().clone();
+        assert_eq!(counts, vec![(1, Some(1)); 4], "(delivered as, XPENDING count at the end)");
+        assert_eq!((metrics.processed, metrics.claimed, metrics.dead_lettered), (4, 0, 0));
+        assert_eq!((seen.distinct(), seen.max_runs()), (4, 1));
+    }
+
+    async fn two_consumers_never_take_each_others_slow_messages(redis) {
+        let streams = redis.streams();
+        let producer = streams.producer::<Job>("slow_pair").unwrap();
+        streams.create_group("slow_pair", "workers", StartFrom::Beginning).await.unwrap();
+        producer.publish_many(&(0..4).map(|n| Job { n }).collect::<Vec<_>>()).await.unwrap();
+        let seen = Seen::default();
+        let started = Arc::new(AtomicU64::new(0));
+        let handler = |s: Seen, st: Arc<AtomicU64>| move |msg: StreamMessage<Job>| {
+            let (s, st) = (s.clone(), st.clone());
+            async move {
+                st.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(1200)).await;
+                s.record(&msg);
+                Ok::<_, std::io::Error>(())
+            }
+        };
+        // Two workers for four messages: two run 1.2 s, two wait as long in the queue, and the
+        // first consumer's loop waits with them (no claim pass of its own meanwhile).
+        let first = streams
+            .consumer::<Job>("slow_pair", "workers",
+                slow_claims().with_batch(4).with_concurrency(2).with_consumer_name("first"))
+            .unwrap()
+            .spawn(handler(seen.clone(), started.clone()));
+        wait_for("the first consumer to start 2", Duration::from_secs(10), || {
+            started.load(Ordering::SeqCst) == 2
+        })
+        .await;
+        let second = streams
+            .consumer::<Job>("slow_pair", "workers", slow_claims().with_consumer_name("second"))
+            .unwrap()
+            .spawn(handler(seen.clone(), started.clone()));
+        wait_for("4 processed", Duration::from_secs(15), || {
+            first.metrics().processed + second.metrics().processed >= 4
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (a, b) = (first.shutdown().await.unwrap(), second.shutdown().await.unwrap());
+        assert_eq!((seen.distinct(), seen.max_runs()), (4, 1), "each message handled once");
+        assert_eq!((a.processed, b.processed, b.claimed), (4, 0, 0));
+        assert_eq!(a.dead_lettered + b.dead_lettered, 0);
+        assert!(streams.dead_letters("slow_pair", 10).await.unwrap().is_empty());
+    }
+
+    async fn non_utf8_field_names_fail_only_their_own_entry(redis) {
+        let streams = redis.streams();
+        let keys = streams.keys("bytes").unwrap();
+        let key = keys.stream();
+        streams.create_group("bytes", "workers", StartFrom::Beginning).await.unwrap();
+        let job = |n: i64| format!("{{\"n\":{n}}}").into_bytes();
+        xadd(&redis, key, &[(b"payload", &job(0))]).await;
+        let claimed = xadd(&redis, key, &[(b"\xff\xfe", b"x"), (b"payload", &job(-1))]).await;
+        // A consumer that dies holding both: they come back through XAUTOCLAIM.
+        raw(&redis, redis::cmd("XREADGROUP").arg("GROUP").arg("workers").arg("ghost")
+            .arg("COUNT").arg(2).arg("STREAMS").arg(key).arg(">")).await;
+        for n in 1..=5 {
+            xadd(&redis, key, &[(b"payload", &job(n))]).await;
+        }
+        let read = xadd(&redis, key, &[(b"caf\xe9", b"y"), (b"payload", &job(-2))]).await;
+        xadd(&redis, key, &[(b"payload", &job(6))]).await;
+
+        let seen = Seen::default();
+        let s = seen.clone();
+        let running = streams
+            .consumer::<Job>("bytes", "workers", fast().with_max_retries(3))
+            .unwrap()
+            .spawn(move |msg: StreamMessage<Job>| {
+                let s = s.clone();
+                async move { s.record(&msg); Ok::<_, std::io::Error>(()) }
+            });
+        wait_for("7 healthy and 2 dead letters", Duration::from_secs(15), || {
+            seen.distinct() == 7 && running.metrics().dead_lettered == 2
+        })
+        .await;
+        let metrics = running.shutdown().await.unwrap();
+        assert_eq!((metrics.processed, metrics.errors), (7, 0));
+        let mut values: Vec<i64> = seen.0.lock().unwrap().values().map(|v| v.1).collect();
+        values.sort();
+        assert_eq!(values, (0..=6).collect::<Vec<_>>());
+        let mut dead = streams.dead_letters("bytes", 10).await.unwrap();
+        dead.sort_by(|a, b| a.original_id.cmp(&b.original_id));
+        assert_eq!(dead.len(), 2);
+        for (d, id, name, value, n) in [
+            (&dead[0], &claimed, "\\xff\\xfe", &b"x"[..], -1),
+            (&dead[1], &read, "caf\\xe9", b"y", -2),
+        ] {
+            assert_eq!(&d.original_id, id);
+            assert!(d.error.contains("not UTF-8") && d.error.contains(name), "{}", d.error);
+            assert_eq!(d.fields[0], (name.to_owned(), value.to_vec()), "the name, escaped");
+            assert_eq!(d.payload::<Job>().unwrap(), Job { n });
+            assert_eq!(d.problem, None);
+        }
+        assert_eq!(pending(&redis, "bytes", "workers").await, 0);
+    }
+
+    async fn replaying_a_dead_letter_never_trims_the_source_stream(redis) {
+        let streams = redis.streams();
+        let keys = streams.keys("long").unwrap();
+        // More than the producers' default cap (MAXLEN ~ 100000), none of them read yet.
+        fill(&redis, keys.stream(), 100_250).await;
+        let mut dead = Vec::new();
+        for n in 1..=2 {
+            let payload = format!("{{\"n\":{n}}}");
+            dead.push(xadd(&redis, keys.dead(), &[
+                (b"payload", payload.as_bytes()), (b"dl:original_id", b"1-1"),
+                (b"dl:delivery_count", b"3"), (b"dl:error", b"boom"), (b"dl:group", b"g"),
+                (b"dl:consumer", b"c"), (b"dl:failed_at", b"0"),
+            ]).await);
+        }
+        let before = streams.len("long").await.unwrap();
+        assert_eq!(before, 100_250);
+        assert!(streams.replay_dead_letter("long", &dead[0]).await.unwrap().is_some());
+        assert_eq!(streams.replay_dead_letters("long", 10).await.unwrap().len(), 1);
+        assert_eq!(streams.len("long").await.unwrap(), before + 2, "replay trimmed the stream");
+        raw(&redis, redis::cmd("DEL").arg(keys.stream())).await;
+    }
+
+    async fn out_of_range_options_are_typed_errors_and_the_bounds_work(redis) {
+        let streams = redis.streams();
+        let year = Duration::from_secs(365 * 24 * 3600);
+        let d = ConsumerOptions::default;
+        for (options, option) in [
+            (d().with_block(Duration::MAX), "block"),
+            (d().with_block(year + Duration::from_millis(1)), "block"),
+            (d().with_claim_min_idle(Duration::MAX), "claim_min_idle"),
+            (d().with_claim_interval(Duration::MAX), "claim_interval"),
+            (d().with_dead_letter_retention(Duration::MAX), "dead_letter_retention"),
+            (d().with_dead_letter_retention(Duration::ZERO), "dead_letter_retention"),
+            (d().with_idempotency_ttl(Some(Duration::MAX)), "idempotency_ttl"),
+            (d().with_remove_idle_consumers_after(Some(Duration::MAX)), "remove_idle_consumers_after"),
+        ] {
+            match streams.consumer::<Job>("bounds", "workers", options) {
+                Err(Error::InvalidInput { what, reason }) => {
+                    assert_eq!(what, option, "{reason}");
+                    assert!(reason.contains("1 year"), "{reason}");
+                }
+                other => panic!("{option}: {other:?}"),
+            }
+        }
+        // Every duration at the bound: the consumer runs, handles and shuts down.
+        let options = d()
+            .with_block(year)
+            .with_claim_min_idle(year)
+            .with_claim_interval(year)
+            .with_dead_letter_retention(year)
+            .with_idempotency_ttl(Some(year))
+            .with_remove_idle_consumers_after(Some(year));
+        let seen = Seen::default();
+        let s = seen.clone();
+        let running = streams.consumer::<Job>("bounds", "workers", options).unwrap().spawn(
+            move |msg: StreamMessage<Job>| {
+                let s = s.clone();
+                async move { s.record(&msg); Ok::<_, std::io::Error>(()) }
+            },
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let id = streams.producer::<Job>("bounds").unwrap().publish(&Job { n: 1 }).await.unwrap();
+        wait_for("the message", Duration::from_secs(10), || running.metrics().processed == 1).await;
+        let metrics = running.shutdown().await.unwrap();
+        assert_eq!((metrics.processed, metrics.errors), (1, 0));
+        let record = streams.keys("bounds").unwrap().processed("workers", None, &id);
+        let ttl = raw(&redis, redis::cmd("PTTL").arg(&record)).await;
+        assert!(matches!(ttl, redis::Value::Int(t) if t > 364 * 24 * 3600 * 1000), "{ttl:?}");
+    }
+
+    async fn racing_consumers_dead_letter_each_message_exactly_once(redis) {
+        let streams = redis.streams();
+        let producer = streams.producer::<Job>("race").unwrap();
+        let key = streams.keys("race").unwrap().stream().to_owned();
+        streams.create_group("race", "workers", StartFrom::Beginning).await.unwrap();
+        let ids = producer.publish_many(&(0..40).map(|n| Job { n }).collect::<Vec<_>>()).await.unwrap();
+        // Read by a consumer that died, with a delivery count past max_retries: every live
+        // consumer's claim pass wants to dead-letter them, and with 1 ms claim_min_idle they
+        // claim them from each other while doing so.
+        raw(&redis, redis::cmd("XREADGROUP").arg("GROUP").arg("workers").arg("ghost")
+            .arg("COUNT").arg(100).arg("STREAMS").arg(&key).arg(">")).await;
+        raw(&redis, redis::cmd("XCLAIM").arg(&key).arg("workers").arg("ghost").arg(0).arg(&ids)
+            .arg("RETRYCOUNT").arg(10).arg("JUSTID")).await;
+        let runs = Arc::new(AtomicU64::new(0));
+        let options = fast()
+            .with_claim_min_idle(Duration::from_millis(1))
+            .with_claim_interval(Duration::from_millis(10))
+            .with_max_retries(3);
+        let consumers: Vec<_> = (0..4)
+            .map(|_| {
+                let r = runs.clone();
+                streams.consumer::<Job>("race", "workers", options.clone()).unwrap().spawn(
+                    move |_msg: StreamMessage<Job>| {
+                        r.fetch_add(1, Ordering::SeqCst);
+                        async { Ok::<_, std::io::Error>(()) }
+                    },
+                )
+            })
+            .collect();
+        wait_for("40 dead letters", Duration::from_secs(15), || {
+            consumers.iter().map(|c| c.metrics().dead_lettered).sum::<u64>() >= 40
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut total = 0;
+        for c in consumers {
+            total += c.shutdown().await.unwrap().dead_lettered;
+        }
+        assert_eq!(total, 40);
+        let dead = streams.dead_letters("race", 100).await.unwrap();
+        let originals: std::collections::HashSet<&str> =
+            dead.iter().map(|d| d.original_id.as_str()).collect();
+        assert_eq!((dead.len(), originals.len()), (40, 40), "each message dead-lettered once");
+        assert_eq!(runs.load(Ordering::SeqCst), 0);
+        assert_eq!(pending(&redis, "race", "workers").await, 0);
+    }
+
+    async fn processed_records_and_acks_are_seen_together(redis) {
+        let streams = redis.streams();
+        let producer = streams.producer::<Job>("acked").unwrap();
+        let keys = streams.keys("acked").unwrap();
+        streams.create_group("acked", "workers", StartFrom::Beginning).await.unwrap();
+        let ids = producer.publish_many(&(0..300).map(|n| Job { n }).collect::<Vec<_>>()).await.unwrap();
+        let records: Vec<String> = ids.iter().map(|id| keys.processed("workers", None, id)).collect();
+        // An observer reading the pending list and every record in one transaction: a record
+        // written without its XACK in the same step would show as "recorded and still pending".
+        let stop = Arc::new(AtomicBool::new(false));
+        let observer = {
+            let (redis, stop, key, ids, records) =
+                (redis.clone(), stop.clone(), keys.stream().to_owned(), ids.clone(), records.clone());
+            tokio::spawn(async move {
+                let (mut rounds, mut torn) = (0u64, Vec::new());
+                while !stop.load(Ordering::SeqCst) {
+                    let mut pipe = redis::pipe();
+                    pipe.atomic()
+                        .cmd("XPENDING").arg(&key).arg("workers").arg("-").arg("+").arg(1000)
+                        .cmd("MGET").arg(&records);
+                    let mut conn = redis.connection().await.unwrap();
+                    let (rows, found): (Vec<PendingRow>, Vec<Option<String>>) =
+                        pipe.query_async(&mut conn).await.unwrap();
+                    let pending: std::collections::HashSet<String> =
+                        rows.into_iter().map(|r| r.0).collect();
+                    for (id, record) in ids.iter().zip(found) {
+                        if record.is_some() && pending.contains(id) {
+                            torn.push(id.clone());
+                        }
+                    }
+                    rounds += 1;
+                }
+                (rounds, torn)
+            })
+        };
+        let running = streams
+            .consumer::<Job>("acked", "workers", fast().with_batch(20).with_concurrency(8))
+            .unwrap()
+            .spawn(|_msg: StreamMessage<Job>| async { Ok::<_, std::io::Error>(()) });
+        wait_for("300 processed", Duration::from_secs(15), || running.metrics().processed == 300).await;
+        stop.store(true, Ordering::SeqCst);
+        let (rounds, torn) = observer.await.unwrap();
+        running.shutdown().await.unwrap();
+        assert!(rounds > 0);
+        assert!(torn.is_empty(), "recorded but still pending: {torn:?} ({rounds} rounds)");
+        let found: Vec<Option<String>> =
+            support::query(&redis, redis::cmd("MGET").arg(&records)).await;
+        assert!(found.iter().zip(&ids).all(|(f, id)| f.as_deref() == Some(id.as_str())));
+        assert_eq!(pending(&redis, "acked", "workers").await, 0);
+    }
+
+    async fn idle_consumer_removal_racing_a_read_drops_no_pending_entry(redis) {
+        let streams = redis.streams();
+        let producer = streams.producer::<Job>("removal").unwrap();
+        let key = streams.keys("removal").unwrap().stream().to_owned();
+        streams.create_group("removal", "workers", StartFrom::Beginning).await.unwrap();
+        producer.publish_many(&(0..60).map(|n| Job { n }).collect::<Vec<_>>()).await.unwrap();
+        // The reads come from a client of their own, as another consumer process's would.
+        let mut reader = redis.dedicated().await.unwrap();
+        let mut reads = 0;
+        for round in 0..60 {
+            let name = format!("v{round}");
+            raw(&redis, redis::cmd("XGROUP").arg("CREATECONSUMER").arg(&key).arg("workers").arg(&name)).await;
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            // The consumer is idle past the threshold with nothing pending, and reads meanwhile.
+            let mut read = redis::cmd("XREADGROUP");
+            read.arg("GROUP").arg("workers").arg(&name).arg("COUNT").arg(1)
+                .arg("STREAMS").arg(&key).arg(">");
+            let (removed, got) = tokio::join!(
+                streams.remove_idle_consumers("removal", "workers", Duration::from_millis(20)),
+                read.query_async::<redis::Value>(&mut reader),
+            );
+            removed.unwrap();
+            let mut strings = Vec::new();
+            support::flatten(got.unwrap(), &mut strings);
+            reads += usize::from(!strings.is_empty());
+        }
+        assert_eq!(reads, 60);
+        assert_eq!(pending(&redis, "removal", "workers").await, 60, "a removal dropped a read entry");
+    }
+
+    async fn malformed_dead_letters_are_reported_and_paged_past(redis) {
+        let streams = redis.streams();
+        let keys = streams.keys("foreign").unwrap();
+        // Entries someone else wrote into the dead-letter stream: no metadata, and one whose
+        // field name is not UTF-8; then one well-formed dead letter.
+        fill(&redis, keys.dead(), 150).await;
+        xadd(&redis, keys.dead(), &[(b"\xff", b"x"), (b"payload", b"{\"n\":8}")]).await;
+        let good = xadd(&redis, keys.dead(), &[
+            (b"payload", b"{\"n\":1}"), (b"dl:original_id", b"5-0"), (b"dl:delivery_count", b"3"),
+            (b"dl:error", b"boom"), (b"dl:group", b"g"), (b"dl:consumer", b"c"),
+            (b"dl:failed_at", b"7"),
+        ]).await;
+        let listed = streams.dead_letters("foreign", 500).await.unwrap();
+        assert_eq!(listed.len(), 152);
+        assert!(listed[..151].iter().all(|d| d.problem.is_some()));
+        let problem = listed[0].problem.as_deref().unwrap();
+        assert!(problem.contains("dl:original_id"), "{problem}");
+        let problem = listed[150].problem.as_deref().unwrap();
+        assert!(problem.contains("not UTF-8"), "{problem}");
+        let last = &listed[151];
+        assert_eq!((last.id.as_str(), last.problem.as_deref()), (good.as_str(), None));
+        assert_eq!((last.original_id.as_str(), last.delivery_count, last.failed_at), ("5-0", 3, 7));
+        assert_eq!(last.fields, vec![("payload".to_owned(), b"{\"n\":1}".to_vec())]);
+
+        // A replay of one passes the 151 it cannot replay, over more than one page.
+        let replayed = streams.replay_dead_letters("foreign", 1).await.unwrap();
+        assert_eq!(replayed.len(), 1);
+        let entries: Vec<String> = {
+            let mut out = Vec::new();
+            support::flatten(raw(&redis, redis::cmd("XRANGE").arg(keys.stream()).arg("-").arg("+")).await, &mut out);
+            out
+        };
+        assert_eq!(entries, vec![replayed[0].clone(), "payload".into(), "{\"n\":1}".into(), "replay_of".into(), "5-0".into()]);
+        assert_eq!(streams.dead_letters("foreign", 500).await.unwrap().len(), 151);
+    }
+}
+
+/// A server of the test's own, and a handle on it whose response timeout is 300 ms.
+async fn own_server(test: &str) -> (aether_redis::testkit::LocalServer, Redis) {
+    let server = tokio::task::spawn_blocking(|| {
+        aether_redis::testkit::LocalServer::start(aether_redis::testkit::LocalOptions::default())
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let mut config = server.config();
+    config.response_timeout = Duration::from_millis(300);
+    config.key_prefix = aether_redis::testkit::namespace(test);
+    (server, Redis::connect(config).await.unwrap())
+}
+
+type HandlerFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), std::io::Error>> + Send>>;
+
+/// A handler that stalls the server for 1.5 s (`CLIENT PAUSE`) on its first run, so that the
+/// ack of its message times out; counts its runs.
+fn pausing_handler(
+    redis: &Redis,
+    runs: Arc<AtomicU64>,
+) -> impl Fn(StreamMessage<Job>) -> HandlerFuture + Send + Sync + 'static {
+    let redis = redis.clone();
+    move |_msg: StreamMessage<Job>| {
+        let (redis, runs) = (redis.clone(), runs.clone());
+        Box::pin(async move {
+            if runs.fetch_add(1, Ordering::SeqCst) == 0 {
+                support::pause_all(&redis, 1500).await;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// An ack that times out (the outcome unknown, but `SET` + `XACK` is safe to repeat) is retried
+/// until it succeeds: the message is neither left pending nor handled again after a claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_ack_is_retried_and_the_message_not_handled_again() {
+    let (_server, redis) = own_server("a_timed_out_ack_is_retried").await;
+    let streams = redis.streams();
+    streams
+        .create_group("acks", "workers", StartFrom::Beginning)
+        .await
+        .unwrap();
+    let id = streams
+        .producer::<Job>("acks")
+        .unwrap()
+        .publish(&Job { n: 1 })
+        .await
+        .unwrap();
+    let runs = Arc::new(AtomicU64::new(0));
+    let running = streams
+        .consumer::<Job>("acks", "workers", fast())
+        .unwrap()
+        .spawn(pausing_handler(&redis, runs.clone()));
+    wait_for("the ack", Duration::from_secs(15), || {
+        running.metrics().processed == 1
+    })
+    .await;
+    // Past the pause, claim_min_idle (400 ms) and a few claim passes: a dropped ack would have
+    // been claimed and handled again by now.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let metrics = running.shutdown().await.unwrap();
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "handled again after a failed ack"
+    );
+    assert_eq!((metrics.processed, metrics.claimed), (1, 0));
+    assert!(metrics.errors >= 1, "the ack did time out: {metrics:?}");
+    assert_eq!(pending(&redis, "acks", "workers").await, 0);
+    let record = streams
+        .keys("acks")
+        .unwrap()
+        .processed("workers", None, &id);
+    let stored: Option<String> = support::query(&redis, redis::cmd("GET").arg(&record)).await;
+    assert_eq!(stored, Some(id));
+}
+
+/// Shutdown waits for an ack that is being retried, instead of leaving its message pending for
+/// another consumer to handle again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_an_ack_that_is_being_retried() {
+    let (_server, redis) = own_server("shutdown_finishes_an_ack").await;
+    let streams = redis.streams();
+    streams
+        .create_group("acks", "workers", StartFrom::Beginning)
+        .await
+        .unwrap();
+    streams
+        .producer::<Job>("acks")
+        .unwrap()
+        .publish(&Job { n: 1 })
+        .await
+        .unwrap();
+    let runs = Arc::new(AtomicU64::new(0));
+    let running = streams
+        .consumer::<Job>("acks", "workers", fast())
+        .unwrap()
+        .spawn(pausing_handler(&redis, runs.clone()));
+    wait_for("the handler", Duration::from_secs(10), || {
+        running.metrics().in_flight == 0 && runs.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let started = Instant::now();
+    let metrics = running.shutdown().await.unwrap();
+    assert_eq!(
+        metrics.processed, 1,
+        "shutdown gave up on the ack: {metrics:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(pending(&redis, "acks", "workers").await, 0);
+}
+
+/// Every command line MONITOR shows on the server at 127.0.0.1:`port` until one contains
+/// `marker`.
+async fn monitor(port: u16, marker: &'static str) -> tokio::task::JoinHandle<Vec<String>> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(stream);
+    lines.get_mut().write_all(b"MONITOR\r\n").await.unwrap();
+    let mut ok = String::new();
+    lines.read_line(&mut ok).await.unwrap();
+    assert_eq!(ok, "+OK\r\n");
+    tokio::spawn(async move {
+        let mut seen = Vec::new();
+        loop {
+            let mut line = String::new();
+            assert!(
+                lines.read_line(&mut line).await.unwrap() > 0,
+                "MONITOR closed"
+            );
+            if line.contains(marker) {
+                return seen;
+            }
+            seen.push(line);
+        }
+    })
+}
+
+/// Dead-letter timestamps and the retention cutoff come from the server's clock: no command the
+/// consumer or `trim_dead_letters` sends carries a time of the client's (MONITOR shows every
+/// argument), so a consumer whose clock is off can neither trim dead letters early nor keep
+/// them too long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_times_come_from_the_server_clock() {
+    let (server, redis) = own_server("dead_letter_times").await;
+    let streams = redis.streams();
+    streams
+        .create_group("clock", "workers", StartFrom::Beginning)
+        .await
+        .unwrap();
+    let id = streams
+        .producer::<Job>("clock")
+        .unwrap()
+        .publish(&Job { n: 1 })
+        .await
+        .unwrap();
+    let commands = monitor(server.port(), "end-of-test-marker").await;
+    let running = streams
+        .consumer::<Job>("clock", "workers", fast().with_max_retries(1))
+        .unwrap()
+        .spawn(|_msg: StreamMessage<Job>| async { Err::<(), _>("always fails".to_owned()) });
+    wait_for("the dead letter", Duration::from_secs(10), || {
+        running.metrics().dead_lettered == 1
+    })
+    .await;
+    running.shutdown().await.unwrap();
+    streams
+        .trim_dead_letters("clock", Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let _: String = support::query(&redis, redis::cmd("ECHO").arg("end-of-test-marker")).await;
+    let commands = commands.await.unwrap();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    // Any number within ten days of now, alone or as an `<ms>-0` stream id, would be a client
+    // time (the cutoff of a 7-day retention, or a timestamp), except the message's own id,
+    // which the server made. Commands that scripts run (source `lua`) carry the server's time.
+    let client_times: Vec<&String> = commands
+        .iter()
+        .filter(|line| !line.contains(" lua]"))
+        .filter(|line| {
+            line.split('"').any(|arg| {
+                let ms = arg.strip_suffix("-0").unwrap_or(arg);
+                arg != id
+                    && ms
+                        .parse::<i64>()
+                        .is_ok_and(|ms| (ms - now_ms).abs() < 10 * 24 * 3600 * 1000)
+            })
+        })
+        .collect();
+    assert!(
+        commands.iter().any(|l| l.contains("dl:error")),
+        "the dead-letter script was not seen: {commands:?}"
+    );
+    assert!(
+        client_times.is_empty(),
+        "client clock on the wire: {client_times:?}"
+    );
+    let dead = streams.dead_letters("clock", 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert!(
+        (dead[0].failed_at - now_ms).abs() < 60_000,
+        "{}",
+        dead[0].failed_at
+    );
 }

@@ -74,6 +74,9 @@ where
 /// claim after 60 s idle (checked every 30 s), dead letter after 3 deliveries, dead letters
 /// kept 7 days, idempotency records kept 24 h, idle consumers with empty pending lists
 /// removed after 1 h.
+///
+/// Every duration is at most [`ConsumerOptions::MAX_DURATION`] (1 year); out-of-range values
+/// are refused by [`super::Streams::consumer`] with [`Error::InvalidInput`] naming the option.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ConsumerOptions {
@@ -85,12 +88,15 @@ pub struct ConsumerOptions {
     /// message at a time.
     pub concurrency: usize,
     /// Pending entries idle this long (of any consumer, crashed ones included) are claimed.
+    /// While this consumer holds a message (queued, running, or its ack being retried) it
+    /// resets the message's idle time every third of this, so no claim takes it meanwhile.
     pub claim_min_idle: Duration,
     /// How often to claim; `None` = half of `claim_min_idle`.
     pub claim_interval: Option<Duration>,
     /// Deliveries after which a failing message goes to the dead-letter stream.
     pub max_retries: u64,
-    /// Dead letters older than this are trimmed (by id age) whenever one is added.
+    /// Dead letters older than this are trimmed (by id age) whenever one is added; at least
+    /// 1 ms.
     pub dead_letter_retention: Duration,
     /// Lifetime of `processed` records; `None` turns consumer-side idempotency off.
     pub idempotency_ttl: Option<Duration>,
@@ -178,13 +184,47 @@ impl ConsumerOptions {
         self
     }
 
+    /// The longest duration any option accepts: 1 year. Longer ones overflow timers, or make
+    /// Redis refuse the `PX`/`BLOCK` argument on every call.
+    pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
     fn claim_every(&self) -> Duration {
         self.claim_interval
             .unwrap_or(self.claim_min_idle / 2)
             .max(Duration::from_millis(10))
     }
 
+    /// How often the messages this consumer holds get their idle time reset: three times per
+    /// `claim_min_idle`, so that a late heartbeat or two still keeps them from a claim.
+    fn heartbeat_every(&self) -> Duration {
+        (self.claim_min_idle / 3).max(Duration::from_millis(1))
+    }
+
     fn validate(&self) -> Result<()> {
+        let bounded = |what: &'static str, d: Option<Duration>| -> Result<()> {
+            match d {
+                Some(d) if d > Self::MAX_DURATION => Err(Error::invalid(
+                    what,
+                    format!("{d:?} is longer than the maximum of 1 year"),
+                )),
+                _ => Ok(()),
+            }
+        };
+        bounded("block", Some(self.block))?;
+        bounded("claim_min_idle", Some(self.claim_min_idle))?;
+        bounded("claim_interval", self.claim_interval)?;
+        bounded("dead_letter_retention", Some(self.dead_letter_retention))?;
+        bounded("idempotency_ttl", self.idempotency_ttl)?;
+        bounded(
+            "remove_idle_consumers_after",
+            self.remove_idle_consumers_after,
+        )?;
+        if self.dead_letter_retention < Duration::from_millis(1) {
+            return Err(Error::invalid(
+                "dead_letter_retention",
+                "must be at least 1 ms and at most 1 year (0 would trim every dead letter)",
+            ));
+        }
         if self.batch == 0 || self.batch > 10_000 {
             return Err(Error::invalid("batch", "must be 1..=10000"));
         }
@@ -197,17 +237,23 @@ impl ConsumerOptions {
         if self.block < Duration::from_millis(1) {
             return Err(Error::invalid(
                 "block",
-                "must be at least 1 ms (BLOCK 0 would wait forever)",
+                "must be at least 1 ms and at most 1 year (BLOCK 0 would wait forever)",
             ));
         }
         if self.claim_min_idle < Duration::from_millis(1) {
-            return Err(Error::invalid("claim_min_idle", "must be at least 1 ms"));
+            return Err(Error::invalid(
+                "claim_min_idle",
+                "must be at least 1 ms and at most 1 year",
+            ));
         }
         if self
             .idempotency_ttl
             .is_some_and(|t| t < Duration::from_millis(1))
         {
-            return Err(Error::invalid("idempotency_ttl", "must be at least 1 ms"));
+            return Err(Error::invalid(
+                "idempotency_ttl",
+                "must be at least 1 ms and at most 1 year",
+            ));
         }
         Ok(())
     }
@@ -276,16 +322,38 @@ impl Counters {
 /// Run it with [`StreamConsumer::spawn`] (a task and a [`ConsumerHandle`]) or
 /// [`StreamConsumer::run`] (until a shutdown future completes).
 ///
-/// Per loop: one `XREADGROUP .. BLOCK` on a dedicated connection (bounded by block + a margin;
-/// the shared connection is never blocked); with idempotency on, one `MGET` of the batch's
-/// `processed` records; then one atomic ack per group of finished messages (`XACK`, or a
-/// script doing `SET processed .. PX` + `XACK`). Every claim interval: `XAUTOCLAIM` plus one
-/// pipelined `XPENDING` round trip for the claimed entries' delivery counts.
+/// Round trips, all but the read on the handle's shared connection:
+/// - **Read:** one `XREADGROUP .. BLOCK` on a dedicated connection (bounded by block + a
+///   margin; the shared connection is never blocked); with idempotency on, one `MGET` of the
+///   batch's `processed` records.
+/// - **Ack:** one call per group of finished messages, up to 1000 ids: `XACK`, or with
+///   idempotency on the script `SET <record> <id> PX <ttl>` ... + `XACK`, atomic (a record is
+///   never written without its ack, nor the ack without the record). Acks of messages that
+///   finish while an ack is in flight are sent together. A failed ack, a timed-out one
+///   included (repeating it is safe), is retried after 25 ms, doubling up to 1 s, until it
+///   succeeds; once shutdown began, for at most 10 s more.
+/// - **Failure:** a delivery that fails at `max_retries` deliveries goes to the dead-letter
+///   stream by one atomic script (see [`super::Streams::dead_letters`]); earlier failures cost
+///   nothing (the message stays pending).
+/// - **Claim pass,** every claim interval: up to 10 pages of `batch` entries, each one
+///   pipeline of `XCLAIM <stream> <group> <self> 0 <held ids> JUSTID` (when this consumer holds
+///   messages) and `XAUTOCLAIM`; then, if needed, one `XACK` of entries whose message was
+///   deleted, one pipeline of one `XPENDING` per claimed entry (its delivery count), one `MGET`
+///   of their `processed` records (idempotency on), and one dead-letter script per message
+///   delivered more than `max_retries` times. Every 10th pass also runs the idle-consumer
+///   removal script.
+/// - **Heartbeat,** every `claim_min_idle / 3` while this consumer holds messages (queued,
+///   running, or acked but not yet confirmed): `XCLAIM <stream> <group> <self> 0 <ids> JUSTID`
+///   per 1000 ids. It resets their idle time without counting a delivery, so no claim (this
+///   consumer's own included) takes a message while it is held, however long its handler runs.
+///   This consumer never dispatches or dead-letters a message it holds.
 ///
 /// Handlers run on `concurrency` worker tasks fed from a queue; the next batch is read once
 /// every message of the current one has started, so a crash leaves unstarted at most the rest
 /// of one batch. A panicking handler fails its own message only (as an error would), and its
-/// worker goes on. Acks of messages that finish while an ack is in flight are sent together.
+/// worker goes on. An entry that cannot be decoded (its payload, or a field name that is not
+/// UTF-8) is a failed delivery like a handler error: retried, then dead-lettered with the
+/// reason as its error; the other entries of its batch are handled.
 pub struct StreamConsumer<T> {
     redis: Redis,
     keys: StreamKeys,
@@ -333,8 +401,9 @@ impl ConsumerHandle {
         self.task.is_finished()
     }
 
-    /// Stops reading, waits for the handlers in flight, acks what finished, leaves the rest
-    /// pending, and returns the final counters.
+    /// Stops reading, waits for the handlers in flight, acks what finished (an ack Redis does
+    /// not confirm is retried for at most 10 s), leaves the rest pending, and returns the final
+    /// counters.
     pub async fn shutdown(mut self) -> Result<ConsumerMetrics> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -438,8 +507,9 @@ impl<T: DeserializeOwned + Send + 'static> StreamConsumer<T> {
 
     /// Creates the group if needed (`MKSTREAM`; an existing group is fine), then consumes until
     /// `shutdown` completes; then stops reading, waits for the handlers in flight, acks what
-    /// finished and returns the counters. Redis errors inside the loop are counted and retried
-    /// after a pause; only a failure to create the group ends it early.
+    /// finished (retrying a failed ack for at most 10 s), leaves the messages read but not
+    /// started pending for a claim, and returns the counters. Redis errors inside the loop are
+    /// counted and retried after a pause; only a failure to create the group ends it early.
     pub async fn run<H: StreamHandler<T>>(
         &self,
         handler: H,
@@ -451,15 +521,35 @@ impl<T: DeserializeOwned + Send + 'static> StreamConsumer<T> {
             .unwrap_or_else(|| StartFrom::default_for(&self.group));
         create_group(&self.redis, &self.keys, &self.group, start).await?;
 
+        let held = Arc::new(Held::default());
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
-        let mut background = JoinSet::new();
-        background.spawn(acker(
-            self.redis.clone(),
-            self.keys.clone(),
-            self.group.clone(),
-            self.options.idempotency_ttl,
+        // JoinSets, not detached tasks: when this future is dropped (an abort, as a crash), the
+        // acker and the heartbeat die with it, so the messages it held become claimable.
+        let mut acking = JoinSet::new();
+        acking.spawn(acker(
+            Acker {
+                redis: self.redis.clone(),
+                keys: self.keys.clone(),
+                group: self.group.clone(),
+                idempotency_ttl: self.options.idempotency_ttl,
+                counters: self.counters.clone(),
+                held: held.clone(),
+            },
             ack_rx,
+        ));
+        let (stop_heartbeat, heartbeat_stopped) = oneshot::channel::<()>();
+        let mut beating = JoinSet::new();
+        beating.spawn(heartbeat(
+            Toucher {
+                redis: self.redis.clone(),
+                keys: self.keys.clone(),
+                group: self.group.clone(),
+                name: self.name.clone(),
+            },
+            held.clone(),
+            self.options.heartbeat_every(),
             self.counters.clone(),
+            heartbeat_stopped,
         ));
         let ctx = Arc::new(Ctx {
             redis: self.redis.clone(),
@@ -470,6 +560,7 @@ impl<T: DeserializeOwned + Send + 'static> StreamConsumer<T> {
             counters: self.counters.clone(),
             handler,
             acks: ack_tx,
+            held: held.clone(),
             _payload: PhantomData,
         });
         let queue = Arc::new(Queue::default());
@@ -482,7 +573,7 @@ impl<T: DeserializeOwned + Send + 'static> StreamConsumer<T> {
             queue: queue.clone(),
             conn: None,
             next_claim: Instant::now(),
-            next_cleanup: Instant::now() + self.options.claim_every() * 10,
+            next_cleanup: later(self.options.claim_every().saturating_mul(10)),
             failures: 0,
         };
         let mut shutdown: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(shutdown);
@@ -497,14 +588,31 @@ impl<T: DeserializeOwned + Send + 'static> StreamConsumer<T> {
         if let Some(conn) = state.conn.take() {
             conn.discard();
         }
-        // Handlers running now finish (and are acked); queued jobs never start and stay pending.
+        // Handlers running now finish (and are acked); queued jobs never start and stay
+        // pending, no longer held, so that another consumer can claim them.
         queue.ready.close();
+        let unstarted: Vec<Job> = queue.lock().jobs.drain(..).collect();
+        for job in &unstarted {
+            held.release(job.ids());
+        }
         while workers.join_next().await.is_some() {}
         drop(state);
         drop(ctx);
-        while background.join_next().await.is_some() {}
+        // The acker ends once every ack is settled (or given up on); until then the heartbeat
+        // keeps the messages it is retrying from a claim.
+        while acking.join_next().await.is_some() {}
+        let _ = stop_heartbeat.send(());
+        while beating.join_next().await.is_some() {}
         Ok(self.counters.snapshot())
     }
+}
+
+/// `now + d`, or as far as the clock allows (options are bounded, so this never happens).
+fn later(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .or_else(|| now.checked_add(ConsumerOptions::MAX_DURATION))
+        .unwrap_or(now)
 }
 
 struct Ctx<T, H> {
@@ -516,6 +624,7 @@ struct Ctx<T, H> {
     counters: Arc<Counters>,
     handler: H,
     acks: mpsc::UnboundedSender<Ack>,
+    held: Arc<Held>,
     _payload: PhantomData<fn() -> T>,
 }
 
@@ -524,10 +633,18 @@ struct Ctx<T, H> {
 struct Job {
     id: String,
     fields: Vec<(String, Vec<u8>)>,
+    /// Why the entry could not be read exactly (see [`RawEntry::malformed`]): a failed delivery.
+    malformed: Option<String>,
     delivery_count: u64,
     record: Option<String>,
     /// Later entries of the same batch with the same idempotency record: acked with this one.
     twins: Vec<String>,
+}
+
+impl Job {
+    fn ids(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.id.as_str()).chain(self.twins.iter().map(String::as_str))
+    }
 }
 
 /// A message to acknowledge, with its twins.
@@ -543,10 +660,103 @@ impl Ack {
     fn ids(&self) -> impl Iterator<Item = &str> {
         std::iter::once(self.id.as_str()).chain(self.twins.iter().map(String::as_str))
     }
+
+    fn len(&self) -> usize {
+        1 + self.twins.len()
+    }
+}
+
+/// The ids this consumer holds: queued, running, or handled and not yet acknowledged. The
+/// heartbeat resets their idle time, and a claim pass never dispatches or dead-letters them.
+#[derive(Debug, Default)]
+struct Held(Mutex<HashSet<String>>);
+
+impl Held {
+    fn lock(&self) -> MutexGuard<'_, HashSet<String>> {
+        // Never held across user code or an await, so poisoning cannot leave it inconsistent.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn hold<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
+        let mut held = self.lock();
+        for id in ids {
+            held.insert(id.to_owned());
+        }
+    }
+
+    fn release<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
+        let mut held = self.lock();
+        for id in ids {
+            held.remove(id);
+        }
+    }
+
+    fn contains(&self, id: &str) -> bool {
+        self.lock().contains(id)
+    }
+
+    fn snapshot(&self) -> Vec<String> {
+        self.lock().iter().cloned().collect()
+    }
+}
+
+/// Most ids per heartbeat `XCLAIM` (and per ack).
+const MAX_IDS: usize = 1000;
+
+/// Sends the heartbeat `XCLAIM`s.
+struct Toucher {
+    redis: Redis,
+    keys: StreamKeys,
+    group: String,
+    name: String,
+}
+
+impl Toucher {
+    /// `XCLAIM <stream> <group> <self> 0 <ids> JUSTID`: resets the idle time of those of `ids`
+    /// still pending, without counting a delivery (`JUSTID` leaves the count alone).
+    fn touch(&self, ids: &[String]) -> redis::Cmd {
+        let mut cmd = redis::cmd("XCLAIM");
+        cmd.arg(self.keys.stream())
+            .arg(&self.group)
+            .arg(&self.name)
+            .arg(0)
+            .arg(ids)
+            .arg("JUSTID");
+        cmd
+    }
+}
+
+/// Every `every` until `stop`, resets the idle time of the messages this consumer holds, so
+/// that no claim takes them while they wait in the queue, run, or wait for their ack.
+async fn heartbeat(
+    toucher: Toucher,
+    held: Arc<Held>,
+    every: Duration,
+    counters: Arc<Counters>,
+    mut stop: oneshot::Receiver<()>,
+) {
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let ids = held.snapshot();
+        for chunk in ids.chunks(MAX_IDS) {
+            if let Err(e) = toucher.redis.query("XCLAIM", &toucher.touch(chunk)).await {
+                Counters::add(&counters.errors, 1);
+                tracing::warn!(stream = toucher.keys.stream(), error = %e,
+                    "stream consumer heartbeat failed; held messages may be claimed elsewhere");
+                break;
+            }
+        }
+    }
 }
 
 impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> Ctx<T, H> {
     fn decode(&self, job: &Job) -> std::result::Result<StreamMessage<T>, String> {
+        if let Some(reason) = &job.malformed {
+            return Err(format!("cannot decode the entry: {reason}"));
+        }
         let field = |name: &str| {
             job.fields
                 .iter()
@@ -558,9 +768,14 @@ impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> Ctx<T, H> {
                 .and_then(|v| std::str::from_utf8(v).ok())
                 .map(str::to_owned)
         };
-        let raw = field(FIELD_PAYLOAD)
-            .ok_or_else(|| format!("entry {} has no `{FIELD_PAYLOAD}` field", job.id))?;
-        let payload: T = from_json(self.keys.stream(), raw).map_err(|e| e.to_string())?;
+        let raw = field(FIELD_PAYLOAD).ok_or_else(|| {
+            format!(
+                "cannot decode the payload: entry {} has no `{FIELD_PAYLOAD}` field",
+                job.id
+            )
+        })?;
+        let payload: T = from_json(self.keys.stream(), raw)
+            .map_err(|e| format!("cannot decode the payload: {e}"))?;
         Ok(StreamMessage {
             id: job.id.clone(),
             payload,
@@ -572,14 +787,11 @@ impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> Ctx<T, H> {
 
     /// Decodes the message and runs the handler on it.
     async fn handle(&self, job: &Job) -> std::result::Result<(), String> {
-        match self.decode(job) {
-            Ok(message) => self
-                .handler
-                .handle(message)
-                .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(format!("cannot decode the payload: {e}")),
-        }
+        let message = self.decode(job)?;
+        self.handler
+            .handle(message)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// A delivery failed: dead-letter it after `max_retries` deliveries, else leave it pending
@@ -647,8 +859,6 @@ struct Queue {
 #[derive(Default)]
 struct QueueState {
     jobs: VecDeque<Job>,
-    /// Ids queued or being handled here: a claim leaves them alone.
-    held: HashSet<String>,
 }
 
 impl Default for Queue {
@@ -667,21 +877,15 @@ impl Queue {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues `jobs` and waits until workers have taken every one of them, so that the next
-    /// read happens only when all of this batch has started (a crash then leaves unstarted at
-    /// most the rest of one batch).
+    /// Queues `jobs` (already held) and waits until workers have taken every one of them, so
+    /// that the next read happens only when all of this batch has started (a crash then leaves
+    /// unstarted at most the rest of one batch).
     async fn dispatch(&self, jobs: Vec<Job>) {
         let n = jobs.len();
         if n == 0 {
             return;
         }
-        {
-            let mut state = self.lock();
-            for job in jobs {
-                state.held.insert(job.id.clone());
-                state.jobs.push_back(job);
-            }
-        }
+        self.lock().jobs.extend(jobs);
         self.ready.add_permits(n);
         loop {
             let drained = self.drained.notified();
@@ -740,21 +944,26 @@ async fn worker<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>>(
                 .await
                 .unwrap_or_else(|_| Err("the handler panicked".to_owned()))
         };
-        // Held until its outcome is settled (acked or failed), so that a claim pass in between
-        // cannot hand the message out again.
-        let id = job.id.clone();
         match outcome {
+            // Still held: the acker releases it once the ack is through, so that neither a
+            // claim nor the heartbeat's absence can hand it out again while the ack is retried.
             Ok(()) => {
-                let _ = ctx.acks.send(Ack {
+                let ack = Ack {
                     id: job.id,
                     twins: job.twins,
                     record: job.record,
                     handled: true,
-                });
+                };
+                if let Err(mpsc::error::SendError(ack)) = ctx.acks.send(ack) {
+                    ctx.held.release(ack.ids());
+                }
             }
-            Err(error) => ctx.fail(&job, &error).await,
+            // Settled (dead-lettered, or left pending for a later claim): no longer held.
+            Err(error) => {
+                ctx.fail(&job, &error).await;
+                ctx.held.release(job.ids());
+            }
         }
-        queue.lock().held.remove(&id);
         drop(guard);
     }
 }
@@ -772,10 +981,10 @@ impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> LoopState<T, H> 
     /// One claim pass when due, else one read.
     async fn step(&mut self) {
         let result = if Instant::now() >= self.next_claim {
-            self.next_claim = Instant::now() + self.ctx.options.claim_every();
+            self.next_claim = later(self.ctx.options.claim_every());
             let claimed = self.claim().await;
             if claimed.is_ok() && Instant::now() >= self.next_cleanup {
-                self.next_cleanup = Instant::now() + self.ctx.options.claim_every() * 10;
+                self.next_cleanup = later(self.ctx.options.claim_every().saturating_mul(10));
                 self.cleanup().await
             } else {
                 claimed
@@ -836,15 +1045,15 @@ impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> LoopState<T, H> 
             .config()
             .response_timeout
             .max(Duration::from_secs(1));
-        let reply = match tokio::time::timeout(block + margin, cmd.query_async::<Value>(conn)).await
-        {
+        let bound = block.saturating_add(margin);
+        let reply = match tokio::time::timeout(bound, cmd.query_async::<Value>(conn)).await {
             Err(_) => {
                 if let Some(conn) = self.conn.take() {
                     conn.discard();
                 }
                 return Err(Error::Timeout {
                     operation: "XREADGROUP",
-                    after: block + margin,
+                    after: bound,
                 });
             }
             Ok(Err(e)) => {
@@ -867,22 +1076,35 @@ impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> LoopState<T, H> 
     async fn claim(&mut self) -> Result<()> {
         let ctx = self.ctx.clone();
         let key = ctx.keys.stream();
+        let toucher = Toucher {
+            redis: ctx.redis.clone(),
+            keys: ctx.keys.clone(),
+            group: ctx.group.clone(),
+            name: ctx.name.clone(),
+        };
         let mut cursor = "0-0".to_owned();
         for _ in 0..10 {
+            // The held messages' idle time is reset in the same pipeline, just before the
+            // XAUTOCLAIM: so this pass never counts a delivery of a message this consumer holds,
+            // even when the heartbeat is late.
+            let mut pipe = redis::pipe();
+            for chunk in ctx.held.snapshot().chunks(MAX_IDS) {
+                pipe.add_command(toucher.touch(chunk)).ignore();
+            }
+            pipe.cmd("XAUTOCLAIM")
+                .arg(key)
+                .arg(&ctx.group)
+                .arg(&ctx.name)
+                .arg(millis(ctx.options.claim_min_idle))
+                .arg(&cursor)
+                .arg("COUNT")
+                .arg(ctx.options.batch);
             let reply = ctx
                 .redis
-                .query(
-                    "XAUTOCLAIM",
-                    redis::cmd("XAUTOCLAIM")
-                        .arg(key)
-                        .arg(&ctx.group)
-                        .arg(&ctx.name)
-                        .arg(millis(ctx.options.claim_min_idle))
-                        .arg(&cursor)
-                        .arg("COUNT")
-                        .arg(ctx.options.batch),
-                )
-                .await?;
+                .query_pipe("XAUTOCLAIM", &pipe)
+                .await?
+                .and_then(|mut replies| replies.pop())
+                .unwrap_or(Value::Nil);
             let (next, claimed, deleted) = reply::autoclaim(key, reply)?;
             // Redis 7 has already removed these from the pending list; count them.
             Counters::add(&ctx.counters.cleared, deleted.len() as u64);
@@ -898,12 +1120,12 @@ impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> LoopState<T, H> 
                     .await?;
                 Counters::add(&ctx.counters.cleared, ids.len() as u64);
             }
-            let live: Vec<RawEntry> = {
-                let state = self.queue.lock();
-                live.into_iter()
-                    .filter(|e| !state.held.contains(&e.id))
-                    .collect()
-            };
+            // Belt and braces: a held message is this consumer's to settle, never to hand out
+            // again or to dead-letter on a count it did not see.
+            let live: Vec<RawEntry> = live
+                .into_iter()
+                .filter(|e| !ctx.held.contains(&e.id))
+                .collect();
             if !live.is_empty() {
                 Counters::add(&ctx.counters.claimed, live.len() as u64);
                 let mut pipe = redis::pipe();
@@ -961,9 +1183,6 @@ impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> LoopState<T, H> 
         let ctx = self.ctx.clone();
         let mut jobs: Vec<Job> = Vec::with_capacity(entries.len());
         for (entry, delivery_count) in entries {
-            if entry.fields.is_none() {
-                continue;
-            }
             let record = ctx.options.idempotency_ttl.map(|_| {
                 let key = entry.field_text(FIELD_IDEMPOTENCY_KEY);
                 let key = key.filter(|k| validate_key_part("idempotency key", k).is_ok());
@@ -977,6 +1196,7 @@ impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> LoopState<T, H> 
             jobs.push(Job {
                 id: entry.id,
                 fields,
+                malformed: entry.malformed,
                 delivery_count,
                 record,
                 twins: Vec::new(),
@@ -985,18 +1205,21 @@ impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> LoopState<T, H> 
         if ctx.options.idempotency_ttl.is_some() && !jobs.is_empty() {
             jobs = self.skip_processed(jobs).await?;
         }
-        let mut ready = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            if job.delivery_count > ctx.options.max_retries {
-                let error = format!(
-                    "delivered {} times without success (the consumers holding it stopped \
-                     without an outcome)",
-                    job.delivery_count
-                );
-                ctx.fail(&job, &error).await;
-                continue;
-            }
-            ready.push(job);
+        let (exhausted, ready): (Vec<Job>, Vec<Job>) = jobs
+            .into_iter()
+            .partition(|job| job.delivery_count > ctx.options.max_retries);
+        for job in &exhausted {
+            let error = format!(
+                "delivered {} times without success (the consumers holding it stopped without \
+                 an outcome)",
+                job.delivery_count
+            );
+            ctx.fail(job, &error).await;
+        }
+        // Held and queued with no await in between: a shutdown cutting this short never leaves
+        // a message held that no worker will take.
+        for job in &ready {
+            ctx.held.hold(job.ids());
         }
         self.queue.dispatch(ready).await;
         Ok(())
@@ -1026,12 +1249,17 @@ impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> LoopState<T, H> 
                 continue;
             };
             if !matches!(seen, Value::Nil) {
-                let _ = ctx.acks.send(Ack {
+                // Held until the acker has it through, like a handled message.
+                ctx.held.hold([job.id.as_str()]);
+                let ack = Ack {
                     id: job.id,
                     twins: Vec::new(),
                     record: None,
                     handled: false,
-                });
+                };
+                if let Err(mpsc::error::SendError(ack)) = ctx.acks.send(ack) {
+                    ctx.held.release(ack.ids());
+                }
                 continue;
             }
             if let Some(&first) = by_record.get(&record) {
@@ -1061,79 +1289,128 @@ return redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 4 + n))
     )
 });
 
-/// Acknowledges finished messages, coalescing whatever finished while the previous ack was in
-/// flight into one command.
-async fn acker(
+/// How long, once shutdown has begun, a failing ack is still retried before its messages are
+/// left pending (for a claim, and another handling).
+const SHUTDOWN_ACK_RETRY: Duration = Duration::from_secs(10);
+
+/// What the acker needs.
+struct Acker {
     redis: Redis,
     keys: StreamKeys,
     group: String,
     idempotency_ttl: Option<Duration>,
-    mut rx: mpsc::UnboundedReceiver<Ack>,
     counters: Arc<Counters>,
-) {
-    const MAX_IDS: usize = 1000;
-    while let Some(first) = rx.recv().await {
-        let mut ids = 1 + first.twins.len();
-        let mut batch = vec![first];
-        while ids < MAX_IDS {
-            match rx.try_recv() {
-                Ok(ack) => {
-                    ids += 1 + ack.twins.len();
-                    batch.push(ack);
-                }
-                Err(_) => break,
-            }
-        }
+    held: Arc<Held>,
+}
+
+impl Acker {
+    /// One ack call for `batch`: `XACK`, or the records and the `XACK` in one script. Returns
+    /// how many ids `XACK` found pending. Safe to repeat: `SET` of the same value and `XACK` of
+    /// an acked id change nothing.
+    async fn send(&self, batch: &[Ack]) -> Result<u64> {
         let all: Vec<&str> = batch.iter().flat_map(Ack::ids).collect();
         let records: Vec<(&str, &str)> = batch
             .iter()
             .filter_map(|a| Some((a.record.as_deref()?, a.id.as_str())))
             .collect();
-        let result = redis
-            .retry_idempotent(|| async {
-                let reply = match idempotency_ttl {
-                    Some(ttl) if !records.is_empty() => {
-                        let mut call = ScriptCall::new().key(keys.stream());
-                        for (record, _) in &records {
-                            call = call.key(*record);
-                        }
-                        call = call.arg(&group).arg(millis(ttl).max(1)).arg(records.len());
-                        for (_, id) in &records {
-                            call = call.arg(*id);
-                        }
-                        for id in &all {
-                            call = call.arg(*id);
-                        }
-                        redis.eval_script(&ACK_PROCESSED, &call).await?
-                    }
-                    _ => {
-                        redis
-                            .query(
-                                "XACK",
-                                redis::cmd("XACK").arg(keys.stream()).arg(&group).arg(&all),
-                            )
-                            .await?
-                    }
-                };
-                int(keys.stream(), reply)
-            })
-            .await;
-        match result {
-            Ok(acked) => {
-                let acked = u64::try_from(acked).unwrap_or(0);
-                let handled = batch.iter().filter(|a| a.handled).count() as u64;
-                let skipped = (all.len() as u64).saturating_sub(handled);
-                Counters::add(&counters.processed, handled);
-                Counters::add(&counters.duplicates, skipped);
-                Counters::add(
-                    &counters.already_acked,
-                    (all.len() as u64).saturating_sub(acked),
-                );
+        let stream = self.keys.stream();
+        let reply = match self.idempotency_ttl {
+            Some(ttl) if !records.is_empty() => {
+                let mut call = ScriptCall::new().key(stream);
+                for (record, _) in &records {
+                    call = call.key(*record);
+                }
+                call = call
+                    .arg(&self.group)
+                    .arg(millis(ttl).max(1))
+                    .arg(records.len());
+                for (_, id) in &records {
+                    call = call.arg(*id);
+                }
+                for id in &all {
+                    call = call.arg(*id);
+                }
+                self.redis.eval_script(&ACK_PROCESSED, &call).await?
             }
+            _ => {
+                self.redis
+                    .query(
+                        "XACK",
+                        redis::cmd("XACK").arg(stream).arg(&self.group).arg(&all),
+                    )
+                    .await?
+            }
+        };
+        Ok(u64::try_from(int(stream, reply)?).unwrap_or(0))
+    }
+
+    /// Counts a batch that went through (or was given up on) and stops holding its messages.
+    fn settle(&self, batch: &[Ack], acked: Option<u64>, uncertain: bool) {
+        for ack in batch {
+            self.held.release(ack.ids());
+        }
+        let Some(acked) = acked else {
+            return;
+        };
+        let all = batch.iter().map(Ack::len).sum::<usize>() as u64;
+        let handled = batch.iter().filter(|a| a.handled).count() as u64;
+        Counters::add(&self.counters.processed, handled);
+        Counters::add(&self.counters.duplicates, all.saturating_sub(handled));
+        // After a timed-out attempt, which may have been applied, ids found already acked may
+        // be ours: they say nothing about another consumer.
+        if !uncertain {
+            Counters::add(&self.counters.already_acked, all.saturating_sub(acked));
+        }
+    }
+}
+
+/// Acknowledges finished messages, coalescing whatever finished while the previous ack was in
+/// flight into one call of at most [`MAX_IDS`] ids. A failed call (a timeout included) is
+/// retried, with what arrived meanwhile, until it succeeds; once every sender is gone
+/// (shutdown), for at most [`SHUTDOWN_ACK_RETRY`].
+async fn acker(acker: Acker, mut rx: mpsc::UnboundedReceiver<Ack>) {
+    let mut retry: Option<(Vec<Ack>, u32, bool)> = None;
+    let mut give_up_at: Option<Instant> = None;
+    loop {
+        let (mut batch, mut attempts, mut uncertain) = match retry.take() {
+            Some(failed) => failed,
+            None => match rx.recv().await {
+                Some(ack) => (vec![ack], 0, false),
+                None => return,
+            },
+        };
+        let mut ids: usize = batch.iter().map(Ack::len).sum();
+        while ids < MAX_IDS {
+            match rx.try_recv() {
+                Ok(ack) => {
+                    ids += ack.len();
+                    batch.push(ack);
+                }
+                Err(_) => break,
+            }
+        }
+        match acker.send(&batch).await {
+            Ok(acked) => acker.settle(&batch, Some(acked), uncertain),
             Err(e) => {
-                Counters::add(&counters.errors, 1);
-                tracing::warn!(stream = keys.stream(), error = %e,
-                    "ack failed; the messages stay pending and will be redelivered");
+                Counters::add(&acker.counters.errors, 1);
+                attempts = attempts.saturating_add(1);
+                uncertain |= e.is_timeout();
+                if rx.is_closed() {
+                    let deadline = *give_up_at.get_or_insert_with(|| later(SHUTDOWN_ACK_RETRY));
+                    if Instant::now() >= deadline {
+                        tracing::warn!(stream = acker.keys.stream(), error = %e, ids,
+                            "ack failed at shutdown; the messages stay pending and will be \
+                             redelivered");
+                        acker.settle(&batch, None, uncertain);
+                        continue;
+                    }
+                }
+                tracing::warn!(stream = acker.keys.stream(), error = %e, ids, attempts,
+                    "ack failed; retrying");
+                let backoff = Duration::from_millis(25u64 << attempts.saturating_sub(1).min(6))
+                    .min(Duration::from_secs(1));
+                tokio::time::sleep(backoff).await;
+                retry = Some((batch, attempts, uncertain));
             }
         }
     }

@@ -46,7 +46,7 @@ use std::time::Duration;
 use redis::Value;
 use serde::de::DeserializeOwned;
 
-use crate::codec::{from_json, now_millis, text};
+use crate::codec::{from_json, text};
 use crate::error::{Error, Result};
 use crate::keyspace::validate_key_part;
 use crate::pool::Redis;
@@ -86,7 +86,8 @@ pub const FIELD_PAYLOAD: &str = "payload";
 pub const FIELD_IDEMPOTENCY_KEY: &str = "idem";
 /// Entry field of a replayed message: the id of the message it replays (first generation).
 pub const FIELD_REPLAY_OF: &str = "replay_of";
-/// Prefix of the metadata fields a dead letter adds to the original fields.
+/// Prefix of the metadata fields a dead letter adds to the original fields. Reserved: original
+/// fields whose names start with it are not copied into the dead letter (nor back by a replay).
 pub const DEAD_FIELD_PREFIX: &str = "dl:";
 
 /// Where a new consumer group starts reading.
@@ -189,6 +190,10 @@ pub struct ConsumerInfo {
 }
 
 /// A message in the dead-letter stream.
+///
+/// An entry of the dead-letter stream that this crate did not write as documented (a metadata
+/// field missing or not a number, a field name that is not UTF-8) is still listed, with
+/// [`DeadLetter::problem`] saying what is wrong and the metadata it lacks left empty (zero).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct DeadLetter {
@@ -204,10 +209,16 @@ pub struct DeadLetter {
     pub group: String,
     /// The consumer that gave up on it.
     pub consumer: String,
-    /// When it was dead-lettered (ms since the Unix epoch).
+    /// When it was dead-lettered (ms since the Unix epoch, on the server's clock).
     pub failed_at: i64,
-    /// The original fields of the message, in order.
+    /// The original fields of the message, in order, except any whose name starts with `dl:`
+    /// (that prefix is reserved for the metadata above; see `docs/keyspace.md`). A field name
+    /// that was not UTF-8 is escaped (`<[u8]>::escape_ascii`).
     pub fields: Vec<(String, Vec<u8>)>,
+    /// Why this entry is not a well-formed dead letter, when it is not; `None` for every dead
+    /// letter a consumer wrote. [`Streams::replay_dead_letters`] skips such entries;
+    /// [`Streams::replay_dead_letter`] replays them when asked by id.
+    pub problem: Option<String>,
     key: String,
 }
 
@@ -240,29 +251,52 @@ impl Redis {
 }
 
 // Acks a message (if still pending) and adds it to the dead-letter stream, trimmed by age.
-// XADD comes before XACK so that a failed XADD changes nothing.
+// XADD comes before XACK so that a failed XADD changes nothing. The time (`dl:failed_at`, the
+// retention cutoff) is the server's, like the entry ids it is compared with: a consumer whose
+// clock is off would otherwise trim dead letters early or keep them too long.
 static DEAD_LETTER: LazyLock<LuaScript> = LazyLock::new(|| {
     LuaScript::new(
         "stream_dead_letter",
         r#"
 -- KEYS[1] source stream, KEYS[2] dead-letter stream
--- ARGV[1] group, ARGV[2] id, ARGV[3] min id kept in the dead-letter stream, ARGV[4..] fields
+-- ARGV[1] group, ARGV[2] id, ARGV[3] retention ms, ARGV[4..] fields
 local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
 if #pending == 0 then return false end
-local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4))
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local fields = {unpack(ARGV, 4)}
+fields[#fields + 1] = 'dl:failed_at'
+fields[#fields + 1] = string.format('%.0f', now)
+local id = redis.call('XADD', KEYS[2], '*', unpack(fields))
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-redis.call('XTRIM', KEYS[2], 'MINID', '~', ARGV[3])
+local cutoff = math.max(0, now - tonumber(ARGV[3]))
+redis.call('XTRIM', KEYS[2], 'MINID', '~', string.format('%.0f', cutoff) .. '-0')
 return id
 "#,
     )
 });
 
-// Moves one dead letter back onto its source stream under a new id.
+// Exact trim of the dead-letter stream by age, on the server's clock (see DEAD_LETTER).
+static TRIM_DEAD: LazyLock<LuaScript> = LazyLock::new(|| {
+    LuaScript::new(
+        "stream_trim_dead",
+        r#"
+-- KEYS[1] dead-letter stream; ARGV[1] retention ms
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local cutoff = math.max(0, now - tonumber(ARGV[1]))
+return redis.call('XTRIM', KEYS[1], 'MINID', string.format('%.0f', cutoff) .. '-0')
+"#,
+    )
+});
+
+// Moves one dead letter back onto its source stream under a new id. No MAXLEN: the replay adds
+// one entry, and trimming the source would drop messages its producers never asked to cap.
 static REPLAY: LazyLock<LuaScript> = LazyLock::new(|| {
     LuaScript::new(
         "stream_replay",
         r#"
--- KEYS[1] source stream, KEYS[2] dead-letter stream; ARGV[1] dead-letter id, ARGV[2] max len
+-- KEYS[1] source stream, KEYS[2] dead-letter stream; ARGV[1] dead-letter id
 local found = redis.call('XRANGE', KEYS[2], ARGV[1], ARGV[1])
 if #found == 0 then return false end
 local f = found[1][2]
@@ -280,12 +314,7 @@ for i = 1, #f, 2 do
 end
 out[#out + 1] = 'replay_of'
 out[#out + 1] = lineage or original or ARGV[1]
-local id
-if ARGV[2] == '0' then
-  id = redis.call('XADD', KEYS[1], '*', unpack(out))
-else
-  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(out))
-end
+local id = redis.call('XADD', KEYS[1], '*', unpack(out))
 redis.call('XDEL', KEYS[2], ARGV[1])
 return id
 "#,
@@ -466,9 +495,21 @@ impl Streams {
         remove_idle_consumers(&self.redis, &keys, group, min_idle, "").await
     }
 
-    /// Up to `count` dead letters of stream `name`, oldest first (`XRANGE`). One round trip.
+    /// Up to `count` dead letters of stream `name`, oldest first (`XRANGE`). One round trip,
+    /// read-only. Each entry is decoded on its own: one that is not a well-formed dead letter is
+    /// listed with [`DeadLetter::problem`] set, and never fails the others.
     pub async fn dead_letters(&self, name: &str, count: usize) -> Result<Vec<DeadLetter>> {
         let keys = self.keys(name)?;
+        self.dead_page(&keys, "-", count.max(1)).await
+    }
+
+    /// Up to `count` entries of the dead-letter stream from `start` (an `XRANGE` bound).
+    async fn dead_page(
+        &self,
+        keys: &StreamKeys,
+        start: &str,
+        count: usize,
+    ) -> Result<Vec<DeadLetter>> {
         let key = keys.dead();
         let reply = self
             .redis
@@ -476,16 +517,16 @@ impl Streams {
                 "XRANGE",
                 redis::cmd("XRANGE")
                     .arg(key)
-                    .arg("-")
+                    .arg(start)
                     .arg("+")
                     .arg("COUNT")
-                    .arg(count.max(1)),
+                    .arg(count),
             )
             .await?;
-        reply::entries(key, reply)?
+        Ok(reply::entries(key, reply)?
             .into_iter()
             .map(|e| dead_letter(key, e))
-            .collect()
+            .collect())
     }
 
     /// Puts dead letter `dead_id` back onto its source stream (new id, with the field
@@ -493,49 +534,78 @@ impl Streams {
     /// Atomic (one script, one round trip). Returns the new id, or `None` when there is no such
     /// dead letter (already replayed or trimmed).
     ///
+    /// The source stream is not trimmed (no `MAXLEN`): a replay adds one entry and never drops
+    /// messages that its producers' cap would have kept. The entry's fields whose names start
+    /// with `dl:` (the metadata) and its `replay_of` are not copied; a new `replay_of` is added.
+    /// An entry with a [`DeadLetter::problem`] is replayed as it is (its `replay_of` is then its
+    /// own `dl:original_id`, else `replay_of`, else its dead-letter id).
+    ///
     /// Every group of the stream receives the replayed message; a group that already handled
     /// the original (its `processed` record still exists) acks it without running its handler.
     pub async fn replay_dead_letter(&self, name: &str, dead_id: &str) -> Result<Option<String>> {
         let keys = self.keys(name)?;
         validate_entry_id(dead_id)?;
-        replay(&self.redis, &keys, dead_id, DEFAULT_MAX_LEN).await
+        replay(&self.redis, &keys, dead_id).await
     }
 
-    /// Replays up to `count` dead letters, oldest first; returns the new ids. One round trip to
-    /// list, one per dead letter (each replay atomic on its own).
+    /// Replays up to `count` well-formed dead letters, oldest first, as
+    /// [`Streams::replay_dead_letter`] does (no trim of the source stream); returns the new ids.
+    /// Entries with a [`DeadLetter::problem`] are left where they are (and logged): reading goes
+    /// on past them, so they never stop the replay of the dead letters behind them. Round trips:
+    /// one `XRANGE` per page of at least 100 entries, one script per replayed dead letter (each
+    /// atomic on its own; a dead letter replayed meanwhile by someone else is skipped).
     pub async fn replay_dead_letters(&self, name: &str, count: usize) -> Result<Vec<String>> {
         let keys = self.keys(name)?;
+        let page = count.clamp(100, 1000);
         let mut ids = Vec::new();
-        for dead in self.dead_letters(name, count).await? {
-            if let Some(id) = replay(&self.redis, &keys, &dead.id, DEFAULT_MAX_LEN).await? {
-                ids.push(id);
+        let mut start = "-".to_owned();
+        while ids.len() < count {
+            let dead = self.dead_page(&keys, &start, page).await?;
+            let Some(last) = dead.last() else { break };
+            // Exclusive: the next page starts after the last entry seen.
+            start = format!("({}", last.id);
+            let full = dead.len() == page;
+            for letter in dead {
+                if ids.len() == count {
+                    break;
+                }
+                if let Some(problem) = &letter.problem {
+                    tracing::warn!(
+                        stream = keys.stream(),
+                        id = letter.id,
+                        problem,
+                        "dead-letter entry skipped by replay: not a well-formed dead letter"
+                    );
+                    continue;
+                }
+                if let Some(id) = replay(&self.redis, &keys, &letter.id).await? {
+                    ids.push(id);
+                }
+            }
+            if !full {
+                break;
             }
         }
         Ok(ids)
     }
 
-    /// Removes dead letters older than `retention` (`XTRIM MINID`, exact); returns how many.
-    /// Consumers also trim (approximately) every time they add a dead letter. One round trip.
+    /// Removes dead letters older than `retention` (`XTRIM MINID`, exact) on the server's
+    /// clock; returns how many. Consumers also trim (approximately) every time they add a dead
+    /// letter. One round trip (a script: `TIME`, `XTRIM`); needs Lua scripting
+    /// ([`Error::Unsupported`] otherwise), as the consumers that write dead letters do.
     pub async fn trim_dead_letters(&self, name: &str, retention: Duration) -> Result<u64> {
         let keys = self.keys(name)?;
+        self.redis
+            .require_scripting("dead-letter trim (on the server's clock)")?;
         let v = self
             .redis
-            .query(
-                "XTRIM",
-                redis::cmd("XTRIM")
-                    .arg(keys.dead())
-                    .arg("MINID")
-                    .arg(min_id(retention)),
+            .eval_script(
+                &TRIM_DEAD,
+                &ScriptCall::new().key(keys.dead()).arg(millis(retention)),
             )
             .await?;
         Ok(u64::try_from(crate::codec::int(keys.dead(), v)?).unwrap_or(0))
     }
-}
-
-/// The smallest stream id younger than `retention`.
-fn min_id(retention: Duration) -> String {
-    let cutoff = now_millis().saturating_sub(i64::try_from(millis(retention)).unwrap_or(i64::MAX));
-    format!("{}-0", cutoff.max(0))
 }
 
 fn validate_entry_id(id: &str) -> Result<()> {
@@ -619,7 +689,8 @@ pub(crate) struct DeadLetterCall<'a> {
 }
 
 /// Dead-letters one pending message; `false` when it was no longer pending (someone else acked
-/// or dead-lettered it). Atomic: one script, one round trip.
+/// or dead-lettered it). Atomic: one script, one round trip. The original fields named `dl:*`
+/// are left out: the metadata appended after them would otherwise be ambiguous.
 pub(crate) async fn dead_letter_message(
     redis: &Redis,
     keys: &StreamKeys,
@@ -630,7 +701,7 @@ pub(crate) async fn dead_letter_message(
         .key(keys.dead())
         .arg(call.group)
         .arg(call.id)
-        .arg(min_id(call.retention));
+        .arg(millis(call.retention));
     for (k, v) in call.fields {
         if !k.starts_with(DEAD_FIELD_PREFIX) {
             script = script.arg(k.as_str()).arg(v.as_slice());
@@ -646,60 +717,73 @@ pub(crate) async fn dead_letter_message(
         .arg("dl:group")
         .arg(call.group)
         .arg("dl:consumer")
-        .arg(call.consumer)
-        .arg("dl:failed_at")
-        .arg(now_millis());
+        .arg(call.consumer);
     let reply = redis.eval_script(&DEAD_LETTER, &script).await?;
     Ok(!matches!(reply, Value::Nil))
 }
 
-async fn replay(
-    redis: &Redis,
-    keys: &StreamKeys,
-    dead_id: &str,
-    max_len: u64,
-) -> Result<Option<String>> {
+async fn replay(redis: &Redis, keys: &StreamKeys, dead_id: &str) -> Result<Option<String>> {
     let reply = redis
         .eval_script(
             &REPLAY,
             &ScriptCall::new()
                 .key(keys.stream())
                 .key(keys.dead())
-                .arg(dead_id)
-                .arg(max_len),
+                .arg(dead_id),
         )
         .await?;
     crate::codec::opt_text(keys.dead(), reply)
 }
 
-fn dead_letter(key: &str, entry: reply::RawEntry) -> Result<DeadLetter> {
-    let meta = |name: &str| -> Result<String> {
-        entry
-            .field_text(name)
-            .ok_or_else(|| Error::decode(key, Some(name), "missing"))
+/// Decodes one dead-letter entry; what is missing or malformed is named in `problem`.
+fn dead_letter(key: &str, entry: reply::RawEntry) -> DeadLetter {
+    let mut problems: Vec<String> = entry.malformed.iter().cloned().collect();
+    let mut meta = |name: &str| -> String {
+        entry.field_text(name).unwrap_or_else(|| {
+            problems.push(format!("field `{name}` is missing"));
+            String::new()
+        })
     };
-    let number = |name: &str| -> Result<i64> {
-        let raw = meta(name)?;
-        raw.parse()
-            .map_err(|_| Error::decode(key, Some(name), format!("not a number: {raw:?}")))
+    let original_id = meta("dl:original_id");
+    let delivery_count = meta("dl:delivery_count");
+    let error = meta("dl:error");
+    let group = meta("dl:group");
+    let consumer = meta("dl:consumer");
+    let failed_at = meta("dl:failed_at");
+    let mut number = |name: &str, raw: &str| -> i64 {
+        if raw.is_empty() {
+            return 0;
+        }
+        raw.parse().unwrap_or_else(|_| {
+            problems.push(format!("field `{name}` is not a number: {raw:?}"));
+            0
+        })
     };
-    Ok(DeadLetter {
-        original_id: meta("dl:original_id")?,
-        delivery_count: u64::try_from(number("dl:delivery_count")?).unwrap_or(0),
-        error: meta("dl:error")?,
-        group: meta("dl:group")?,
-        consumer: meta("dl:consumer")?,
-        failed_at: number("dl:failed_at")?,
+    let delivery_count = u64::try_from(number("dl:delivery_count", &delivery_count)).unwrap_or(0);
+    let failed_at = number("dl:failed_at", &failed_at);
+    DeadLetter {
+        original_id,
+        delivery_count,
+        error,
+        group,
+        consumer,
+        failed_at,
         fields: entry
             .fields
-            .clone()
             .unwrap_or_default()
             .into_iter()
             .filter(|(k, _)| !k.starts_with(DEAD_FIELD_PREFIX))
             .collect(),
+        problem: (!problems.is_empty()).then(|| {
+            format!(
+                "entry {} of {key} is not a dead letter as documented: {}",
+                entry.id,
+                problems.join("; ")
+            )
+        }),
         id: entry.id,
         key: key.to_owned(),
-    })
+    }
 }
 
 #[cfg(test)]

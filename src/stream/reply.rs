@@ -14,6 +14,10 @@ pub(crate) type Fields = Vec<(String, Vec<u8>)>;
 pub(crate) struct RawEntry {
     pub(crate) id: String,
     pub(crate) fields: Option<Fields>,
+    /// Why the fields are not exactly what the stream holds, when they are not (a field name
+    /// that is not UTF-8, kept escaped; see [`escape_name`]). Such an entry is still an entry:
+    /// one bad entry never fails the reply it came in.
+    pub(crate) malformed: Option<String>,
 }
 
 impl RawEntry {
@@ -32,52 +36,89 @@ impl RawEntry {
     }
 }
 
-fn bytes(key: &str, value: Value) -> Result<Vec<u8>> {
+/// A field name that is not UTF-8, as text: `<[u8]>::escape_ascii` (printable ASCII kept, `\`,
+/// `'`, `"`, tab, CR and LF backslash-escaped, every other byte `\xNN`), so the bytes can be
+/// recovered from it.
+fn escape_name(name: &[u8]) -> String {
+    name.escape_ascii().to_string()
+}
+
+/// A field value's bytes. Redis only ever sends strings here; anything else is kept as its debug
+/// form, with the reason.
+fn bytes(value: Value) -> std::result::Result<Vec<u8>, (Vec<u8>, String)> {
     match value {
         Value::BulkString(b) => Ok(b),
         Value::SimpleString(s) => Ok(s.into_bytes()),
         Value::VerbatimString { text, .. } => Ok(text.into_bytes()),
         Value::Int(i) => Ok(i.to_string().into_bytes()),
-        other => Err(Error::decode(
-            key,
-            None,
-            format!("expected a stream field value, got {other:?}"),
-        )),
+        other => {
+            let shown = format!("{other:?}");
+            Err((
+                shown.clone().into_bytes(),
+                format!("a field value is not a string: {shown}"),
+            ))
+        }
     }
 }
 
-fn fields(key: &str, value: Value) -> Result<Option<Fields>> {
+/// A field name as text: exact when it is UTF-8, else escaped, with the reason.
+fn name(position: usize, value: Value) -> std::result::Result<String, (String, String)> {
+    let raw = match value {
+        Value::BulkString(b) => b,
+        Value::SimpleString(s) => return Ok(s),
+        Value::VerbatimString { text, .. } => return Ok(text),
+        Value::Int(i) => return Ok(i.to_string()),
+        other => {
+            let shown = format!("{other:?}");
+            return Err((
+                shown.clone(),
+                format!("field name {position} is not a string: {shown}"),
+            ));
+        }
+    };
+    String::from_utf8(raw).map_err(|e| {
+        let escaped = escape_name(e.as_bytes());
+        let reason = format!("field name {position} is not UTF-8 (kept escaped as `{escaped}`)");
+        (escaped, reason)
+    })
+}
+
+/// The fields of one entry, decoded as far as they can be: `(fields, problems)`.
+fn fields(value: Value) -> (Option<Fields>, Vec<String>) {
+    let mut problems = Vec::new();
     let pairs: Vec<(Value, Value)> = match value {
-        Value::Nil => return Ok(None),
+        Value::Nil => return (None, problems),
         Value::Map(pairs) => pairs,
         Value::Array(items) => {
             if items.len() % 2 != 0 {
-                return Err(Error::decode(
-                    key,
-                    None,
-                    "stream entry has an odd field list",
-                ));
+                problems
+                    .push("the field list has an odd length; the last name has no value".into());
             }
             let mut iter = items.into_iter();
             let mut pairs = Vec::new();
-            while let (Some(k), Some(v)) = (iter.next(), iter.next()) {
-                pairs.push((k, v));
+            while let Some(k) = iter.next() {
+                pairs.push((k, iter.next().unwrap_or(Value::BulkString(Vec::new()))));
             }
             pairs
         }
         other => {
-            return Err(Error::decode(
-                key,
-                None,
-                format!("expected stream entry fields, got {other:?}"),
-            ));
+            problems.push(format!("expected the entry's fields, got {other:?}"));
+            Vec::new()
         }
     };
     let mut out = Vec::with_capacity(pairs.len());
-    for (k, v) in pairs {
-        out.push((text(key, None, k)?, bytes(key, v)?));
+    for (position, (k, v)) in pairs.into_iter().enumerate() {
+        let k = name(position + 1, k).unwrap_or_else(|(shown, why)| {
+            problems.push(why);
+            shown
+        });
+        let v = bytes(v).unwrap_or_else(|(shown, why)| {
+            problems.push(why);
+            shown
+        });
+        out.push((k, v));
     }
-    Ok(Some(out))
+    (Some(out), problems)
 }
 
 /// `[[id, fields], ...]` as returned by XRANGE, XAUTOCLAIM and per stream by XREADGROUP.
@@ -98,10 +139,16 @@ pub(crate) fn entries(key: &str, value: Value) -> Result<Vec<RawEntry>> {
         match item {
             Value::Array(mut pair) if pair.len() == 2 => {
                 let f = pair.pop().unwrap_or(Value::Nil);
-                let id = pair.pop().unwrap_or(Value::Nil);
+                // Ids are made by Redis (`<ms>-<seq>`): one that is not text means the reply is
+                // not a stream reply at all, unlike field names, which are user data.
+                let id = text(key, None, pair.pop().unwrap_or(Value::Nil))?;
+                let (fields, problems) = fields(f);
+                let malformed = (!problems.is_empty())
+                    .then(|| format!("entry {id} is malformed: {}", problems.join("; ")));
                 out.push(RawEntry {
-                    id: text(key, None, id)?,
-                    fields: fields(key, f)?,
+                    id,
+                    fields,
+                    malformed,
                 });
             }
             // RESP2 servers may answer a deleted entry as a bare nil id list.
@@ -297,6 +344,35 @@ mod tests {
         assert_eq!(cursor, "0-0");
         assert!(claimed.is_empty());
         assert_eq!(deleted, vec!["1-0", "2-0"]);
+    }
+
+    #[test]
+    fn a_bad_field_name_marks_its_entry_only() {
+        let reply = Value::Array(vec![
+            Value::Array(vec![
+                b("1-0"),
+                Value::Array(vec![
+                    Value::BulkString(b"caf\xe9\\".to_vec()),
+                    b("v"),
+                    b("payload"),
+                    b("{}"),
+                ]),
+            ]),
+            Value::Array(vec![b("2-0"), Value::Array(vec![b("payload"), b("{}")])]),
+        ]);
+        let e = entries("s", reply).unwrap();
+        assert_eq!(e.len(), 2);
+        let reason = e[0].malformed.as_deref().unwrap();
+        assert!(
+            reason.contains("1-0") && reason.contains("field name 1 is not UTF-8"),
+            "{reason}"
+        );
+        assert_eq!(e[0].fields.as_ref().unwrap()[0].0, "caf\\xe9\\\\");
+        assert_eq!(e[0].field("payload"), Some(&b"{}"[..]));
+        assert_eq!(
+            (e[1].malformed.as_deref(), e[1].field("payload")),
+            (None, Some(&b"{}"[..]))
+        );
     }
 
     #[test]
