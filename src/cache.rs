@@ -4,8 +4,10 @@
 //! `{"data":..,"timestamp":<ms>,"statusCode":..,"headers":{..}}` ([`CacheEntry`]), written with its
 //! TTL in the same `SET .. PX` command. `paramsHash` is the URL-safe unpadded base64 of the
 //! SHA-256 of the canonical JSON of the request parameters ([`canonical_json`], [`params_hash`]),
-//! so services in other languages compute the same key. The full contract, with a test vector, is
-//! in `docs/keyspace.md`.
+//! so services in other languages that follow the contract compute the same key. The full
+//! contract, with a test vector, is in `docs/keyspace.md`, which also lists how the TypeScript
+//! reference `CacheManager` differs (another `paramsHash`, the bare body as the value) and what
+//! it must change to share entries.
 //!
 //! A stored value that is not JSON of that shape is reported as [`Error::Decode`] naming the key;
 //! it is never silently dropped or overwritten (another service may share the entry).
@@ -350,7 +352,8 @@ impl CacheManager {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The entry for `endpoint` + `params`, if any. One round trip (`GET`).
+    /// The entry for `endpoint` + `params`, if any. One round trip (`GET`), read-only; retried
+    /// on a connection error up to [`Config::max_retries`](crate::Config::max_retries) times.
     ///
     /// A stored value that is not a [`CacheEntry`] of `T` is [`Error::Decode`] naming the key.
     pub async fn get<T, P>(&self, endpoint: &str, params: &P) -> Result<Option<CacheEntry<T>>>
@@ -367,9 +370,11 @@ impl CacheManager {
     }
 
     async fn fetch<T: DeserializeOwned>(&self, key: &str) -> Result<Option<CacheEntry<T>>> {
+        let mut get = redis::cmd("GET");
+        get.arg(key);
         let reply = self
             .redis
-            .query("cache.get", redis::cmd("GET").arg(key))
+            .retry_idempotent(|| self.redis.query("cache.get", &get))
             .await?;
         let entry = decode_entry(key, reply)?;
         self.count_lookup(&entry);
@@ -436,7 +441,9 @@ impl CacheManager {
     /// The entries for many `(endpoint, params)` requests, in request order. One `MGET`: one
     /// round trip on a single server; in Cluster the client splits it by slot and sends the parts
     /// to their nodes concurrently. Reads of different keys are not one atomic snapshot in
-    /// Cluster. A corrupt entry fails the whole call with [`Error::Decode`] naming its key.
+    /// Cluster. Read-only; retried on a connection error up to
+    /// [`Config::max_retries`](crate::Config::max_retries) times. A corrupt entry fails the whole
+    /// call with [`Error::Decode`] naming its key.
     pub async fn get_many<T, P>(&self, requests: &[(&str, P)]) -> Result<Vec<Option<CacheEntry<T>>>>
     where
         T: DeserializeOwned,
@@ -450,9 +457,11 @@ impl CacheManager {
                 .iter()
                 .map(|(endpoint, params)| self.key(endpoint, params))
                 .collect::<Result<Vec<_>>>()?;
+            let mut mget = redis::cmd("MGET");
+            mget.arg(&keys);
             let reply = self
                 .redis
-                .query("cache.get_many", redis::cmd("MGET").arg(&keys))
+                .retry_idempotent(|| self.redis.query("cache.get_many", &mget))
                 .await?;
             let values = match reply {
                 Value::Array(values) if values.len() == keys.len() => values,
@@ -588,15 +597,19 @@ impl CacheManager {
     /// The entry for `endpoint` + `params`; on a miss exactly one caller across all processes
     /// runs `loader` and stores its entry for `ttl`, while the others wait for that entry.
     ///
-    /// - Hit: one round trip (`GET`).
+    /// - Hit: one round trip (`GET`, retried on a connection error like [`CacheManager::get`]).
     /// - Miss: one round trip per attempt sends `SET {key}:lock <token> NX PX <lock ttl>` and
     ///   `GET key` together (same slot, in this order), so a caller that wins the lock after the
     ///   previous loader released it also sees that loader's entry and does not load again.
     ///   The winner runs `loader`, writes the entry (`SET .. PX`, one round trip) and releases the
-    ///   lock only if it still holds its token (`WATCH`/`MULTI` on a dedicated connection, two
-    ///   round trips; no script needed). The others poll (5 ms doubling to 50 ms) for at most
-    ///   the wait timeout ([`CacheManager::with_wait_timeout`]), then fail with
-    ///   [`Error::Timeout`] rather than start a second loader.
+    ///   lock only if it still holds its token (`WATCH`/`MULTI`, no script needed) on a
+    ///   dedicated connection: two round trips plus the pool checkout, which costs one more
+    ///   round trip (the pool's `UNWATCH` + `PING` recycle check of an idle connection) or, when
+    ///   no connection is idle, a new connection's connect and handshake. So a load costs
+    ///   `GET`, lock pipeline, `SET`, checkout, `WATCH`+`GET`, `MULTI`/`EXEC`: five round trips
+    ///   plus the checkout. The others poll (5 ms doubling to 50 ms) for at most the wait timeout
+    ///   ([`CacheManager::with_wait_timeout`]), then fail with [`Error::Timeout`] rather than
+    ///   start a second loader.
     /// - Loader error: the lock is released and the loader's error is returned unchanged; a
     ///   waiting caller may then take the lock and run its own loader.
     /// - The loaded entry is returned even if storing it fails (the failure is counted in

@@ -167,7 +167,9 @@ pub enum SessionLayout {
     /// A hash with one field per attribute (the documented layout).
     #[default]
     Hash,
-    /// One JSON object at the key (as some services store sessions).
+    /// One JSON object at the key with the hash layout's member names (`userId`, `createdAt`
+    /// in ms, ...): this crate's own schema. It does not read JSON sessions of other shapes,
+    /// such as snake_case members with ISO 8601 times; those are decode errors.
     Json,
 }
 
@@ -240,7 +242,13 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Dedicated connections for blocking commands and transactions (`REDIS_POOL_SIZE`, default 16).
     pub pool_size: usize,
-    /// How often an idempotent operation is retried on a connection error (`REDIS_MAX_RETRIES`, default 3).
+    /// How often an idempotent operation is retried after [`crate::Error::Unavailable`] (a
+    /// refused, reset or dropped connection; never after a timeout, whose outcome is unknown)
+    /// (`REDIS_MAX_RETRIES`, default 3; 0 turns retries off). Retries wait 50 ms × the attempt
+    /// number. Exactly these operations retry: [`Redis::health`](crate::Redis::health),
+    /// `CacheManager::get`, `get_many` and the first `GET` of `get_or_set`, `UserPrefs::get` and
+    /// `get_record`, and the stream consumer's acknowledgements. Every other operation makes one
+    /// attempt and returns the error.
     pub max_retries: u32,
     /// Multiplexed connections that ordinary commands share (default 1; raise it when one
     /// connection's socket becomes the bottleneck).
@@ -258,7 +266,7 @@ pub struct Config {
     /// Server commands renamed by `rename-command` (`REDIS_RENAMED_COMMANDS=EVAL=EVAL_x,...`);
     /// an empty new name means the command is disabled.
     pub renamed_commands: BTreeMap<String, String>,
-    /// Session layout (`REDIS_SESSION_LAYOUT=hash|json`, default hash).
+    /// Session layout (`REDIS_SESSION_LAYOUT=hash|json`, default hash; see [`SessionLayout`]).
     pub session_layout: SessionLayout,
     /// Absolute session lifetime cap regardless of activity (`REDIS_SESSION_MAX_LIFETIME`,
     /// seconds; default 7 days).
@@ -333,11 +341,12 @@ fn parse_addr_list(variable: &str, value: &str) -> Result<Vec<String>, ConfigErr
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .collect();
-    check_addrs(variable, value, &addrs)
+    let owned: Vec<String> = addrs.iter().map(|a| (*a).to_owned()).collect();
+    check_addrs(variable, &redact_addrs(&owned), &addrs)
 }
 
 /// Checks `host:port` addresses (a `redis://`/`rediss://` scheme allowed); `value` is what the
-/// error shows.
+/// error shows (with credentials already redacted).
 fn check_addrs(variable: &str, value: &str, addrs: &[&str]) -> Result<Vec<String>, ConfigError> {
     if addrs.is_empty() {
         return Err(ConfigError::invalid(
@@ -359,7 +368,7 @@ fn check_addrs(variable: &str, value: &str, addrs: &[&str]) -> Result<Vec<String
             return Err(ConfigError::invalid(
                 variable,
                 value,
-                format!("{addr:?} is not host:port"),
+                format!("{:?} is not host:port", redact_url(addr)),
             ));
         }
     }
@@ -447,8 +456,13 @@ impl Config {
             Some(url) => Self::from_url_named("REDIS_URL", &url)?,
             None => Config::default(),
         };
-        if let Some(host) = get("REDIS_HOST") {
-            config.host = host.trim().to_owned();
+        // Empty means unset, as for every variable; whitespace only is a value, and `validate`
+        // rejects it rather than falling back to the default host.
+        if let Some(host) = lookup("REDIS_HOST").filter(|v| !v.is_empty()) {
+            config.host = match host.trim() {
+                "" => host,
+                trimmed => trimmed.to_owned(),
+            };
         }
         if let Some(v) = get("REDIS_PORT") {
             let port: u16 = parse_num("REDIS_PORT", &v, "a port number 1-65535")?;
@@ -470,11 +484,11 @@ impl Config {
             }
             config.db = db;
         }
-        if let Some(v) = get("REDIS_TLS")
-            && parse_bool("REDIS_TLS", &v)?
-        {
-            config.tls.get_or_insert_with(TlsConfig::default);
-        }
+        let tls_switch = match get("REDIS_TLS") {
+            Some(v) => Some((parse_bool("REDIS_TLS", &v)?, v)),
+            None => None,
+        };
+        let mut tls_files = Vec::new();
         for (variable, slot) in [
             ("REDIS_TLS_CA_FILE", 0),
             ("REDIS_TLS_CERT_FILE", 1),
@@ -483,6 +497,7 @@ impl Config {
             if let Some(v) = get(variable) {
                 let path = PathBuf::from(v.trim());
                 check_file(variable, &path)?;
+                tls_files.push(variable);
                 let tls = config.tls.get_or_insert_with(TlsConfig::default);
                 match slot {
                     0 => tls.ca_file = Some(path),
@@ -490,6 +505,24 @@ impl Config {
                     _ => tls.key_file = Some(path),
                 }
             }
+        }
+        match tls_switch {
+            Some((true, _)) => {
+                config.tls.get_or_insert_with(TlsConfig::default);
+            }
+            // The switch wins over `rediss://` (variables override the URL's parts), but TLS
+            // files with TLS off are a contradiction: ignoring them would be a silent default.
+            Some((false, v)) => {
+                if let Some(file) = tls_files.first() {
+                    return Err(ConfigError::invalid(
+                        "REDIS_TLS",
+                        v,
+                        format!("TLS is off but {file} is set; unset one of them"),
+                    ));
+                }
+                config.tls = None;
+            }
+            None => {}
         }
         if let Some(v) = get("REDIS_TIMEOUT") {
             config.response_timeout = parse_positive_millis("REDIS_TIMEOUT", &v)?;
@@ -512,13 +545,6 @@ impl Config {
             config.max_retries = parse_num("REDIS_MAX_RETRIES", &v, "a whole number")?;
         }
         if let Some(v) = lookup("REDIS_KEY_PREFIX") {
-            if v.contains(['{', '}']) || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                return Err(ConfigError::invalid(
-                    "REDIS_KEY_PREFIX",
-                    v,
-                    "must not contain braces, whitespace or control characters",
-                ));
-            }
             config.key_prefix = v;
         }
         if let Some(v) = get("REDIS_SESSION_TTL") {
@@ -700,6 +726,8 @@ impl Config {
         }
     }
 
+    /// The checks every path (environment, URL, builder, file) goes through, so that no path
+    /// accepts what another refuses. Errors name the environment variable of the field.
     fn validate(&self) -> Result<(), ConfigError> {
         if self.host.trim().is_empty() {
             return Err(ConfigError::invalid(
@@ -707,6 +735,104 @@ impl Config {
                 &self.host,
                 "must not be empty",
             ));
+        }
+        if self.port == 0 {
+            return Err(ConfigError::invalid("REDIS_PORT", "0", "must be 1-65535"));
+        }
+        if self.db < 0 {
+            return Err(ConfigError::invalid(
+                "REDIS_DB",
+                self.db.to_string(),
+                "must be 0 or more",
+            ));
+        }
+        // A brace would make every key a hash tag of the prefix (one Cluster slot for all) or
+        // break the derived-key rule `{<base>}:suffix`.
+        if self.key_prefix.contains(['{', '}'])
+            || self
+                .key_prefix
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(ConfigError::invalid(
+                "REDIS_KEY_PREFIX",
+                &self.key_prefix,
+                "must not contain braces, whitespace or control characters",
+            ));
+        }
+        if self.session_max_lifetime < Duration::from_millis(1) {
+            return Err(ConfigError::invalid(
+                "REDIS_SESSION_MAX_LIFETIME",
+                format!("{:?}", self.session_max_lifetime),
+                "must be at least 1 ms",
+            ));
+        }
+        let (variable, addrs) = match &self.topology {
+            Topology::Standalone => ("", &[][..]),
+            Topology::Sentinel { master, sentinels } => {
+                if master.trim().is_empty() {
+                    return Err(ConfigError::invalid(
+                        "REDIS_SENTINEL_MASTER",
+                        master,
+                        "must not be empty",
+                    ));
+                }
+                ("REDIS_SENTINEL_ADDRS", &sentinels[..])
+            }
+            Topology::Cluster { nodes } => ("REDIS_CLUSTER_NODES", &nodes[..]),
+        };
+        if !variable.is_empty() {
+            let listed: Vec<&str> = addrs.iter().map(String::as_str).collect();
+            check_addrs(variable, &redact_addrs(addrs), &listed)?;
+            // An explicit scheme that contradicts the TLS setting would open that connection
+            // in plaintext (or attempt TLS nobody configured) without a word.
+            for addr in addrs {
+                let scheme_tls = if addr.starts_with("rediss://") {
+                    Some(true)
+                } else if addr.starts_with("redis://") {
+                    Some(false)
+                } else {
+                    None
+                };
+                if scheme_tls.is_some_and(|t| t != self.tls.is_some()) {
+                    return Err(ConfigError::invalid(
+                        variable,
+                        redact_url(addr),
+                        if self.tls.is_some() {
+                            "a redis:// address with TLS on; write rediss:// or host:port"
+                        } else {
+                            "a rediss:// address with TLS off; set REDIS_TLS=true"
+                        },
+                    ));
+                }
+            }
+        }
+        for (from, to) in &self.renamed_commands {
+            let bad = |c: char| c.is_whitespace() || c == ',' || c == '=';
+            // `command_name` looks names up upper case: any other key would never match.
+            if from.is_empty()
+                || from.contains(bad)
+                || to.contains(bad)
+                || *from != from.to_ascii_uppercase()
+            {
+                return Err(ConfigError::invalid(
+                    "REDIS_RENAMED_COMMANDS",
+                    format!("{from}={to}"),
+                    "expected COMMAND=NEWNAME: the command upper case, neither with whitespace, \
+                     ',' or '='",
+                ));
+            }
+        }
+        if let Some(tls) = &self.tls {
+            for (variable, path) in [
+                ("REDIS_TLS_CA_FILE", &tls.ca_file),
+                ("REDIS_TLS_CERT_FILE", &tls.cert_file),
+                ("REDIS_TLS_KEY_FILE", &tls.key_file),
+            ] {
+                if let Some(path) = path {
+                    check_file(variable, path)?;
+                }
+            }
         }
         if self.response_timeout.is_zero() {
             return Err(ConfigError::invalid(
@@ -784,6 +910,15 @@ impl Config {
     }
 }
 
+/// `addrs` joined with `,`, credentials redacted, for an error message.
+fn redact_addrs(addrs: &[String]) -> String {
+    addrs
+        .iter()
+        .map(|a| redact_url(a))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme_end), Some(at)) if at > scheme_end => {
@@ -851,7 +986,8 @@ impl ConfigBuilder {
         self.config.pool_size = size;
         self
     }
-    /// Retries of idempotent operations on connection errors.
+    /// Retries after a connection error of the idempotent operations listed at
+    /// [`Config::max_retries`].
     pub fn max_retries(mut self, retries: u32) -> Self {
         self.config.max_retries = retries;
         self
@@ -915,6 +1051,7 @@ mod file {
 
     use super::{
         Config, ConfigError, Secret, TlsConfig, Topology, check_addrs, check_file, insert_renamed,
+        redact_addrs,
     };
     use crate::keyspace::Keyspace;
 
@@ -963,7 +1100,7 @@ mod file {
 
     fn addr_list(field: &str, addrs: &[String]) -> Result<Vec<String>, ConfigError> {
         let trimmed: Vec<&str> = addrs.iter().map(|a| a.trim()).collect();
-        check_addrs(field, &addrs.join(","), &trimmed)
+        check_addrs(field, &redact_addrs(addrs), &trimmed)
     }
 
     fn positive(
@@ -1224,6 +1361,152 @@ mod tests {
             .build()
             .unwrap_err();
         assert_eq!(err.variable(), "ttl(rate-limit)", "{err}");
+    }
+
+    /// What `from_env` refuses, the builder and the file refuse too, naming the same variable.
+    #[test]
+    fn builder_and_file_apply_the_environment_checks() {
+        let builder_errors = [
+            (Config::builder().key_prefix("app{1}:"), "REDIS_KEY_PREFIX"),
+            (Config::builder().key_prefix("app 1:"), "REDIS_KEY_PREFIX"),
+            (
+                Config::builder().session_max_lifetime(Duration::ZERO),
+                "REDIS_SESSION_MAX_LIFETIME",
+            ),
+            (Config::builder().host("   "), "REDIS_HOST"),
+            (Config::builder().port(0), "REDIS_PORT"),
+            (Config::builder().db(-1), "REDIS_DB"),
+            (
+                Config::builder().topology(Topology::Sentinel {
+                    master: " ".into(),
+                    sentinels: vec!["h:26379".into()],
+                }),
+                "REDIS_SENTINEL_MASTER",
+            ),
+            (
+                Config::builder().topology(Topology::Sentinel {
+                    master: "m".into(),
+                    sentinels: Vec::new(),
+                }),
+                "REDIS_SENTINEL_ADDRS",
+            ),
+            (
+                Config::builder().topology(Topology::Cluster {
+                    nodes: vec!["nohost".into()],
+                }),
+                "REDIS_CLUSTER_NODES",
+            ),
+            (
+                Config::builder().renamed_command("EVAL", "EVAL_a,EVAL_b"),
+                "REDIS_RENAMED_COMMANDS",
+            ),
+        ];
+        for (builder, variable) in builder_errors {
+            let err = builder.build().unwrap_err();
+            assert_eq!(err.variable(), variable, "{err}");
+        }
+        let tls = TlsConfig {
+            ca_file: Some("/nonexistent/ca.pem".into()),
+            ..TlsConfig::default()
+        };
+        let err = Config::builder().tls(tls).build().unwrap_err();
+        assert!(
+            matches!(err, ConfigError::File { ref variable, .. } if variable == "REDIS_TLS_CA_FILE"),
+            "{err}"
+        );
+
+        for (json, variable) in [
+            (r#"{"key_prefix": "app{1}:"}"#, "REDIS_KEY_PREFIX"),
+            (r#"{"host": "  "}"#, "REDIS_HOST"),
+            (r#"{"url": "redis://h:1", "host": " "}"#, "REDIS_HOST"),
+        ] {
+            let err = serde_json::from_str::<Config>(json)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(variable), "{json}: {err}");
+        }
+        assert_eq!(
+            from(&[("REDIS_KEY_PREFIX", "app{1}:")])
+                .unwrap_err()
+                .variable(),
+            "REDIS_KEY_PREFIX"
+        );
+    }
+
+    #[test]
+    fn node_schemes_must_agree_with_the_tls_setting() {
+        for (vars, variable) in [
+            (
+                vec![
+                    ("REDIS_SENTINEL_MASTER", "m"),
+                    ("REDIS_SENTINEL_ADDRS", "h1:26379,redis://h2:26379"),
+                    ("REDIS_TLS", "true"),
+                ],
+                "REDIS_SENTINEL_ADDRS",
+            ),
+            (
+                vec![
+                    ("REDIS_SENTINEL_MASTER", "m"),
+                    ("REDIS_SENTINEL_ADDRS", "rediss://h1:26379"),
+                ],
+                "REDIS_SENTINEL_ADDRS",
+            ),
+            (
+                vec![
+                    ("REDIS_CLUSTER_NODES", "redis://a:7000"),
+                    ("REDIS_TLS", "true"),
+                ],
+                "REDIS_CLUSTER_NODES",
+            ),
+        ] {
+            let err = from(&vars).unwrap_err();
+            assert_eq!(err.variable(), variable, "{err}");
+        }
+        let ok = from(&[
+            ("REDIS_SENTINEL_MASTER", "m"),
+            ("REDIS_SENTINEL_ADDRS", "h1:26379,rediss://h2:26379"),
+            ("REDIS_TLS", "true"),
+        ]);
+        assert!(ok.is_ok(), "{ok:?}");
+        // The errors never show a password given in an address.
+        for nodes in ["redis://:node-pw@a:7000", "redis://:node-pw@a:nope"] {
+            let err = from(&[("REDIS_CLUSTER_NODES", nodes), ("REDIS_TLS", "true")]).unwrap_err();
+            assert_eq!(err.variable(), "REDIS_CLUSTER_NODES", "{err}");
+            assert!(!err.to_string().contains("node-pw"), "{err}");
+        }
+        let err = serde_json::from_str::<Config>(r#"{"cluster_nodes": ["redis://:node-pw@a:x"]}"#)
+            .unwrap_err();
+        assert!(!err.to_string().contains("node-pw"), "{err}");
+    }
+
+    #[test]
+    fn whitespace_only_host_is_an_error_and_empty_means_unset() {
+        let err = from(&[("REDIS_HOST", "   ")]).unwrap_err();
+        assert_eq!(err.variable(), "REDIS_HOST", "{err}");
+        assert_eq!(from(&[("REDIS_HOST", "")]).unwrap().host, "127.0.0.1");
+        assert_eq!(
+            from(&[("REDIS_HOST", " h.internal ")]).unwrap().host,
+            "h.internal"
+        );
+    }
+
+    #[test]
+    fn redis_tls_false_turns_tls_off_or_names_the_contradiction() {
+        let url = ("REDIS_URL", "rediss://cache.internal:6380");
+        assert!(from(&[url]).unwrap().tls.is_some());
+        let off = from(&[url, ("REDIS_TLS", "false")]).unwrap();
+        assert_eq!(off.tls, None, "REDIS_TLS=false overrides rediss://");
+        assert_eq!((off.host.as_str(), off.port), ("cache.internal", 6380));
+        assert!(from(&[("REDIS_TLS", "true")]).unwrap().tls.is_some());
+
+        let ca = std::env::temp_dir().join(format!("aether-redis-ca-{}.pem", std::process::id()));
+        std::fs::write(&ca, "not checked here").unwrap();
+        let ca_var = ("REDIS_TLS_CA_FILE", ca.to_str().unwrap());
+        assert!(from(&[ca_var]).unwrap().tls.is_some());
+        let err = from(&[ca_var, ("REDIS_TLS", "off")]).unwrap_err();
+        assert_eq!(err.variable(), "REDIS_TLS", "{err}");
+        assert!(err.to_string().contains("REDIS_TLS_CA_FILE"), "{err}");
+        let _ = std::fs::remove_file(ca);
     }
 
     #[test]

@@ -31,11 +31,12 @@ pub enum Error {
     },
 
     /// A request was sent but no answer arrived in time: the outcome is unknown.
-    #[error("redis timed out after {after:?} during {operation}; the outcome is unknown")]
+    #[error("redis timed out{} during {operation}; the outcome is unknown", shown_deadline(*after))]
     Timeout {
         /// The operation that timed out.
         operation: &'static str,
-        /// The deadline that elapsed.
+        /// The deadline that elapsed; zero when it is not known (a client error converted with
+        /// `From<redis::RedisError>` carries no deadline), and the message then names none.
         after: Duration,
     },
 
@@ -51,7 +52,8 @@ pub enum Error {
     /// A value stored in Redis does not have the documented layout.
     #[error("cannot decode {key}{}: {reason}", field.as_deref().map(|f| format!(" field `{f}`")).unwrap_or_default())]
     Decode {
-        /// The Redis key holding the value.
+        /// The Redis key holding the value; for a session, `<prefix>session:<redacted>`, since
+        /// its id is a bearer secret.
         key: String,
         /// The hash field or JSON member, when the problem is in one.
         field: Option<String>,
@@ -134,12 +136,23 @@ impl Error {
         }
     }
 
-    /// Classifies a client error raised during `operation`.
+    /// Classifies a client error raised during `operation`. A timeout gets no deadline (zero):
+    /// callers that know the one in force use [`Error::from_redis_within`].
     pub(crate) fn from_redis(operation: &'static str, err: redis::RedisError) -> Self {
+        Self::from_redis_within(operation, Duration::ZERO, err)
+    }
+
+    /// [`Error::from_redis`] for a request bounded by `deadline` (the response timeout of the
+    /// connection it was sent on, or the caller's own bound).
+    pub(crate) fn from_redis_within(
+        operation: &'static str,
+        deadline: Duration,
+        err: redis::RedisError,
+    ) -> Self {
         if err.is_timeout() {
             return Error::Timeout {
                 operation,
-                after: Duration::ZERO,
+                after: deadline,
             };
         }
         if err.is_connection_dropped()
@@ -153,6 +166,16 @@ impl Error {
             };
         }
         Error::Server(err)
+    }
+}
+
+/// ` after <deadline>` for the timeout message, or nothing when the deadline is unknown: a
+/// made-up "after 0ns" would send whoever reads the log after the wrong cause.
+fn shown_deadline(after: Duration) -> String {
+    if after.is_zero() {
+        String::new()
+    } else {
+        format!(" after {after:?}")
     }
 }
 
@@ -188,6 +211,26 @@ mod tests {
             panic!("not an error reply: {value:?}");
         };
         Error::from_redis("test", err.into())
+    }
+
+    fn timed_out() -> redis::RedisError {
+        std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out").into()
+    }
+
+    #[test]
+    fn timeouts_name_a_deadline_only_when_one_is_known() {
+        let unknown = Error::from(timed_out());
+        assert!(unknown.is_timeout(), "{unknown:?}");
+        let shown = unknown.to_string();
+        assert_eq!(
+            shown,
+            "redis timed out during request; the outcome is unknown"
+        );
+        let known = Error::from_redis_within("GET", Duration::from_millis(250), timed_out());
+        assert_eq!(
+            known.to_string(),
+            "redis timed out after 250ms during GET; the outcome is unknown"
+        );
     }
 
     #[test]

@@ -139,6 +139,137 @@ fn tls_certificates(tls: &crate::config::TlsConfig) -> Result<redis::TlsCertific
     })
 }
 
+/// The Sentinel addresses as connection addresses: TLS exactly when `config.tls` is on. An
+/// address may carry a `redis://` / `rediss://` scheme (and, as before, credentials for the
+/// Sentinels in URL form), but a scheme that disagrees with the TLS setting is refused: one of
+/// the two connections would otherwise silently run in plaintext, or attempt a handshake the
+/// configuration did not ask for.
+#[cfg(feature = "sentinel")]
+fn sentinel_addrs(
+    config: &Config,
+    sentinels: &[String],
+) -> Result<(
+    Vec<redis::ConnectionAddr>,
+    Option<redis::RedisConnectionInfo>,
+)> {
+    const VARIABLE: &str = "REDIS_SENTINEL_ADDRS";
+    let tls = config.tls.is_some();
+    let mut addrs = Vec::with_capacity(sentinels.len());
+    let mut credentials: Option<redis::RedisConnectionInfo> = None;
+    for addr in sentinels {
+        let (host, port, scheme_tls, settings) = if addr.contains("://") {
+            let info = redis::IntoConnectionInfo::into_connection_info(addr.as_str())
+                .map_err(|e| config_error(VARIABLE, e))?;
+            let (host, port, scheme_tls) = match info.addr() {
+                redis::ConnectionAddr::Tcp(host, port) => (host.clone(), *port, false),
+                redis::ConnectionAddr::TcpTls { host, port, .. } => (host.clone(), *port, true),
+                _ => {
+                    return Err(config_error(
+                        VARIABLE,
+                        "a Sentinel address must be host:port, redis:// or rediss://",
+                    ));
+                }
+            };
+            (
+                host,
+                port,
+                Some(scheme_tls),
+                Some(info.redis_settings().clone()),
+            )
+        } else {
+            let (host, port) = addr
+                .rsplit_once(':')
+                .and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?)))
+                .ok_or_else(|| config_error(VARIABLE, format!("{addr:?} is not host:port")))?;
+            (host, port, None, None)
+        };
+        if let Some(scheme_tls) = scheme_tls
+            && scheme_tls != tls
+        {
+            return Err(config_error(
+                VARIABLE,
+                if tls {
+                    "a redis:// Sentinel address with REDIS_TLS on; use rediss:// or host:port"
+                } else {
+                    "a rediss:// Sentinel address with TLS off; set REDIS_TLS=true"
+                },
+            ));
+        }
+        if let Some(settings) = settings
+            && (settings.username().is_some() || settings.password().is_some())
+        {
+            let same = |a: &redis::RedisConnectionInfo, b: &redis::RedisConnectionInfo| {
+                a.username() == b.username() && a.password() == b.password()
+            };
+            match &credentials {
+                Some(known) if !same(known, &settings) => {
+                    return Err(config_error(
+                        VARIABLE,
+                        "Sentinel addresses carry different credentials; one set is used for all",
+                    ));
+                }
+                Some(_) => {}
+                None => credentials = Some(settings),
+            }
+        }
+        addrs.push(if tls {
+            redis::ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure: false,
+                tls_params: None,
+            }
+        } else {
+            redis::ConnectionAddr::Tcp(host, port)
+        });
+    }
+    Ok((addrs, credentials))
+}
+
+/// A Sentinel client whose connections to the Sentinels and to the master both follow
+/// `config.tls` (mode and certificates) and whose master connection gets the configured
+/// database, user, password and protocol. The Sentinels get credentials only from their own
+/// URLs: `REDIS_USERNAME` / `REDIS_PASSWORD` are the master's, and a Sentinel without
+/// `requirepass` refuses an `AUTH`.
+#[cfg(feature = "sentinel")]
+fn sentinel_client(
+    config: &Config,
+    master: &str,
+    sentinels: &[String],
+) -> Result<redis::sentinel::SentinelClient> {
+    use redis::sentinel::{SentinelClientBuilder, SentinelServerType};
+    const VARIABLE: &str = "REDIS_SENTINEL_ADDRS";
+    let (addrs, sentinel_credentials) = sentinel_addrs(config, sentinels)?;
+    let node = redis_settings(config);
+    let mut builder = SentinelClientBuilder::new(addrs, master, SentinelServerType::Master)
+        .map_err(|e| config_error(VARIABLE, e))?
+        .set_client_to_redis_db(node.db())
+        .set_client_to_redis_protocol(node.protocol());
+    if let Some(user) = node.username() {
+        builder = builder.set_client_to_redis_username(user);
+    }
+    if let Some(password) = node.password() {
+        builder = builder.set_client_to_redis_password(password);
+    }
+    if let Some(sentinel) = &sentinel_credentials {
+        if let Some(user) = sentinel.username() {
+            builder = builder.set_client_to_sentinel_username(user);
+        }
+        if let Some(password) = sentinel.password() {
+            builder = builder.set_client_to_sentinel_password(password);
+        }
+    }
+    #[cfg(feature = "tls")]
+    if let Some(tls) = &config.tls {
+        builder = builder
+            .set_client_to_sentinel_tls_mode(redis::TlsMode::Secure)
+            .set_client_to_sentinel_certificates(tls_certificates(tls)?)
+            .set_client_to_redis_tls_mode(redis::TlsMode::Secure)
+            .set_client_to_redis_certificates(tls_certificates(tls)?);
+    }
+    builder.build().map_err(|e| config_error(VARIABLE, e))
+}
+
 impl Connector {
     fn new(config: &Config) -> Result<Self> {
         #[cfg(feature = "tls")]
@@ -177,19 +308,9 @@ impl Connector {
                 Ok(Connector::Standalone(client))
             }
             #[cfg(feature = "sentinel")]
-            Topology::Sentinel { master, sentinels } => {
-                let urls = node_urls(sentinels, "redis");
-                let node = redis::sentinel::SentinelNodeConnectionInfo::default()
-                    .set_redis_connection_info(redis_settings(config));
-                let client = redis::sentinel::SentinelClient::build(
-                    urls,
-                    master.clone(),
-                    Some(node),
-                    redis::sentinel::SentinelServerType::Master,
-                )
-                .map_err(|e| config_error("REDIS_SENTINEL_ADDRS", e))?;
-                Ok(Connector::Sentinel(tokio::sync::Mutex::new(client)))
-            }
+            Topology::Sentinel { master, sentinels } => Ok(Connector::Sentinel(
+                tokio::sync::Mutex::new(sentinel_client(config, master, sentinels)?),
+            )),
             #[cfg(not(feature = "sentinel"))]
             Topology::Sentinel { .. } => Err(Error::Unsupported(
                 "Sentinel is configured but the crate was built without the `sentinel` feature"
@@ -340,7 +461,7 @@ impl DedicatedConnection {
 }
 
 /// `host:port` addresses as URLs with `scheme`; addresses that carry a scheme stay as given.
-#[cfg(any(feature = "sentinel", feature = "cluster"))]
+#[cfg(feature = "cluster")]
 fn node_urls(addrs: &[String], scheme: &str) -> Vec<String> {
     addrs
         .iter()
@@ -484,7 +605,7 @@ impl Redis {
         let hello: Value = redis::cmd("HELLO")
             .query_async(&mut probe)
             .await
-            .map_err(|e| Error::from_redis("HELLO", e))?;
+            .map_err(|e| Error::from_redis_within("HELLO", config.response_timeout, e))?;
         let version = hello_field(&hello, "version").unwrap_or_default();
         let version_number = parse_version(&version);
         if version_number < MIN_VERSION {
@@ -575,8 +696,13 @@ impl Redis {
     }
 
     /// `PING` round-trip time, role and version. Uses `HELLO`, so it answers for ACL users who
-    /// may not run `INFO`. Two round trips, read-only.
+    /// may not run `INFO`. Two round trips, read-only; retried from the start on a connection
+    /// error up to [`Config::max_retries`] times, 50 ms × the attempt number apart.
     pub async fn health(&self) -> Result<Health> {
+        self.retry_idempotent(|| self.health_once()).await
+    }
+
+    async fn health_once(&self) -> Result<Health> {
         let mut conn = self.connection().await?;
         let started = Instant::now();
         let _: String = redis::cmd("PING")
@@ -705,13 +831,7 @@ impl Redis {
                 }
             }
         }
-        match Error::from_redis(operation, err) {
-            Error::Timeout { operation, .. } => Error::Timeout {
-                operation,
-                after: self.inner.config.response_timeout,
-            },
-            other => other,
-        }
+        Error::from_redis_within(operation, self.inner.config.response_timeout, err)
     }
 
     /// Sends one command on a shared connection and returns the raw reply.
@@ -748,8 +868,10 @@ impl Redis {
         T::from_redis_value(value).map_err(|e| Error::decode(key, None, e.to_string()))
     }
 
-    /// Retries `attempt` on connection-level failures (never on timeouts, whose outcome is
-    /// unknown) up to `max_retries` times. Only for idempotent operations.
+    /// Retries `attempt` on connection-level failures ([`Error::Unavailable`]; never on
+    /// timeouts, whose outcome is unknown) up to [`Config::max_retries`] times, pausing 50 ms ×
+    /// the attempt number before each retry. Only for idempotent operations: an `Unavailable`
+    /// from a connection that broke mid-request may follow a request the server did apply.
     pub(crate) async fn retry_idempotent<T, F, Fut>(&self, mut attempt: F) -> Result<T>
     where
         F: FnMut() -> Fut,

@@ -255,7 +255,7 @@ impl UserPreferences {
 pub enum Pref {
     /// `theme`.
     Theme(Theme),
-    /// `language`: non-empty BCP 47 tag (ASCII letters, digits, `-`), at most
+    /// `language`: non-empty BCP 47 tag (ASCII letters, digits, `-` and `_`), at most
     /// [`MAX_LANGUAGE_BYTES`].
     Language(String),
     /// `timezone`: non-empty IANA zone name (no whitespace or control characters), at most
@@ -308,7 +308,7 @@ fn check_language(value: &str) -> std::result::Result<(), String> {
         .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
     {
         return Err(format!(
-            "contains {c:?}; a language tag is ASCII letters, digits and '-'"
+            "contains {c:?}; a language tag is ASCII letters, digits, '-' and '_'"
         ));
     }
     Ok(())
@@ -485,8 +485,9 @@ impl UserPrefs {
     /// The user's preferences, defaults for anything not stored (also when nothing is).
     ///
     /// One round trip: `MULTI HGETALL PEXPIRE EXEC`, so reading refreshes the 7-day TTL
-    /// atomically with the read. A stored value that does not decode is an [`Error::Decode`]
-    /// naming its field.
+    /// atomically with the read; retried on a connection error up to
+    /// [`Config::max_retries`](crate::Config::max_retries) times (a repeated `PEXPIRE` sets the
+    /// same TTL). A stored value that does not decode is an [`Error::Decode`] naming its field.
     #[tracing::instrument(name = "user_prefs.get", skip_all)]
     pub async fn get(&self, user_id: &str) -> Result<UserPreferences> {
         Ok(self
@@ -497,7 +498,8 @@ impl UserPrefs {
     }
 
     /// The stored record with the fields this version does not know, or `None` when the user
-    /// has no record. One round trip (`MULTI HGETALL PEXPIRE EXEC`), refreshes the TTL.
+    /// has no record. One round trip (`MULTI HGETALL PEXPIRE EXEC`), refreshes the TTL; retried
+    /// on a connection error like [`UserPrefs::get`].
     #[tracing::instrument(name = "user_prefs.get_record", skip_all)]
     pub async fn get_record(&self, user_id: &str) -> Result<Option<PrefsRecord>> {
         let key = self.key(user_id)?;
@@ -509,7 +511,10 @@ impl UserPrefs {
             .arg(&key)
             .arg(self.redis.ttl().millis(Keyspace::UserPrefs))
             .ignore();
-        let reply = self.redis.query_pipe("user_prefs.get", &pipe).await?;
+        let reply = self
+            .redis
+            .retry_idempotent(|| self.redis.query_pipe("user_prefs.get", &pipe))
+            .await?;
         let hash = reply
             .and_then(|mut v| {
                 if v.is_empty() {
@@ -653,6 +658,10 @@ mod tests {
                 other => panic!("{pref:?}: {other:?}"),
             }
         }
+        // The message lists exactly what is accepted, `_` included (as docs/keyspace.md does).
+        assert!(Pref::Language("zh_Hant-TW".into()).validate().is_ok());
+        let err = Pref::Language("en US".into()).validate().unwrap_err();
+        assert!(err.to_string().contains("digits, '-' and '_'"), "{err}");
         assert!(decode_bool("yes").is_err());
         assert!(Pref::decode("theme", "blue").is_err());
         assert!(Pref::decode("ui.pageSize", "-3").is_err());

@@ -73,13 +73,17 @@ fn topology_kind_is_standalone_for_the_shared_server() {
     assert!(config.key_prefix.starts_with("t:x:"));
 }
 
-/// A TLS-only port with a CA of the test's own; the client trusts that CA through
-/// `TlsConfig::ca_file`, as `REDIS_TLS_CA_FILE` would configure it.
+/// A CA of the test's own and a server certificate it signed for 127.0.0.1 / localhost, as
+/// PEM files in a fresh directory: `(dir, ca.pem, server.pem, server.key)`.
 #[cfg(feature = "tls")]
-#[tokio::test]
-async fn tls_connects_and_round_trips() {
-    use aether_redis::config::TlsConfig;
-    use aether_redis::testkit::{LocalOptions, LocalServer};
+fn tls_material(
+    name: &str,
+) -> (
+    std::path::PathBuf,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 
     let ca_key = KeyPair::generate().unwrap();
@@ -93,9 +97,7 @@ async fn tls_connects_and_round_trips() {
             .unwrap()
             .signed_by(&server_key, &issuer)
             .unwrap();
-
-    let tls_port = testkit::free_port().unwrap();
-    let dir = std::env::temp_dir().join(format!("aether-redis-tls-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("aether-redis-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (ca, cert, key) = (
         dir.join("ca.pem"),
@@ -105,15 +107,38 @@ async fn tls_connects_and_round_trips() {
     std::fs::write(&ca, ca_cert.pem()).unwrap();
     std::fs::write(&cert, server_cert.pem()).unwrap();
     std::fs::write(&key, server_key.serialize_pem()).unwrap();
+    (dir, ca, cert, key)
+}
 
+/// `redis.conf` lines for a TLS port with these files (clients need no certificate).
+#[cfg(feature = "tls")]
+fn tls_lines(
+    tls_port: u16,
+    ca: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Vec<String> {
+    vec![
+        format!("tls-port {tls_port}"),
+        format!("tls-cert-file {}", cert.display()),
+        format!("tls-key-file {}", key.display()),
+        format!("tls-ca-cert-file {}", ca.display()),
+        "tls-auth-clients no".into(),
+    ]
+}
+
+/// A TLS-only port with a CA of the test's own; the client trusts that CA through
+/// `TlsConfig::ca_file`, as `REDIS_TLS_CA_FILE` would configure it.
+#[cfg(feature = "tls")]
+#[tokio::test]
+async fn tls_connects_and_round_trips() {
+    use aether_redis::config::TlsConfig;
+    use aether_redis::testkit::{LocalOptions, LocalServer};
+
+    let (dir, ca, cert, key) = tls_material("tls");
+    let tls_port = testkit::free_port().unwrap();
     let options = LocalOptions {
-        config_lines: vec![
-            format!("tls-port {tls_port}"),
-            format!("tls-cert-file {}", cert.display()),
-            format!("tls-key-file {}", key.display()),
-            format!("tls-ca-cert-file {}", ca.display()),
-            "tls-auth-clients no".into(),
-        ],
+        config_lines: tls_lines(tls_port, &ca, &cert, &key),
         ..LocalOptions::default()
     };
     let server = tokio::task::spawn_blocking(move || LocalServer::start(options))
@@ -142,6 +167,99 @@ async fn tls_connects_and_round_trips() {
         .unwrap();
     assert!(Redis::connect(untrusted).await.is_err());
     drop(server);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Sentinel with TLS: the Sentinel and the master listen for TLS on ports of their own (their
+/// plain ports only serve the testkit's readiness check), and the Sentinel knows the master by
+/// its TLS port, so a round trip proves both connections ran over TLS with the configured CA.
+#[cfg(feature = "tls")]
+#[tokio::test]
+async fn sentinel_over_tls_connects_and_round_trips() {
+    use aether_redis::config::{TlsConfig, Topology};
+    use aether_redis::testkit::{LocalOptions, LocalServer};
+
+    let (dir, ca, cert, key) = tls_material("sentinel-tls");
+    let master_tls = testkit::free_port().unwrap();
+    let master_options = LocalOptions {
+        config_lines: tls_lines(master_tls, &ca, &cert, &key),
+        ..LocalOptions::default()
+    };
+    let master = tokio::task::spawn_blocking(move || LocalServer::start(master_options))
+        .await
+        .unwrap()
+        .unwrap();
+    let sentinel_tls = testkit::free_port().unwrap();
+    let mut sentinel_lines = tls_lines(sentinel_tls, &ca, &cert, &key);
+    sentinel_lines.extend([
+        // The Sentinel's own links to the master use TLS too.
+        "tls-replication yes".to_owned(),
+        format!("sentinel monitor mymaster 127.0.0.1 {master_tls} 1"),
+        "sentinel down-after-milliseconds mymaster 5000".to_owned(),
+    ]);
+    let sentinel_options = LocalOptions {
+        config_lines: sentinel_lines,
+        sentinel: true,
+        ..LocalOptions::default()
+    };
+    let sentinel = tokio::task::spawn_blocking(move || LocalServer::start(sentinel_options))
+        .await
+        .unwrap()
+        .unwrap();
+
+    let topology = Topology::Sentinel {
+        master: "mymaster".into(),
+        sentinels: vec![format!("127.0.0.1:{sentinel_tls}")],
+    };
+    let mut tls = TlsConfig::default();
+    tls.ca_file = Some(ca.clone());
+    let config = Config::builder()
+        .topology(topology.clone())
+        .tls(tls)
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let redis = Redis::connect(config.clone()).await.unwrap();
+    assert_eq!(
+        set_then_get(&redis, "sentinel-tls-k", "over-tls").await,
+        "over-tls"
+    );
+    assert_eq!(redis.health().await.unwrap().role, "master");
+    // The dedicated pool goes through the Sentinel the same way.
+    let mut dedicated = redis.dedicated().await.unwrap();
+    let pong: String = redis::cmd("PING")
+        .query_async(&mut dedicated)
+        .await
+        .unwrap();
+    assert_eq!(pong, "PONG");
+
+    // Same addresses without TLS: the handshake is refused, nothing falls back to plaintext.
+    let plain = Config::builder()
+        .topology(topology.clone())
+        .connect_timeout(std::time::Duration::from_secs(2))
+        .build()
+        .unwrap();
+    assert!(Redis::connect(plain).await.is_err());
+    // A scheme that contradicts the TLS setting is refused before anything is sent: by the
+    // builder, and by `connect` for a configuration changed after it was built.
+    let plain_scheme = Topology::Sentinel {
+        master: "mymaster".into(),
+        sentinels: vec![format!("redis://127.0.0.1:{sentinel_tls}")],
+    };
+    let err = config
+        .to_builder()
+        .topology(plain_scheme.clone())
+        .build()
+        .unwrap_err();
+    assert_eq!(err.variable(), "REDIS_SENTINEL_ADDRS", "{err}");
+    let mut mixed = config.clone();
+    mixed.topology = plain_scheme;
+    let err = Redis::connect(mixed).await.unwrap_err();
+    assert!(
+        matches!(err, Error::Config(ref e) if e.variable() == "REDIS_SENTINEL_ADDRS"),
+        "{err:?}"
+    );
+    drop((sentinel, master));
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -237,6 +355,70 @@ async fn shared_connection_recovers_after_a_server_restart() {
     drop(server);
 }
 
+/// `REDIS_MAX_RETRIES` covers exactly the idempotent reads documented at
+/// `Config::max_retries`: each of them, sent on a connection the server dropped, succeeds once
+/// the server is back; with retries off the same call fails.
+#[tokio::test]
+async fn idempotent_reads_retry_connection_errors_up_to_max_retries() {
+    let mut server = start_local(Vec::new()).await;
+    let no_retries = Redis::connect(server.config().to_builder().max_retries(0).build().unwrap())
+        .await
+        .unwrap();
+    let retrying = Redis::connect(
+        server
+            .config()
+            .to_builder()
+            .max_retries(40)
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let params = serde_json::json!({"page": 1});
+    type Read = for<'a> fn(
+        &'a Redis,
+        &'a serde_json::Value,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = aether_redis::Result<()>> + Send + 'a>,
+    >;
+    let reads: [(&str, Read); 4] = [
+        ("cache.get", |r, p| {
+            Box::pin(async move { r.cache().get::<u32, _>("/r", p).await.map(drop) })
+        }),
+        ("cache.get_many", |r, p| {
+            Box::pin(async move { r.cache().get_many::<u32, _>(&[("/r", p)]).await.map(drop) })
+        }),
+        ("user_prefs.get", |r, _| {
+            Box::pin(async move { r.user_prefs().get("u-retry").await.map(drop) })
+        }),
+        ("health", |r, _| {
+            Box::pin(async move { r.health().await.map(drop) })
+        }),
+    ];
+    for (name, read) in reads {
+        read(&no_retries, &params).await.unwrap();
+        read(&retrying, &params).await.unwrap();
+        server = tokio::task::spawn_blocking(move || {
+            server.kill();
+            server
+        })
+        .await
+        .unwrap();
+        let err = read(&no_retries, &params).await.unwrap_err();
+        assert!(err.is_unavailable(), "{name}: {err:?}");
+        // The restart runs while the retrying call waits between attempts.
+        let restart = tokio::task::spawn_blocking(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            server.restart().unwrap();
+            server
+        });
+        read(&retrying, &params)
+            .await
+            .unwrap_or_else(|e| panic!("{name} was not retried: {e:?}"));
+        server = restart.await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn a_stalled_server_is_a_timeout_with_unknown_outcome() {
     let server = start_local(Vec::new()).await;
@@ -250,6 +432,8 @@ async fn a_stalled_server_is_a_timeout_with_unknown_outcome() {
     let err = redis.health().await.unwrap_err();
     assert!(err.is_timeout(), "{err:?}");
     assert!(err.to_string().contains("outcome is unknown"), "{err}");
+    // The deadline that elapsed is the configured one, never a made-up zero.
+    assert!(err.to_string().contains("after 200ms"), "{err}");
 }
 
 #[tokio::test]
