@@ -4,9 +4,12 @@
 //! The layout is the documented wire contract (`docs/keyspace.md`, `## session:*`): a hash with
 //! `userId`, `email`, `role`, `createdAt`, `lastAccessAt`, `ipAddress`, `userAgent`,
 //! `permissions` (JSON array) and any application-defined fields, or — with
-//! [`SessionLayout::Json`] — one JSON object with the same members. Sessions written by the
-//! documented TypeScript service (`HSET` + `EXPIRE 86400`) read back here, and ours read back
-//! there.
+//! [`SessionLayout::Json`] — one JSON object with the same members (this crate's own schema:
+//! it does not read JSON sessions of other shapes, such as snake_case members with ISO 8601
+//! times). Sessions written by the documented TypeScript service (`HSET` + `EXPIRE 86400`)
+//! read back here, and ours read back there; but that service does not write the per-user
+//! index, so its sessions are invisible to [`SessionStore::list_user`] and
+//! [`SessionStore::destroy_user`] (see there).
 //!
 //! # Atomicity
 //! Reads that slide the TTL (`get`, `touch`, `update`) never recreate a session deleted or
@@ -59,6 +62,16 @@ const MAX_WATCH_ATTEMPTS: usize = 16;
 const DEFAULT_INDEX_GRACE: Duration = Duration::from_secs(60);
 /// Index key part that marks the per-user index (`session:by-user:<userId>`).
 const INDEX_PART: &str = "by-user";
+/// What errors show in place of a session id.
+const REDACTED_ID: &str = "<redacted>";
+/// Index member `rotating:<newId>` that marks `<newId>` as the target of a rotation in flight,
+/// so that no pruning removes the new id between its `ZADD` and the `RENAMENX` (its session is
+/// absent then, and its score, the old session's deadline, makes it look old). A session id
+/// never contains `:`, so a marker is never taken for a session.
+const ROTATING_PREFIX: &str = "rotating:";
+/// A marker's score is its write time plus this: a rotation that never finishes (a crashed
+/// process) leaves a marker that the regular `ZREMRANGEBYSCORE` cleaning removes after it.
+const ROTATION_MARK_LIFETIME: Duration = Duration::from_secs(60);
 
 /// Hash field and JSON member names, as documented.
 pub mod fields {
@@ -139,11 +152,15 @@ return {1, h}
 
     /// JSON layout. `KEYS[1]` = session key. `ARGV` = now (ms), idle TTL (ms), lifetime cap
     /// (ms), mode (`get` | `touch`). The document is not re-encoded (Lua's cjson would turn
-    /// `[]` into `{}` and round large numbers): the top-level `lastAccessAt` number is replaced
-    /// in the text, and the result is checked by decoding it; if the check fails the document is
-    /// kept as it was and only the TTL slides. Returns nil when the session is gone; `{1, json}`
-    /// for `get`, `1` for `touch`; `{0, json}` without writing when the value is not a JSON
-    /// object with a numeric `createdAt`.
+    /// `[]` into `{}` and round large numbers): the value of the top-level `lastAccessAt`
+    /// member, a number or a decimal string, is replaced in the text by the number `now`. Each
+    /// textual occurrence of the member is tried in turn and the first rewrite whose decoded
+    /// top-level `lastAccessAt` equals `now` is kept, so a nested `lastAccessAt` (e.g. inside
+    /// an application member, wherever it appears) is never touched. Without a top-level
+    /// member, `"lastAccessAt":<now>` is inserted as the first member. If no rewrite checks out
+    /// (a value of another type), the document is kept as it was and only the TTL slides.
+    /// Returns nil when the session is gone; `{1, json}` for `get`, `1` for `touch`; `{0, json}`
+    /// without writing when the value is not a JSON object with a numeric `createdAt`.
     pub const ACCESS_JSON: &str = r#"
 local key = KEYS[1]
 local v = redis.call('GET', key)
@@ -158,10 +175,27 @@ if left <= 0 then
   redis.call('DEL', key)
   return false
 end
-local nv, n = string.gsub(v, '"lastAccessAt"%s*:%s*%-?[%d%.eE%+%-]+', '"lastAccessAt":' .. ARGV[1], 1)
-if n == 0 then nv = string.gsub(v, '^%s*{', '{"lastAccessAt":' .. ARGV[1] .. ',', 1) end
-local ok2, check = pcall(cjson.decode, nv)
-if not ok2 or type(check) ~= 'table' or check['lastAccessAt'] ~= now then nv = v end
+local function stamped(text)
+  local ok2, check = pcall(cjson.decode, text)
+  return ok2 and type(check) == 'table' and check['lastAccessAt'] == now
+end
+local stamp = '"lastAccessAt":' .. ARGV[1]
+local nv
+-- Already stamped this millisecond: nothing to rewrite (and a rewrite of a nested member
+-- would pass the check below).
+if obj['lastAccessAt'] == now then nv = v end
+local from = 1
+while not nv do
+  local s, e = string.find(v, '"lastAccessAt"%s*:%s*"?[%d%.eE%+%-]*"?', from)
+  if not s then break end
+  local candidate = string.sub(v, 1, s - 1) .. stamp .. string.sub(v, e + 1)
+  if stamped(candidate) then nv = candidate end
+  from = e + 1
+end
+if not nv then
+  local candidate = string.gsub(v, '^%s*{', '{' .. stamp .. ',', 1)
+  if stamped(candidate) then nv = candidate else nv = v end
+end
 redis.call('SET', key, nv, 'PX', left)
 if ARGV[4] == 'touch' then return 1 end
 return {1, nv}
@@ -700,6 +734,15 @@ impl SessionUpdate {
     }
 }
 
+/// One read of a per-user index.
+#[derive(Default)]
+struct IndexSnapshot {
+    /// Session ids with their absolute deadlines.
+    members: Vec<(SessionId, i64)>,
+    /// Ids that a rotation in flight is about to rename a session to.
+    rotating: std::collections::HashSet<String>,
+}
+
 /// What a script-free transaction does to a live session.
 enum Change<'a> {
     Get,
@@ -782,6 +825,14 @@ impl SessionStore {
             .key_unchecked(Keyspace::Session, &[id.as_str()])
     }
 
+    /// The key of a session as errors show it, `<prefix>session:<redacted>`: the id is a bearer
+    /// secret and error messages end up in logs.
+    fn shown_key(&self) -> String {
+        self.redis
+            .keys()
+            .key_unchecked(Keyspace::Session, &[REDACTED_ID])
+    }
+
     /// The per-user index key, `session:by-user:<userId>`.
     pub fn index_key(&self, user_id: &str) -> Result<String> {
         validate_key_part("user id", user_id)?;
@@ -834,8 +885,14 @@ impl SessionStore {
             extra,
         };
         for _ in 0..MAX_ID_ATTEMPTS {
-            self.index_add(&index, &session.id, now.saturating_add(self.cap_ms), now)
-                .await?;
+            self.index_add(
+                &index,
+                &session.id,
+                now.saturating_add(self.cap_ms),
+                now,
+                None,
+            )
+            .await?;
             let key = self.key(&session.id);
             let created = match self.layout {
                 SessionLayout::Hash => {
@@ -890,7 +947,7 @@ impl SessionStore {
         let key = self.key(id);
         let now = now_millis();
         let reply = self.access_script(&key, now, "get", None).await?;
-        self.decode_access(id.clone(), &key, reply)
+        self.decode_access(id.clone(), &self.shown_key(), reply)
     }
 
     /// Records an access without reading the session: `lastAccessAt` = now, idle TTL slid.
@@ -910,7 +967,7 @@ impl SessionStore {
             Value::Nil => Ok(false),
             Value::Int(1) => Ok(true),
             other => self
-                .decode_access(id.clone(), &key, other)
+                .decode_access(id.clone(), &self.shown_key(), other)
                 .map(|s| s.is_some()),
         }
     }
@@ -931,7 +988,7 @@ impl SessionStore {
         let reply = self
             .access_script(&key, now_millis(), "update", Some(change))
             .await?;
-        self.decode_access(id.clone(), &key, reply)
+        self.decode_access(id.clone(), &self.shown_key(), reply)
     }
 
     /// Deletes a session and its index entry. `false` when there was none.
@@ -954,7 +1011,9 @@ impl SessionStore {
                     .unwrap_or_default();
                 match reply.as_slice() {
                     [_, Value::Int(0)] => return Ok(false),
-                    [owner, _] => crate::codec::opt_text(&key, owner.clone()).ok().flatten(),
+                    [owner, _] => crate::codec::opt_text(&self.shown_key(), owner.clone())
+                        .ok()
+                        .flatten(),
                     _ => None,
                 }
             }
@@ -963,7 +1022,7 @@ impl SessionStore {
                     .redis
                     .query("session.destroy", redis::cmd("GETDEL").arg(&key))
                     .await?;
-                match crate::codec::opt_text(&key, reply)? {
+                match crate::codec::opt_text(&self.shown_key(), reply)? {
                     None => return Ok(false),
                     Some(doc) => serde_json::from_str::<Map<String, Json>>(&doc)
                         .ok()
@@ -994,9 +1053,12 @@ impl SessionStore {
     /// id) and fails when the old session is gone. In Cluster the new id is drawn so that its
     /// key hashes to the old key's slot (about 16,384 CRC16 candidates, a few ms), so the rename
     /// is a single-slot command on every topology and the key names stay the documented ones.
-    /// Round trips: four (read owner, index `ZADD` of the new id, `RENAMENX`, index `ZREM` of
-    /// the old id); the index gains the new id before the rename so that it always lists every
-    /// live session.
+    ///
+    /// Round trips: four. Read the owner; one `MULTI` on the owner's index adding the new id
+    /// and the marker `rotating:<newId>`; `RENAMENX`; one `ZREM` of the old id and the marker.
+    /// The index gains the new id before the rename, so it always lists every live session,
+    /// and the marker keeps a concurrent [`SessionStore::list_user`] or
+    /// [`SessionStore::destroy_user`] from pruning the new id while its key does not exist yet.
     #[tracing::instrument(name = "session.rotate_id", skip_all)]
     pub async fn rotate_id(&self, id: &SessionId) -> Result<Option<SessionId>> {
         let old_key = self.key(id);
@@ -1018,9 +1080,20 @@ impl SessionStore {
                 SessionId::generate()?
             };
             let now = now_millis();
+            let marker = format!("{ROTATING_PREFIX}{new_id}");
             if let Some(index) = &index {
-                self.index_add(index, &new_id, created_at.saturating_add(self.cap_ms), now)
-                    .await?;
+                let mark = (
+                    marker.as_str(),
+                    now.saturating_add(millis_i64(ROTATION_MARK_LIFETIME)),
+                );
+                self.index_add(
+                    index,
+                    &new_id,
+                    created_at.saturating_add(self.cap_ms),
+                    now,
+                    Some(mark),
+                )
+                .await?;
             }
             let new_key = self.key(&new_id);
             let renamed = self
@@ -1038,17 +1111,20 @@ impl SessionStore {
                 }
                 Err(e) => return Err(e),
             };
+            if let Some(index) = &index {
+                let mut zrem = redis::cmd("ZREM");
+                zrem.arg(index).arg(&marker);
+                match outcome {
+                    Some(true) => zrem.arg(id.as_str()),
+                    Some(false) => zrem.arg(new_id.as_str()),
+                    // The taken id may be a session of this very user: its member stays.
+                    None => &mut zrem,
+                };
+                self.redis.query("session.rotate_id", &zrem).await?;
+            }
             match outcome {
                 None => continue,
-                Some(done) => {
-                    if let Some(index) = &index {
-                        let gone = if done { id.as_str() } else { new_id.as_str() };
-                        self.redis
-                            .query("session.rotate_id", redis::cmd("ZREM").arg(index).arg(gone))
-                            .await?;
-                    }
-                    return Ok(done.then_some(new_id));
-                }
+                Some(done) => return Ok(done.then_some(new_id)),
             }
         }
         Err(Error::Unavailable {
@@ -1064,12 +1140,19 @@ impl SessionStore {
     /// (after the index grace). Round trips: one `MULTI` on the index, one pipeline of reads
     /// (in Cluster: concurrent single-key reads), one `ZREM` when something is pruned. A
     /// listed session whose stored data does not decode fails the call with [`Error::Decode`]
-    /// naming its key and field (`destroy_user` still erases it).
+    /// naming its field (the key is shown as `session:<redacted>`; `destroy_user` still
+    /// erases it).
+    ///
+    /// Only sessions in the index `session:by-user:<userId>` are found: those created (or
+    /// rotated) through this crate. A session written by another service that does not add it
+    /// to the index (the documented TypeScript `SessionManager.createSession`, `HSET` +
+    /// `EXPIRE` only) is not listed, even after this crate has read or touched it.
     #[tracing::instrument(name = "session.list_user", skip_all)]
     pub async fn list_user(&self, user_id: &str) -> Result<Vec<Session>> {
         let index = self.index_key(user_id)?;
         let now = now_millis();
-        let members = self.index_members(&index, now, true).await?;
+        let snapshot = self.index_members(&index, now, true).await?;
+        let members = &snapshot.members;
         let read = match self.layout {
             SessionLayout::Hash => "HGETALL",
             SessionLayout::Json => "GET",
@@ -1085,14 +1168,13 @@ impl SessionStore {
         let replies = self.per_key("session.list_user", cmds).await?;
         let mut sessions = Vec::new();
         let mut prune = Vec::new();
-        for ((id, deadline), reply) in members.into_iter().zip(replies) {
-            let key = self.key(&id);
-            let session = self.decode_stored(id.clone(), &key, reply)?;
+        for ((id, deadline), reply) in members.iter().zip(replies) {
+            let session = self.decode_stored(id.clone(), &self.shown_key(), reply)?;
             match session {
                 Some(s) if s.user_id == user_id => sessions.push(s),
                 _ => {
-                    if self.prunable(deadline, now) {
-                        prune.push(id);
+                    if self.prunable(&snapshot, id, *deadline, now) {
+                        prune.push(id.clone());
                     }
                 }
             }
@@ -1108,12 +1190,20 @@ impl SessionStore {
     ///
     /// Round trips: one to read the index, one to read the owners, one to delete (in Cluster
     /// the per-session steps are concurrent single-key commands), one `ZREM`. A session created
-    /// concurrently with this call may survive it (it is then still listed in the index).
+    /// or rotated concurrently with this call may survive it (it is then still listed in the
+    /// index, so the next call reaches it).
+    ///
+    /// Only sessions in the index are reached (see [`SessionStore::list_user`]): a session
+    /// written by a service that does not index it, such as the documented TypeScript
+    /// `SessionManager.createSession`, survives this call until its own TTL ends. Such a
+    /// service must add `ZADD session:by-user:<userId> <createdAt + cap> <sessionId>` (and the
+    /// index TTL, see `docs/keyspace.md`) for its sessions to be logged out and erased.
     #[tracing::instrument(name = "session.destroy_user", skip_all)]
     pub async fn destroy_user(&self, user_id: &str) -> Result<u64> {
         let index = self.index_key(user_id)?;
         let now = now_millis();
-        let members = self.index_members(&index, now, false).await?;
+        let snapshot = self.index_members(&index, now, false).await?;
+        let members = &snapshot.members;
         let owner_cmds = members
             .iter()
             .map(|(id, _)| {
@@ -1135,9 +1225,8 @@ impl SessionStore {
         let owners = self.per_key("session.destroy_user", owner_cmds).await?;
         let mut doomed = Vec::new();
         let mut prune = Vec::new();
-        for ((id, deadline), owner) in members.into_iter().zip(owners) {
-            let key = self.key(&id);
-            let owner = crate::codec::opt_text(&key, owner).unwrap_or(None);
+        for ((id, deadline), owner) in members.iter().zip(owners) {
+            let owner = crate::codec::opt_text(&self.shown_key(), owner).unwrap_or(None);
             let owner = match (self.layout, owner) {
                 (SessionLayout::Json, Some(doc)) => serde_json::from_str::<Map<String, Json>>(&doc)
                     .ok()
@@ -1149,9 +1238,9 @@ impl SessionStore {
                 (_, owner) => owner,
             };
             if owner.as_deref() == Some(user_id) {
-                doomed.push(id);
-            } else if self.prunable(deadline, now) {
-                prune.push(id);
+                doomed.push(id.clone());
+            } else if self.prunable(&snapshot, id, *deadline, now) {
+                prune.push(id.clone());
             }
         }
         let del_cmds = doomed
@@ -1175,15 +1264,27 @@ impl SessionStore {
     // ---- internals -------------------------------------------------------------------------
 
     /// An absent or foreign member may go once it is older than the grace (its deadline tells
-    /// its creation time) or past its deadline.
-    fn prunable(&self, deadline: i64, now: i64) -> bool {
+    /// its creation time) or past its deadline, unless a rotation to it is in flight: its
+    /// session is absent only because `RENAMENX` has not moved it into place yet.
+    fn prunable(&self, snapshot: &IndexSnapshot, id: &SessionId, deadline: i64, now: i64) -> bool {
+        if snapshot.rotating.contains(id.as_str()) {
+            return false;
+        }
         let created = deadline.saturating_sub(self.cap_ms);
         deadline <= now || created.saturating_add(self.index_grace_ms) <= now
     }
 
     /// `ZADD` + TTL of the index in one `MULTI`; the index lives as long as its longest-lived
-    /// member (`PEXPIRE NX` sets a first TTL, `PEXPIRE GT` only ever extends it).
-    async fn index_add(&self, index: &str, id: &SessionId, deadline: i64, now: i64) -> Result<()> {
+    /// member (`PEXPIRE NX` sets a first TTL, `PEXPIRE GT` only ever extends it). `mark` adds a
+    /// rotation marker `(member, score)` in the same `ZADD`.
+    async fn index_add(
+        &self,
+        index: &str,
+        id: &SessionId,
+        deadline: i64,
+        now: i64,
+        mark: Option<(&str, i64)>,
+    ) -> Result<()> {
         let ttl = deadline.saturating_sub(now).max(1);
         let mut pipe = redis::pipe();
         pipe.atomic();
@@ -1192,25 +1293,25 @@ impl SessionStore {
             .arg("-inf")
             .arg(now)
             .ignore();
-        pipe.cmd("ZADD")
-            .arg(index)
-            .arg(deadline)
-            .arg(id.as_str())
-            .ignore();
+        let zadd = pipe.cmd("ZADD").arg(index).arg(deadline).arg(id.as_str());
+        if let Some((marker, score)) = mark {
+            zadd.arg(score).arg(marker);
+        }
+        zadd.ignore();
         pipe.cmd("PEXPIRE").arg(index).arg(ttl).arg("NX").ignore();
         pipe.cmd("PEXPIRE").arg(index).arg(ttl).arg("GT").ignore();
         self.redis.query_pipe("session.index", &pipe).await?;
         Ok(())
     }
 
-    /// The index members with their deadlines; `prune_expired` first drops members past their
-    /// deadline (same `MULTI`).
+    /// The index members with their deadlines, and the targets of rotations in flight;
+    /// `prune_expired` first drops members past their deadline (same `MULTI`).
     async fn index_members(
         &self,
         index: &str,
         now: i64,
         prune_expired: bool,
-    ) -> Result<Vec<(SessionId, i64)>> {
+    ) -> Result<IndexSnapshot> {
         let mut pipe = redis::pipe();
         pipe.atomic();
         if prune_expired {
@@ -1241,7 +1342,7 @@ impl SessionStore {
                 ));
             }
         };
-        let mut out = Vec::new();
+        let mut snapshot = IndexSnapshot::default();
         let mut push = |member: Value, score: Value| -> Result<()> {
             let member = crate::codec::text(index, None, member)?;
             let score = match score {
@@ -1250,9 +1351,11 @@ impl SessionStore {
                     .parse::<f64>()
                     .map_err(|e| Error::decode(index, None, format!("bad score: {e}")))?,
             };
-            // Members are written by this module only; a malformed one is skipped, not fatal.
-            if let Ok(id) = member.parse::<SessionId>() {
-                out.push((id, score as i64));
+            if let Some(target) = member.strip_prefix(ROTATING_PREFIX) {
+                snapshot.rotating.insert(target.to_owned());
+            } else if let Ok(id) = member.parse::<SessionId>() {
+                // Members are written by this module only; a malformed one is skipped, not fatal.
+                snapshot.members.push((id, score as i64));
             }
             Ok(())
         };
@@ -1273,7 +1376,7 @@ impl SessionStore {
                 }
             }
         }
-        Ok(out)
+        Ok(snapshot)
     }
 
     async fn index_remove(&self, index: &str, ids: &[SessionId]) -> Result<()> {
@@ -1336,7 +1439,7 @@ impl SessionStore {
             }
         };
         Ok(self
-            .decode_stored(id, key, reply)?
+            .decode_stored(id, &self.shown_key(), reply)?
             .map(|s| (s.user_id, s.created_at)))
     }
 
@@ -1375,7 +1478,8 @@ impl SessionStore {
         self.redis.eval_script(script, &call).await
     }
 
-    /// Decodes `nil` | `{status, stored}` from an access script.
+    /// Decodes `nil` | `{status, stored}` from an access script; errors name `key` (the
+    /// redacted [`SessionStore::shown_key`]).
     fn decode_access(&self, id: SessionId, key: &str, reply: Value) -> Result<Option<Session>> {
         match reply {
             Value::Nil => Ok(None),
@@ -1394,7 +1498,8 @@ impl SessionStore {
         }
     }
 
-    /// Decodes an `HGETALL` / `GET` reply in the configured layout.
+    /// Decodes an `HGETALL` / `GET` reply in the configured layout; errors name `key` (the
+    /// redacted [`SessionStore::shown_key`]).
     fn decode_stored(&self, id: SessionId, key: &str, stored: Value) -> Result<Option<Session>> {
         match self.layout {
             SessionLayout::Hash => match HashFields::from_reply(key, stored)? {
@@ -1443,6 +1548,7 @@ impl SessionStore {
         change: &Change<'_>,
     ) -> Result<Option<Session>> {
         let key = self.key(id);
+        let shown = self.shown_key();
         let op = "session transaction";
         for _ in 0..MAX_WATCH_ATTEMPTS {
             let mut read = redis::pipe();
@@ -1461,7 +1567,7 @@ impl SessionStore {
             write.atomic();
             let session = match self.layout {
                 SessionLayout::Hash => {
-                    let Some(h) = HashFields::from_reply(&key, stored)? else {
+                    let Some(h) = HashFields::from_reply(&shown, stored)? else {
                         let _: () = redis::cmd("UNWATCH")
                             .query_async(conn)
                             .await
@@ -1496,15 +1602,15 @@ impl SessionStore {
                     (left > 0).then_some(session)
                 }
                 SessionLayout::Json => {
-                    let Some(doc) = crate::codec::opt_text(&key, stored)? else {
+                    let Some(doc) = crate::codec::opt_text(&shown, stored)? else {
                         let _: () = redis::cmd("UNWATCH")
                             .query_async(conn)
                             .await
                             .map_err(|e| self.redis.fail(op, e))?;
                         return Ok(None);
                     };
-                    let mut m: Map<String, Json> = crate::codec::from_json(&key, doc.as_bytes())?;
-                    let created = Session::from_json_object(id.clone(), &key, &m)?.created_at;
+                    let mut m: Map<String, Json> = crate::codec::from_json(&shown, doc.as_bytes())?;
+                    let created = Session::from_json_object(id.clone(), &shown, &m)?.created_at;
                     let left = self.remaining(created, now);
                     if left <= 0 {
                         write.cmd("DEL").arg(&key).ignore();
@@ -1522,7 +1628,7 @@ impl SessionStore {
                             .arg("PX")
                             .arg(left)
                             .ignore();
-                        Some(Session::from_json_object(id.clone(), &key, &m)?)
+                        Some(Session::from_json_object(id.clone(), &shown, &m)?)
                     }
                 }
             };

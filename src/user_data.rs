@@ -216,6 +216,8 @@ impl UserData {
     /// and rate-limit keys — and appends a
     /// `user.erased` record (actor `system`, target the user id, details the counts) to the
     /// audit log, which is retained by design. Keys of other users are never touched.
+    /// Sessions written by a service that does not add them to `session:by-user:<userId>` (the
+    /// TypeScript `SessionManager.createSession`) are not reached; they end with their TTL.
     ///
     /// Not atomic (the keys live in many Cluster slots): each step deletes by key, so running it
     /// again finishes an interrupted erasure. Data the user creates while the erasure runs may

@@ -82,16 +82,38 @@ aether_redis::contract_tests! {
 
     async fn concurrent_pushes_keep_the_cap_exactly(redis) {
         let events = redis.events().with_notification_cap(50).unwrap();
-        let pushes = (0..200).map(|i| {
-            let events = events.clone();
+        let key = redis.keys().key(Keyspace::Notifications, &["u-2"]).unwrap();
+        // The cap holds at every moment, not only at the end: LPUSH and LTRIM in one MULTI
+        // leave no instant with 51 elements, which a reader polling LLEN would catch.
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (redis, key, done) = (redis.clone(), key.clone(), done.clone());
             tokio::spawn(async move {
-                events.push_notification("u-2", &NewNotification::new("k", format!("{i}"))).await.unwrap()
+                let mut conn = redis.connection().await.unwrap();
+                let (mut longest, mut reads) = (0_i64, 0_u64);
+                while !done.load(std::sync::atomic::Ordering::Acquire) {
+                    let len: i64 = redis::cmd("LLEN").arg(&key).query_async(&mut conn).await.unwrap();
+                    longest = longest.max(len);
+                    reads += 1;
+                }
+                (longest, reads)
             })
-        });
-        join_all(pushes).await.into_iter().for_each(|r| { r.unwrap(); });
+        };
+        for batch in 0..10 {
+            let pushes = (0..100).map(|i| {
+                let events = events.clone();
+                tokio::spawn(async move {
+                    events.push_notification("u-2", &NewNotification::new("k", format!("{batch}-{i}"))).await.unwrap()
+                })
+            });
+            join_all(pushes).await.into_iter().for_each(|r| { r.unwrap(); });
+        }
+        done.store(true, std::sync::atomic::Ordering::Release);
+        let (longest, reads) = reader.await.unwrap();
+        assert!(reads > 10, "the reader hardly ran: {reads} reads");
+        assert!(longest <= 50, "the list held {longest} elements at one moment");
         let list = events.notifications("u-2", 1000).await.unwrap();
         assert_eq!(list.len(), 50);
-        let key = redis.keys().key(Keyspace::Notifications, &["u-2"]).unwrap();
         assert!(pttl(&redis, &key).await > 0);
     }
 

@@ -97,6 +97,20 @@ async fn race_get_and_destroy(store: &SessionStore, redis: &Redis, rounds: usize
     assert!(store.list_user("racer").await.unwrap().is_empty());
 }
 
+/// What a decode error names instead of a session key: the id is a bearer secret.
+fn redacted_key(redis: &Redis) -> String {
+    format!("{}session:<redacted>", redis.keys().prefix())
+}
+
+fn assert_no_session_id(err: &Error, id: &SessionId) {
+    for shown in [err.to_string(), format!("{err:?}")] {
+        assert!(
+            !shown.contains(id.as_str()),
+            "session id in an error: {shown}"
+        );
+    }
+}
+
 fn assert_same_data(a: &Session, b: &Session) {
     assert_eq!(a.id, b.id);
     assert_eq!(a.user_id, b.user_id);
@@ -222,11 +236,17 @@ aether_redis::contract_tests! {
         assert!(s.permissions.is_empty());
         assert!(s.extra.is_empty());
         // Our access slid the TTL to our idle TTL (test environment: 60 s).
-        assert!(pttl(&redis, &key).await <= 60_000);
+        let ttl = pttl(&redis, &key).await;
+        assert!(ttl <= 60_000 && ttl > 55_000, "{ttl}");
         // And the TypeScript getSession (HGETALL) still sees a complete record.
         let fields = hgetall(&redis, &key).await;
         assert_eq!(fields["role"], "moderator");
         assert_eq!(fields.len(), 7);
+        // Documented limitation: that service writes no index entry and reading the session
+        // here adds none, so the per-user operations do not reach it.
+        assert!(store.list_user("ts-user").await.unwrap().is_empty());
+        assert_eq!(store.destroy_user("ts-user").await.unwrap(), 0);
+        assert!(exists(&redis, &key).await);
     }
 
     async fn our_session_reads_back_as_typescript_does(redis) {
@@ -311,19 +331,130 @@ aether_redis::contract_tests! {
         assert_eq!(store.list_user("u-rot").await.unwrap().len(), 1);
     }
 
+    async fn rotate_id_racing_list_user_keeps_the_new_id_indexed(redis) {
+        // Grace zero: an absent member is pruned as soon as it looks old, which the new id of a
+        // rotation does (its score is the old session's deadline) until the rename lands.
+        let store = redis.sessions().with_index_grace(Duration::ZERO);
+        let index = store.index_key("u-rot-list").unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let listers: Vec<_> = (0..2)
+            .map(|_| {
+                let (store, stop) = (store.clone(), stop.clone());
+                tokio::spawn(async move {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        store.list_user("u-rot-list").await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        let mut lost = 0;
+        for _ in 0..100 {
+            let mut id = store.create(new_session("u-rot-list")).await.unwrap().id;
+            for _ in 0..3 {
+                id = store.rotate_id(&id).await.unwrap().unwrap();
+                let score: Option<f64> = redis::cmd("ZSCORE").arg(&index).arg(id.as_str()).query_async(&mut raw(&redis).await).await.unwrap();
+                if score.is_none() {
+                    lost += 1;
+                }
+            }
+            assert!(store.destroy(&id).await.unwrap());
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for l in listers {
+            l.await.unwrap();
+        }
+        assert_eq!(lost, 0, "rotated sessions missing from the index");
+        // No rotation marker outlives its rotation.
+        let left: Vec<String> = redis::cmd("ZRANGE").arg(&index).arg(0).arg(-1).query_async(&mut raw(&redis).await).await.unwrap();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    async fn rotate_id_racing_destroy_user_leaves_no_session_behind(redis) {
+        let store = redis.sessions().with_index_grace(Duration::ZERO);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let destroyer = {
+            let (store, stop) = (store.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    store.destroy_user("u-rot-out").await.unwrap();
+                }
+            })
+        };
+        let mut ids = Vec::new();
+        for _ in 0..150 {
+            let mut id = store.create(new_session("u-rot-out")).await.unwrap().id;
+            ids.push(id.clone());
+            for _ in 0..2 {
+                match store.rotate_id(&id).await.unwrap() {
+                    Some(new_id) => {
+                        ids.push(new_id.clone());
+                        id = new_id;
+                    }
+                    None => break,
+                }
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        destroyer.await.unwrap();
+        // Log out everywhere, once more with nothing racing: it must reach every session.
+        store.destroy_user("u-rot-out").await.unwrap();
+        let mut survivors = 0;
+        for id in &ids {
+            if exists(&redis, &store.key(id)).await {
+                survivors += 1;
+            }
+        }
+        assert_eq!(survivors, 0, "sessions outside the index survived log-out-everywhere");
+    }
+
+    async fn json_access_stamps_the_top_level_last_access_only(redis) {
+        let r = reconnect(&redis, |c| c.session_layout = SessionLayout::Json).await;
+        let mut conn = raw(&r).await;
+        let now = aether_redis::codec::now_millis();
+        let old = now - 10_000;
+        let documents = [
+            // lastAccessAt as a decimal string (accepted on read).
+            format!(r#"{{"userId":"u-j","email":"e","role":"user","createdAt":{now},"lastAccessAt":"{old}","ipAddress":"","userAgent":""}}"#),
+            // A nested lastAccessAt before the top-level one.
+            format!(r#"{{"meta":{{"lastAccessAt":7}},"userId":"u-j","email":"e","role":"user","createdAt":{now},"lastAccessAt":{old},"ipAddress":"","userAgent":""}}"#),
+            // Both, and the nested one a string.
+            format!(r#"{{"userId":"u-j","meta":{{"lastAccessAt":"7"}},"email":"e","role":"user","createdAt":"{now}","lastAccessAt":"{old}","ipAddress":"","userAgent":""}}"#),
+        ];
+        for (i, doc) in documents.iter().enumerate() {
+            for store in [r.sessions(), r.sessions().without_scripts()] {
+                let id = SessionId::generate().unwrap();
+                let key = store.key(&id);
+                let _: () = redis::cmd("SET").arg(&key).arg(doc).arg("PX").arg(60_000).query_async(&mut conn).await.unwrap();
+                let got = store.get(&id).await.unwrap().unwrap();
+                assert!(got.last_access_at >= now, "#{i} ({}): {}", store.uses_scripts(), got.last_access_at);
+                let stored: String = redis::cmd("GET").arg(&key).query_async(&mut conn).await.unwrap();
+                let v: serde_json::Value = serde_json::from_str(&stored).unwrap();
+                assert_eq!(v["lastAccessAt"], got.last_access_at, "#{i} ({}): {stored}", store.uses_scripts());
+                if doc.contains("meta") {
+                    let before: serde_json::Value = serde_json::from_str(doc).unwrap();
+                    assert_eq!(v["meta"], before["meta"], "#{i}: nested member changed: {stored}");
+                }
+                let ttl = pttl(&r, &key).await;
+                assert!(ttl > 0 && ttl <= 60_000, "{ttl}");
+            }
+        }
+    }
+
     async fn lifetime_cap_bounds_the_ttl(redis) {
         let r = reconnect(&redis, |c| c.session_max_lifetime = Duration::from_secs(2)).await;
         let store = r.sessions();
         let s = store.create(new_session("u-cap")).await.unwrap();
         let key = store.key(&s.id);
-        assert!(pttl(&r, &key).await <= 2_000);
+        let ttl = pttl(&r, &key).await;
+        assert!(ttl <= 2_000 && ttl > 0, "{ttl}");
         tokio::time::sleep(Duration::from_millis(1_000)).await;
         store.get(&s.id).await.unwrap().unwrap();
         // Sliding never extends past createdAt + cap.
         let ttl = pttl(&r, &key).await;
         assert!(ttl <= 1_000 && ttl > 0, "{ttl}");
         assert!(store.touch(&s.id).await.unwrap());
-        assert!(pttl(&r, &key).await <= 1_000);
+        let ttl = pttl(&r, &key).await;
+        assert!(ttl <= 1_000 && ttl > 0, "{ttl}");
         tokio::time::sleep(Duration::from_millis(1_200)).await;
         assert!(store.get(&s.id).await.unwrap().is_none());
         assert!(!exists(&r, &key).await);
@@ -437,8 +568,12 @@ aether_redis::contract_tests! {
             for free in [false, true] {
                 let s = if free { store.clone().without_scripts() } else { store.clone() };
                 match s.get(&id).await {
-                    Err(Error::Decode { key: k, field: Some(f), .. }) => {
-                        assert_eq!(k, key);
+                    Err(err @ Error::Decode { .. }) => {
+                        assert_no_session_id(&err, &id);
+                        let Error::Decode { key: k, field: Some(f), .. } = err else {
+                            panic!("{field}: no field in {err:?}");
+                        };
+                        assert_eq!(k, redacted_key(&redis));
                         assert_eq!(f, field);
                     }
                     other => panic!("{field}: expected a decode error, got {other:?}"),
@@ -458,7 +593,17 @@ aether_redis::contract_tests! {
         let id = SessionId::generate().unwrap();
         let key = js.key(&id);
         let _: () = redis::cmd("SET").arg(&key).arg("{nope").arg("EX").arg(60).query_async(&mut conn).await.unwrap();
-        assert!(matches!(js.get(&id).await, Err(Error::Decode { key: ref k, .. }) if *k == key));
+        for s in [js.clone(), js.clone().without_scripts()] {
+            let err = s.get(&id).await.unwrap_err();
+            assert!(matches!(err, Error::Decode { key: ref k, .. } if *k == redacted_key(&r)), "{err:?}");
+            assert_no_session_id(&err, &id);
+        }
+        // Every other path that decodes a stored session redacts its id too.
+        let _: () = redis::cmd("ZADD").arg(js.index_key("u-bad").unwrap()).arg(aether_redis::codec::now_millis() + 60_000).arg(id.as_str()).query_async(&mut conn).await.unwrap();
+        let err = js.rotate_id(&id).await.unwrap_err();
+        assert_no_session_id(&err, &id);
+        let err = js.list_user("u-bad").await.unwrap_err();
+        assert_no_session_id(&err, &id);
     }
 }
 

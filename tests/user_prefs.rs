@@ -10,7 +10,6 @@ use aether_redis::tokens::LinkPurpose;
 use aether_redis::user_data::scan_keys;
 use aether_redis::user_prefs::{Layout, Pref, Theme, UserPreferences};
 use aether_redis::{Environment, Error, Keyspace, Redis};
-use futures::future::join_all;
 use serde_json::json;
 
 mod support;
@@ -243,32 +242,56 @@ aether_redis::contract_tests! {
     }
 
     async fn multi_field_updates_are_atomic_under_concurrency(redis) {
+        // An observer reads both fields and the TTL in one MULTI while updates create fresh
+        // records. One MULTI of HSET (both fields) and PEXPIRE means it sees both fields with a
+        // TTL or nothing; split into separate round trips, it would see one field, or fields
+        // without a TTL (which `volatile-lru` would never evict).
         let prefs = redis.user_prefs();
-        prefs.update("u-10", &[Pref::Theme(Theme::Dark), Pref::Layout(Layout::Compact)]).await.unwrap();
-        let writers = (0..100).map(|i| {
-            let prefs = prefs.clone();
-            tokio::spawn(async move {
-                let update = if i % 2 == 0 {
-                    [Pref::Theme(Theme::Dark), Pref::Layout(Layout::Compact)]
-                } else {
-                    [Pref::Theme(Theme::Light), Pref::Layout(Layout::Comfortable)]
-                };
-                prefs.update("u-10", &update).await.unwrap();
-            })
-        });
-        let readers = (0..100).map(|_| {
-            let prefs = prefs.clone();
-            tokio::spawn(async move {
-                let p = prefs.get("u-10").await.unwrap();
-                assert!(
-                    matches!((p.theme, p.ui.layout), (Theme::Dark, Layout::Compact) | (Theme::Light, Layout::Comfortable)),
-                    "torn update: {:?} {:?}", p.theme, p.ui.layout
-                );
-            })
-        });
-        for r in join_all(writers.chain(readers)).await {
-            r.unwrap();
+        let (mut seen, mut partial, mut without_ttl) = (0, 0, 0);
+        for round in 0..100 {
+            let user = format!("u-10-{round}");
+            let key = prefs_key(&redis, &user);
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let observer = {
+                let (redis, stop, key) = (redis.clone(), stop.clone(), key.clone());
+                tokio::spawn(async move {
+                    let mut conn = redis.connection().await.unwrap();
+                    let (mut seen, mut partial, mut bare) = (0, 0, 0);
+                    loop {
+                        let done = stop.load(std::sync::atomic::Ordering::Acquire);
+                        let ((theme, layout), ttl): ((Option<String>, Option<String>), i64) = redis::pipe()
+                            .atomic()
+                            .cmd("HMGET").arg(&key).arg("theme").arg("ui.layout")
+                            .cmd("PTTL").arg(&key)
+                            .query_async(&mut conn)
+                            .await
+                            .unwrap();
+                        if theme.is_some() || layout.is_some() {
+                            seen += 1;
+                            partial += usize::from(theme.is_none() || layout.is_none());
+                            bare += usize::from(ttl <= 0);
+                        }
+                        if done {
+                            return (seen, partial, bare);
+                        }
+                    }
+                })
+            };
+            tokio::task::yield_now().await;
+            let update = if round % 2 == 0 {
+                [Pref::Theme(Theme::Dark), Pref::Layout(Layout::Compact)]
+            } else {
+                [Pref::Theme(Theme::Light), Pref::Layout(Layout::Comfortable)]
+            };
+            prefs.update(&user, &update).await.unwrap();
+            stop.store(true, std::sync::atomic::Ordering::Release);
+            let (s, p, b) = observer.await.unwrap();
+            (seen, partial, without_ttl) = (seen + s, partial + p, without_ttl + b);
         }
+        // The last read of each round follows the update, so every round saw the fields.
+        assert!(seen >= 100, "the observer never saw the fields: {seen}");
+        assert_eq!(partial, 0, "one field visible without the other");
+        assert_eq!(without_ttl, 0, "fields visible without a TTL");
     }
 
     async fn erase_user_leaves_nothing_of_the_user_and_everything_of_others(redis) {
