@@ -512,8 +512,14 @@ fn dead_entry(dead_id: String, value: Value) -> DeadJob {
             Ok(job) => (Some(job), None),
             Err(_) => (None, Some(value.to_string())),
         },
+        // The script keeps the payloads it buries as `raw`; one that is a valid job is read as
+        // the job (so that an expired or abandoned job can be replayed). A malformed entry
+        // stays raw: whatever decodes of it was refused by a worker.
         None => match (record.raw, record.raw_hex) {
-            (Some(raw), _) => (None, Some(raw)),
+            (Some(raw), _) => match serde_json::from_str::<EmailJob>(&raw) {
+                Ok(job) if record.reason != "malformed" => (Some(job), None),
+                _ => (None, Some(raw)),
+            },
             (None, Some(hex)) => match from_hex(&hex) {
                 Some(bytes) => (None, Some(String::from_utf8_lossy(&bytes).into_owned())),
                 None => (None, Some(hex)),

@@ -33,6 +33,10 @@ end
 -- plain integer, occur once (as the string `"scheduledAt"` at all), not after a backslash, and
 -- occur before any `{`. Anything else is decoded. The serializer of `EmailJob` writes `id`
 -- first and `scheduledAt` before `metadata`, so its payloads take this path.
+-- Marks a scan result whose id is ASCII. A table key no decoded JSON can hold (its keys are
+-- strings), so a payload member cannot fake it.
+local ASCII = {}
+
 local function scan(payload)
   -- Each string function call costs about as much as the search it makes, so every step that
   -- can be one pattern match is one.
@@ -65,7 +69,7 @@ local function scan(payload)
     -- colon: only the decoder can tell.
     return nil
   end
-  return { id = id, scheduledAt = at, ascii = true }
+  return { id = id, scheduledAt = at, [ASCII] = true }
 end
 
 local function inspect(payload)
@@ -116,23 +120,32 @@ local function utf8_valid(s)
   return true
 end
 
--- A dead record. `is_json` marks a payload read as a job; it is embedded as `job` only if it
--- really is JSON (the scan reads `id` and `scheduledAt` without checking the rest), else kept
--- as `raw`, or as `rawHex` when it is not UTF-8, so that the record stays readable. Burials
--- are rare; these checks cost nothing on the hot path.
-local function record(id, reason, err, prio, payload, now, is_json)
+-- Lowercase hex of `s`, formatted 1024 bytes per call.
+local function to_hex(s)
+  local parts = {}
+  for i = 1, #s, 1024 do
+    local j = math.min(i + 1023, #s)
+    parts[#parts + 1] = string.format(string.rep('%02x', j - i + 1), string.byte(s, i, j))
+  end
+  return table.concat(parts)
+end
+
+-- Payloads up to this size that are not UTF-8 are stored as hex; a larger one is stored as it
+-- is (exact, but the record is then not UTF-8 and is listed as `unreadable`): hex-encoding
+-- megabytes would hold the server for about 0.2 s per MiB.
+local HEX_MAX = 1048576
+
+-- A dead record of a burial by this script. The payload is kept as the string `raw`, never
+-- embedded as `job`: cjson accepts text that is not JSON to other decoders (NaN, 0x10, raw
+-- control characters), and an embedded one would make the whole record unreadable. Readers
+-- decode `raw` as the job. A payload that is not UTF-8 is kept as `rawHex` instead, so that the
+-- record stays valid JSON. Burials are rare; these checks cost nothing on the hot path.
+local function record(id, reason, err, prio, payload, now)
   local r = '{"id":' .. cjson.encode(id) .. ',"reason":' .. cjson.encode(reason)
     .. ',"error":' .. cjson.encode(err) .. ',"failedAt":' .. string.format('%d', now)
     .. ',"priority":' .. cjson.encode(prio)
-  if is_json and pcall(cjson.decode, payload) then
-    return r .. ',"job":' .. payload .. '}'
-  end
-  -- cjson copies bytes past 127 as they are, which would leave the record itself not UTF-8.
-  if string.find(payload, '[\128-\255]') and not utf8_valid(payload) then
-    local hex = string.gsub(payload, '.', function(c)
-      return string.format('%02x', string.byte(c))
-    end)
-    return r .. ',"rawHex":"' .. hex .. '"}'
+  if #payload <= HEX_MAX and string.find(payload, '[\128-\255]') and not utf8_valid(payload) then
+    return r .. ',"rawHex":"' .. to_hex(payload) .. '"}'
   end
   return r .. ',"raw":' .. cjson.encode(payload) .. '}'
 end
@@ -174,6 +187,17 @@ local function variadic(command, key, args)
   each_chunk(args, 1000, function(chunk)
     redis.call(command, key, unpack(chunk))
   end)
+end
+
+-- The list whose aged head (see the fetch) waited longest, or nil.
+local function oldest_aged(aged)
+  local pick, pick_at = nil, nil
+  for j = 1, 3 do
+    if aged[j] and (pick == nil or aged[j] < pick_at) then
+      pick, pick_at = j, aged[j]
+    end
+  end
+  return pick
 end
 
 -- Puts `run[from..]`, popped from the head (right end) of `list`, back where it was, in order.
@@ -371,7 +395,7 @@ if op == 'work' then
       if d >= max_deliveries then
         redis.call('HDEL', DELIV, id)
         bury(id, record(id, 'abandoned', 'lease expired after ' .. d .. ' deliveries', prio,
-          payload, now, true), now)
+          payload, now), now)
       else
         if not counted then
           redis.call('HSET', DELIV, id, 1)
@@ -393,7 +417,7 @@ if op == 'work' then
     else
       bury('malformed-' .. redis.sha1hex(member),
         record('malformed-' .. redis.sha1hex(member), 'malformed', 'schedule entry without priority',
-          'normal', member, now, false), now)
+          'normal', member, now), now)
     end
   end
 
@@ -402,83 +426,101 @@ if op == 'work' then
   -- from one call of the worker to its next), so an aged backlog of low jobs is served at half
   -- the pace without holding up higher priorities, and among aged heads the longest waiting
   -- goes first. Jobs are popped in runs from the first non-empty list (`LMPOP .. RIGHT COUNT
-  -- <n>`); then the heads of the lower lists are checked for age. When an aged pick is due, the
-  -- run goes back to the tail it came from (the script is atomic, so nobody sees it move) and
-  -- the aged head is taken instead; right after an aged pick, only the run's first job is kept. Within one call a list found empty stays empty (nothing here pushes to a list) and
-  -- a head checked for age stays the head until it is popped, so a run is exactly what popping
-  -- its jobs one at a time would give. `heads[j]` keeps the decoded head of list j, so the job
-  -- popped from it is not decoded twice. The deadline, the known id and the payload of every
+  -- <n>`); then the heads of the lower lists are checked for age. The first time an aged pick
+  -- is due, the run goes back to the tail it came from (the script is atomic, so nobody sees it
+  -- move) and the aged head is taken instead. From then on each step costs one command: an
+  -- aged head already found is popped directly (`RPOP`), and right after an aged pick one job
+  -- is popped in strict order (`COUNT 1`). Within one call a list found empty stays empty
+  -- (nothing here pushes to a list but the put-back of what was just popped from it) and a head
+  -- checked for age stays the head until its list is popped, so the jobs taken are exactly what
+  -- taking them one at a time would give. `heads[j]` keeps the decoded head of list j, so the
+  -- job popped from it is not decoded twice. The deadline, the known id and the payload of every
   -- leased job are written with one variadic command each after the loop.
   local out = {}
   local empty, aged, heads = {}, {}, {}
   local deadlines, known, payloads = {}, {}, {}
   local fetched, guard = 0, 0
-  while fetched < fetch and guard < fetch + 100 do
+  while fetched < fetch and guard < 2 * fetch + 100 do
     guard = guard + 1
     local idx, run = nil, nil
     local want = fetch - fetched
-    -- LMPOP pops from the first non-empty list of those not yet found empty: one call where
-    -- trying each list in turn would spend one on every empty higher list.
-    local args = { 0 }
-    for j = 1, 3 do
-      if not empty[j] then
-        args[#args + 1] = ORDER[j]
+    local drained = false
+    local cached = (aged[2] or aged[3]) and oldest_aged(aged)
+    if cached and not last_aged then
+      -- An aged head found earlier in this call is due: take it without popping a run. Its
+      -- list has not been popped since, so it is still that list's head.
+      idx = cached
+      local head = redis.call('RPOP', ORDER[idx])
+      run = head and { head } or {}
+      last_aged = true
+    else
+      -- Right after an aged pick only one job is kept, so only one is popped.
+      if cached then
+        want = 1
       end
-    end
-    args[1] = #args - 1
-    if args[1] == 0 then
-      break
-    end
-    args[#args + 1] = 'RIGHT'
-    args[#args + 1] = 'COUNT'
-    args[#args + 1] = want
-    local popped = redis.call('LMPOP', unpack(args))
-    for j = 1, 3 do
-      if not empty[j] then
-        if popped and ORDER[j] == popped[1] then
-          idx = j
-          run = popped[2]
-          break
+      -- LMPOP pops from the first non-empty list of those not yet found empty: one call where
+      -- trying each list in turn would spend one on every empty higher list.
+      local args = { 0 }
+      for j = 1, 3 do
+        if not empty[j] then
+          args[#args + 1] = ORDER[j]
         end
-        empty[j] = true
       end
-    end
-    if not run then
-      break
-    end
-    local drained = #run < want
-    if aging > 0 then
-      -- `aged[j]`: the head's `scheduledAt` when it is aged, false when not, nil: not checked.
-      local pick, pick_at = nil, nil
-      for j = 3, idx + 1, -1 do
-        if not empty[j] and aged[j] == nil then
-          local head = redis.call('LINDEX', ORDER[j], -1)
-          if head then
-            local job = inspect(head)
-            heads[j] = job or false
-            local at = job and tonumber(job.scheduledAt)
-            aged[j] = (at ~= nil and at > 0 and now - at > aging) and at or false
-          else
-            empty[j] = true
+      args[1] = #args - 1
+      if args[1] == 0 then
+        break
+      end
+      args[#args + 1] = 'RIGHT'
+      args[#args + 1] = 'COUNT'
+      args[#args + 1] = want
+      local popped = redis.call('LMPOP', unpack(args))
+      for j = 1, 3 do
+        if not empty[j] then
+          if popped and ORDER[j] == popped[1] then
+            idx = j
+            run = popped[2]
+            break
+          end
+          empty[j] = true
+        end
+      end
+      if not run then
+        break
+      end
+      drained = #run < want
+      if aging > 0 then
+        -- `aged[j]`: the head's `scheduledAt` when it is aged, false when not, nil: not checked.
+        local pick, pick_at = nil, nil
+        for j = 3, idx + 1, -1 do
+          if not empty[j] and aged[j] == nil then
+            local head = redis.call('LINDEX', ORDER[j], -1)
+            if head then
+              local job = inspect(head)
+              heads[j] = job or false
+              local at = job and type(job.scheduledAt) == 'number' and job.scheduledAt
+              aged[j] = (at and at > 0 and now - at > aging) and at or false
+            else
+              empty[j] = true
+            end
+          end
+          if aged[j] and (pick == nil or aged[j] < pick_at) then
+            pick, pick_at = j, aged[j]
           end
         end
-        if aged[j] and (pick == nil or aged[j] < pick_at) then
-          pick, pick_at = j, aged[j]
-        end
-      end
-      if pick and not last_aged then
-        put_back(ORDER[idx], run, 1)
-        drained = false
-        run = { redis.call('RPOP', ORDER[pick]) }
-        idx = pick
-        last_aged = true
-      else
-        if pick and #run > 1 then
-          put_back(ORDER[idx], run, 2)
+        if pick and not last_aged then
+          put_back(ORDER[idx], run, 1)
           drained = false
-          run = { run[1] }
+          run = { redis.call('RPOP', ORDER[pick]) }
+          idx = pick
+          last_aged = true
+        else
+          if pick and #run > 1 then
+            put_back(ORDER[idx], run, 2)
+            drained = false
+            run = { run[1] }
+          end
+          last_aged = false
         end
-        last_aged = false
       end
     end
     if drained then
@@ -500,13 +542,14 @@ if op == 'work' then
       -- job is buried here instead of being leased. The scan only takes ASCII ids, so only a
       -- decoded id is checked, and fully only when a byte past 127 shows up.
       if type(id) ~= 'string' or id == '' or string.len(id) > 256
-        or (not job.ascii and string.find(id, '[\128-\255]') and not utf8_valid(id)) then
+        or (not job[ASCII] and string.find(id, '[\128-\255]') and not utf8_valid(id)) then
         local mid = 'malformed-' .. redis.sha1hex(payload)
         bury(mid, record(mid, 'malformed',
           'not a JSON object with a non-empty UTF-8 string id of at most 256 bytes', prio,
-          payload, now, false), now)
+          payload, now), now)
       else
-        local at = tonumber(job.scheduledAt) or 0
+        -- A number only: `"scheduledAt":"123"` is not a time (the worker's decoder refuses it).
+        local at = type(job.scheduledAt) == 'number' and job.scheduledAt or 0
         if at > now + 1000 then
           redis.call('ZADD', SCHED, at, prio .. '|' .. payload)
         elseif ttl > 0 and at > 0 and now - at > ttl then
@@ -521,11 +564,11 @@ if op == 'work' then
           end
           bury(did, record(did, 'expired', 'waited ' .. string.format('%d', now - at)
             .. ' ms, longer than the ' .. string.format('%d', ttl) .. ' ms job TTL', prio, payload,
-            now, true), now)
+            now), now)
         elseif redis.call('HSETNX', LEASES, id, token .. '|' .. prio) == 0 then
           local did = unique_dead_id(id .. '#duplicate-' .. string.format('%d', now))
           bury(did, record(did, 'duplicate', 'a job with this id is being processed', prio,
-            payload, now, true), now)
+            payload, now), now)
         else
           deadlines[#deadlines + 1] = deadline_score
           deadlines[#deadlines + 1] = id
