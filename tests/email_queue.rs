@@ -167,6 +167,24 @@ async fn waiting_ids(redis: &Redis, queue: &EmailQueue) -> HashMap<String, usize
     counts
 }
 
+/// Pushes raw payloads to `queue`'s `priority` list one `LPUSH` each, as another service would.
+async fn push_raw<P: redis::ToRedisArgs>(
+    redis: &Redis,
+    queue: &EmailQueue,
+    priority: Priority,
+    payloads: impl IntoIterator<Item = P>,
+) {
+    let mut conn = redis.connection().await.unwrap();
+    for payload in payloads {
+        let _: () = redis::cmd("LPUSH")
+            .arg(queue.list_key(priority))
+            .arg(payload)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+}
+
 fn documented_json(id: &str, priority: &str, scheduled_at: i64) -> String {
     format!(
         r#"{{"id":"{id}","to":["grace@example.com"],"from":"noreply@example.com","subject":"Raw {id}","body":"pushed by another service","priority":"{priority}","attempts":0,"scheduledAt":{scheduled_at},"metadata":{{"tenant":"t1","tags":[]}}}}"#
@@ -1109,15 +1127,7 @@ aether_redis::contract_tests! {
             // A space before the colon: present, stale, so expired.
             format!(r#"{{"id":"spaced-colon",{rest},"scheduledAt" : {day_ago}}}"#),
         ];
-        let mut conn = redis.connection().await.unwrap();
-        for payload in &payloads {
-            let _: () = redis::cmd("LPUSH")
-                .arg(queue.list_key(Priority::Normal))
-                .arg(payload)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-        }
+        push_raw(&redis, &queue, Priority::Normal, &payloads).await;
         let (handled, worker) = recording_worker(&queue, 1);
         wait_stats(&queue, "six handled and two dead", Duration::from_secs(10), |s| {
             s.completed == 6 && s.dead == 2
@@ -1173,22 +1183,16 @@ aether_redis::contract_tests! {
             r#"{"id":"caf"#,
             &format!(r#"","to":["a@example.com"],"from":"f@example.com","subject":"s","body":"b","scheduledAt":{now}}}"#),
         );
-        let mut conn = redis.connection().await.unwrap();
-        for payload in [
+        let payloads = [
             healthy("ok1"),
             latin1_subject.clone(),
             healthy("ok2"),
             latin1_id,
             latin1_id_marked,
             healthy("ok3"),
-        ] {
-            let _: () = redis::cmd("LPUSH")
-                .arg(queue.list_key(Priority::Normal))
-                .arg(payload)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-        }
+        ];
+        push_raw(&redis, &queue, Priority::Normal, payloads).await;
+        let mut conn = redis.connection().await.unwrap();
         let (handled, worker) = recording_worker(&queue, 4);
         wait_stats(&queue, "three handled, three dead", Duration::from_secs(10), |s| {
             s.completed == 3 && s.dead == 3
@@ -1236,10 +1240,7 @@ aether_redis::contract_tests! {
             // A string is not a time: it never parks the job; the worker refuses it.
             format!(r#"{{"id":"string-time",{rest},"subject":"s","scheduledAt":"99999999999999"}}"#).into_bytes(),
         ];
-        let mut conn = redis.connection().await.unwrap();
-        for payload in &payloads {
-            let _: () = redis::cmd("LPUSH").arg(queue.list_key(Priority::Normal)).arg(payload).query_async(&mut conn).await.unwrap();
-        }
+        push_raw(&redis, &queue, Priority::Normal, &payloads).await;
         let (handled, worker) = recording_worker(&queue, 1);
         wait_stats(&queue, "four dead", Duration::from_secs(10), |s| s.dead == 4).await;
         worker.shutdown().await.unwrap();
