@@ -136,13 +136,15 @@ aether_redis::contract_tests! {
             let v: i64 = query(&redis, redis::cmd("HGET").arg(&key).arg("tat")).await;
             v
         };
-        // The first check starts the run at server time t0 = tat - period, exactly.
-        assert!(limiter.check("u1", "api", &t).await.unwrap().allowed);
-        let t0 = tat(redis.clone(), key.clone()).await - period_us;
+        // The first check takes the whole burst, so that the key lives ~1 s (a single admission
+        // would leave it 5 ms, and a stall would reset tat): the run starts at server time
+        // t0 = tat - burst × period, exactly.
+        assert!(limiter.check_n("u1", "api", &t, burst).await.unwrap().allowed);
+        let t0 = tat(redis.clone(), key.clone()).await - burst as i64 * period_us;
         let (admitted, last_denied_call) = hammer_for(&limiter, "u1", Duration::from_secs(1)).await;
         let ended = server_time_us(&redis).await;
         let after = Instant::now();
-        let admitted = admitted + 1;
+        let admitted = admitted + burst;
         // Each admission moves tat by one period: the server admitted exactly what we counted.
         assert_eq!(tat(redis.clone(), key.clone()).await, t0 + admitted as i64 * period_us);
         // GCRA's bound: an admission at server time t needs admitted <= burst + floor((t - t0) /
@@ -1290,9 +1292,30 @@ async fn busy_server_applies_the_failure_policy() {
     .await;
     let redis = Redis::connect(server.config()).await.unwrap();
     let limiters = limiters_per_algorithm(&redis);
+    // Connected before the server turns busy (a handshake during BUSY could fail).
+    let mut probe = redis::Client::open(format!("redis://127.0.0.1:{}", server.port()))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
     let busy = hold_server_busy(server.port(), 3000);
-    // Past the 100 ms threshold the server answers other clients with BUSY.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Past the 100 ms threshold the server answers other clients with BUSY: wait until it does
+    // (however late the spawned script starts), rather than for a fixed time.
+    let seen_busy = Instant::now();
+    loop {
+        assert!(
+            seen_busy.elapsed() < Duration::from_secs(2),
+            "the server never answered BUSY"
+        );
+        match redis::cmd("GET")
+            .arg("probe")
+            .query_async::<Option<String>>(&mut probe)
+            .await
+        {
+            Err(e) if e.code() == Some("BUSY") => break,
+            _ => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
     let started = Instant::now();
     refused_checks_apply_the_failure_policy(&limiters, "BUSY", true).await;
     assert!(

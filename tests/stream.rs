@@ -68,13 +68,16 @@ impl Seen {
 
 /// (delivery count the handler was given, `XPENDING` count when it finished).
 type DeliveryCounts = (u64, Option<u64>);
+/// An `XRANGE` entry with its fields as raw bytes.
+type RawStreamEntry = (String, HashMap<Vec<u8>, Vec<u8>>);
 /// An extended `XPENDING` row: id, consumer, idle ms, deliveries.
 type PendingRow = (String, String, u64, u64);
 
-/// Claims after 500 ms idle, checked every 50 ms: the slow handlers below outlast that.
+/// Claims after 1.5 s idle, checked every 50 ms: the slow handlers below outlast that, and a
+/// heartbeat (every 500 ms) would have to be a whole second late for a wrong claim.
 fn slow_claims() -> ConsumerOptions {
     fast()
-        .with_claim_min_idle(Duration::from_millis(500))
+        .with_claim_min_idle(Duration::from_millis(1500))
         .with_claim_interval(Duration::from_millis(50))
 }
 
@@ -100,6 +103,40 @@ async fn pending_count(redis: &Redis, stream: &str, group: &str, id: &str) -> Op
     match row[3] {
         redis::Value::Int(n) => Some(n as u64),
         ref other => panic!("XPENDING count: {other:?}"),
+    }
+}
+
+/// The consumer `id` is pending for (`XPENDING`); `None` once it is no longer pending.
+async fn owner(redis: &Redis, stream: &str, group: &str, id: &str) -> Option<String> {
+    let rows: Vec<PendingRow> = support::query(
+        redis,
+        redis::cmd("XPENDING")
+            .arg(stream)
+            .arg(group)
+            .arg(id)
+            .arg(id)
+            .arg(1),
+    )
+    .await;
+    rows.into_iter().next().map(|r| r.1)
+}
+
+/// A handler that records delivery counts and, on delivery 1 of `Job { n: 1 }`, waits for
+/// `release` and fails; everything else succeeds.
+fn gated_handler(
+    release: Arc<tokio::sync::Notify>,
+    deliveries: Arc<Mutex<Vec<u64>>>,
+) -> impl Fn(StreamMessage<Job>) -> HandlerFuture + Send + Sync + 'static {
+    move |msg: StreamMessage<Job>| {
+        let (release, deliveries) = (release.clone(), deliveries.clone());
+        Box::pin(async move {
+            deliveries.lock().unwrap().push(msg.delivery_count);
+            if msg.delivery_count == 1 && msg.payload.n == 1 {
+                release.notified().await;
+                return Err(std::io::Error::other("the first delivery fails"));
+            }
+            Ok(())
+        })
     }
 }
 
@@ -608,14 +645,14 @@ aether_redis::contract_tests! {
                 async move {
                     d.lock().unwrap().push(msg.delivery_count);
                     if msg.delivery_count == 1 {
-                        // Three claim_min_idle periods while this consumer holds the message.
-                        tokio::time::sleep(Duration::from_millis(1500)).await;
+                        // Over two claim_min_idle periods while this consumer holds the message.
+                        tokio::time::sleep(Duration::from_millis(3500)).await;
                         return Err("the first attempt fails, slowly".to_owned());
                     }
                     Ok(())
                 }
             });
-        wait_for("an outcome", Duration::from_secs(15), || {
+        wait_for("an outcome", Duration::from_secs(30), || {
             let m = running.metrics();
             m.processed + m.dead_lettered > 0
         })
@@ -641,7 +678,7 @@ aether_redis::contract_tests! {
         let seen = Seen::default();
         let counts: Arc<Mutex<Vec<DeliveryCounts>>> = Arc::default();
         let (s, c, r) = (seen.clone(), counts.clone(), redis.clone());
-        // Two workers for four messages: two of them wait 800 ms in the queue, then run 800 ms.
+        // Two workers for four messages: two of them wait 1.6 s in the queue, then run 1.6 s.
         let running = streams
             .consumer::<Job>("slow_ok", "workers", slow_claims().with_batch(4).with_concurrency(2))
             .unwrap()
@@ -649,13 +686,13 @@ aether_redis::contract_tests! {
                 let (s, c, r, stream) = (s.clone(), c.clone(), r.clone(), stream.clone());
                 async move {
                     s.record(&msg);
-                    tokio::time::sleep(Duration::from_millis(800)).await;
+                    tokio::time::sleep(Duration::from_millis(1600)).await;
                     let now = pending_count(&r, &stream, "workers", &msg.id).await;
                     c.lock().unwrap().push((msg.delivery_count, now));
                     Ok::<_, std::io::Error>(())
                 }
             });
-        wait_for("4 processed", Duration::from_secs(15), || running.metrics().processed == 4).await;
+        wait_for("4 processed", Duration::from_secs(30), || running.metrics().processed == 4).await;
         let metrics = running.shutdown().await.unwrap();
         let counts = counts.lock().unwrap().clone();
         assert_eq!(counts, vec![(1, Some(1)); 4], "(delivered as, XPENDING count at the end)");
@@ -674,12 +711,12 @@ aether_redis::contract_tests! {
             let (s, st) = (s.clone(), st.clone());
             async move {
                 st.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(1200)).await;
+                tokio::time::sleep(Duration::from_millis(2000)).await;
                 s.record(&msg);
                 Ok::<_, std::io::Error>(())
             }
         };
-        // Two workers for four messages: two run 1.2 s, two wait as long in the queue, and the
+        // Two workers for four messages: two run 2 s, two wait as long in the queue, and the
         // first consumer's loop waits with them (no claim pass of its own meanwhile).
         let first = streams
             .consumer::<Job>("slow_pair", "workers",
@@ -694,7 +731,7 @@ aether_redis::contract_tests! {
             .consumer::<Job>("slow_pair", "workers", slow_claims().with_consumer_name("second"))
             .unwrap()
             .spawn(handler(seen.clone(), started.clone()));
-        wait_for("4 processed", Duration::from_secs(15), || {
+        wait_for("4 processed", Duration::from_secs(30), || {
             first.metrics().processed + second.metrics().processed >= 4
         })
         .await;
@@ -744,39 +781,32 @@ aether_redis::contract_tests! {
         let mut dead = streams.dead_letters("bytes", 10).await.unwrap();
         dead.sort_by(|a, b| a.original_id.cmp(&b.original_id));
         assert_eq!(dead.len(), 2);
-        for (d, id, name, value, n) in [
-            (&dead[0], &claimed, "\\xff\\xfe", &b"x"[..], -1),
-            (&dead[1], &read, "caf\\xe9", b"y", -2),
+        for (d, id, name, exact, value, n) in [
+            (&dead[0], &claimed, "\\xff\\xfe", &b"\xff\xfe"[..], &b"x"[..], -1),
+            (&dead[1], &read, "caf\\xe9", b"caf\xe9", b"y", -2),
         ] {
             assert_eq!(&d.original_id, id);
             assert!(d.error.contains("not UTF-8") && d.error.contains(name), "{}", d.error);
-            assert_eq!(d.fields[0], (name.to_owned(), value.to_vec()), "the name, escaped");
+            assert_eq!(d.fields[0], (name.to_owned(), value.to_vec()), "the name, shown escaped");
             assert_eq!(d.payload::<Job>().unwrap(), Job { n });
-            assert_eq!(d.problem, None);
+            // Listed with a problem (its name is not UTF-8), so a bulk replay leaves it alone.
+            assert!(d.problem.as_deref().is_some_and(|p| p.contains("not UTF-8")), "{:?}", d.problem);
+            // The dead letter holds the original bytes, not their escaped form.
+            let stored: Vec<RawStreamEntry> = support::query(
+                &redis,
+                redis::cmd("XRANGE").arg(keys.dead()).arg(&d.id).arg(&d.id),
+            ).await;
+            assert!(stored[0].1.contains_key(exact), "{:?}", stored[0].1.keys().collect::<Vec<_>>());
         }
         assert_eq!(pending(&redis, "bytes", "workers").await, 0);
-    }
-
-    async fn replaying_a_dead_letter_never_trims_the_source_stream(redis) {
-        let streams = redis.streams();
-        let keys = streams.keys("long").unwrap();
-        // More than the producers' default cap (MAXLEN ~ 100000), none of them read yet.
-        fill(&redis, keys.stream(), 100_250).await;
-        let mut dead = Vec::new();
-        for n in 1..=2 {
-            let payload = format!("{{\"n\":{n}}}");
-            dead.push(xadd(&redis, keys.dead(), &[
-                (b"payload", payload.as_bytes()), (b"dl:original_id", b"1-1"),
-                (b"dl:delivery_count", b"3"), (b"dl:error", b"boom"), (b"dl:group", b"g"),
-                (b"dl:consumer", b"c"), (b"dl:failed_at", b"0"),
-            ]).await);
-        }
-        let before = streams.len("long").await.unwrap();
-        assert_eq!(before, 100_250);
-        assert!(streams.replay_dead_letter("long", &dead[0]).await.unwrap().is_some());
-        assert_eq!(streams.replay_dead_letters("long", 10).await.unwrap().len(), 1);
-        assert_eq!(streams.len("long").await.unwrap(), before + 2, "replay trimmed the stream");
-        raw(&redis, redis::cmd("DEL").arg(keys.stream())).await;
+        assert!(streams.replay_dead_letters("bytes", 10).await.unwrap().is_empty());
+        // Replayed by id, the message is the original one, byte for byte.
+        let new_id = streams.replay_dead_letter("bytes", &dead[0].id).await.unwrap().unwrap();
+        let replayed: Vec<RawStreamEntry> = support::query(
+            &redis,
+            redis::cmd("XRANGE").arg(key).arg(&new_id).arg(&new_id),
+        ).await;
+        assert_eq!(replayed[0].1.get(&b"\xff\xfe"[..]).map(Vec::as_slice), Some(&b"x"[..]));
     }
 
     async fn out_of_range_options_are_typed_errors_and_the_bounds_work(redis) {
@@ -788,6 +818,8 @@ aether_redis::contract_tests! {
             (d().with_block(year + Duration::from_millis(1)), "block"),
             (d().with_claim_min_idle(Duration::MAX), "claim_min_idle"),
             (d().with_claim_interval(Duration::MAX), "claim_interval"),
+            (d().with_handler_timeout(Duration::MAX), "handler_timeout"),
+            (d().with_handler_timeout(Duration::ZERO), "handler_timeout"),
             (d().with_dead_letter_retention(Duration::MAX), "dead_letter_retention"),
             (d().with_dead_letter_retention(Duration::ZERO), "dead_letter_retention"),
             (d().with_idempotency_ttl(Some(Duration::MAX)), "idempotency_ttl"),
@@ -806,6 +838,7 @@ aether_redis::contract_tests! {
             .with_block(year)
             .with_claim_min_idle(year)
             .with_claim_interval(year)
+            .with_handler_timeout(year)
             .with_dead_letter_retention(year)
             .with_idempotency_ttl(Some(year))
             .with_remove_idle_consumers_after(Some(year));
@@ -953,6 +986,109 @@ aether_redis::contract_tests! {
         }
         assert_eq!(reads, 60);
         assert_eq!(pending(&redis, "removal", "workers").await, 60, "a removal dropped a read entry");
+    }
+
+    async fn a_stalled_consumer_never_takes_back_a_message_another_claimed(redis) {
+        let streams = redis.streams();
+        let key = streams.keys("lease").unwrap().stream().to_owned();
+        streams.create_group("lease", "workers", StartFrom::Beginning).await.unwrap();
+        let id = streams.producer::<Job>("lease").unwrap().publish(&Job { n: 1 }).await.unwrap();
+        let (release, deliveries) = (Arc::new(tokio::sync::Notify::new()), Arc::default());
+        // Heartbeat every 300 ms; no claim pass of A's own during the test (the first one runs
+        // at start, before the message is read).
+        let options = fast()
+            .with_claim_min_idle(Duration::from_millis(900))
+            .with_claim_interval(Duration::from_secs(3600))
+            .with_max_retries(1)
+            .with_consumer_name("a");
+        let a = streams
+            .consumer::<Job>("lease", "workers", options)
+            .unwrap()
+            .spawn(gated_handler(release.clone(), Arc::clone(&deliveries)));
+        wait_for("A to run the message", Duration::from_secs(10), || {
+            a.metrics().in_flight == 1
+        })
+        .await;
+        assert_eq!(owner(&redis, &key, "workers", &id).await.as_deref(), Some("a"));
+        // A stalled past claim_min_idle and B claimed the message (as B's XAUTOCLAIM would).
+        raw(&redis, redis::cmd("XCLAIM").arg(&key).arg("workers").arg("b").arg(0).arg(&id)).await;
+        wait_for("A's heartbeat to see the lease lost", Duration::from_secs(10), || {
+            a.metrics().lost == 1
+        })
+        .await;
+        // Two more heartbeats: none moves the message back to A.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(owner(&redis, &key, "workers", &id).await.as_deref(), Some("b"), "taken back");
+        // A's handler fails at max_retries: the failure is B's to decide, not A's.
+        release.notify_one();
+        wait_for("A's handler to end", Duration::from_secs(10), || a.metrics().in_flight == 0).await;
+        let metrics = a.shutdown().await.unwrap();
+        assert_eq!((metrics.dead_lettered, metrics.lost, metrics.errors), (0, 1, 0));
+        assert!(streams.dead_letters("lease", 10).await.unwrap().is_empty());
+        assert_eq!(owner(&redis, &key, "workers", &id).await.as_deref(), Some("b"));
+        assert_eq!(pending_count(&redis, &key, "workers", &id).await, Some(2));
+    }
+
+    async fn a_message_deleted_while_its_handler_runs_is_counted_as_cleared(redis) {
+        let streams = redis.streams();
+        let key = streams.keys("deleted").unwrap().stream().to_owned();
+        streams.create_group("deleted", "workers", StartFrom::Beginning).await.unwrap();
+        let producer = streams.producer::<Job>("deleted").unwrap();
+        let id = producer.publish(&Job { n: 1 }).await.unwrap();
+        let (release, deliveries) = (Arc::new(tokio::sync::Notify::new()), Arc::default());
+        // Heartbeat every 300 ms; max_retries 1: before the fix a failure would be dead-lettered
+        // if the message were still pending, and silently dropped since the heartbeat cleared it.
+        let options = fast()
+            .with_claim_min_idle(Duration::from_millis(900))
+            .with_max_retries(1);
+        let running = streams
+            .consumer::<Job>("deleted", "workers", options)
+            .unwrap()
+            .spawn(gated_handler(release.clone(), Arc::clone(&deliveries)));
+        wait_for("the handler", Duration::from_secs(10), || running.metrics().in_flight == 1).await;
+        raw(&redis, redis::cmd("XDEL").arg(&key).arg(&id)).await;
+        wait_for("the deletion to be seen", Duration::from_secs(10), || {
+            running.metrics().cleared == 1
+        })
+        .await;
+        release.notify_one();
+        wait_for("the handler to end", Duration::from_secs(10), || running.metrics().in_flight == 0).await;
+        // The consumer goes on with the next message.
+        producer.publish(&Job { n: 2 }).await.unwrap();
+        wait_for("the next message", Duration::from_secs(10), || running.metrics().processed == 1).await;
+        let metrics = running.shutdown().await.unwrap();
+        assert_eq!(
+            (metrics.cleared, metrics.dead_lettered, metrics.retried, metrics.lost, metrics.errors),
+            (1, 0, 0, 0, 0)
+        );
+        assert!(streams.dead_letters("deleted", 10).await.unwrap().is_empty());
+        assert_eq!(pending(&redis, "deleted", "workers").await, 0);
+    }
+
+    async fn a_handler_that_never_returns_is_cancelled_after_handler_timeout(redis) {
+        let streams = redis.streams();
+        streams.create_group("hung", "workers", StartFrom::Beginning).await.unwrap();
+        streams.producer::<Job>("hung").unwrap().publish(&Job { n: 1 }).await.unwrap();
+        let deliveries: Arc<Mutex<Vec<u64>>> = Arc::default();
+        let d = deliveries.clone();
+        let running = streams
+            .consumer::<Job>("hung", "workers", fast().with_handler_timeout(Duration::from_millis(300)))
+            .unwrap()
+            .spawn(move |msg: StreamMessage<Job>| {
+                let d = d.clone();
+                async move {
+                    d.lock().unwrap().push(msg.delivery_count);
+                    if msg.delivery_count == 1 {
+                        std::future::pending::<()>().await;
+                    }
+                    Ok::<_, std::io::Error>(())
+                }
+            });
+        wait_for("the redelivery handled", Duration::from_secs(15), || running.metrics().processed == 1).await;
+        let metrics = running.shutdown().await.unwrap();
+        assert_eq!(*deliveries.lock().unwrap(), vec![1, 2]);
+        assert_eq!((metrics.retried, metrics.processed, metrics.claimed, metrics.in_flight), (1, 1, 1, 0));
+        assert_eq!(pending(&redis, "hung", "workers").await, 0);
     }
 
     async fn malformed_dead_letters_are_reported_and_paged_past(redis) {
@@ -1207,5 +1343,128 @@ async fn dead_letter_times_come_from_the_server_clock() {
         (dead[0].failed_at - now_ms).abs() < 60_000,
         "{}",
         dead[0].failed_at
+    );
+}
+
+/// While acks fail (the server over `maxmemory` refuses the ack script's `SET`, but not
+/// `XREADGROUP`), the consumer stops reading: a bounded number of handler runs, not the whole
+/// backlog; once memory is back, every message is acked, each handled once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_acks_stop_the_reads_until_they_go_through() {
+    let (_server, redis) = own_server("failing_acks_stop_the_reads").await;
+    let streams = redis.streams();
+    streams
+        .create_group("oom", "workers", StartFrom::Beginning)
+        .await
+        .unwrap();
+    let key = streams.keys("oom").unwrap().stream().to_owned();
+    fill(&redis, &key, 300).await;
+    let seen = Seen::default();
+    let (s, r, full) = (
+        seen.clone(),
+        redis.clone(),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let (batch, concurrency) = (10u64, 2u64);
+    let running = streams
+        .consumer::<Job>(
+            "oom",
+            "workers",
+            fast()
+                .with_batch(batch as usize)
+                .with_concurrency(concurrency as usize),
+        )
+        .unwrap()
+        .spawn(move |msg: StreamMessage<Job>| {
+            let (s, r, full) = (s.clone(), r.clone(), full.clone());
+            async move {
+                // The first handler fills the server up (the group exists by then): every ack
+                // from here on is refused.
+                if !full.swap(true, Ordering::SeqCst) {
+                    let _: () =
+                        support::query(&r, redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg(1))
+                            .await;
+                }
+                s.record(&msg);
+                Ok::<_, std::io::Error>(())
+            }
+        });
+    wait_for("failing acks", Duration::from_secs(10), || {
+        running.metrics().errors >= 3
+    })
+    .await;
+    // Many block periods: an unthrottled consumer reads and handles all 300 meanwhile.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let runs = seen.runs();
+    // At most the hold limit (2 × batch + concurrency) plus the batch read just under it.
+    assert!(
+        runs <= 3 * batch + concurrency,
+        "{runs} handler runs while acks failed"
+    );
+    assert_eq!(running.metrics().processed, 0);
+    let _: () = support::query(
+        &redis,
+        redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg(0),
+    )
+    .await;
+    wait_for("all 300 acked", Duration::from_secs(20), || {
+        running.metrics().processed == 300
+    })
+    .await;
+    let metrics = running.shutdown().await.unwrap();
+    assert_eq!((seen.distinct(), seen.max_runs()), (300, 1));
+    assert_eq!((metrics.processed, metrics.claimed), (300, 0));
+    assert_eq!(pending(&redis, "oom", "workers").await, 0);
+}
+
+/// A replay never trims the source stream, even one past the producers' default cap. On a
+/// server of its own: filling 100 250 entries blocks the server for a while.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaying_a_dead_letter_never_trims_the_source_stream() {
+    let (_server, redis) = own_server("replaying_a_dead_letter_never_trims").await;
+    let streams = redis.streams();
+    let keys = streams.keys("long").unwrap();
+    // More than the producers' default cap (MAXLEN ~ 100000), none of them read yet; in
+    // slices, each well within the response timeout.
+    for _ in 0..25 {
+        fill(&redis, keys.stream(), 4_010).await;
+    }
+    let mut dead = Vec::new();
+    for n in 1..=2 {
+        let payload = format!("{{\"n\":{n}}}");
+        dead.push(
+            xadd(
+                &redis,
+                keys.dead(),
+                &[
+                    (b"payload", payload.as_bytes()),
+                    (b"dl:original_id", b"1-1"),
+                    (b"dl:delivery_count", b"3"),
+                    (b"dl:error", b"boom"),
+                    (b"dl:group", b"g"),
+                    (b"dl:consumer", b"c"),
+                    (b"dl:failed_at", b"0"),
+                ],
+            )
+            .await,
+        );
+    }
+    let before = streams.len("long").await.unwrap();
+    assert_eq!(before, 100_250);
+    assert!(
+        streams
+            .replay_dead_letter("long", &dead[0])
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(
+        streams.replay_dead_letters("long", 10).await.unwrap().len(),
+        1
+    );
+    assert_eq!(
+        streams.len("long").await.unwrap(),
+        before + 2,
+        "replay trimmed the stream"
     );
 }

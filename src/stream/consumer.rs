@@ -5,7 +5,7 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -18,15 +18,18 @@ use tokio::time::Instant;
 
 use super::reply::{self, RawEntry};
 use super::{
-    DEFAULT_DEAD_LETTER_RETENTION, DEFAULT_IDEMPOTENCY_TTL, DeadLetterCall, FIELD_IDEMPOTENCY_KEY,
-    FIELD_PAYLOAD, FIELD_REPLAY_OF, StartFrom, StreamKeys, create_group, dead_letter_message,
-    is_server_code, millis, remove_idle_consumers,
+    DEFAULT_DEAD_LETTER_RETENTION, DEFAULT_IDEMPOTENCY_TTL, DeadLetterCall, DeadLettered,
+    FIELD_IDEMPOTENCY_KEY, FIELD_PAYLOAD, FIELD_REPLAY_OF, StartFrom, StreamKeys, create_group,
+    dead_letter_message, is_server_code, millis, remove_idle_consumers,
 };
 use crate::codec::{from_json, int};
 use crate::error::{Error, Result};
 use crate::keyspace::validate_key_part;
 use crate::pool::{DedicatedConnection, Redis};
 use crate::script::{LuaScript, ScriptCall};
+
+/// Default of [`ConsumerOptions::handler_timeout`]: 10 minutes.
+pub const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The error a handler returns; its `Display` is recorded as the dead letter's `error`.
 pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
@@ -71,9 +74,9 @@ where
 }
 
 /// Settings of a [`StreamConsumer`]. Defaults: batch 100, block 5 s, 8 concurrent handlers,
-/// claim after 60 s idle (checked every 30 s), dead letter after 3 deliveries, dead letters
-/// kept 7 days, idempotency records kept 24 h, idle consumers with empty pending lists
-/// removed after 1 h.
+/// claim after 60 s idle (checked every 30 s), handlers cancelled after 10 min, dead letter
+/// after 3 deliveries, dead letters kept 7 days, idempotency records kept 24 h, idle consumers
+/// with empty pending lists removed after 1 h.
 ///
 /// Every duration is at most [`ConsumerOptions::MAX_DURATION`] (1 year); out-of-range values
 /// are refused by [`super::Streams::consumer`] with [`Error::InvalidInput`] naming the option.
@@ -89,8 +92,15 @@ pub struct ConsumerOptions {
     pub concurrency: usize,
     /// Pending entries idle this long (of any consumer, crashed ones included) are claimed.
     /// While this consumer holds a message (queued, running, or its ack being retried) it
-    /// resets the message's idle time every third of this, so no claim takes it meanwhile.
+    /// resets the message's idle time every third of this, so no claim takes it meanwhile; a
+    /// message another consumer claimed all the same (this one stalled past it) is left to
+    /// that consumer.
     pub claim_min_idle: Duration,
+    /// How long a handler may run on one message (default 10 min, at least 1 ms). Past it the
+    /// handler is cancelled (its future dropped) and the delivery counts as failed: retried
+    /// after a claim, or dead-lettered at `max_retries`. Work the handler spawned elsewhere
+    /// is not stopped.
+    pub handler_timeout: Duration,
     /// How often to claim; `None` = half of `claim_min_idle`.
     pub claim_interval: Option<Duration>,
     /// Deliveries after which a failing message goes to the dead-letter stream.
@@ -117,6 +127,7 @@ impl Default for ConsumerOptions {
             concurrency: 8,
             claim_min_idle: Duration::from_secs(60),
             claim_interval: None,
+            handler_timeout: DEFAULT_HANDLER_TIMEOUT,
             max_retries: 3,
             dead_letter_retention: DEFAULT_DEAD_LETTER_RETENTION,
             idempotency_ttl: Some(DEFAULT_IDEMPOTENCY_TTL),
@@ -151,6 +162,11 @@ impl ConsumerOptions {
     /// Sets [`ConsumerOptions::claim_interval`].
     pub fn with_claim_interval(mut self, interval: Duration) -> Self {
         self.claim_interval = Some(interval);
+        self
+    }
+    /// Sets [`ConsumerOptions::handler_timeout`].
+    pub fn with_handler_timeout(mut self, timeout: Duration) -> Self {
+        self.handler_timeout = timeout;
         self
     }
     /// Sets [`ConsumerOptions::max_retries`].
@@ -188,6 +204,14 @@ impl ConsumerOptions {
     /// Redis refuse the `PX`/`BLOCK` argument on every call.
     pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
+    /// While this many messages are held (queued, running, or waiting for their ack), the
+    /// consumer reads and claims nothing more: `2 × batch + concurrency`.
+    fn hold_limit(&self) -> usize {
+        self.batch
+            .saturating_mul(2)
+            .saturating_add(self.concurrency)
+    }
+
     fn claim_every(&self) -> Duration {
         self.claim_interval
             .unwrap_or(self.claim_min_idle / 2)
@@ -213,6 +237,7 @@ impl ConsumerOptions {
         bounded("block", Some(self.block))?;
         bounded("claim_min_idle", Some(self.claim_min_idle))?;
         bounded("claim_interval", self.claim_interval)?;
+        bounded("handler_timeout", Some(self.handler_timeout))?;
         bounded("dead_letter_retention", Some(self.dead_letter_retention))?;
         bounded("idempotency_ttl", self.idempotency_ttl)?;
         bounded(
@@ -246,6 +271,12 @@ impl ConsumerOptions {
                 "must be at least 1 ms and at most 1 year",
             ));
         }
+        if self.handler_timeout < Duration::from_millis(1) {
+            return Err(Error::invalid(
+                "handler_timeout",
+                "must be at least 1 ms and at most 1 year",
+            ));
+        }
         if self
             .idempotency_ttl
             .is_some_and(|t| t < Duration::from_millis(1))
@@ -275,6 +306,9 @@ pub struct ConsumerMetrics {
     pub cleared: u64,
     /// Entries taken over by `XAUTOCLAIM` (idle in this or another consumer).
     pub claimed: u64,
+    /// Messages this consumer held that another consumer claimed meanwhile (this one stalled
+    /// past `claim_min_idle`), found by a touch: "lease lost", left to the new owner.
+    pub lost: u64,
     /// Acknowledgements that found the message no longer pending (acked elsewhere).
     pub already_acked: u64,
     /// Redis errors met by the loop (each retried after a pause).
@@ -291,6 +325,7 @@ struct Counters {
     dead_lettered: AtomicU64,
     cleared: AtomicU64,
     claimed: AtomicU64,
+    lost: AtomicU64,
     already_acked: AtomicU64,
     errors: AtomicU64,
     in_flight: AtomicU64,
@@ -310,6 +345,7 @@ impl Counters {
             dead_lettered: get(&self.dead_lettered),
             cleared: get(&self.cleared),
             claimed: get(&self.claimed),
+            lost: get(&self.lost),
             already_acked: get(&self.already_acked),
             errors: get(&self.errors),
             in_flight: get(&self.in_flight),
@@ -331,22 +367,30 @@ impl Counters {
 ///   never written without its ack, nor the ack without the record). Acks of messages that
 ///   finish while an ack is in flight are sent together. A failed ack, a timed-out one
 ///   included (repeating it is safe), is retried after 25 ms, doubling up to 1 s, until it
-///   succeeds; once shutdown began, for at most 10 s more.
+///   succeeds; once shutdown began, for at most 10 s more. While an ack is being retried, the
+///   consumer reads and claims nothing new.
 /// - **Failure:** a delivery that fails at `max_retries` deliveries goes to the dead-letter
-///   stream by one atomic script (see [`super::Streams::dead_letters`]); earlier failures cost
-///   nothing (the message stays pending).
-/// - **Claim pass,** every claim interval: up to 10 pages of `batch` entries, each one
-///   pipeline of `XCLAIM <stream> <group> <self> 0 <held ids> JUSTID` (when this consumer holds
-///   messages) and `XAUTOCLAIM`; then, if needed, one `XACK` of entries whose message was
-///   deleted, one pipeline of one `XPENDING` per claimed entry (its delivery count), one `MGET`
-///   of their `processed` records (idempotency on), and one dead-letter script per message
-///   delivered more than `max_retries` times. Every 10th pass also runs the idle-consumer
-///   removal script.
+///   stream by one atomic script (see [`super::Streams::dead_letters`]) if it is still pending
+///   for this consumer; earlier failures cost nothing (the message stays pending). A handler
+///   running longer than `handler_timeout` is cancelled and its delivery fails.
+/// - **Claim pass,** every claim interval: one touch script (below) when this consumer holds
+///   messages, then up to 10 pages of `XAUTOCLAIM` of `batch` entries; per page, if needed,
+///   one `XACK` of entries whose message was deleted, one pipeline of one `XPENDING` per
+///   claimed entry (its delivery count), one `MGET` of their `processed` records (idempotency
+///   on), and one dead-letter script per message delivered more than `max_retries` times.
+///   Every 10th pass also runs the idle-consumer removal script.
 /// - **Heartbeat,** every `claim_min_idle / 3` while this consumer holds messages (queued,
-///   running, or acked but not yet confirmed): `XCLAIM <stream> <group> <self> 0 <ids> JUSTID`
-///   per 1000 ids. It resets their idle time without counting a delivery, so no claim (this
-///   consumer's own included) takes a message while it is held, however long its handler runs.
-///   This consumer never dispatches or dead-letters a message it holds.
+///   running, or acked but not yet confirmed): one touch script per 1000 ids, atomic per
+///   call. For each id still pending for this consumer (`XPENDING <stream> <group> <id> <id> 1
+///   <self>`) it sends `XCLAIM <stream> <group> <self> 0 <id> JUSTID`, which resets the idle
+///   time without counting a delivery, so no claim takes a message while it is held, however
+///   long its handler runs (up to `handler_timeout`). An id another consumer claimed meanwhile
+///   (this one stalled past `claim_min_idle`) is left to it: "lease lost", its outcome is the
+///   new owner's (this consumer's later ack is harmless, its failure is not recorded). An id
+///   whose entry was deleted is acked and counted as `cleared`; its handler's failure is not
+///   dead-lettered. This consumer never dispatches or dead-letters a message it holds.
+/// - **Back-pressure:** while `2 × batch + concurrency` messages or more are held, or an ack
+///   is being retried, no read or claim pass runs.
 ///
 /// Handlers run on `concurrency` worker tasks fed from a queue; the next batch is read once
 /// every message of the current one has started, so a crash leaves unstarted at most the rest
@@ -635,6 +679,8 @@ struct Job {
     fields: Vec<(String, Vec<u8>)>,
     /// Why the entry could not be read exactly (see [`RawEntry::malformed`]): a failed delivery.
     malformed: Option<String>,
+    /// The exact bytes of field names that are not UTF-8 (see [`RawEntry::raw_names`]).
+    raw_names: Vec<(usize, Vec<u8>)>,
     delivery_count: u64,
     record: Option<String>,
     /// Later entries of the same batch with the same idempotency record: acked with this one.
@@ -654,6 +700,9 @@ struct Ack {
     twins: Vec<String>,
     record: Option<String>,
     handled: bool,
+    /// An attempt that may have been applied (timed out, or connection lost) included it: ids
+    /// found already acked may be its own.
+    uncertain: bool,
 }
 
 impl Ack {
@@ -667,43 +716,161 @@ impl Ack {
 }
 
 /// The ids this consumer holds: queued, running, or handled and not yet acknowledged. The
-/// heartbeat resets their idle time, and a claim pass never dispatches or dead-letters them.
+/// heartbeat resets the idle time of those it still owns, and a claim pass never dispatches or
+/// dead-letters any of them.
 #[derive(Debug, Default)]
-struct Held(Mutex<HashSet<String>>);
+struct Held {
+    state: Mutex<HeldState>,
+    /// Set while the acker is retrying a failed ack: no more reads meanwhile.
+    ack_failing: AtomicBool,
+    /// Signalled when messages are released or an ack goes through.
+    changed: Notify,
+}
+
+#[derive(Debug, Default)]
+struct HeldState {
+    /// Pending for this consumer as far as it knows: the heartbeat touches these.
+    owned: HashSet<String>,
+    /// Claimed by another consumer (or settled elsewhere) while still held here: their
+    /// outcome belongs to the new owner.
+    lost: HashSet<String>,
+    /// Deleted or trimmed from the stream while held here: cleared from the pending list.
+    gone: HashSet<String>,
+}
+
+/// What became of a held message while this consumer had it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    /// Still pending for this consumer (as far as the last touch saw).
+    Owned,
+    /// Another consumer has it now (or it was acked elsewhere).
+    Lost,
+    /// Its entry was deleted from the stream; its pending entry was cleared.
+    Gone,
+}
 
 impl Held {
-    fn lock(&self) -> MutexGuard<'_, HashSet<String>> {
+    fn lock(&self) -> MutexGuard<'_, HeldState> {
         // Never held across user code or an await, so poisoning cannot leave it inconsistent.
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn hold<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
         let mut held = self.lock();
         for id in ids {
-            held.insert(id.to_owned());
+            held.lost.remove(id);
+            held.gone.remove(id);
+            held.owned.insert(id.to_owned());
         }
     }
 
     fn release<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
+        {
+            let mut held = self.lock();
+            for id in ids {
+                held.owned.remove(id);
+                held.lost.remove(id);
+                held.gone.remove(id);
+            }
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Whether a handler of this consumer has `id` (owned, lost or gone). A lost id that this
+    /// consumer just claimed back is owned again: its handler is still running it.
+    fn claimed_back(&self, id: &str) -> bool {
         let mut held = self.lock();
-        for id in ids {
-            held.remove(id);
+        if held.lost.remove(id) {
+            held.owned.insert(id.to_owned());
+            return true;
+        }
+        held.owned.contains(id) || held.gone.contains(id)
+    }
+
+    fn fate(&self, id: &str) -> Fate {
+        let held = self.lock();
+        if held.lost.contains(id) {
+            Fate::Lost
+        } else if held.gone.contains(id) {
+            Fate::Gone
+        } else {
+            Fate::Owned
         }
     }
 
-    fn contains(&self, id: &str) -> bool {
-        self.lock().contains(id)
+    /// Moves the ids a touch found lost or gone out of `owned` (ids released meanwhile stay
+    /// released).
+    fn mark(&self, lost: &[String], gone: &[String]) {
+        let mut held = self.lock();
+        for id in lost {
+            if held.owned.remove(id) {
+                held.lost.insert(id.clone());
+            }
+        }
+        for id in gone {
+            if held.owned.remove(id) {
+                held.gone.insert(id.clone());
+            }
+        }
     }
 
-    fn snapshot(&self) -> Vec<String> {
-        self.lock().iter().cloned().collect()
+    /// Every message held, whatever its fate.
+    fn len(&self) -> usize {
+        let held = self.lock();
+        held.owned.len() + held.lost.len() + held.gone.len()
+    }
+
+    fn owned(&self) -> Vec<String> {
+        self.lock().owned.iter().cloned().collect()
+    }
+
+    fn set_ack_failing(&self, failing: bool) {
+        self.ack_failing.store(failing, Ordering::Relaxed);
+        if !failing {
+            self.changed.notify_waiters();
+        }
+    }
+
+    fn ack_failing(&self) -> bool {
+        self.ack_failing.load(Ordering::Relaxed)
     }
 }
 
-/// Most ids per heartbeat `XCLAIM` (and per ack).
+/// Most ids per touch script (and per ack).
 const MAX_IDS: usize = 1000;
 
-/// Sends the heartbeat `XCLAIM`s.
+// Resets the idle time of the messages a consumer holds, only where it still owns them.
+static TOUCH: LazyLock<LuaScript> = LazyLock::new(|| {
+    LuaScript::new(
+        "stream_touch",
+        r#"
+-- KEYS[1] stream; ARGV[1] group, ARGV[2] consumer, ARGV[3..] ids the consumer holds.
+-- Per id: pending for this consumer -> XCLAIM .. 0 .. JUSTID (idle time reset, delivery count
+-- unchanged); pending for another consumer -> lost, and no longer pending -> settled (both left
+-- alone); pending for this consumer but deleted from the stream -> XACK, gone.
+-- Returns {lost, gone, settled}.
+local lost, gone, settled = {}, {}, {}
+for i = 3, #ARGV do
+  local id = ARGV[i]
+  if #redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1, ARGV[2]) == 0 then
+    if #redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1) == 0 then
+      settled[#settled + 1] = id
+    else
+      lost[#lost + 1] = id
+    end
+  elseif #redis.call('XRANGE', KEYS[1], id, id) == 0 then
+    redis.call('XACK', KEYS[1], ARGV[1], id)
+    gone[#gone + 1] = id
+  else
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'JUSTID')
+  end
+end
+return {lost, gone, settled}
+"#,
+    )
+});
+
+/// Sends the touch scripts (heartbeat and claim pass).
 struct Toucher {
     redis: Redis,
     keys: StreamKeys,
@@ -712,17 +879,38 @@ struct Toucher {
 }
 
 impl Toucher {
-    /// `XCLAIM <stream> <group> <self> 0 <ids> JUSTID`: resets the idle time of those of `ids`
-    /// still pending, without counting a delivery (`JUSTID` leaves the count alone).
-    fn touch(&self, ids: &[String]) -> redis::Cmd {
-        let mut cmd = redis::cmd("XCLAIM");
-        cmd.arg(self.keys.stream())
-            .arg(&self.group)
-            .arg(&self.name)
-            .arg(0)
-            .arg(ids)
-            .arg("JUSTID");
-        cmd
+    /// One [`TOUCH`] script per [`MAX_IDS`] of the ids `held` owns: resets the idle time of
+    /// those still pending for this consumer, and moves the ones another consumer took (lost)
+    /// or whose entry was deleted (gone, counted as `cleared`) out of the owned set.
+    async fn touch(&self, held: &Held, counters: &Counters) -> Result<()> {
+        let stream = self.keys.stream();
+        for chunk in held.owned().chunks(MAX_IDS) {
+            let mut call = ScriptCall::new()
+                .key(stream)
+                .arg(&self.group)
+                .arg(&self.name);
+            for id in chunk {
+                call = call.arg(id.as_str());
+            }
+            let reply = self.redis.eval_script(&TOUCH, &call).await?;
+            let (mut lost, gone, settled) = reply::touched(stream, reply)?;
+            if !lost.is_empty() {
+                Counters::add(&counters.lost, lost.len() as u64);
+                tracing::warn!(stream, group = self.group, consumer = self.name, ids = ?lost,
+                    "lease lost: another consumer claimed messages this one still holds (it \
+                     stalled past claim_min_idle); their outcome is the new owner's");
+            }
+            if !gone.is_empty() {
+                Counters::add(&counters.cleared, gone.len() as u64);
+                tracing::warn!(stream, group = self.group, consumer = self.name, ids = ?gone,
+                    "held messages were deleted from the stream; their pending entries are \
+                     cleared");
+            }
+            // Acked elsewhere (or by this consumer's ack in flight): not this consumer's either.
+            lost.extend(settled);
+            held.mark(&lost, &gone);
+        }
+        Ok(())
     }
 }
 
@@ -740,14 +928,10 @@ async fn heartbeat(
             _ = &mut stop => return,
             () = tokio::time::sleep(every) => {}
         }
-        let ids = held.snapshot();
-        for chunk in ids.chunks(MAX_IDS) {
-            if let Err(e) = toucher.redis.query("XCLAIM", &toucher.touch(chunk)).await {
-                Counters::add(&counters.errors, 1);
-                tracing::warn!(stream = toucher.keys.stream(), error = %e,
-                    "stream consumer heartbeat failed; held messages may be claimed elsewhere");
-                break;
-            }
+        if let Err(e) = toucher.touch(&held, &counters).await {
+            Counters::add(&counters.errors, 1);
+            tracing::warn!(stream = toucher.keys.stream(), error = %e,
+                "stream consumer heartbeat failed; held messages may be claimed elsewhere");
         }
     }
 }
@@ -813,12 +997,13 @@ impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> Ctx<T, H> {
             consumer: &self.name,
             id: &job.id,
             fields: &job.fields,
+            raw_names: &job.raw_names,
             delivery_count: job.delivery_count,
             error,
             retention: self.options.dead_letter_retention,
         };
         match dead_letter_message(&self.redis, &self.keys, call).await {
-            Ok(true) => {
+            Ok(DeadLettered::Yes) => {
                 Counters::add(&self.counters.dead_lettered, 1);
                 tracing::warn!(
                     stream = self.keys.stream(),
@@ -828,7 +1013,18 @@ impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> Ctx<T, H> {
                     "stream message dead-lettered"
                 );
             }
-            Ok(false) => {}
+            // Another consumer has it now (or it was settled): its outcome is theirs.
+            Ok(DeadLettered::NotOwned) => {}
+            Ok(DeadLettered::Gone) => {
+                Counters::add(&self.counters.cleared, 1);
+                tracing::warn!(
+                    stream = self.keys.stream(),
+                    id = job.id,
+                    error,
+                    "stream message failed after it was deleted from the stream; cleared, not \
+                     dead-lettered"
+                );
+            }
             Err(e) => {
                 Counters::add(&self.counters.errors, 1);
                 tracing::warn!(stream = self.keys.stream(), id = job.id, error = %e,
@@ -940,9 +1136,16 @@ async fn worker<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>>(
         let guard = InFlight(ctx.counters.clone());
         let outcome = {
             let handling = std::pin::pin!(ctx.handle(&job));
-            CatchUnwind(handling)
-                .await
-                .unwrap_or_else(|_| Err("the handler panicked".to_owned()))
+            let limit = ctx.options.handler_timeout;
+            match tokio::time::timeout(limit, CatchUnwind(handling)).await {
+                Ok(Ok(outcome)) => outcome,
+                Ok(Err(_panic)) => Err("the handler panicked".to_owned()),
+                // The handler's future is dropped here: cancelled.
+                Err(_) => Err(format!(
+                    "the handler did not finish within {limit:?} (handler_timeout) and was \
+                     cancelled"
+                )),
+            }
         };
         match outcome {
             // Still held: the acker releases it once the ack is through, so that neither a
@@ -953,6 +1156,7 @@ async fn worker<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>>(
                     twins: job.twins,
                     record: job.record,
                     handled: true,
+                    uncertain: false,
                 };
                 if let Err(mpsc::error::SendError(ack)) = ctx.acks.send(ack) {
                     ctx.held.release(ack.ids());
@@ -960,7 +1164,24 @@ async fn worker<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>>(
             }
             // Settled (dead-lettered, or left pending for a later claim): no longer held.
             Err(error) => {
-                ctx.fail(&job, &error).await;
+                match ctx.held.fate(&job.id) {
+                    Fate::Owned => ctx.fail(&job, &error).await,
+                    Fate::Lost => tracing::warn!(
+                        stream = ctx.keys.stream(),
+                        id = job.id,
+                        error,
+                        "stream message failed after another consumer claimed it (lease lost); \
+                         its outcome is the new owner's"
+                    ),
+                    // Already counted as cleared by the touch that found it deleted.
+                    Fate::Gone => tracing::warn!(
+                        stream = ctx.keys.stream(),
+                        id = job.id,
+                        error,
+                        "stream message failed after it was deleted from the stream; cleared, \
+                         not dead-lettered"
+                    ),
+                }
                 ctx.held.release(job.ids());
             }
         }
@@ -978,8 +1199,26 @@ struct LoopState<T, H> {
 }
 
 impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> LoopState<T, H> {
-    /// One claim pass when due, else one read.
+    /// Waits while acks are failing or too many messages are held (see
+    /// [`ConsumerOptions::hold_limit`]): until a release, an ack going through, or one block
+    /// period. Returns whether it waited.
+    async fn throttle(&mut self) -> bool {
+        let held = &self.ctx.held;
+        let changed = held.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if !held.ack_failing() && held.len() < self.ctx.options.hold_limit() {
+            return false;
+        }
+        let _ = tokio::time::timeout(self.ctx.options.block, changed).await;
+        true
+    }
+
+    /// One claim pass when due, else one read; neither while throttled.
     async fn step(&mut self) {
+        if self.throttle().await {
+            return;
+        }
         let result = if Instant::now() >= self.next_claim {
             self.next_claim = later(self.ctx.options.claim_every());
             let claimed = self.claim().await;
@@ -1082,29 +1321,26 @@ impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> LoopState<T, H> 
             group: ctx.group.clone(),
             name: ctx.name.clone(),
         };
+        // Once per pass, before its first XAUTOCLAIM: the held messages' idle time is reset (where
+        // this consumer still owns them), so this pass never counts a delivery of a message this
+        // consumer holds, even when the heartbeat is late.
+        toucher.touch(&ctx.held, &ctx.counters).await?;
         let mut cursor = "0-0".to_owned();
         for _ in 0..10 {
-            // The held messages' idle time is reset in the same pipeline, just before the
-            // XAUTOCLAIM: so this pass never counts a delivery of a message this consumer holds,
-            // even when the heartbeat is late.
-            let mut pipe = redis::pipe();
-            for chunk in ctx.held.snapshot().chunks(MAX_IDS) {
-                pipe.add_command(toucher.touch(chunk)).ignore();
-            }
-            pipe.cmd("XAUTOCLAIM")
-                .arg(key)
-                .arg(&ctx.group)
-                .arg(&ctx.name)
-                .arg(millis(ctx.options.claim_min_idle))
-                .arg(&cursor)
-                .arg("COUNT")
-                .arg(ctx.options.batch);
             let reply = ctx
                 .redis
-                .query_pipe("XAUTOCLAIM", &pipe)
-                .await?
-                .and_then(|mut replies| replies.pop())
-                .unwrap_or(Value::Nil);
+                .query(
+                    "XAUTOCLAIM",
+                    redis::cmd("XAUTOCLAIM")
+                        .arg(key)
+                        .arg(&ctx.group)
+                        .arg(&ctx.name)
+                        .arg(millis(ctx.options.claim_min_idle))
+                        .arg(&cursor)
+                        .arg("COUNT")
+                        .arg(ctx.options.batch),
+                )
+                .await?;
             let (next, claimed, deleted) = reply::autoclaim(key, reply)?;
             // Redis 7 has already removed these from the pending list; count them.
             Counters::add(&ctx.counters.cleared, deleted.len() as u64);
@@ -1121,10 +1357,11 @@ impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> LoopState<T, H> 
                 Counters::add(&ctx.counters.cleared, ids.len() as u64);
             }
             // Belt and braces: a held message is this consumer's to settle, never to hand out
-            // again or to dead-letter on a count it did not see.
+            // again or to dead-letter on a count it did not see. One it had lost and now took
+            // back is its own again, and its handler still runs it.
             let live: Vec<RawEntry> = live
                 .into_iter()
-                .filter(|e| !ctx.held.contains(&e.id))
+                .filter(|e| !ctx.held.claimed_back(&e.id))
                 .collect();
             if !live.is_empty() {
                 Counters::add(&ctx.counters.claimed, live.len() as u64);
@@ -1197,6 +1434,7 @@ impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> LoopState<T, H> 
                 id: entry.id,
                 fields,
                 malformed: entry.malformed,
+                raw_names: entry.raw_names,
                 delivery_count,
                 record,
                 twins: Vec::new(),
@@ -1256,6 +1494,7 @@ impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> LoopState<T, H> 
                     twins: Vec::new(),
                     record: None,
                     handled: false,
+                    uncertain: false,
                 };
                 if let Err(mpsc::error::SendError(ack)) = ctx.acks.send(ack) {
                     ctx.held.release(ack.ids());
@@ -1345,7 +1584,15 @@ impl Acker {
     }
 
     /// Counts a batch that went through (or was given up on) and stops holding its messages.
-    fn settle(&self, batch: &[Ack], acked: Option<u64>, uncertain: bool) {
+    fn settle(&self, batch: &[Ack], acked: Option<u64>) {
+        // Ids whose entry a touch found deleted were cleared from the pending list already:
+        // their XACK finds nothing, which says nothing about another consumer.
+        let expected = batch
+            .iter()
+            .filter(|a| !a.uncertain)
+            .flat_map(Ack::ids)
+            .filter(|id| self.held.fate(id) != Fate::Gone)
+            .count() as u64;
         for ack in batch {
             self.held.release(ack.ids());
         }
@@ -1356,11 +1603,10 @@ impl Acker {
         let handled = batch.iter().filter(|a| a.handled).count() as u64;
         Counters::add(&self.counters.processed, handled);
         Counters::add(&self.counters.duplicates, all.saturating_sub(handled));
-        // After a timed-out attempt, which may have been applied, ids found already acked may
-        // be ours: they say nothing about another consumer.
-        if !uncertain {
-            Counters::add(&self.counters.already_acked, all.saturating_sub(acked));
-        }
+        // An attempt that may have been applied (timed out, or its connection lost after
+        // sending) may have acked its ids already: those say nothing about another consumer.
+        // `acked` may include some of them, so this is a lower bound, exact without them.
+        Counters::add(&self.counters.already_acked, expected.saturating_sub(acked));
     }
 }
 
@@ -1369,13 +1615,13 @@ impl Acker {
 /// retried, with what arrived meanwhile, until it succeeds; once every sender is gone
 /// (shutdown), for at most [`SHUTDOWN_ACK_RETRY`].
 async fn acker(acker: Acker, mut rx: mpsc::UnboundedReceiver<Ack>) {
-    let mut retry: Option<(Vec<Ack>, u32, bool)> = None;
+    let mut retry: Option<(Vec<Ack>, u32)> = None;
     let mut give_up_at: Option<Instant> = None;
     loop {
-        let (mut batch, mut attempts, mut uncertain) = match retry.take() {
+        let (mut batch, mut attempts) = match retry.take() {
             Some(failed) => failed,
             None => match rx.recv().await {
-                Some(ack) => (vec![ack], 0, false),
+                Some(ack) => (vec![ack], 0),
                 None => return,
             },
         };
@@ -1390,18 +1636,28 @@ async fn acker(acker: Acker, mut rx: mpsc::UnboundedReceiver<Ack>) {
             }
         }
         match acker.send(&batch).await {
-            Ok(acked) => acker.settle(&batch, Some(acked), uncertain),
+            Ok(acked) => {
+                acker.settle(&batch, Some(acked));
+                acker.held.set_ack_failing(false);
+            }
             Err(e) => {
                 Counters::add(&acker.counters.errors, 1);
+                // No more reads until this goes through.
+                acker.held.set_ack_failing(true);
                 attempts = attempts.saturating_add(1);
-                uncertain |= e.is_timeout();
+                // A timeout, or a connection lost once the call was sent: maybe applied.
+                if e.is_timeout() || e.is_unavailable() {
+                    for ack in &mut batch {
+                        ack.uncertain = true;
+                    }
+                }
                 if rx.is_closed() {
                     let deadline = *give_up_at.get_or_insert_with(|| later(SHUTDOWN_ACK_RETRY));
                     if Instant::now() >= deadline {
                         tracing::warn!(stream = acker.keys.stream(), error = %e, ids,
                             "ack failed at shutdown; the messages stay pending and will be \
                              redelivered");
-                        acker.settle(&batch, None, uncertain);
+                        acker.settle(&batch, None);
                         continue;
                     }
                 }
@@ -1410,7 +1666,7 @@ async fn acker(acker: Acker, mut rx: mpsc::UnboundedReceiver<Ack>) {
                 let backoff = Duration::from_millis(25u64 << attempts.saturating_sub(1).min(6))
                     .min(Duration::from_secs(1));
                 tokio::time::sleep(backoff).await;
-                retry = Some((batch, attempts, uncertain));
+                retry = Some((batch, attempts));
             }
         }
     }

@@ -57,8 +57,8 @@ mod producer;
 pub(crate) mod reply;
 
 pub use consumer::{
-    ConsumerHandle, ConsumerMetrics, ConsumerOptions, HandlerError, StreamConsumer, StreamHandler,
-    StreamMessage,
+    ConsumerHandle, ConsumerMetrics, ConsumerOptions, DEFAULT_HANDLER_TIMEOUT, HandlerError,
+    StreamConsumer, StreamHandler, StreamMessage,
 };
 pub use producer::{Published, StreamProducer};
 
@@ -192,8 +192,9 @@ pub struct ConsumerInfo {
 /// A message in the dead-letter stream.
 ///
 /// An entry of the dead-letter stream that this crate did not write as documented (a metadata
-/// field missing or not a number, a field name that is not UTF-8) is still listed, with
-/// [`DeadLetter::problem`] saying what is wrong and the metadata it lacks left empty (zero).
+/// field missing or not a number), or one whose field name is not UTF-8 (a consumer copies
+/// names byte for byte), is still listed, with [`DeadLetter::problem`] saying what is wrong and
+/// the metadata it lacks left empty (zero).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct DeadLetter {
@@ -213,11 +214,13 @@ pub struct DeadLetter {
     pub failed_at: i64,
     /// The original fields of the message, in order, except any whose name starts with `dl:`
     /// (that prefix is reserved for the metadata above; see `docs/keyspace.md`). A field name
-    /// that was not UTF-8 is escaped (`<[u8]>::escape_ascii`).
+    /// that is not UTF-8 is shown escaped (`<[u8]>::escape_ascii`; the stored bytes are the
+    /// original ones) and sets [`DeadLetter::problem`].
     pub fields: Vec<(String, Vec<u8>)>,
-    /// Why this entry is not a well-formed dead letter, when it is not; `None` for every dead
-    /// letter a consumer wrote. [`Streams::replay_dead_letters`] skips such entries;
-    /// [`Streams::replay_dead_letter`] replays them when asked by id.
+    /// Why this entry is not a well-formed dead letter (or cannot be shown exactly: a field name
+    /// that is not UTF-8), when it is not; `None` for every other dead letter a consumer wrote.
+    /// [`Streams::replay_dead_letters`] skips such entries; [`Streams::replay_dead_letter`]
+    /// replays them, byte for byte, when asked by id.
     pub problem: Option<String>,
     key: String,
 }
@@ -250,8 +253,10 @@ impl Redis {
     }
 }
 
-// Acks a message (if still pending) and adds it to the dead-letter stream, trimmed by age.
-// XADD comes before XACK so that a failed XADD changes nothing. The time (`dl:failed_at`, the
+// Acks a message (if still pending for this consumer) and adds it to the dead-letter stream,
+// trimmed by age. A message another consumer claimed meanwhile is left to it (0); one deleted
+// from the stream is only cleared from the pending list (1). XADD comes before XACK so that a
+// failed XADD changes nothing. The time (`dl:failed_at`, the
 // retention cutoff) is the server's, like the entry ids it is compared with: a consumer whose
 // clock is off would otherwise trim dead letters early or keep them too long.
 static DEAD_LETTER: LazyLock<LuaScript> = LazyLock::new(|| {
@@ -259,12 +264,16 @@ static DEAD_LETTER: LazyLock<LuaScript> = LazyLock::new(|| {
         "stream_dead_letter",
         r#"
 -- KEYS[1] source stream, KEYS[2] dead-letter stream
--- ARGV[1] group, ARGV[2] id, ARGV[3] retention ms, ARGV[4..] fields
-local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
-if #pending == 0 then return false end
+-- ARGV[1] group, ARGV[2] id, ARGV[3] retention ms, ARGV[4] consumer, ARGV[5..] fields
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1, ARGV[4])
+if #pending == 0 then return 0 end
+if #redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2]) == 0 then
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+  return 1
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local fields = {unpack(ARGV, 4)}
+local fields = {unpack(ARGV, 5)}
 fields[#fields + 1] = 'dl:failed_at'
 fields[#fields + 1] = string.format('%.0f', now)
 local id = redis.call('XADD', KEYS[2], '*', unpack(fields))
@@ -683,28 +692,48 @@ pub(crate) struct DeadLetterCall<'a> {
     pub(crate) consumer: &'a str,
     pub(crate) id: &'a str,
     pub(crate) fields: &'a [(String, Vec<u8>)],
+    /// Exact bytes of the field names that are not UTF-8, by index in `fields`.
+    pub(crate) raw_names: &'a [(usize, Vec<u8>)],
     pub(crate) delivery_count: u64,
     pub(crate) error: &'a str,
     pub(crate) retention: Duration,
 }
 
-/// Dead-letters one pending message; `false` when it was no longer pending (someone else acked
-/// or dead-lettered it). Atomic: one script, one round trip. The original fields named `dl:*`
-/// are left out: the metadata appended after them would otherwise be ambiguous.
+/// What [`dead_letter_message`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DeadLettered {
+    /// Moved to the dead-letter stream and acked.
+    Yes,
+    /// Not pending for this consumer any more (acked, dead-lettered or claimed by another):
+    /// left alone.
+    NotOwned,
+    /// Its entry was deleted from the stream: only cleared from the pending list.
+    Gone,
+}
+
+/// Dead-letters one message pending for `call.consumer`. Atomic: one script, one round trip.
+/// The original fields named `dl:*` are left out: the metadata appended after them would
+/// otherwise be ambiguous. Field names are written as their exact bytes.
 pub(crate) async fn dead_letter_message(
     redis: &Redis,
     keys: &StreamKeys,
     call: DeadLetterCall<'_>,
-) -> Result<bool> {
+) -> Result<DeadLettered> {
     let mut script = ScriptCall::new()
         .key(keys.stream())
         .key(keys.dead())
         .arg(call.group)
         .arg(call.id)
-        .arg(millis(call.retention));
-    for (k, v) in call.fields {
-        if !k.starts_with(DEAD_FIELD_PREFIX) {
-            script = script.arg(k.as_str()).arg(v.as_slice());
+        .arg(millis(call.retention))
+        .arg(call.consumer);
+    for (i, (k, v)) in call.fields.iter().enumerate() {
+        let name = call
+            .raw_names
+            .iter()
+            .find(|(at, _)| *at == i)
+            .map_or(k.as_bytes(), |(_, exact)| exact.as_slice());
+        if !name.starts_with(DEAD_FIELD_PREFIX.as_bytes()) {
+            script = script.arg(name).arg(v.as_slice());
         }
     }
     script = script
@@ -718,8 +747,16 @@ pub(crate) async fn dead_letter_message(
         .arg(call.group)
         .arg("dl:consumer")
         .arg(call.consumer);
-    let reply = redis.eval_script(&DEAD_LETTER, &script).await?;
-    Ok(!matches!(reply, Value::Nil))
+    match redis.eval_script(&DEAD_LETTER, &script).await? {
+        Value::Int(0) => Ok(DeadLettered::NotOwned),
+        Value::Int(1) => Ok(DeadLettered::Gone),
+        Value::BulkString(_) | Value::SimpleString(_) => Ok(DeadLettered::Yes),
+        other => Err(Error::decode(
+            keys.dead(),
+            None,
+            format!("unexpected dead-letter reply {other:?}"),
+        )),
+    }
 }
 
 async fn replay(redis: &Redis, keys: &StreamKeys, dead_id: &str) -> Result<Option<String>> {

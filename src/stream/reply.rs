@@ -15,9 +15,12 @@ pub(crate) struct RawEntry {
     pub(crate) id: String,
     pub(crate) fields: Option<Fields>,
     /// Why the fields are not exactly what the stream holds, when they are not (a field name
-    /// that is not UTF-8, kept escaped; see [`escape_name`]). Such an entry is still an entry:
+    /// that is not UTF-8, shown escaped; see [`escape_name`]). Such an entry is still an entry:
     /// one bad entry never fails the reply it came in.
     pub(crate) malformed: Option<String>,
+    /// `(index in fields, exact bytes)` of each field name that is not UTF-8: what a dead
+    /// letter writes, so that it holds (and a replay publishes) the original names.
+    pub(crate) raw_names: Vec<(usize, Vec<u8>)>,
 }
 
 impl RawEntry {
@@ -36,9 +39,10 @@ impl RawEntry {
     }
 }
 
-/// A field name that is not UTF-8, as text: `<[u8]>::escape_ascii` (printable ASCII kept, `\`,
-/// `'`, `"`, tab, CR and LF backslash-escaped, every other byte `\xNN`), so the bytes can be
-/// recovered from it.
+/// A field name that is not UTF-8, as text for display: `<[u8]>::escape_ascii` (printable
+/// ASCII kept, `\`, `'`, `"`, tab, CR and LF backslash-escaped, every other byte `\xNN`). Not
+/// reversible in general (a UTF-8 name `\xff` of the same entry is shown as it is), so writes
+/// use the bytes kept in [`RawEntry::raw_names`], never this.
 fn escape_name(name: &[u8]) -> String {
     name.escape_ascii().to_string()
 }
@@ -61,8 +65,8 @@ fn bytes(value: Value) -> std::result::Result<Vec<u8>, (Vec<u8>, String)> {
     }
 }
 
-/// A field name as text: exact when it is UTF-8, else escaped, with the reason.
-fn name(position: usize, value: Value) -> std::result::Result<String, (String, String)> {
+/// A field name as text: exact when it is UTF-8, else escaped, with the reason and the bytes.
+fn name(position: usize, value: Value) -> std::result::Result<String, (String, String, Vec<u8>)> {
     let raw = match value {
         Value::BulkString(b) => b,
         Value::SimpleString(s) => return Ok(s),
@@ -73,21 +77,24 @@ fn name(position: usize, value: Value) -> std::result::Result<String, (String, S
             return Err((
                 shown.clone(),
                 format!("field name {position} is not a string: {shown}"),
+                shown.into_bytes(),
             ));
         }
     };
     String::from_utf8(raw).map_err(|e| {
         let escaped = escape_name(e.as_bytes());
-        let reason = format!("field name {position} is not UTF-8 (kept escaped as `{escaped}`)");
-        (escaped, reason)
+        let reason = format!("field name {position} is not UTF-8 (shown escaped as `{escaped}`)");
+        (escaped, reason, e.into_bytes())
     })
 }
 
-/// The fields of one entry, decoded as far as they can be: `(fields, problems)`.
-fn fields(value: Value) -> (Option<Fields>, Vec<String>) {
+/// The fields of one entry, decoded as far as they can be: `(fields, problems, raw names)`.
+#[allow(clippy::type_complexity)]
+fn fields(value: Value) -> (Option<Fields>, Vec<String>, Vec<(usize, Vec<u8>)>) {
     let mut problems = Vec::new();
+    let mut raw_names = Vec::new();
     let pairs: Vec<(Value, Value)> = match value {
-        Value::Nil => return (None, problems),
+        Value::Nil => return (None, problems, raw_names),
         Value::Map(pairs) => pairs,
         Value::Array(items) => {
             if items.len() % 2 != 0 {
@@ -108,8 +115,9 @@ fn fields(value: Value) -> (Option<Fields>, Vec<String>) {
     };
     let mut out = Vec::with_capacity(pairs.len());
     for (position, (k, v)) in pairs.into_iter().enumerate() {
-        let k = name(position + 1, k).unwrap_or_else(|(shown, why)| {
+        let k = name(position + 1, k).unwrap_or_else(|(shown, why, exact)| {
             problems.push(why);
+            raw_names.push((position, exact));
             shown
         });
         let v = bytes(v).unwrap_or_else(|(shown, why)| {
@@ -118,7 +126,7 @@ fn fields(value: Value) -> (Option<Fields>, Vec<String>) {
         });
         out.push((k, v));
     }
-    (Some(out), problems)
+    (Some(out), problems, raw_names)
 }
 
 /// `[[id, fields], ...]` as returned by XRANGE, XAUTOCLAIM and per stream by XREADGROUP.
@@ -142,13 +150,14 @@ pub(crate) fn entries(key: &str, value: Value) -> Result<Vec<RawEntry>> {
                 // Ids are made by Redis (`<ms>-<seq>`): one that is not text means the reply is
                 // not a stream reply at all, unlike field names, which are user data.
                 let id = text(key, None, pair.pop().unwrap_or(Value::Nil))?;
-                let (fields, problems) = fields(f);
+                let (fields, problems, raw_names) = fields(f);
                 let malformed = (!problems.is_empty())
                     .then(|| format!("entry {id} is malformed: {}", problems.join("; ")));
                 out.push(RawEntry {
                     id,
                     fields,
                     malformed,
+                    raw_names,
                 });
             }
             // RESP2 servers may answer a deleted entry as a bare nil id list.
@@ -229,6 +238,31 @@ pub(crate) fn autoclaim(key: &str, value: Value) -> Result<(String, Vec<RawEntry
         }
     };
     Ok((cursor, claimed, deleted))
+}
+
+/// The reply of the touch script: `(lost ids, gone ids, settled ids)`.
+#[allow(clippy::type_complexity)]
+pub(crate) fn touched(key: &str, value: Value) -> Result<(Vec<String>, Vec<String>, Vec<String>)> {
+    let ids = |v: Option<Value>| -> Result<Vec<String>> {
+        match v {
+            None | Some(Value::Nil) => Ok(Vec::new()),
+            Some(Value::Array(ids)) => ids.into_iter().map(|v| text(key, None, v)).collect(),
+            Some(other) => Err(Error::decode(
+                key,
+                None,
+                format!("expected a list of ids, got {other:?}"),
+            )),
+        }
+    };
+    let Value::Array(items) = value else {
+        return Err(Error::decode(
+            key,
+            None,
+            format!("unexpected touch reply {value:?}"),
+        ));
+    };
+    let mut iter = items.into_iter();
+    Ok((ids(iter.next())?, ids(iter.next())?, ids(iter.next())?))
 }
 
 /// The delivery count from an `XPENDING key group id id 1` reply (`None` when not pending).
@@ -368,6 +402,8 @@ mod tests {
             "{reason}"
         );
         assert_eq!(e[0].fields.as_ref().unwrap()[0].0, "caf\\xe9\\\\");
+        assert_eq!(e[0].raw_names, vec![(0, b"caf\xe9\\".to_vec())]);
+        assert!(e[1].raw_names.is_empty());
         assert_eq!(e[0].field("payload"), Some(&b"{}"[..]));
         assert_eq!(
             (e[1].malformed.as_deref(), e[1].field("payload")),
