@@ -1029,6 +1029,49 @@ aether_redis::contract_tests! {
         assert_eq!(pending_count(&redis, &key, "workers", &id).await, Some(2));
     }
 
+    async fn a_queued_message_another_consumer_claimed_is_never_started(redis) {
+        // One worker: message 1 blocks it while message 2 waits in the queue, held. B claims
+        // message 2 meanwhile; once A's heartbeat sees that, A must not run it.
+        let streams = redis.streams();
+        let key = streams.keys("queued").unwrap().stream().to_owned();
+        streams.create_group("queued", "workers", StartFrom::Beginning).await.unwrap();
+        let producer = streams.producer::<Job>("queued").unwrap();
+        producer.publish(&Job { n: 1 }).await.unwrap();
+        let second = producer.publish(&Job { n: 2 }).await.unwrap();
+        let release = Arc::new(tokio::sync::Notify::new());
+        let started: Arc<Mutex<Vec<i64>>> = Arc::default();
+        let (r, s) = (release.clone(), started.clone());
+        let options = fast()
+            .with_concurrency(1)
+            .with_claim_min_idle(Duration::from_millis(900))
+            .with_claim_interval(Duration::from_secs(3600))
+            .with_consumer_name("a");
+        let a = streams.consumer::<Job>("queued", "workers", options).unwrap().spawn(
+            move |msg: StreamMessage<Job>| {
+                let (r, s) = (r.clone(), s.clone());
+                Box::pin(async move {
+                    s.lock().unwrap().push(msg.payload.n);
+                    if msg.payload.n == 1 {
+                        r.notified().await;
+                    }
+                    Ok::<(), std::io::Error>(())
+                }) as HandlerFuture
+            },
+        );
+        wait_for("A to run message 1", Duration::from_secs(10), || a.metrics().in_flight == 1).await;
+        raw(&redis, redis::cmd("XCLAIM").arg(&key).arg("workers").arg("b").arg(0).arg(&second)).await;
+        wait_for("A's heartbeat to see the lease lost", Duration::from_secs(10), || {
+            a.metrics().lost == 1
+        })
+        .await;
+        release.notify_one();
+        wait_for("message 1 processed", Duration::from_secs(10), || a.metrics().processed == 1).await;
+        let metrics = a.shutdown().await.unwrap();
+        assert_eq!(*started.lock().unwrap(), [1], "A ran a message B holds");
+        assert_eq!((metrics.processed, metrics.lost), (1, 1));
+        assert_eq!(owner(&redis, &key, "workers", &second).await.as_deref(), Some("b"));
+    }
+
     async fn a_message_deleted_while_its_handler_runs_is_counted_as_cleared(redis) {
         let streams = redis.streams();
         let key = streams.keys("deleted").unwrap().stream().to_owned();

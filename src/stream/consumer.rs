@@ -97,9 +97,10 @@ pub struct ConsumerOptions {
     /// that consumer.
     pub claim_min_idle: Duration,
     /// How long a handler may run on one message (default 10 min, at least 1 ms). Past it the
-    /// handler is cancelled (its future dropped) and the delivery counts as failed: retried
-    /// after a claim, or dead-lettered at `max_retries`. Work the handler spawned elsewhere
-    /// is not stopped.
+    /// handler is cancelled (its future dropped, which takes effect at its next `.await`: a
+    /// handler blocking its thread is not stopped) and the delivery counts as failed: retried
+    /// after a claim, or dead-lettered at `max_retries`, so a handler that legitimately runs
+    /// longer needs a larger value. Work the handler spawned elsewhere is not stopped.
     pub handler_timeout: Duration,
     /// How often to claim; `None` = half of `claim_min_idle`.
     pub claim_interval: Option<Duration>,
@@ -1131,20 +1132,41 @@ async fn worker<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>>(
     queue: Arc<Queue>,
 ) {
     while let Some(job) = queue.take().await {
+        // A job that waited in the queue while this consumer stalled may have been claimed by
+        // another consumer (lost) or deleted (gone, counted as cleared) meanwhile: running it
+        // now would handle a message twice, or one that was cancelled.
+        match ctx.held.fate(&job.id) {
+            Fate::Owned => {}
+            fate => {
+                tracing::warn!(
+                    stream = ctx.keys.stream(),
+                    id = job.id,
+                    ?fate,
+                    "stream message not started: it left this consumer while it was queued"
+                );
+                ctx.held.release(job.ids());
+                continue;
+            }
+        }
         Counters::add(&ctx.counters.in_flight, 1);
         // Dropped on return, panic or abort alike.
         let guard = InFlight(ctx.counters.clone());
         let outcome = {
-            let handling = std::pin::pin!(ctx.handle(&job));
+            let mut handling = Box::pin(ctx.handle(&job));
             let limit = ctx.options.handler_timeout;
-            match tokio::time::timeout(limit, CatchUnwind(handling)).await {
+            let result = tokio::time::timeout(limit, CatchUnwind(handling.as_mut())).await;
+            match result {
                 Ok(Ok(outcome)) => outcome,
                 Ok(Err(_panic)) => Err("the handler panicked".to_owned()),
-                // The handler's future is dropped here: cancelled.
-                Err(_) => Err(format!(
-                    "the handler did not finish within {limit:?} (handler_timeout) and was \
-                     cancelled"
-                )),
+                Err(_) => {
+                    // Cancelled: the handler's future is dropped here, and a panic in its drop
+                    // must not take the worker (and its slot) with it.
+                    let _ = std::panic::catch_unwind(AssertUnwindSafe(move || drop(handling)));
+                    Err(format!(
+                        "the handler did not finish within {limit:?} (handler_timeout) and was \
+                         cancelled"
+                    ))
+                }
             }
         };
         match outcome {
