@@ -1223,6 +1223,21 @@ fn hold_server_busy(port: u16, millis: u64) -> tokio::task::JoinHandle<()> {
     })
 }
 
+/// Once the server serves again, every algorithm's fail-open tier is decided by Redis, not by
+/// the failure policy or an open breaker.
+async fn checks_are_served_by_redis_again(
+    limiters: &[(Algorithm, RateLimiter, [TierName; 3])],
+    after: &str,
+) {
+    for (algorithm, limiter, [open, ..]) in limiters {
+        let d = limiter
+            .check(&algorithm.to_string(), "open", open)
+            .await
+            .unwrap();
+        assert_eq!(d.source, DecisionSource::Redis, "{algorithm} {after}");
+    }
+}
+
 /// Checks each policy tier of every algorithm (user = the algorithm's name) on a server that
 /// refuses them with `code` (applying nothing): fail open allows, local decides in process, fail
 /// closed is `Unavailable` naming the reply, and the breaker counts every one. A peek, which
@@ -1323,17 +1338,7 @@ async fn busy_server_applies_the_failure_policy() {
         "checks outlived the busy script"
     );
     busy.await.unwrap();
-    for (algorithm, limiter, [open, ..]) in &limiters {
-        let d = limiter
-            .check(&algorithm.to_string(), "open", open)
-            .await
-            .unwrap();
-        assert_eq!(
-            d.source,
-            DecisionSource::Redis,
-            "{algorithm} after the script"
-        );
-    }
+    checks_are_served_by_redis_again(&limiters, "after the script").await;
 }
 
 /// A server over `maxmemory` refuses writes with `OOM` (and a transaction holding one with
@@ -1355,13 +1360,7 @@ async fn server_out_of_memory_applies_the_failure_policy() {
         redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg(0),
     )
     .await;
-    for (algorithm, limiter, [open, ..]) in &limiters {
-        let d = limiter
-            .check(&algorithm.to_string(), "open", open)
-            .await
-            .unwrap();
-        assert_eq!(d.source, DecisionSource::Redis, "{algorithm} after OOM");
-    }
+    checks_are_served_by_redis_again(&limiters, "after OOM").await;
 }
 
 /// A server with `min-replicas-to-write` and too few replicas refuses writes with
@@ -1381,17 +1380,7 @@ async fn server_without_enough_replicas_applies_the_failure_policy() {
     let _: () = query(&redis, &set(1)).await;
     refused_checks_apply_the_failure_policy(&limiters, "NOREPLICAS", false).await;
     let _: () = query(&redis, &set(0)).await;
-    for (algorithm, limiter, [open, ..]) in &limiters {
-        let d = limiter
-            .check(&algorithm.to_string(), "open", open)
-            .await
-            .unwrap();
-        assert_eq!(
-            d.source,
-            DecisionSource::Redis,
-            "{algorithm} after NOREPLICAS"
-        );
-    }
+    checks_are_served_by_redis_again(&limiters, "after NOREPLICAS").await;
 }
 
 /// A limiter whose tier `open` (5 per minute) fails open, with a 200 ms deadline and `breaker`,
