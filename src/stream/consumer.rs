@@ -730,13 +730,18 @@ struct Held {
 
 #[derive(Debug, Default)]
 struct HeldState {
-    /// Pending for this consumer as far as it knows: the heartbeat touches these.
-    owned: HashSet<String>,
+    /// Pending for this consumer as far as it knows, with the generation of the hold: the
+    /// heartbeat touches these.
+    owned: HashMap<String, u64>,
     /// Claimed by another consumer (or settled elsewhere) while still held here: their
     /// outcome belongs to the new owner.
     lost: HashSet<String>,
     /// Deleted or trimmed from the stream while held here: cleared from the pending list.
     gone: HashSet<String>,
+    /// Bumped on every hold. A touch reply describes the hold its snapshot saw; an id released
+    /// and held again since (claimed back from a stalled consumer) is a new hold, which that
+    /// stale reply must not mark lost or gone.
+    generation: u64,
 }
 
 /// What became of a held message while this consumer had it.
@@ -758,10 +763,12 @@ impl Held {
 
     fn hold<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
         let mut held = self.lock();
+        held.generation += 1;
+        let generation = held.generation;
         for id in ids {
             held.lost.remove(id);
             held.gone.remove(id);
-            held.owned.insert(id.to_owned());
+            held.owned.insert(id.to_owned(), generation);
         }
     }
 
@@ -782,10 +789,13 @@ impl Held {
     fn claimed_back(&self, id: &str) -> bool {
         let mut held = self.lock();
         if held.lost.remove(id) {
-            held.owned.insert(id.to_owned());
+            // Owned again: a new hold, so a touch reply from before it cannot mark it lost.
+            held.generation += 1;
+            let generation = held.generation;
+            held.owned.insert(id.to_owned(), generation);
             return true;
         }
-        held.owned.contains(id) || held.gone.contains(id)
+        held.owned.contains_key(id) || held.gone.contains(id)
     }
 
     fn fate(&self, id: &str) -> Fate {
@@ -799,17 +809,24 @@ impl Held {
         }
     }
 
-    /// Moves the ids a touch found lost or gone out of `owned` (ids released meanwhile stay
-    /// released).
-    fn mark(&self, lost: &[String], gone: &[String]) {
+    /// Moves the ids a touch of `snapshot` (from [`Held::owned`]) found lost or gone out of
+    /// `owned`, only where the hold is the one the snapshot saw: ids released meanwhile stay
+    /// released, and ids held again since stay owned (the reply is about the old hold).
+    fn mark(&self, snapshot: &[(String, u64)], lost: &[String], gone: &[String]) {
+        let seen: HashMap<&str, u64> = snapshot.iter().map(|(id, g)| (id.as_str(), *g)).collect();
         let mut held = self.lock();
+        let same_hold = |held: &HeldState, id: &str| {
+            seen.get(id).is_some_and(|g| held.owned.get(id) == Some(g))
+        };
         for id in lost {
-            if held.owned.remove(id) {
+            if same_hold(&held, id) {
+                held.owned.remove(id);
                 held.lost.insert(id.clone());
             }
         }
         for id in gone {
-            if held.owned.remove(id) {
+            if same_hold(&held, id) {
+                held.owned.remove(id);
                 held.gone.insert(id.clone());
             }
         }
@@ -821,8 +838,10 @@ impl Held {
         held.owned.len() + held.lost.len() + held.gone.len()
     }
 
-    fn owned(&self) -> Vec<String> {
-        self.lock().owned.iter().cloned().collect()
+    /// The owned ids, each with the generation of its hold (for [`Held::mark`]).
+    fn owned(&self) -> Vec<(String, u64)> {
+        let held = self.lock();
+        held.owned.iter().map(|(id, g)| (id.clone(), *g)).collect()
     }
 
     fn set_ack_failing(&self, failing: bool) {
@@ -890,7 +909,7 @@ impl Toucher {
                 .key(stream)
                 .arg(&self.group)
                 .arg(&self.name);
-            for id in chunk {
+            for (id, _) in chunk {
                 call = call.arg(id.as_str());
             }
             let reply = self.redis.eval_script(&TOUCH, &call).await?;
@@ -909,7 +928,7 @@ impl Toucher {
             }
             // Acked elsewhere (or by this consumer's ack in flight): not this consumer's either.
             lost.extend(settled);
-            held.mark(&lost, &gone);
+            held.mark(chunk, &lost, &gone);
         }
         Ok(())
     }
@@ -1691,5 +1710,33 @@ async fn acker(acker: Acker, mut rx: mpsc::UnboundedReceiver<Ack>) {
                 retry = Some((batch, attempts));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_touch_reply_leaves_an_id_held_again_owned() {
+        let held = Held::default();
+        let x = "1-0".to_owned();
+        held.hold([x.as_str()]);
+        let stale = held.owned();
+        // X's handler fails and X is released, then a claim pass takes it back and holds it.
+        held.release([x.as_str()]);
+        held.hold([x.as_str()]);
+        // The reply to the old snapshot says X is lost: it is about the old hold.
+        held.mark(&stale, std::slice::from_ref(&x), &[]);
+        assert_eq!(held.fate(&x), Fate::Owned);
+        assert_eq!(held.owned().len(), 1);
+        held.mark(&stale, &[], std::slice::from_ref(&x));
+        assert_eq!(held.fate(&x), Fate::Owned);
+        // A reply to a snapshot of the current hold does move it.
+        let current = held.owned();
+        held.mark(&current, std::slice::from_ref(&x), &[]);
+        assert_eq!(held.fate(&x), Fate::Lost);
+        assert!(held.owned().is_empty());
+        assert_eq!(held.len(), 1);
     }
 }
