@@ -1345,42 +1345,28 @@ async fn busy_server_applies_the_failure_policy() {
 /// `EXECABORT`) before applying anything: the failure policy applies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_out_of_memory_applies_the_failure_policy() {
-    let server = start(LocalOptions::default()).await;
-    let redis = Redis::connect(server.config()).await.unwrap();
-    let limiters = limiters_per_algorithm(&redis);
-    let _: () = query(
-        &redis,
-        redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg(1),
-    )
-    .await;
-    // Reads are still served: only the consuming checks are refused.
-    refused_checks_apply_the_failure_policy(&limiters, "OOM", false).await;
-    let _: () = query(
-        &redis,
-        redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg(0),
-    )
-    .await;
-    checks_are_served_by_redis_again(&limiters, "after OOM").await;
+    refusals_of_a_setting_apply_the_failure_policy("maxmemory", "OOM").await;
 }
 
 /// A server with `min-replicas-to-write` and too few replicas refuses writes with
 /// `NOREPLICAS` before applying anything: the failure policy applies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_without_enough_replicas_applies_the_failure_policy() {
+    refusals_of_a_setting_apply_the_failure_policy("min-replicas-to-write", "NOREPLICAS").await;
+}
+
+/// On a server of its own, `CONFIG SET <setting> 1` makes the server refuse writes with `code`
+/// (reads are still served: only the consuming checks are refused); the failure policy applies
+/// while it is set, and Redis decides again once it is back at 0.
+async fn refusals_of_a_setting_apply_the_failure_policy(setting: &str, code: &str) {
     let server = start(LocalOptions::default()).await;
     let redis = Redis::connect(server.config()).await.unwrap();
     let limiters = limiters_per_algorithm(&redis);
-    let set = |n: u32| {
-        redis::cmd("CONFIG")
-            .arg("SET")
-            .arg("min-replicas-to-write")
-            .arg(n)
-            .clone()
-    };
+    let set = |n: u32| redis::cmd("CONFIG").arg("SET").arg(setting).arg(n).clone();
     let _: () = query(&redis, &set(1)).await;
-    refused_checks_apply_the_failure_policy(&limiters, "NOREPLICAS", false).await;
+    refused_checks_apply_the_failure_policy(&limiters, code, false).await;
     let _: () = query(&redis, &set(0)).await;
-    checks_are_served_by_redis_again(&limiters, "after NOREPLICAS").await;
+    checks_are_served_by_redis_again(&limiters, &format!("after {code}")).await;
 }
 
 /// A limiter whose tier `open` (5 per minute) fails open, with a 200 ms deadline and `breaker`,

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use aether_redis::stream::{ConsumerOptions, StartFrom, StreamMessage};
+use aether_redis::stream::{ConsumerOptions, StartFrom, StreamMessage, Streams};
 use aether_redis::{Error, Redis};
 use serde::{Deserialize, Serialize};
 
@@ -138,6 +138,21 @@ fn gated_handler(
             Ok(())
         })
     }
+}
+
+/// Creates the group `workers` on stream `name` (from the beginning) and publishes one `Job`
+/// (`n` = 1) to it; returns the message id.
+async fn group_with_one_message(streams: &Streams, name: &str) -> String {
+    streams
+        .create_group(name, "workers", StartFrom::Beginning)
+        .await
+        .unwrap();
+    streams
+        .producer::<Job>(name)
+        .unwrap()
+        .publish(&Job { n: 1 })
+        .await
+        .unwrap()
 }
 
 async fn pending(redis: &Redis, name: &str, group: &str) -> u64 {
@@ -991,8 +1006,7 @@ aether_redis::contract_tests! {
     async fn a_stalled_consumer_never_takes_back_a_message_another_claimed(redis) {
         let streams = redis.streams();
         let key = streams.keys("lease").unwrap().stream().to_owned();
-        streams.create_group("lease", "workers", StartFrom::Beginning).await.unwrap();
-        let id = streams.producer::<Job>("lease").unwrap().publish(&Job { n: 1 }).await.unwrap();
+        let id = group_with_one_message(&streams, "lease").await;
         let (release, deliveries) = (Arc::new(tokio::sync::Notify::new()), Arc::default());
         // Heartbeat every 300 ms; no claim pass of A's own during the test (the first one runs
         // at start, before the message is read).
@@ -1212,16 +1226,7 @@ fn pausing_handler(
 async fn a_timed_out_ack_is_retried_and_the_message_not_handled_again() {
     let (_server, redis) = own_server("a_timed_out_ack_is_retried").await;
     let streams = redis.streams();
-    streams
-        .create_group("acks", "workers", StartFrom::Beginning)
-        .await
-        .unwrap();
-    let id = streams
-        .producer::<Job>("acks")
-        .unwrap()
-        .publish(&Job { n: 1 })
-        .await
-        .unwrap();
+    let id = group_with_one_message(&streams, "acks").await;
     let runs = Arc::new(AtomicU64::new(0));
     let running = streams
         .consumer::<Job>("acks", "workers", fast())
@@ -1326,16 +1331,7 @@ async fn monitor(port: u16, marker: &'static str) -> tokio::task::JoinHandle<Vec
 async fn dead_letter_times_come_from_the_server_clock() {
     let (server, redis) = own_server("dead_letter_times").await;
     let streams = redis.streams();
-    streams
-        .create_group("clock", "workers", StartFrom::Beginning)
-        .await
-        .unwrap();
-    let id = streams
-        .producer::<Job>("clock")
-        .unwrap()
-        .publish(&Job { n: 1 })
-        .await
-        .unwrap();
+    let id = group_with_one_message(&streams, "clock").await;
     let commands = monitor(server.port(), "end-of-test-marker").await;
     let running = streams
         .consumer::<Job>("clock", "workers", fast().with_max_retries(1))
