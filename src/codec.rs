@@ -198,6 +198,23 @@ pub fn to_json<T: Serialize + ?Sized>(what: &'static str, value: &T) -> Result<S
         .map_err(|e| Error::invalid(what, format!("cannot encode as JSON: {e}")))
 }
 
+/// Longest duration any option of this crate accepts. Scripts add durations to the server clock
+/// in milliseconds (and `Instant` additions panic on overflow), and a sum past 2^63 ms would wrap
+/// to a time in the past; a year is far beyond any sensible setting.
+pub const MAX_OPTION_DURATION: std::time::Duration =
+    std::time::Duration::from_secs(365 * 24 * 3600);
+
+/// Refuses `value` over [`MAX_OPTION_DURATION`] with [`Error::InvalidInput`] naming `what`.
+pub fn at_most_a_year(what: &'static str, value: std::time::Duration) -> Result<()> {
+    if value > MAX_OPTION_DURATION {
+        return Err(Error::invalid(
+            what,
+            format!("must be at most {MAX_OPTION_DURATION:?} (1 year), got {value:?}"),
+        ));
+    }
+    Ok(())
+}
+
 /// Milliseconds since the Unix epoch by this process's clock.
 pub fn now_millis() -> i64 {
     std::time::SystemTime::now()

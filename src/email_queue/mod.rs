@@ -173,21 +173,12 @@ impl Default for QueueOptions {
     }
 }
 
-/// Longest duration any queue or worker option accepts. The script adds durations to the
-/// server clock in milliseconds, and a sum past 2^63 ms would wrap to a time in the past (a
-/// lease already expired); a year is far beyond any sensible setting.
-pub const MAX_OPTION_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Longest duration any queue or worker option (and `enqueue_in`'s delay) accepts: 1 year. The
+/// script adds durations to the server clock in milliseconds, and a sum past 2^63 ms would wrap
+/// to a time in the past (a lease already expired).
+pub const MAX_OPTION_DURATION: Duration = crate::codec::MAX_OPTION_DURATION;
 
-/// Refuses `value` over [`MAX_OPTION_DURATION`], naming `what`.
-pub(crate) fn bounded(what: &'static str, value: Duration) -> Result<()> {
-    if value > MAX_OPTION_DURATION {
-        return Err(Error::invalid(
-            what,
-            format!("must be at most {MAX_OPTION_DURATION:?}, got {value:?}"),
-        ));
-    }
-    Ok(())
-}
+pub(crate) use crate::codec::at_most_a_year as bounded;
 
 impl QueueOptions {
     fn validate(&self) -> Result<()> {

@@ -203,7 +203,7 @@ impl ConsumerOptions {
 
     /// The longest duration any option accepts: 1 year. Longer ones overflow timers, or make
     /// Redis refuse the `PX`/`BLOCK` argument on every call.
-    pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+    pub const MAX_DURATION: Duration = crate::codec::MAX_OPTION_DURATION;
 
     /// While this many messages are held (queued, running, or waiting for their ack), the
     /// consumer reads and claims nothing more: `2 × batch + concurrency`.
@@ -227,13 +227,7 @@ impl ConsumerOptions {
 
     fn validate(&self) -> Result<()> {
         let bounded = |what: &'static str, d: Option<Duration>| -> Result<()> {
-            match d {
-                Some(d) if d > Self::MAX_DURATION => Err(Error::invalid(
-                    what,
-                    format!("{d:?} is longer than the maximum of 1 year"),
-                )),
-                _ => Ok(()),
-            }
+            d.map_or(Ok(()), |d| crate::codec::at_most_a_year(what, d))
         };
         bounded("block", Some(self.block))?;
         bounded("claim_min_idle", Some(self.claim_min_idle))?;
