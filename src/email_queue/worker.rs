@@ -370,8 +370,23 @@ impl Worker {
             let woken = notify.notified();
             let mut woken = std::pin::pin!(woken);
             woken.as_mut().enable();
-            while let Some(joined) = tasks.try_join_next_with_id() {
-                pending.extend(self.settlement(joined, &mut flight));
+            // A finished handler wakes this loop ahead of handlers that are ready to finish
+            // too (tokio runs a woken task next). Letting them run first makes the next call
+            // carry their settlements and lease their slots' jobs, instead of one call each.
+            // Yielding stops at the first yield that brings no completion, so it ends within
+            // `concurrency` yields.
+            let mut yielded = false;
+            loop {
+                let mut collected = false;
+                while let Some(joined) = tasks.try_join_next_with_id() {
+                    pending.extend(self.settlement(joined, &mut flight));
+                    collected = true;
+                }
+                if tasks.is_empty() || (yielded && !collected) {
+                    break;
+                }
+                tokio::task::yield_now().await;
+                yielded = true;
             }
             if stopping {
                 // Last fetched first: each release goes to the head of its list, so the first
