@@ -1387,8 +1387,10 @@ aether_redis::contract_tests! {
     }
 
     async fn concurrent_replays_move_each_dead_job_exactly_once(redis) {
-        // 300 dead jobs with 20 malformed entries among them, replayed by four concurrent
-        // `replay(100)` calls: together they move every job once, whichever reads what.
+        // 300 dead jobs with 20 malformed entries among them, replayed by twelve concurrent
+        // `replay(25)` calls: together they move every job once, whichever reads what. Their
+        // limits add up to the jobs exactly, so a call that steps over an entry another call
+        // replayed between its two reads leaves a job behind.
         let queue = fast(&redis.email_queue_named("replays").unwrap());
         let jobs = (0..300).map(|i| job(&format!("d{i}"), Priority::ALL[i % 3])).collect();
         queue.enqueue_bulk(jobs).await.unwrap();
@@ -1405,10 +1407,10 @@ aether_redis::contract_tests! {
         wait_stats(&queue, "every job dead", Duration::from_secs(20), |s| s.dead == 320).await;
         worker.shutdown().await.unwrap();
 
-        let replays: Vec<_> = (0..4)
+        let replays: Vec<_> = (0..12)
             .map(|_| {
                 let q = queue.clone();
-                tokio::spawn(async move { q.replay(100).await.unwrap() })
+                tokio::spawn(async move { q.replay(25).await.unwrap() })
             })
             .collect();
         let mut moved = 0;

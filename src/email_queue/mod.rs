@@ -471,6 +471,13 @@ fn millis(d: Duration) -> u64 {
 /// The dead entry `dead_id` from its stored record. A record that cannot be read (not UTF-8,
 /// not the documented JSON: written by hand or by another program) is listed as it is, with
 /// reason `unreadable`, so that one bad entry never hides the others; replay leaves it alone.
+/// A member of the dead set as one read of a page saw it.
+enum DeadMember {
+    Entry(Box<DeadJob>),
+    /// Listed by the `ZRANGE`, but its record was gone by the `HMGET`.
+    Missing(String),
+}
+
 fn dead_entry(dead_id: String, value: Value) -> DeadJob {
     let unreadable = |dead_id: String, raw: String, error: String| DeadJob {
         dead_id,
@@ -790,13 +797,15 @@ impl EmailQueue {
             .dead_page(0, limit)
             .await?
             .into_iter()
-            .flatten()
+            .filter_map(|member| match member {
+                DeadMember::Entry(entry) => Some(*entry),
+                DeadMember::Missing(_) => None,
+            })
             .collect())
     }
 
-    /// The members of the dead set from the `start`-th oldest on, at most `count`: each entry,
-    /// or `None` where its record went in between.
-    async fn dead_page(&self, start: usize, count: usize) -> Result<Vec<Option<DeadJob>>> {
+    /// The members of the dead set from the `start`-th oldest on, at most `count`.
+    async fn dead_page(&self, start: usize, count: usize) -> Result<Vec<DeadMember>> {
         if count == 0 {
             return Ok(Vec::new());
         }
@@ -836,13 +845,37 @@ impl EmailQueue {
         };
         let mut out = Vec::with_capacity(ids.len());
         for (dead_id, value) in ids.into_iter().zip(records) {
-            if value == Value::Nil {
-                out.push(None);
-                continue;
-            }
-            out.push(Some(dead_entry(dead_id, value)));
+            out.push(if value == Value::Nil {
+                DeadMember::Missing(dead_id)
+            } else {
+                DeadMember::Entry(Box::new(dead_entry(dead_id, value)))
+            });
         }
         Ok(out)
+    }
+
+    /// How many of `dead_ids` are still members of the dead set. One round trip (`ZMSCORE`).
+    async fn still_dead(&self, dead_ids: &[String]) -> Result<usize> {
+        if dead_ids.is_empty() {
+            return Ok(0);
+        }
+        let key = &self.inner.keys[K_DEAD];
+        let reply = self
+            .inner
+            .redis
+            .query(
+                "email queue dead",
+                redis::cmd("ZMSCORE").arg(key).arg(dead_ids),
+            )
+            .await?;
+        match reply {
+            Value::Array(scores) => Ok(scores.iter().filter(|s| **s != Value::Nil).count()),
+            other => Err(Error::decode(
+                key,
+                None,
+                format!("expected an array, got {other:?}"),
+            )),
+        }
     }
 
     /// Moves up to `limit` of the oldest replayable dead jobs back to the tail of the lists
@@ -850,9 +883,10 @@ impl EmailQueue {
     /// dead: a payload that is not an [`EmailJob`], and a copy filed under another dead id
     /// (`<id>#duplicate-..`: the job it copies ran or is running, so replaying it would send the
     /// mail twice). Those are skipped, not counted against `limit`. Reads pages of at least 100
-    /// entries with [`dead_jobs`](Self::dead_jobs)'s two round trips, then one atomic script per
-    /// 1000 jobs that moves only entries still in the dead set, so concurrent replays never
-    /// duplicate a job.
+    /// entries with [`dead_jobs`](Self::dead_jobs)'s two round trips (a third, `ZMSCORE`, when a
+    /// concurrent call removed listed entries in between), then one atomic script per 1000 jobs
+    /// that moves only entries still in the dead set, so concurrent replays never duplicate a
+    /// job, and together they miss none.
     pub async fn replay(&self, limit: usize) -> Result<usize> {
         const PAGE: usize = 100;
         let mut moved = 0;
@@ -865,20 +899,25 @@ impl EmailQueue {
             let listed = page.len();
             // The first `wanted` replayable entries are tried; what stays dead before the last
             // of them is stepped over next time, the rest of the page is read again. A member
-            // whose record went meanwhile is stepped over too: at worst this call then misses
-            // one entry, it never loops on it.
+            // whose record was gone when read was usually replayed by a concurrent call between
+            // this call's two reads, and has left the set: only those still in it are stepped
+            // over, so the next page starts where the remaining entries do (and a member left
+            // without a record is never read again and again).
             let mut tried = Vec::new();
+            let mut missing = Vec::new();
             let mut complete = true;
-            for entry in page {
+            for member in page {
                 if tried.len() == wanted {
                     complete = false;
                     break;
                 }
-                match entry {
-                    Some(entry) if entry.is_replayable() => tried.push(entry),
-                    _ => staying += 1,
+                match member {
+                    DeadMember::Entry(entry) if entry.is_replayable() => tried.push(*entry),
+                    DeadMember::Entry(_) => staying += 1,
+                    DeadMember::Missing(dead_id) => missing.push(dead_id),
                 }
             }
+            staying += self.still_dead(&missing).await?;
             moved += self.replay_entries(tried).await?;
             if complete && listed < page_size {
                 break;
