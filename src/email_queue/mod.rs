@@ -468,9 +468,6 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// The dead entry `dead_id` from its stored record. A record that cannot be read (not UTF-8,
-/// not the documented JSON: written by hand or by another program) is listed as it is, with
-/// reason `unreadable`, so that one bad entry never hides the others; replay leaves it alone.
 /// A member of the dead set as one read of a page saw it.
 enum DeadMember {
     Entry(Box<DeadJob>),
@@ -478,6 +475,9 @@ enum DeadMember {
     Missing(String),
 }
 
+/// The dead entry `dead_id` from its stored record. A record that cannot be read (not UTF-8,
+/// not the documented JSON: written by hand or by another program) is listed as it is, with
+/// reason `unreadable`, so that one bad entry never hides the others; replay leaves it alone.
 fn dead_entry(dead_id: String, value: Value) -> DeadJob {
     let unreadable = |dead_id: String, raw: String, error: String| DeadJob {
         dead_id,

@@ -373,8 +373,8 @@ impl Worker {
             // A finished handler wakes this loop ahead of handlers that are ready to finish
             // too (tokio runs a woken task next). Letting them run first makes the next call
             // carry their settlements and lease their slots' jobs, instead of one call each.
-            // Yielding stops at the first yield that brings no completion, so it ends within
-            // `concurrency` yields.
+            // Yielding stops at the first yield that brings no completion: at most one yield
+            // more than there are handlers running.
             let mut yielded = false;
             loop {
                 let mut collected = false;
