@@ -406,11 +406,13 @@ impl OneTimeTokens {
     /// whose TTL is reset to the full token TTL, so it outlives every member).
     ///
     /// Two round trips: `SET .. NX PX`, then `MULTI SADD PEXPIRE EXEC` on the index (with
-    /// `revoke_previous`: `MULTI SMEMBERS DEL SADD PEXPIRE EXEC`, plus one `DEL` of the revoked
-    /// tokens). The token key and the index live in different Cluster slots, so the two steps
-    /// are not one transaction; the token is written first, so every token is indexed by the
-    /// time `issue` returns, and under concurrent revoking issues for one subject exactly the
-    /// token whose index swap came last survives.
+    /// `revoke_previous`: `MULTI SMEMBERS SADD PEXPIRE EXEC`, then one `DEL` of the previous
+    /// tokens and one `SREM` of their hashes, four in all). The token key and the index live in
+    /// different Cluster slots, so the steps are not one transaction; the token is written
+    /// first, so every token is indexed by the time `issue` returns, and under concurrent
+    /// revoking issues for one subject exactly the token indexed last survives. A previous token
+    /// leaves the index only once it is deleted: if `issue` fails half way, a retry, or
+    /// [`revoke_all`](Self::revoke_all), still finds it.
     #[tracing::instrument(name = "tokens.issue_with_options", skip_all)]
     pub async fn issue_with_options(
         &self,
@@ -456,7 +458,6 @@ impl OneTimeTokens {
         pipe.atomic();
         if options.revoke_previous {
             pipe.cmd("SMEMBERS").arg(&index);
-            pipe.cmd("DEL").arg(&index).ignore();
         }
         pipe.cmd("SADD").arg(&index).arg(&token_hash).ignore();
         pipe.cmd("PEXPIRE").arg(&index).arg(ttl).ignore();
@@ -465,17 +466,9 @@ impl OneTimeTokens {
             let members = reply
                 .and_then(|v| v.into_iter().next())
                 .ok_or_else(|| Error::decode(&index, None, "empty transaction reply"))?;
-            let previous = text_list(&index, members)?;
-            let revoked: Vec<String> = previous
-                .iter()
-                .filter(|h| **h != token_hash)
-                .map(|h| self.link_key(purpose, h))
-                .collect();
-            if !revoked.is_empty() {
-                self.redis
-                    .query("tokens.revoke", redis::cmd("DEL").arg(&revoked))
-                    .await?;
-            }
+            let mut previous = text_list(&index, members)?;
+            previous.retain(|h| *h != token_hash);
+            self.delete_then_unindex(purpose, &index, &previous).await?;
         }
         Ok(LinkToken {
             token: Secret(token),
@@ -527,33 +520,45 @@ impl OneTimeTokens {
     }
 
     /// Revokes every outstanding token of `purpose` for `subject`; returns how many existed.
-    /// Two round trips: `MULTI SMEMBERS DEL EXEC` on the index, then one `DEL` of the tokens.
+    /// Three round trips: `SMEMBERS` of the index, one `DEL` of the tokens, then one `SREM` of
+    /// their hashes (one when the index is empty). The tokens live in other Cluster slots than
+    /// the index, so this is not one transaction: a hash leaves the index only after its token
+    /// is deleted, so a call that fails half way can be run again and finishes the revocation.
+    /// A token issued while it runs may survive it.
     #[tracing::instrument(name = "tokens.revoke_all", skip_all)]
     pub async fn revoke_all(&self, purpose: LinkPurpose, subject: &str) -> Result<u64> {
         let index = self.index_key(purpose, subject)?;
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("SMEMBERS")
-            .arg(&index)
-            .cmd("DEL")
-            .arg(&index)
-            .ignore();
-        let reply = self.redis.query_pipe("tokens.revoke_all", &pipe).await?;
-        let members = reply
-            .and_then(|v| v.into_iter().next())
-            .ok_or_else(|| Error::decode(&index, None, "empty transaction reply"))?;
-        let keys: Vec<String> = text_list(&index, members)?
-            .iter()
-            .map(|h| self.link_key(purpose, h))
-            .collect();
-        if keys.is_empty() {
+        let members = self
+            .redis
+            .query("tokens.revoke_all", redis::cmd("SMEMBERS").arg(&index))
+            .await?;
+        let hashes = text_list(&index, members)?;
+        self.delete_then_unindex(purpose, &index, &hashes).await
+    }
+
+    /// Deletes the tokens of `hashes`, then removes exactly those hashes from `index`; returns
+    /// how many tokens existed. Two round trips (none for no hashes). A hash stays indexed until
+    /// its token is gone, so an interrupted revocation is found again by the next one; a hash
+    /// left behind by a failed `SREM` names a deleted token, which the index tolerates anyway.
+    async fn delete_then_unindex(
+        &self,
+        purpose: LinkPurpose,
+        index: &str,
+        hashes: &[String],
+    ) -> Result<u64> {
+        if hashes.is_empty() {
             return Ok(0);
         }
-        let n = self
+        let keys: Vec<String> = hashes.iter().map(|h| self.link_key(purpose, h)).collect();
+        let deleted = self
             .redis
-            .query("tokens.revoke_all", redis::cmd("DEL").arg(&keys))
+            .query("tokens.revoke", redis::cmd("DEL").arg(&keys))
             .await?;
-        Ok(u64::try_from(codec::int(&index, n)?).unwrap_or(0))
+        let deleted = u64::try_from(codec::int(index, deleted)?).unwrap_or(0);
+        self.redis
+            .query("tokens.revoke", redis::cmd("SREM").arg(index).arg(hashes))
+            .await?;
+        Ok(deleted)
     }
 
     /// The subject's outstanding tokens of `purpose` (hashes and payloads, never tokens).

@@ -304,3 +304,82 @@ async fn without_scripting_links_work_and_2fa_is_refused() {
         .await
         .unwrap();
 }
+
+/// The node of `key`, read with `CLUSTER KEYSLOT` on any node.
+async fn node_of(cluster: &aether_redis::testkit::LocalCluster, key: &str) -> usize {
+    let url = format!("redis://127.0.0.1:{}", cluster.nodes()[0].port());
+    let mut conn = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let slot: u16 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    cluster.node_for_slot(slot)
+}
+
+/// A revocation cut off half way (the node holding a token dies between reading the index and
+/// deleting the tokens) fails, and running it again once the node is back revokes the token:
+/// the index still lists it. With AOF, the token outlives the kill, as a leaked link would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_revoke_all_is_finished_by_running_it_again() {
+    let mut cluster = tokio::task::spawn_blocking(|| {
+        aether_redis::testkit::LocalCluster::start_with(
+            3,
+            &["appendonly yes", "appendfsync always"],
+        )
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let mut config = cluster.config();
+    config.key_prefix = "revoke:".into();
+    config.connect_timeout = Duration::from_millis(500);
+    config.response_timeout = Duration::from_secs(1);
+    let redis = Redis::connect(config).await.unwrap();
+    let tokens = redis.tokens();
+    let purpose = LinkPurpose::PasswordReset;
+    let index_node = node_of(&cluster, "revoke:password-reset:user:u-leak").await;
+    // Tokens until one lives on another node than the index (each lands on a random slot).
+    let mut issued = Vec::new();
+    let victim_node = loop {
+        let t = tokens.issue(purpose, "u-leak", &json!(null)).await.unwrap();
+        let node = node_of(&cluster, &format!("revoke:password-reset:{}", t.token_hash)).await;
+        issued.push(t);
+        if node != index_node {
+            break node;
+        }
+        assert!(issued.len() < 50, "every token landed on the index's node");
+    };
+    let victim = issued.last().unwrap().token.expose().to_owned();
+
+    let node = &mut cluster.nodes_mut()[victim_node];
+    node.kill();
+    assert!(
+        tokens.revoke_all(purpose, "u-leak").await.is_err(),
+        "the token's node is down, so the revocation cannot complete"
+    );
+    node.restart().unwrap();
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let revoked = loop {
+        match tokens.revoke_all(purpose, "u-leak").await {
+            Ok(n) => break n,
+            Err(e) => assert!(std::time::Instant::now() < deadline, "node not back: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(revoked >= 1, "the run again found the surviving token");
+    assert_eq!(tokens.redeem(purpose, &victim).await.unwrap(), None);
+    for t in &issued {
+        assert_eq!(
+            tokens.redeem(purpose, t.token.expose()).await.unwrap(),
+            None
+        );
+    }
+    assert!(tokens.pending(purpose, "u-leak").await.unwrap().is_empty());
+}
