@@ -1789,3 +1789,69 @@ async fn scripting_disabled_is_refused_at_construction() {
     let err = redis.email_queue().unwrap_err();
     assert!(matches!(err, Error::Unsupported(_)), "{err:?}");
 }
+
+/// A worker past its shutdown deadline while Redis is down keeps the settlements of its jobs
+/// (one finished, one aborted at the deadline) and sends them once Redis is back, instead of
+/// leaving the finished job to be delivered, and its mail sent, again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_worker_keeps_its_settlements_through_an_outage_past_the_deadline() {
+    let mut server = tokio::task::spawn_blocking(|| {
+        LocalServer::start(LocalOptions {
+            config_lines: vec!["appendonly yes".into(), "appendfsync always".into()],
+            ..LocalOptions::default()
+        })
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let mut config = server.config();
+    config.key_prefix = "outage:".into();
+    config.connect_timeout = Duration::from_millis(300);
+    config.response_timeout = Duration::from_millis(500);
+    let redis = Redis::connect(config).await.unwrap();
+    let mut o = QueueOptions::default();
+    o.visibility_timeout = Duration::from_secs(10);
+    o.aging = None;
+    let queue = redis.email_queue().unwrap().with_options(o).unwrap();
+    queue.enqueue(job("quick", Priority::High)).await.unwrap();
+    queue.enqueue(job("stuck", Priority::Normal)).await.unwrap();
+    let finish = Arc::new(tokio::sync::Notify::new());
+    let release = finish.clone();
+    let mut options = worker_options(2);
+    options.shutdown_timeout = Duration::from_millis(300);
+    let worker = spawn_worker_with(&queue, options, move |job| {
+        let finish = finish.clone();
+        async move {
+            if job.id.as_str() == "quick" {
+                finish.notified().await;
+                Ok(())
+            } else {
+                std::future::pending().await
+            }
+        }
+    });
+    wait_stats(&queue, "both jobs leased", Duration::from_secs(10), |s| {
+        s.active == 2
+    })
+    .await;
+
+    tokio::task::block_in_place(|| server.kill());
+    release.notify_one();
+    let stopping = tokio::spawn(worker.shutdown());
+    // Well past the 300 ms deadline, with every settlement failing.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !stopping.is_finished(),
+        "the worker returned while its settlements could not be sent"
+    );
+    tokio::task::block_in_place(|| server.restart().unwrap());
+
+    let report = tokio::time::timeout(Duration::from_secs(20), stopping)
+        .await
+        .expect("the worker stops once Redis is back")
+        .unwrap()
+        .unwrap();
+    assert_eq!((report.completed, report.released), (1, 1));
+    let stats = queue.stats().await.unwrap();
+    assert_eq!((stats.completed, stats.waiting(), stats.active), (1, 1, 0));
+}

@@ -313,7 +313,9 @@ impl Worker {
     /// Fetches and handles jobs until `shutdown` completes, then stops fetching, lets in-flight
     /// jobs finish within [`WorkerOptions::shutdown_timeout`], returns the rest to the head of
     /// their lists and settles everything. Redis errors are logged and retried; they never end
-    /// the loop. If the future is dropped instead (task aborted, process killed), in-flight
+    /// the loop, except past the shutdown deadline: a stopping worker that cannot settle for a
+    /// whole visibility timeout returns, and its unsettled jobs are delivered again once their
+    /// leases lapse (a job that finished is then handled twice). If the future is dropped instead (task aborted, process killed), in-flight
     /// jobs stay leased and return to their lists after the visibility timeout.
     ///
     /// Round trips: one atomic script call per batch (it settles the finished jobs and leases
@@ -345,6 +347,8 @@ impl Worker {
         let mut pending: Vec<Settle> = Vec::new();
         let mut stopping = false;
         let mut stop_deadline: Option<Instant> = None;
+        // When a worker past its shutdown deadline stops retrying failed settlements.
+        let mut settle_give_up: Option<Instant> = None;
         let mut want_fetch = true;
         let mut idle = MIN_IDLE;
         let mut retry_at: Option<Instant> = None;
@@ -474,9 +478,16 @@ impl Worker {
                         tracing::warn!(queue = queue.name(), worker = %self.id, error = %e,
                             "email queue: fetch/settle failed; retrying");
                         if stopping && stop_deadline.is_none() {
-                            // Shutting down with Redis unreachable: leases expire and the jobs
-                            // return to their lists after the visibility timeout.
-                            break;
+                            // Past the shutdown deadline with Redis failing: finished jobs'
+                            // acks are still worth sending (unsent, their mail goes out again
+                            // after their leases lapse), and the extension branch keeps those
+                            // leases held meanwhile. After a visibility timeout of failures
+                            // the worker gives up: the jobs are then redelivered.
+                            let give_up = *settle_give_up
+                                .get_or_insert_with(|| Instant::now() + options.visibility_timeout);
+                            if Instant::now() >= give_up {
+                                break;
+                            }
                         }
                         retry_at = Some(Instant::now() + self.options.poll_interval);
                     }
@@ -762,7 +773,9 @@ fn scaled(d: Duration, fraction: f64) -> Duration {
         .map_or(d, |jittered| jittered.min(d))
 }
 
-/// A running [`Worker`].
+/// A running [`Worker`]. Dropping the handle starts the same graceful stop as
+/// [`shutdown`](Self::shutdown), without waiting for it: keep the handle for as long as the
+/// worker should run.
 #[derive(Debug)]
 pub struct WorkerHandle {
     stop: Option<oneshot::Sender<()>>,
