@@ -1386,6 +1386,45 @@ aether_redis::contract_tests! {
         assert_eq!(queue.replay(10).await.unwrap(), 0, "malformed entries stay dead");
     }
 
+    async fn a_prefetched_job_whose_lease_was_taken_over_is_not_started(redis) {
+        let queue = fast(&redis.email_queue_named("takeover").unwrap());
+        for i in 0..3 {
+            queue.enqueue(job(&format!("t{i}"), Priority::Normal)).await.unwrap();
+        }
+        let started: Arc<Mutex<Vec<String>>> = Arc::default();
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let (s, g) = (started.clone(), gate.clone());
+        let mut options = worker_options(1);
+        options.prefetch = 2;
+        let worker = spawn_worker_with(&queue, options, move |job: EmailJob| {
+            let id = job.id.to_string();
+            s.lock().unwrap().push(id.clone());
+            let g = g.clone();
+            async move {
+                if id == "t0" {
+                    g.notified().await;
+                }
+                Ok(())
+            }
+        });
+        wait_for("t0 running", Duration::from_secs(10), || started.lock().unwrap().len() == 1).await;
+        assert_eq!(counts(&queue).await.1, 3, "t0 running, t1 and t2 prefetched");
+        // As if t1's lease had lapsed and another worker had leased it since, for an hour.
+        let key = |part: &str| queue.list_key(Priority::Normal).replace(":normal", part);
+        let mut conn = redis.connection().await.unwrap();
+        let _: () = redis::cmd("HSET").arg(key(":leases")).arg("t1").arg("other.n.1|normal").query_async(&mut conn).await.unwrap();
+        let hour_ahead = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() + 3_600_000;
+        let _: () = redis::cmd("ZADD").arg(key(":active")).arg(hour_ahead as u64).arg("t1").query_async(&mut conn).await.unwrap();
+        // Two lease extensions (every third of the 1 s visibility timeout) see it.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        gate.notify_one();
+        wait_for("two more handled", Duration::from_secs(10), || started.lock().unwrap().len() >= 2).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let report = worker.shutdown().await.unwrap();
+        assert_eq!(started.lock().unwrap().as_slice(), ["t0", "t2"], "t1 belongs to the other worker");
+        assert_eq!((report.completed, report.lost_leases), (2, 1));
+    }
+
     async fn concurrent_replays_move_each_dead_job_exactly_once(redis) {
         // 300 dead jobs with 20 malformed entries among them, replayed by twelve concurrent
         // `replay(25)` calls: together they move every job once, whichever reads what. Their

@@ -167,7 +167,8 @@ pub struct WorkerReport {
     /// In-flight jobs returned to their lists at shutdown.
     pub released: u64,
     /// Settlements refused because the lease had expired and the job was handed to another
-    /// worker (the other delivery settles it).
+    /// worker (the other delivery settles it), and prefetched jobs dropped unstarted for the
+    /// same reason.
     pub lost_leases: u64,
 }
 
@@ -527,8 +528,19 @@ impl Worker {
                                 (id.to_owned(), token.clone())
                             }))
                             .collect();
+                        let in_flight = flight.len();
                         match queue.extend(&leases).await {
                             Ok(held) => {
+                                // A buffered job whose lease is gone was recovered and handed
+                                // to another worker: starting it here would send its mail twice.
+                                if let Some(buffered) = held.get(in_flight..in_flight + buffer.len())
+                                    && buffered.contains(&false)
+                                {
+                                    let mut still_held = buffered.iter();
+                                    buffer.retain(|_| still_held.next().copied().unwrap_or(true));
+                                    let dropped = buffered.iter().filter(|h| !**h).count();
+                                    report.lost_leases += dropped as u64;
+                                }
                                 let lost = held.iter().filter(|h| !**h).count();
                                 if lost > 0 {
                                     tracing::warn!(queue = queue.name(), worker = %self.id, lost,
