@@ -633,8 +633,9 @@ impl EmailQueue {
     /// atomic step per job, in arrival order; up to 128 jobs or 1 MiB of payload per call), so
     /// concurrent producers cost the server one call per batch instead of one per job. Such an
     /// enqueue usually takes two round trips and waits at most three times the response timeout
-    /// ([`Error::Timeout`]: the outcome is unknown, a retry with the same job id is safe); one
-    /// whose caller gives up while it is queued is not sent.
+    /// ([`Error::Timeout`]: the outcome is unknown, and a retry with the same job id is safe
+    /// while the id is known: a job that ran and was trimmed from the completed retention
+    /// meanwhile is added again); one whose caller gives up while it is queued is not sent.
     pub async fn enqueue(&self, job: EmailJob) -> Result<Enqueued> {
         let encoded = self.encode(job, None, now_millis())?;
         coalesce::submit(self, (), encoded).await
@@ -663,7 +664,10 @@ impl EmailQueue {
     /// Adds many jobs to run now, one result per job in order. Every job is validated before
     /// anything is sent; then one round trip (one atomic script) per 1000 jobs or 8 MiB of
     /// payload. Each call is atomic; when a later call fails, the jobs of the earlier ones are
-    /// in the queue (enqueueing the same jobs again is safe: ids are idempotent).
+    /// in the queue. Enqueueing the same jobs again is safe while their ids are known: a job of
+    /// an earlier call that ran and was already trimmed from the completed retention
+    /// ([`Retention`], by count and age) is added again, so keep that retention above what the
+    /// workers complete between a failure and its retry.
     pub async fn enqueue_bulk(&self, jobs: Vec<EmailJob>) -> Result<Vec<Enqueued>> {
         let now = now_millis();
         let encoded = jobs
