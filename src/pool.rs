@@ -842,6 +842,45 @@ impl Redis {
             .map_err(|e| self.fail(operation, e))
     }
 
+    /// Single-key commands on many keys, one reply each in order: one pipeline standalone,
+    /// concurrent commands on the shared connection in Cluster. A Cluster pipeline must stay in
+    /// one slot, and a multi-key command that the client splits across slots can report success
+    /// while a node is down (a `DEL` of two keys on two nodes, one of them down, answered `0`),
+    /// so on a Cluster every key gets a command of its own and every failure is an error.
+    pub(crate) async fn query_per_key(
+        &self,
+        operation: &'static str,
+        cmds: Vec<Cmd>,
+    ) -> Result<Vec<Value>> {
+        if cmds.is_empty() {
+            return Ok(Vec::new());
+        }
+        if !self.keys().is_cluster() {
+            let mut pipe = redis::pipe();
+            for c in cmds {
+                pipe.add_command(c);
+            }
+            return Ok(self.query_pipe(operation, &pipe).await?.unwrap_or_default());
+        }
+        let mut set = tokio::task::JoinSet::new();
+        let n = cmds.len();
+        for (i, c) in cmds.into_iter().enumerate() {
+            let redis = self.clone();
+            set.spawn(async move { (i, redis.query(operation, &c).await) });
+        }
+        let mut out = vec![Value::Nil; n];
+        while let Some(joined) = set.join_next().await {
+            let (i, reply) = joined.map_err(|e| Error::Unavailable {
+                message: format!("{operation}: {e}"),
+                source: None,
+            })?;
+            if let Some(slot) = out.get_mut(i) {
+                *slot = reply?;
+            }
+        }
+        Ok(out)
+    }
+
     /// Sends a pipeline (or `MULTI`/`EXEC` when built with `.atomic()`) in one round trip and
     /// returns one raw reply per non-ignored command. A `MULTI` aborted by `WATCH` returns
     /// `None`.

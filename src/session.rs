@@ -1165,7 +1165,7 @@ impl SessionStore {
                 c
             })
             .collect();
-        let replies = self.per_key("session.list_user", cmds).await?;
+        let replies = self.redis.query_per_key("session.list_user", cmds).await?;
         let mut sessions = Vec::new();
         let mut prune = Vec::new();
         for ((id, deadline), reply) in members.iter().zip(replies) {
@@ -1222,7 +1222,10 @@ impl SessionStore {
                 }
             })
             .collect();
-        let owners = self.per_key("session.destroy_user", owner_cmds).await?;
+        let owners = self
+            .redis
+            .query_per_key("session.destroy_user", owner_cmds)
+            .await?;
         let mut doomed = Vec::new();
         let mut prune = Vec::new();
         for ((id, deadline), owner) in members.iter().zip(owners) {
@@ -1251,7 +1254,10 @@ impl SessionStore {
                 c
             })
             .collect();
-        let deleted = self.per_key("session.destroy_user", del_cmds).await?;
+        let deleted = self
+            .redis
+            .query_per_key("session.destroy_user", del_cmds)
+            .await?;
         let count = deleted
             .iter()
             .filter(|v| matches!(v, Value::Int(1)))
@@ -1390,38 +1396,6 @@ impl SessionStore {
         }
         self.redis.query("session.index", &cmd).await?;
         Ok(())
-    }
-
-    /// Single-key commands on many keys: one pipeline standalone, concurrent commands on the
-    /// shared connection in Cluster (a Cluster pipeline must stay in one slot).
-    async fn per_key(&self, op: &'static str, cmds: Vec<redis::Cmd>) -> Result<Vec<Value>> {
-        if cmds.is_empty() {
-            return Ok(Vec::new());
-        }
-        if !self.redis.keys().is_cluster() {
-            let mut pipe = redis::pipe();
-            for c in cmds {
-                pipe.add_command(c);
-            }
-            return Ok(self.redis.query_pipe(op, &pipe).await?.unwrap_or_default());
-        }
-        let mut set = tokio::task::JoinSet::new();
-        let n = cmds.len();
-        for (i, c) in cmds.into_iter().enumerate() {
-            let redis = self.redis.clone();
-            set.spawn(async move { (i, redis.query(op, &c).await) });
-        }
-        let mut out = vec![Value::Nil; n];
-        while let Some(joined) = set.join_next().await {
-            let (i, reply) = joined.map_err(|e| Error::Unavailable {
-                message: format!("{op}: {e}"),
-                source: None,
-            })?;
-            if let Some(slot) = out.get_mut(i) {
-                *slot = reply?;
-            }
-        }
-        Ok(out)
     }
 
     async fn owner_and_created(&self, key: &str) -> Result<Option<(String, i64)>> {

@@ -406,8 +406,8 @@ impl OneTimeTokens {
     /// whose TTL is reset to the full token TTL, so it outlives every member).
     ///
     /// Two round trips: `SET .. NX PX`, then `MULTI SADD PEXPIRE EXEC` on the index (with
-    /// `revoke_previous`: `MULTI SMEMBERS SADD PEXPIRE EXEC`, then one `DEL` of the previous
-    /// tokens and one `SREM` of their hashes, four in all). The token key and the index live in
+    /// `revoke_previous`: `MULTI SMEMBERS SADD PEXPIRE EXEC`, then a `DEL` per previous token
+    /// (pipelined) and one `SREM` of their hashes, four in all). The token key and the index live in
     /// different Cluster slots, so the steps are not one transaction; the token is written
     /// first, so every token is indexed by the time `issue` returns, and under concurrent
     /// revoking issues for one subject exactly the token indexed last survives. A previous token
@@ -520,8 +520,8 @@ impl OneTimeTokens {
     }
 
     /// Revokes every outstanding token of `purpose` for `subject`; returns how many existed.
-    /// Three round trips: `SMEMBERS` of the index, one `DEL` of the tokens, then one `SREM` of
-    /// their hashes (one when the index is empty). The tokens live in other Cluster slots than
+    /// Three round trips: `SMEMBERS` of the index, a `DEL` per token (pipelined), then one
+    /// `SREM` of their hashes (one round trip when the index is empty). The tokens live in other Cluster slots than
     /// the index, so this is not one transaction: a hash leaves the index only after its token
     /// is deleted, so a call that fails half way can be run again and finishes the revocation.
     /// A token issued while it runs may survive it.
@@ -537,7 +537,9 @@ impl OneTimeTokens {
     }
 
     /// Deletes the tokens of `hashes`, then removes exactly those hashes from `index`; returns
-    /// how many tokens existed. Two round trips (none for no hashes). A hash stays indexed until
+    /// how many tokens existed. Two round trips (none for no hashes): a pipeline of one `DEL`
+    /// per token (concurrent commands on a Cluster, where the tokens live in many slots), then
+    /// the `SREM`. A hash stays indexed until
     /// its token is gone, so an interrupted revocation is found again by the next one; a hash
     /// left behind by a failed `SREM` names a deleted token, which the index tolerates anyway.
     async fn delete_then_unindex(
@@ -549,12 +551,16 @@ impl OneTimeTokens {
         if hashes.is_empty() {
             return Ok(0);
         }
-        let keys: Vec<String> = hashes.iter().map(|h| self.link_key(purpose, h)).collect();
-        let deleted = self
-            .redis
-            .query("tokens.revoke", redis::cmd("DEL").arg(&keys))
-            .await?;
-        let deleted = u64::try_from(codec::int(index, deleted)?).unwrap_or(0);
+        let deletes = hashes
+            .iter()
+            .map(|h| {
+                let mut del = redis::cmd("DEL");
+                del.arg(self.link_key(purpose, h));
+                del
+            })
+            .collect();
+        let replies = self.redis.query_per_key("tokens.revoke", deletes).await?;
+        let deleted = replies.iter().filter(|r| **r == Value::Int(1)).count() as u64;
         self.redis
             .query("tokens.revoke", redis::cmd("SREM").arg(index).arg(hashes))
             .await?;
