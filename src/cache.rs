@@ -787,7 +787,8 @@ impl CacheManager {
     /// Walks the keyspace with `SCAN MATCH <prefix>cache:<endpoint>:* COUNT 500` (never `KEYS`)
     /// and `UNLINK`s each page: about one round trip per page plus one per page with matches.
     /// In Cluster the scan runs on every master (the first page is sent to all masters at once,
-    /// then each master's cursor is followed on that master) and `UNLINK` is split by slot.
+    /// then each master's cursor is followed on that master) and each key gets an `UNLINK` of
+    /// its own (concurrent), so that a node down is an error.
     /// Not atomic: entries written while the scan runs may survive, and a slot migrating during
     /// the scan may be missed. Keys of other endpoints, including `/api/users/1` next to
     /// `/api/users`, are never matched.
@@ -882,11 +883,21 @@ impl CacheManager {
         if keys.is_empty() {
             return Ok(0);
         }
-        let reply = self
+        // An `UNLINK` per key: the client's split of a multi-key command over Cluster nodes can
+        // answer as if done with a node down, and an invalidation must fail instead.
+        let unlinks = keys
+            .iter()
+            .map(|key| {
+                let mut unlink = redis::cmd("UNLINK");
+                unlink.arg(key);
+                unlink
+            })
+            .collect();
+        let replies = self
             .redis
-            .query("cache.invalidate_endpoint", redis::cmd("UNLINK").arg(keys))
+            .query_per_key("cache.invalidate_endpoint", unlinks)
             .await?;
-        Ok(u64::try_from(codec::int(&keys[0], reply)?).unwrap_or(0))
+        Ok(replies.iter().filter(|r| **r == Value::Int(1)).count() as u64)
     }
 }
 

@@ -201,12 +201,18 @@ impl UserData {
     async fn delete_keys(&self, keys: &[String]) -> Result<u64> {
         let mut deleted = 0;
         for batch in keys.chunks(DELETE_BATCH) {
-            // In Cluster the client splits a multi-key DEL by slot and sums the replies.
-            let n = self
-                .redis
-                .query("user_data.erase", redis::cmd("DEL").arg(batch))
-                .await?;
-            deleted += u64::try_from(codec::int("DEL", n)?).unwrap_or(0);
+            // A `DEL` per key: the client's split of a multi-key `DEL` over Cluster nodes can
+            // answer as if done with a node down, and an erasure must fail instead.
+            let deletes = batch
+                .iter()
+                .map(|key| {
+                    let mut del = redis::cmd("DEL");
+                    del.arg(key);
+                    del
+                })
+                .collect();
+            let replies = self.redis.query_per_key("user_data.erase", deletes).await?;
+            deleted += replies.iter().filter(|r| **r == Value::Int(1)).count() as u64;
         }
         Ok(deleted)
     }
