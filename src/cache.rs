@@ -885,19 +885,9 @@ impl CacheManager {
         }
         // An `UNLINK` per key: the client's split of a multi-key command over Cluster nodes can
         // answer as if done with a node down, and an invalidation must fail instead.
-        let unlinks = keys
-            .iter()
-            .map(|key| {
-                let mut unlink = redis::cmd("UNLINK");
-                unlink.arg(key);
-                unlink
-            })
-            .collect();
-        let replies = self
-            .redis
-            .query_per_key("cache.invalidate_endpoint", unlinks)
-            .await?;
-        Ok(replies.iter().filter(|r| **r == Value::Int(1)).count() as u64)
+        self.redis
+            .delete_each("cache.invalidate_endpoint", "UNLINK", keys)
+            .await
     }
 }
 

@@ -881,6 +881,26 @@ impl Redis {
         Ok(out)
     }
 
+    /// `command` (`DEL`, `UNLINK`) of each of `keys`, as [`query_per_key`](Self::query_per_key)
+    /// sends them; returns how many keys it removed.
+    pub(crate) async fn delete_each(
+        &self,
+        operation: &'static str,
+        command: &str,
+        keys: &[String],
+    ) -> Result<u64> {
+        let cmds = keys
+            .iter()
+            .map(|key| {
+                let mut cmd = redis::cmd(command);
+                cmd.arg(key);
+                cmd
+            })
+            .collect();
+        let replies = self.query_per_key(operation, cmds).await?;
+        Ok(replies.iter().filter(|r| **r == Value::Int(1)).count() as u64)
+    }
+
     /// Sends a pipeline (or `MULTI`/`EXEC` when built with `.atomic()`) in one round trip and
     /// returns one raw reply per non-ignored command. A `MULTI` aborted by `WATCH` returns
     /// `None`.

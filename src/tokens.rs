@@ -551,16 +551,11 @@ impl OneTimeTokens {
         if hashes.is_empty() {
             return Ok(0);
         }
-        let deletes = hashes
-            .iter()
-            .map(|h| {
-                let mut del = redis::cmd("DEL");
-                del.arg(self.link_key(purpose, h));
-                del
-            })
-            .collect();
-        let replies = self.redis.query_per_key("tokens.revoke", deletes).await?;
-        let deleted = replies.iter().filter(|r| **r == Value::Int(1)).count() as u64;
+        let keys: Vec<String> = hashes.iter().map(|h| self.link_key(purpose, h)).collect();
+        let deleted = self
+            .redis
+            .delete_each("tokens.revoke", "DEL", &keys)
+            .await?;
         self.redis
             .query("tokens.revoke", redis::cmd("SREM").arg(index).arg(hashes))
             .await?;

@@ -203,16 +203,10 @@ impl UserData {
         for batch in keys.chunks(DELETE_BATCH) {
             // A `DEL` per key: the client's split of a multi-key `DEL` over Cluster nodes can
             // answer as if done with a node down, and an erasure must fail instead.
-            let deletes = batch
-                .iter()
-                .map(|key| {
-                    let mut del = redis::cmd("DEL");
-                    del.arg(key);
-                    del
-                })
-                .collect();
-            let replies = self.redis.query_per_key("user_data.erase", deletes).await?;
-            deleted += replies.iter().filter(|r| **r == Value::Int(1)).count() as u64;
+            deleted += self
+                .redis
+                .delete_each("user_data.erase", "DEL", batch)
+                .await?;
         }
         Ok(deleted)
     }

@@ -1678,9 +1678,9 @@ async fn child_worker_process() {
     worker.run_until(std::future::pending()).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_killed_during_enqueues_keeps_every_acknowledged_job() {
-    let server = tokio::task::spawn_blocking(|| {
+/// A server of the test's own that writes every command to its AOF before replying.
+async fn aof_server() -> LocalServer {
+    tokio::task::spawn_blocking(|| {
         LocalServer::start(LocalOptions {
             config_lines: vec!["appendonly yes".into(), "appendfsync always".into()],
             ..LocalOptions::default()
@@ -1688,7 +1688,12 @@ async fn redis_killed_during_enqueues_keeps_every_acknowledged_job() {
     })
     .await
     .unwrap()
-    .unwrap();
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_during_enqueues_keeps_every_acknowledged_job() {
+    let server = aof_server().await;
     let config = server.config();
     let server = Arc::new(Mutex::new(server));
     let (k, r) = (server.clone(), server.clone());
@@ -1834,15 +1839,7 @@ async fn scripting_disabled_is_refused_at_construction() {
 /// leaving the finished job to be delivered, and its mail sent, again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_worker_keeps_its_settlements_through_an_outage_past_the_deadline() {
-    let mut server = tokio::task::spawn_blocking(|| {
-        LocalServer::start(LocalOptions {
-            config_lines: vec!["appendonly yes".into(), "appendfsync always".into()],
-            ..LocalOptions::default()
-        })
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    let mut server = aof_server().await;
     let mut config = server.config();
     config.key_prefix = "outage:".into();
     config.connect_timeout = Duration::from_millis(300);

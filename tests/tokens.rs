@@ -305,21 +305,9 @@ async fn without_scripting_links_work_and_2fa_is_refused() {
         .unwrap();
 }
 
-/// The node of `key`, read with `CLUSTER KEYSLOT` on any node.
-async fn node_of(cluster: &aether_redis::testkit::LocalCluster, key: &str) -> usize {
-    let url = format!("redis://127.0.0.1:{}", cluster.nodes()[0].port());
-    let mut conn = redis::Client::open(url)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let slot: u16 = redis::cmd("CLUSTER")
-        .arg("KEYSLOT")
-        .arg(key)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    cluster.node_for_slot(slot)
+/// Which node of `cluster` serves `key`.
+fn node_of(cluster: &aether_redis::testkit::LocalCluster, key: &str) -> usize {
+    cluster.node_for_slot(aether_redis::keyspace::cluster_slot(key))
 }
 
 /// A revocation cut off half way (the node holding a token dies between reading the index and
@@ -343,7 +331,7 @@ async fn an_interrupted_revoke_all_is_finished_by_running_it_again() {
     let redis = Redis::connect(config).await.unwrap();
     let tokens = redis.tokens();
     let purpose = LinkPurpose::PasswordReset;
-    let index_node = node_of(&cluster, "revoke:password-reset:user:u-leak").await;
+    let index_node = node_of(&cluster, "revoke:password-reset:user:u-leak");
     // Tokens (each lands on a random slot) until one lives on another node than the index and
     // another on a node that stays up: the revocation's deletes then span a live node and the
     // dead one, which the redis client's own split of a multi-key `DEL` answered with `Ok(0)`.
@@ -351,7 +339,10 @@ async fn an_interrupted_revoke_all_is_finished_by_running_it_again() {
     let mut nodes = Vec::new();
     let (victim, victim_node) = loop {
         let t = tokens.issue(purpose, "u-leak", &json!(null)).await.unwrap();
-        nodes.push(node_of(&cluster, &format!("revoke:password-reset:{}", t.token_hash)).await);
+        nodes.push(node_of(
+            &cluster,
+            &format!("revoke:password-reset:{}", t.token_hash),
+        ));
         issued.push(t);
         let victim = nodes.iter().position(|n| *n != index_node);
         if let Some(v) = victim
