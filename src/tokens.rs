@@ -407,11 +407,11 @@ impl OneTimeTokens {
     ///
     /// Two round trips: `SET .. NX PX`, then `MULTI SADD PEXPIRE EXEC` on the index (with
     /// `revoke_previous`: `MULTI SMEMBERS SADD PEXPIRE EXEC`, then a `DEL` per previous token
-    /// (pipelined) and one `SREM` of their hashes, four in all). The token key and the index live in
-    /// different Cluster slots, so the steps are not one transaction; the token is written
-    /// first, so every token is indexed by the time `issue` returns, and under concurrent
-    /// revoking issues for one subject exactly the token indexed last survives. A previous token
-    /// leaves the index only once it is deleted: if `issue` fails half way, a retry, or
+    /// (pipelined) and one `SREM` of their hashes, four in all). The token key and the index live
+    /// in different Cluster slots, so the steps are not one transaction; the token is written
+    /// first, so every token is indexed by the time `issue` returns, and under concurrent revoking
+    /// issues for one subject exactly the token indexed last survives. A previous token leaves the
+    /// index only once it is deleted: if `issue` fails half way, a retry, or
     /// [`revoke_all`](Self::revoke_all), still finds it.
     #[tracing::instrument(name = "tokens.issue_with_options", skip_all)]
     pub async fn issue_with_options(
@@ -519,12 +519,12 @@ impl OneTimeTokens {
         Ok(n > 0)
     }
 
-    /// Revokes every outstanding token of `purpose` for `subject`; returns how many existed.
-    /// Three round trips: `SMEMBERS` of the index, a `DEL` per token (pipelined), then one
-    /// `SREM` of their hashes (one round trip when the index is empty). The tokens live in other Cluster slots than
-    /// the index, so this is not one transaction: a hash leaves the index only after its token
-    /// is deleted, so a call that fails half way can be run again and finishes the revocation.
-    /// A token issued while it runs may survive it.
+    /// Revokes every outstanding token of `purpose` for `subject`; returns how many existed. Three
+    /// round trips: `SMEMBERS` of the index, a `DEL` per token (pipelined), then one `SREM` of
+    /// their hashes (one round trip when the index is empty). The tokens live in other Cluster
+    /// slots than the index, so this is not one transaction: a hash leaves the index only after its
+    /// token is deleted, so a call that fails half way can be run again and finishes the
+    /// revocation. A token issued while it runs may survive it.
     #[tracing::instrument(name = "tokens.revoke_all", skip_all)]
     pub async fn revoke_all(&self, purpose: LinkPurpose, subject: &str) -> Result<u64> {
         let index = self.index_key(purpose, subject)?;
@@ -536,12 +536,12 @@ impl OneTimeTokens {
         self.delete_then_unindex(purpose, &index, &hashes).await
     }
 
-    /// Deletes the tokens of `hashes`, then removes exactly those hashes from `index`; returns
-    /// how many tokens existed. Two round trips (none for no hashes): a pipeline of one `DEL`
-    /// per token (concurrent commands on a Cluster, where the tokens live in many slots), then
-    /// the `SREM`. A hash stays indexed until
-    /// its token is gone, so an interrupted revocation is found again by the next one; a hash
-    /// left behind by a failed `SREM` names a deleted token, which the index tolerates anyway.
+    /// Deletes the tokens of `hashes`, then removes exactly those hashes from `index`; returns how
+    /// many tokens existed. Two round trips (none for no hashes): a pipeline of one `DEL` per token
+    /// (concurrent commands on a Cluster, where the tokens live in many slots), then the `SREM`. A
+    /// hash stays indexed until its token is gone, so an interrupted revocation is found again by
+    /// the next one; a hash left behind by a failed `SREM` names a deleted token, which the index
+    /// tolerates anyway.
     async fn delete_then_unindex(
         &self,
         purpose: LinkPurpose,

@@ -357,12 +357,12 @@ async fn an_interrupted_revoke_all_is_finished_by_running_it_again() {
     };
 
     let node = &mut cluster.nodes_mut()[victim_node];
-    node.kill();
+    tokio::task::block_in_place(|| node.kill());
     assert!(
         tokens.revoke_all(purpose, "u-leak").await.is_err(),
         "the token's node is down, so the revocation cannot complete"
     );
-    node.restart().unwrap();
+    tokio::task::block_in_place(|| node.restart().unwrap());
 
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let revoked = loop {

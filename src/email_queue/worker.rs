@@ -313,11 +313,12 @@ impl Worker {
 
     /// Fetches and handles jobs until `shutdown` completes, then stops fetching, lets in-flight
     /// jobs finish within [`WorkerOptions::shutdown_timeout`], returns the rest to the head of
-    /// their lists and settles everything. Redis errors are logged and retried; they never end
-    /// the loop, except past the shutdown deadline: a stopping worker that cannot settle for a
-    /// whole visibility timeout returns, and its unsettled jobs are delivered again once their
-    /// leases lapse (a job that finished is then handled twice). If the future is dropped instead (task aborted, process killed), in-flight
-    /// jobs stay leased and return to their lists after the visibility timeout.
+    /// their lists and settles everything. Redis errors are logged and retried; they never end the
+    /// loop, except past the shutdown deadline: a stopping worker that cannot settle for a whole
+    /// visibility timeout returns, and its unsettled jobs are delivered again once their leases
+    /// lapse (a job that finished is then handled twice). If the future is dropped instead (task
+    /// aborted, process killed), in-flight jobs stay leased and return to their lists after the
+    /// visibility timeout.
     ///
     /// Round trips: one atomic script call per batch (it settles the finished jobs and leases
     /// the next ones; at most every 50 ms it also recovers expired leases, promotes due jobs
@@ -533,7 +534,8 @@ impl Worker {
                             Ok(held) => {
                                 // A buffered job whose lease is gone was recovered and handed
                                 // to another worker: starting it here would send its mail twice.
-                                if let Some(buffered) = held.get(in_flight..in_flight + buffer.len())
+                                let buffered_range = in_flight..in_flight + buffer.len();
+                                if let Some(buffered) = held.get(buffered_range)
                                     && buffered.contains(&false)
                                 {
                                     let mut still_held = buffered.iter();
