@@ -712,19 +712,23 @@ impl Events {
         fields: &[(&str, &str)],
     ) -> Result<String> {
         let ttl = self.redis.ttl().millis(keyspace);
-        let min_id = (codec::now_millis() - ttl as i64).max(0);
         let mut pipe = redis::pipe();
         pipe.atomic();
         let xadd = pipe.cmd("XADD").arg(key).arg("*");
         for (name, value) in fields {
             xadd.arg(*name).arg(*value);
         }
-        pipe.cmd("XTRIM")
-            .arg(key)
-            .arg("MINID")
-            .arg("=")
-            .arg(min_id)
-            .ignore();
+        // The cutoff is on the server's clock, which assigns the ids it is compared with; the
+        // client's clock running ahead would trim the entry being added. Until a server time
+        // has been seen the age trim waits for the next append.
+        if let Some(server_now) = self.redis.server_clock().now_ms() {
+            pipe.cmd("XTRIM")
+                .arg(key)
+                .arg("MINID")
+                .arg("=")
+                .arg(server_now.saturating_sub(ttl as i64).max(0))
+                .ignore();
+        }
         if let Some(cap) = cap {
             pipe.cmd("XTRIM")
                 .arg(key)
@@ -738,7 +742,9 @@ impl Events {
         let id = reply
             .and_then(|v| v.into_iter().next())
             .ok_or_else(|| Error::decode(key, None, "empty transaction reply"))?;
-        codec::text(key, None, id)
+        let id = codec::text(key, None, id)?;
+        self.redis.server_clock().observe(entry_millis(key, &id)?);
+        Ok(id)
     }
 
     /// Entries of the stream at `key` in `from_ms..=to_ms`, oldest first, at most `limit`: the

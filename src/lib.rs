@@ -28,6 +28,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod cache;
+mod clock;
 mod coalesce;
 pub mod codec;
 pub mod config;

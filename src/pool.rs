@@ -16,6 +16,7 @@ use deadpool::managed::{self, Metrics, Object, RecycleResult};
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Cmd, FromRedisValue, Pipeline, RedisFuture, Value};
 
+use crate::clock::{ServerClock, time_reply_millis};
 use crate::config::{Config, Topology};
 use crate::error::{Error, Result};
 use crate::keyspace::Keys;
@@ -525,6 +526,7 @@ struct Inner {
     dedicated: managed::Pool<DedicatedManager>,
     capabilities: Capabilities,
     scripts: Scripts,
+    server_clock: ServerClock,
 }
 
 /// The handle everything hangs off: configuration, key builder, TTL table, connections and
@@ -616,6 +618,14 @@ impl Redis {
         }
         let scripts = Scripts::new(&config);
         let scripting_error = scripts.probe(&mut probe).await.err();
+        // Seeds the estimate that append cutoffs use; without it the first appends skip their
+        // age trim, which the next ones make up for, so a refused `TIME` is not an error.
+        let server_clock = ServerClock::new();
+        if let Ok(time) = redis::cmd("TIME").query_async::<Value>(&mut probe).await
+            && let Some(ms) = time_reply_millis(&time)
+        {
+            server_clock.observe(ms);
+        }
         let capabilities = Capabilities {
             version,
             version_number,
@@ -662,6 +672,7 @@ impl Redis {
                 dedicated,
                 capabilities,
                 scripts,
+                server_clock,
             }),
         })
     }
@@ -693,6 +704,10 @@ impl Redis {
 
     pub(crate) fn scripts(&self) -> &Scripts {
         &self.inner.scripts
+    }
+
+    pub(crate) fn server_clock(&self) -> &ServerClock {
+        &self.inner.server_clock
     }
 
     /// `PING` round-trip time, role and version. Uses `HELLO`, so it answers for ACL users who

@@ -13,7 +13,9 @@ use aether_redis::email_queue::{
     QueueStats, Retention, WorkerHandle, WorkerOptions, handler_fn,
 };
 use aether_redis::testkit::{LocalOptions, LocalServer};
-use aether_redis::{Config, Environment, Error, Keyspace, Redis, Topology};
+use aether_redis::{Config, Error, Keyspace, Redis, Topology};
+
+mod support;
 
 fn job(id: &str, priority: Priority) -> EmailJob {
     EmailJob::new(["ada@example.com"], "noreply@example.com", "Hello", "Body")
@@ -360,16 +362,7 @@ aether_redis::contract_tests! {
     async fn sigkilled_worker_process_job_is_redelivered(redis) {
         let queue = fast(&redis.email_queue().unwrap());
         queue.enqueue(job("killed-mid-job", Priority::High)).await.unwrap();
-        let config = redis.config();
-        let (topology, nodes) = match &config.topology {
-            Topology::Cluster { nodes } => ("cluster", nodes.join(",")),
-            _ => ("standalone", format!("{}:{}", config.host, config.port)),
-        };
-        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "child_worker_process", "--ignored", "--nocapture", "--test-threads=1"])
-            .env("EQ_CHILD_TOPOLOGY", topology)
-            .env("EQ_CHILD_NODES", nodes)
-            .env("EQ_CHILD_PREFIX", &config.key_prefix)
+        let mut child = support::child_test_process(&redis, "child_worker_process", &[])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -1650,20 +1643,7 @@ impl WorkerTotals {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "entry point of a child process started by sigkilled_worker_process_job_is_redelivered"]
 async fn child_worker_process() {
-    let prefix = std::env::var("EQ_CHILD_PREFIX").expect("started by the SIGKILL test");
-    let nodes = std::env::var("EQ_CHILD_NODES").unwrap();
-    let mut config = Config::default();
-    config.environment = Environment::Test;
-    config.key_prefix = prefix;
-    if std::env::var("EQ_CHILD_TOPOLOGY").unwrap() == "cluster" {
-        config.topology = Topology::Cluster {
-            nodes: nodes.split(',').map(str::to_owned).collect(),
-        };
-    } else {
-        let (host, port) = nodes.rsplit_once(':').unwrap();
-        config.host = host.to_owned();
-        config.port = port.parse().unwrap();
-    }
+    let config = support::child_config();
     let redis = Redis::connect(config).await.unwrap();
     let queue = fast(&redis.email_queue().unwrap());
     let worker = queue

@@ -12,7 +12,7 @@ use futures::future::join_all;
 use serde_json::json;
 
 mod support;
-use support::{all_keys, assert_ttl, pttl, with_environment};
+use support::{all_keys, assert_ttl, pttl, query, with_environment};
 
 fn now_ms() -> i64 {
     aether_redis::codec::now_millis()
@@ -179,6 +179,57 @@ aether_redis::contract_tests! {
         assert_eq!(kinds, vec!["e3", "e4", "e5"]);
     }
 
+    async fn appends_trim_entries_older_than_the_ttl_on_the_server_clock(redis) {
+        let events = redis.events();
+        let time: Vec<String> = query(&redis, &redis::cmd("TIME")).await;
+        let server_ms = time[0].parse::<i64>().unwrap() * 1000 + time[1].parse::<i64>().unwrap() / 1000;
+        for keyspace in [Keyspace::SecurityEvents, Keyspace::Audit] {
+            let key = match keyspace {
+                Keyspace::Audit => redis.keys().key(keyspace, &["log"]).unwrap(),
+                _ => redis.keys().key(keyspace, &["u-old"]).unwrap(),
+            };
+            let ttl = redis.ttl().millis(keyspace) as i64;
+            for (ms, name) in [(server_ms - ttl - 5_000, "expired"), (server_ms - ttl / 2, "kept")] {
+                let _: String = query(&redis, redis::cmd("XADD").arg(&key).arg(format!("{ms}-0")).arg("kind").arg(name).arg("actor").arg("a").arg("action").arg(name)).await;
+            }
+        }
+        events.record_security_event("u-old", &SecurityEvent::new("new")).await.unwrap();
+        events.audit(&AuditEntry::new("a", "new")).await.unwrap();
+        let kinds: Vec<_> = events.security_events("u-old", 0, i64::MAX, 10).await.unwrap().into_iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, ["kept", "new"]);
+        let actions: Vec<_> = events.audit_range(0, i64::MAX, 10).await.unwrap().into_iter().map(|r| r.action).collect();
+        assert_eq!(actions, ["kept", "new"]);
+    }
+
+    async fn a_client_whose_clock_runs_ahead_keeps_what_it_appends(redis) {
+        // The appends come from a child process whose clock libfaketime sets an hour ahead: an
+        // age cutoff taken from that clock would trim the very entries being appended.
+        let mut child = support::child_test_process(
+            &redis,
+            "child_appender_with_its_clock_ahead",
+            &["faketime", "-m", "--exclude-monotonic", "-f", "+1h"],
+        );
+        let output = tokio::task::spawn_blocking(move || child.output())
+            .await
+            .unwrap()
+            .expect("faketime (Debian package faketime) runs the child");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "child failed:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+        let skew: i64 = stdout
+            .lines()
+            .find_map(|line| line.split_once("SKEW_MS ").map(|(_, skew)| skew))
+            .unwrap_or_else(|| panic!("the child reports no clock skew:\n{stdout}"))
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(skew > 50 * 60 * 1000, "the child's clock is only {skew} ms ahead");
+        let events = redis.events();
+        let kinds: Vec<_> = events.security_events("u-skew", 0, i64::MAX, 10).await.unwrap().into_iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, ["first", "second"]);
+        let actions: Vec<_> = events.audit_range(0, i64::MAX, 10).await.unwrap().into_iter().map(|r| r.action).collect();
+        assert_eq!(actions, ["first", "second"]);
+    }
+
     async fn audit_is_append_only_and_queryable_by_time(redis) {
         let events = redis.events();
         let before = now_ms();
@@ -281,5 +332,29 @@ aether_redis::contract_tests! {
             }
         }
         assert!(without_ttl.is_empty(), "keys without TTL (seed {seed}): {without_ttl:?}");
+    }
+}
+
+/// The appender that `a_client_whose_clock_runs_ahead_keeps_what_it_appends` starts under
+/// `faketime`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "entry point of a child process started by a_client_whose_clock_runs_ahead_keeps_what_it_appends"]
+async fn child_appender_with_its_clock_ahead() {
+    let redis = aether_redis::Redis::connect(support::child_config())
+        .await
+        .unwrap();
+    let time: Vec<String> = query(&redis, &redis::cmd("TIME")).await;
+    let server_ms = time[0].parse::<i64>().unwrap() * 1000 + time[1].parse::<i64>().unwrap() / 1000;
+    println!("SKEW_MS {}", now_ms() - server_ms);
+    let events = redis.events();
+    for kind in ["first", "second"] {
+        events
+            .record_security_event("u-skew", &SecurityEvent::new(kind))
+            .await
+            .unwrap();
+        events
+            .audit(&AuditEntry::new("skewed-client", kind))
+            .await
+            .unwrap();
     }
 }

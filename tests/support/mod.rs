@@ -130,3 +130,54 @@ pub async fn pause_all(redis: &Redis, millis: u64) {
         .await
         .unwrap();
 }
+
+/// Starts this test binary again, running only the ignored test `entry`, connected to the
+/// same server and key namespace as `redis` (read back by [`child_config`]). `wrapper` runs
+/// it under another program first (e.g. `faketime`).
+pub fn child_test_process(redis: &Redis, entry: &str, wrapper: &[&str]) -> std::process::Command {
+    let config = redis.config();
+    let (topology, nodes) = match &config.topology {
+        aether_redis::Topology::Cluster { nodes } => ("cluster", nodes.join(",")),
+        _ => ("standalone", format!("{}:{}", config.host, config.port)),
+    };
+    let exe = std::env::current_exe().unwrap();
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = std::process::Command::new(program);
+            c.args(args).arg(exe);
+            c
+        }
+        None => std::process::Command::new(exe),
+    };
+    command
+        .args([
+            "--exact",
+            entry,
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("AETHER_CHILD_TOPOLOGY", topology)
+        .env("AETHER_CHILD_NODES", nodes)
+        .env("AETHER_CHILD_PREFIX", &config.key_prefix);
+    command
+}
+
+/// The configuration a process started by [`child_test_process`] connects with.
+pub fn child_config() -> aether_redis::Config {
+    let prefix = std::env::var("AETHER_CHILD_PREFIX").expect("started by child_test_process");
+    let nodes = std::env::var("AETHER_CHILD_NODES").unwrap();
+    let mut config = aether_redis::Config::default();
+    config.environment = Environment::Test;
+    config.key_prefix = prefix;
+    if std::env::var("AETHER_CHILD_TOPOLOGY").unwrap() == "cluster" {
+        config.topology = aether_redis::Topology::Cluster {
+            nodes: nodes.split(',').map(str::to_owned).collect(),
+        };
+    } else {
+        let (host, port) = nodes.rsplit_once(':').unwrap();
+        config.host = host.to_owned();
+        config.port = port.parse().unwrap();
+    }
+    config
+}
