@@ -266,11 +266,14 @@ impl UserData {
     /// twoFactor, domainChallenges, rateLimits}`. Secrets are never included: sessions are
     /// listed without their ids (bearer credentials) and with the names, not the values, of
     /// their application-defined fields (which hold e.g. CSRF tokens); link tokens appear as
-    /// hashes with their payloads and issue times; 2FA state without the code. Appends a `user.exported` audit
-    /// record. Reading the preferences refreshes their TTL, as every read does.
+    /// hashes with their payloads and issue times; 2FA state without the code. Appends a
+    /// `user.exported` audit record.
     ///
-    /// Read-only apart from the audit record; not a snapshot (about fifteen round trips plus
-    /// the `SCAN` pages).
+    /// Changes no data apart from the audit record, with two kinds of housekeeping that every
+    /// read does: listing the sessions prunes index entries of sessions that have ended (as
+    /// [`SessionStore::list_user`](crate::SessionStore::list_user) does), and reading the
+    /// preferences refreshes their TTL. Not a snapshot (about fifteen round trips plus the
+    /// `SCAN` pages).
     #[tracing::instrument(name = "user_data.export_user", skip_all)]
     pub async fn export_user(&self, user_id: &str) -> Result<serde_json::Value> {
         validate_key_part("user id", user_id)?;
