@@ -247,8 +247,9 @@ pub struct Config {
     /// (`REDIS_MAX_RETRIES`, default 3; 0 turns retries off). Retries wait 50 ms × the attempt
     /// number. Exactly these operations retry: [`Redis::health`](crate::Redis::health),
     /// `CacheManager::get`, `get_many` and the first `GET` of `get_or_set`, `UserPrefs::get` and
-    /// `get_record`, and the stream consumer's acknowledgements. Every other operation makes one
-    /// attempt and returns the error.
+    /// `get_record`. Every other operation makes one attempt and returns the error; the stream
+    /// consumer's acknowledgements and the email queue worker's calls run in background loops
+    /// that retry on their own schedule (`docs/operations.md`).
     pub max_retries: u32,
     /// Multiplexed connections that ordinary commands share (default 1; raise it when one
     /// connection's socket becomes the bottleneck).

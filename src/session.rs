@@ -1684,6 +1684,25 @@ mod tests {
     }
 
     #[test]
+    fn a_vedfolnir_session_is_a_decode_error_naming_user_id() {
+        // The sample of the Vedfolnir session document, in its own shape (docs/keyspace.md).
+        let sample = serde_json::json!({
+            "user_id": 1, "username": "admin", "role": "admin",
+            "platform_connection_id": 123, "platform_name": "My Platform",
+            "csrf_token": "abc123", "created_at": "2025-01-01T12:00:00Z",
+            "last_activity": "2025-01-01T12:30:00Z"
+        });
+        let serde_json::Value::Object(m) = sample else {
+            unreachable!()
+        };
+        let id = SessionId::generate().unwrap();
+        match Session::from_json_object(id, "session:<redacted>", &m) {
+            Err(Error::Decode { field, .. }) => assert_eq!(field.as_deref(), Some("userId")),
+            other => panic!("expected a decode error, got {other:?}"),
+        }
+    }
+
+    #[test]
     fn extra_names_may_not_shadow_documented_fields() {
         let new = NewSession::new("u1", "e", Role::User).extra("userId", "x");
         assert!(matches!(new.validate(), Err(Error::InvalidInput { .. })));

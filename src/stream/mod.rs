@@ -547,7 +547,7 @@ impl Streams {
     /// messages that its producers' cap would have kept. The entry's fields whose names start
     /// with `dl:` (the metadata) and its `replay_of` are not copied; a new `replay_of` is added.
     /// An entry with a [`DeadLetter::problem`] is replayed as it is (its `replay_of` is then its
-    /// own `dl:original_id`, else `replay_of`, else its dead-letter id).
+    /// own `replay_of`, else its `dl:original_id`, else its dead-letter id).
     ///
     /// Every group of the stream receives the replayed message; a group that already handled
     /// the original (its `processed` record still exists) acks it without running its handler.
