@@ -1457,6 +1457,50 @@ aether_redis::contract_tests! {
         assert_eq!((stats.waiting(), stats.dead), (300, 20));
     }
 
+    async fn a_replay_misses_no_job_while_retention_trims_the_entries_it_stepped_over(redis) {
+        // 3000 entries that stay dead (payloads that are not jobs), then 100 dead jobs. While one
+        // `replay(100)` pages through the 3000, a trimmer removes the oldest entries, which are
+        // the ones the replay has stepped over: the replay must still reach all 100 jobs.
+        let queue = fast(&redis.email_queue_named("trimmed-replay").unwrap());
+        let mut conn = redis.connection().await.unwrap();
+        for chunk in 0..30 {
+            let junk: Vec<String> = (0..100).map(|i| format!("junk {chunk}-{i}")).collect();
+            let _: () = redis::cmd("LPUSH")
+                .arg(queue.list_key(Priority::Normal))
+                .arg(&junk)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        let worker = spawn_worker(&queue, 8, |_job| async { Err(JobError::permanent("bounced")) });
+        wait_stats(&queue, "the junk buried", Duration::from_secs(30), |s| s.dead == 3000).await;
+        let jobs = (0..100).map(|i| job(&format!("t{i}"), Priority::ALL[i % 3])).collect();
+        queue.enqueue_bulk(jobs).await.unwrap();
+        wait_stats(&queue, "every job dead", Duration::from_secs(30), |s| s.dead == 3100).await;
+        worker.shutdown().await.unwrap();
+
+        let done = Arc::new(AtomicBool::new(false));
+        let trimmer = {
+            let (queue, done) = (queue.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut keep = 3100;
+                let mut trimmed = 0;
+                while !done.load(Ordering::Relaxed) && keep > 200 {
+                    keep -= 20;
+                    trimmed += queue.clean(CleanTarget::Dead, Duration::from_secs(365 * 86_400), keep).await.unwrap();
+                }
+                trimmed
+            })
+        };
+        let moved = queue.replay(100).await.unwrap();
+        done.store(true, Ordering::Relaxed);
+        let trimmed = trimmer.await.unwrap();
+        assert!(trimmed > 0, "the trimmer removed nothing while the replay ran");
+        assert_eq!(moved, 100, "{trimmed} entries trimmed during the replay");
+        let waiting = waiting_ids(&redis, &queue).await;
+        assert_eq!(waiting.len(), 100);
+    }
+
     async fn concurrent_replay_one_calls_move_a_dead_job_once(redis) {
         let queue = fast(&redis.email_queue().unwrap());
         for round in 0..20 {

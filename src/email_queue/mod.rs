@@ -858,10 +858,43 @@ impl EmailQueue {
         Ok(out)
     }
 
-    /// How many of `dead_ids` are still members of the dead set. One round trip (`ZMSCORE`).
-    async fn still_dead(&self, dead_ids: &[String]) -> Result<usize> {
+    /// The members of the dead set that follow `after` (from the oldest when `None`, or when
+    /// `after` has left the set), at most `count`, with their records. One round trip: one
+    /// script, so the position and the reads are one step.
+    async fn dead_page_after(&self, after: Option<&str>, count: usize) -> Result<Vec<DeadMember>> {
+        let call = self
+            .call()
+            .arg("dead_page")
+            .arg(after.unwrap_or(""))
+            .arg(count);
+        let key = &self.inner.keys[K_DEAD];
+        let items = match self.inner.redis.eval_script(&SCRIPT, &call).await? {
+            Value::Array(items) if items.len() % 2 == 0 => items,
+            other => {
+                return Err(Error::decode(
+                    key,
+                    None,
+                    format!("expected (dead id, record) pairs, got {other:?}"),
+                ));
+            }
+        };
+        let mut out = Vec::with_capacity(items.len() / 2);
+        let mut items = items.into_iter();
+        while let (Some(dead_id), Some(record)) = (items.next(), items.next()) {
+            let dead_id = crate::codec::text(key, None, dead_id)?;
+            out.push(if record == Value::Nil {
+                DeadMember::Missing(dead_id)
+            } else {
+                DeadMember::Entry(Box::new(dead_entry(dead_id, record)))
+            });
+        }
+        Ok(out)
+    }
+
+    /// Which of `dead_ids` are still members of the dead set. One round trip (`ZMSCORE`).
+    async fn still_dead(&self, dead_ids: &[&str]) -> Result<Vec<bool>> {
         if dead_ids.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
         let key = &self.inner.keys[K_DEAD];
         let reply = self
@@ -873,11 +906,13 @@ impl EmailQueue {
             )
             .await?;
         match reply {
-            Value::Array(scores) => Ok(scores.iter().filter(|s| **s != Value::Nil).count()),
+            Value::Array(scores) if scores.len() == dead_ids.len() => {
+                Ok(scores.iter().map(|s| *s != Value::Nil).collect())
+            }
             other => Err(Error::decode(
                 key,
                 None,
-                format!("expected an array, got {other:?}"),
+                format!("expected {} scores, got {other:?}", dead_ids.len()),
             )),
         }
     }
@@ -886,42 +921,60 @@ impl EmailQueue {
     /// they died from, with `attempts` reset, and returns how many moved. Entries that stay
     /// dead: a payload that is not an [`EmailJob`], and a copy filed under another dead id
     /// (`<id>#duplicate-..`: the job it copies ran or is running, so replaying it would send the
-    /// mail twice). Those are skipped, not counted against `limit`. Reads pages of at least 100
-    /// entries with [`dead_jobs`](Self::dead_jobs)'s two round trips (a third, `ZMSCORE`, when a
-    /// concurrent call removed listed entries in between), then one atomic script per 1000 jobs
-    /// that moves only entries still in the dead set, so concurrent replays never duplicate a
-    /// job, and together they miss none.
+    /// mail twice). Those are skipped, not counted against `limit`. Reads pages of 100 to 1000
+    /// entries, each with one script that finds the page after the last entry skipped and
+    /// reads it in one step (a `ZMSCORE` follows when a member had no record), then one
+    /// atomic script per 1000 jobs that moves only entries still in the dead set. So
+    /// concurrent replays never duplicate a job, and together they miss none, whatever
+    /// retention trims meanwhile.
     pub async fn replay(&self, limit: usize) -> Result<usize> {
         const PAGE: usize = 100;
+        const MAX_PAGE: usize = 1000;
         let mut moved = 0;
-        // Entries ahead of the next page that stay dead; replayed ones leave the set.
-        let mut staying = 0;
+        // The newest entry looked at that stays dead. Everything older that this call looked at
+        // has left the set or stays dead too, so the next page starts right after it. Found by
+        // rank, not by counting: retention trims the oldest entries, the very ones stepped
+        // over, while a call pages, and a counted offset would then overshoot the entries left.
+        let mut last_staying: Option<String> = None;
         while moved < limit {
             let wanted = limit - moved;
-            let page_size = wanted.max(PAGE);
-            let page = self.dead_page(staying, page_size).await?;
+            let page_size = wanted.clamp(PAGE, MAX_PAGE);
+            let page = self
+                .dead_page_after(last_staying.as_deref(), page_size)
+                .await?;
             let listed = page.len();
-            // The first `wanted` replayable entries are tried; what stays dead before the last
-            // of them is stepped over next time, the rest of the page is read again. A member
-            // whose record was gone when read was usually replayed by a concurrent call between
-            // this call's two reads, and has left the set: only those still in it are stepped
-            // over, so the next page starts where the remaining entries do (and a member left
-            // without a record is never read again and again).
+            // The first `wanted` replayable entries are tried; the rest of the page is read
+            // again. A member without a record (written by hand or by another program) stays
+            // dead while it is in the set, and is then stepped over like the other entries.
             let mut tried = Vec::new();
-            let mut missing = Vec::new();
+            let mut staying: Option<(usize, String)> = None;
+            let mut missing: Vec<(usize, String)> = Vec::new();
             let mut complete = true;
-            for member in page {
+            for (position, member) in page.into_iter().enumerate() {
                 if tried.len() == wanted {
                     complete = false;
                     break;
                 }
                 match member {
                     DeadMember::Entry(entry) if entry.is_replayable() => tried.push(*entry),
-                    DeadMember::Entry(_) => staying += 1,
-                    DeadMember::Missing(dead_id) => missing.push(dead_id),
+                    DeadMember::Entry(entry) => staying = Some((position, entry.dead_id)),
+                    DeadMember::Missing(dead_id) => missing.push((position, dead_id)),
                 }
             }
-            staying += self.still_dead(&missing).await?;
+            let ids: Vec<&str> = missing.iter().map(|(_, id)| id.as_str()).collect();
+            let present = self.still_dead(&ids).await?;
+            if let Some(found) = missing
+                .into_iter()
+                .zip(present)
+                .filter_map(|(member, present)| present.then_some(member))
+                .next_back()
+                && staying.as_ref().is_none_or(|(at, _)| found.0 > *at)
+            {
+                staying = Some(found);
+            }
+            if let Some((_, dead_id)) = staying {
+                last_staying = Some(dead_id);
+            }
             moved += self.replay_entries(tried).await?;
             if complete && listed < page_size {
                 break;

@@ -637,6 +637,28 @@ if op == 'replay' then
   return out
 end
 
+if op == 'dead_page' then
+  -- ARGV: op, the dead id the page follows ('' = from the oldest), count. Reply: dead id, record
+  -- (false when none), per member, oldest first. The rank and the reads are one step, so
+  -- entries trimmed or replayed meanwhile cannot shift the page; a dead id no longer in the
+  -- set starts it from the oldest again.
+  local start = 0
+  if ARGV[2] ~= '' then
+    local rank = redis.call('ZRANK', DEAD, ARGV[2])
+    if rank then start = rank + 1 end
+  end
+  local ids = redis.call('ZRANGE', DEAD, start, start + tonumber(ARGV[3]) - 1)
+  local out = {}
+  each_chunk(ids, 1000, function(chunk)
+    local records = redis.call('HMGET', DEADJOBS, unpack(chunk))
+    for i, id in ipairs(chunk) do
+      out[#out + 1] = id
+      out[#out + 1] = records[i]
+    end
+  end)
+  return out
+end
+
 if op == 'clean' then
   -- ARGV: op, 'completed' | 'dead', keep count, max age ms (-1: any age), limit. Reply: removed.
   local now = now_ms()
