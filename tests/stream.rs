@@ -451,6 +451,60 @@ aether_redis::contract_tests! {
         assert_eq!(streams.trim_dead_letters("garbage", Duration::ZERO).await.unwrap(), 0);
     }
 
+    async fn a_message_with_more_fields_than_a_script_takes_is_dead_lettered_and_replayed_whole(redis) {
+        // 5000 fields: past the about 8000 arguments a Lua `unpack` can pass to one command.
+        let streams = redis.streams();
+        let keys = streams.keys("wide").unwrap();
+        streams.create_group("wide", "workers", StartFrom::Beginning).await.unwrap();
+        let mut xadd = redis::cmd("XADD");
+        xadd.arg(keys.stream()).arg("*").arg("payload").arg(r#"{"n":7}"#);
+        for i in 0..5000 {
+            xadd.arg(format!("f{i}")).arg(format!("v{i}"));
+        }
+        raw(&redis, &xadd).await;
+        let runs = Arc::new(AtomicU64::new(0));
+        let r = runs.clone();
+        let running = streams
+            .consumer::<Job>("wide", "workers", fast().with_max_retries(1))
+            .unwrap()
+            .spawn(move |_msg: StreamMessage<Job>| {
+                r.fetch_add(1, Ordering::SeqCst);
+                async { Err::<(), _>(std::io::Error::other("bounced")) }
+            });
+        wait_for("the dead letter", Duration::from_secs(10), || running.metrics().dead_lettered == 1).await;
+        running.shutdown().await.unwrap();
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        let dead = streams.dead_letters("wide", 10).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].problem, None);
+        assert_eq!(dead[0].fields.len(), 5001);
+        assert_eq!(dead[0].fields[5000], ("f4999".to_owned(), b"v4999".to_vec()));
+        assert_eq!(dead[0].payload::<Job>().unwrap(), Job { n: 7 });
+        assert!(dead[0].error.contains("bounced"), "{}", dead[0].error);
+        let pending: redis::Value = raw(&redis, redis::cmd("XPENDING").arg(keys.stream()).arg("workers")).await;
+        assert!(matches!(&pending, redis::Value::Array(p) if p.first() == Some(&redis::Value::Int(0))), "{pending:?}");
+
+        let replays: Vec<_> = (0..4)
+            .map(|_| {
+                let (s, id) = (streams.clone(), dead[0].id.clone());
+                tokio::spawn(async move { s.replay_dead_letter("wide", &id).await.unwrap() })
+            })
+            .collect();
+        let mut won = 0;
+        for r in replays {
+            won += usize::from(r.await.unwrap().is_some());
+        }
+        assert_eq!(won, 1, "exactly one concurrent replay moves the dead letter");
+        assert!(streams.dead_letters("wide", 10).await.unwrap().is_empty());
+        let entries: redis::Value = raw(&redis, redis::cmd("XRANGE").arg(keys.stream()).arg("-").arg("+")).await;
+        let redis::Value::Array(entries) = entries else { panic!("{entries:?}") };
+        assert_eq!(entries.len(), 2, "the original and its replay");
+        let redis::Value::Array(replayed) = &entries[1] else { panic!() };
+        let redis::Value::Array(fields) = &replayed[1] else { panic!() };
+        // payload, 5000 fields, replay_of.
+        assert_eq!(fields.len(), 2 * 5002);
+    }
+
     async fn duplicate_delivery_of_a_handled_message_skips_the_handler(redis) {
         let streams = redis.streams();
         let producer = streams.producer::<Job>("dups").unwrap();

@@ -82,6 +82,10 @@ pub const DEFAULT_DEAD_LETTER_RETENTION: Duration = Duration::from_secs(7 * 24 *
 
 /// Entry field holding the JSON payload.
 pub const FIELD_PAYLOAD: &str = "payload";
+/// Most fields (name-value pairs) of an entry that a script writes with one `XADD`: Lua's
+/// `unpack` passes at most about 8000 values to one call. Wider entries are dead-lettered and
+/// replayed without a script (`dead_letter_unscripted`, `replay_unscripted`).
+const SCRIPT_FIELDS: usize = 3900;
 /// Entry field holding the producer idempotency key, when one was given.
 pub const FIELD_IDEMPOTENCY_KEY: &str = "idem";
 /// Entry field of a replayed message: the id of the message it replays (first generation).
@@ -301,14 +305,16 @@ return redis.call('XTRIM', KEYS[1], 'MINID', string.format('%.0f', cutoff) .. '-
 
 // Moves one dead letter back onto its source stream under a new id. No MAXLEN: the replay adds
 // one entry, and trimming the source would drop messages its producers never asked to cap.
-static REPLAY: LazyLock<LuaScript> = LazyLock::new(|| {
-    LuaScript::new(
-        "stream_replay",
-        r#"
+static REPLAY: LazyLock<LuaScript> =
+    LazyLock::new(|| LuaScript::new("stream_replay", REPLAY_SOURCE));
+
+// An entry of more than `SCRIPT_FIELDS` fields answers 0: `replay_unscripted` moves it.
+const REPLAY_SOURCE: &str = r#"
 -- KEYS[1] source stream, KEYS[2] dead-letter stream; ARGV[1] dead-letter id
 local found = redis.call('XRANGE', KEYS[2], ARGV[1], ARGV[1])
 if #found == 0 then return false end
 local f = found[1][2]
+if #f > 7800 then return 0 end
 local out = {}
 local original = nil
 local lineage = nil
@@ -326,9 +332,7 @@ out[#out + 1] = lineage or original or ARGV[1]
 local id = redis.call('XADD', KEYS[1], '*', unpack(out))
 redis.call('XDEL', KEYS[2], ARGV[1])
 return id
-"#,
-    )
-});
+"#;
 
 // Deletes a consumer only if it still has no pending entries and is still idle: a consumer
 // deleted with pending entries would lose them.
@@ -540,8 +544,10 @@ impl Streams {
 
     /// Puts dead letter `dead_id` back onto its source stream (new id, with the field
     /// `replay_of` = its first original id) and removes it from the dead-letter stream.
-    /// Atomic (one script, one round trip). Returns the new id, or `None` when there is no such
-    /// dead letter (already replayed or trimmed).
+    /// Atomic (one script, one round trip; an entry of 3,900 fields or more, too wide for a
+    /// script, takes a `WATCH` transaction of two more round trips, still moved once by
+    /// concurrent replays). Returns the new id, or `None` when there is no such dead letter
+    /// (already replayed or trimmed).
     ///
     /// The source stream is not trimmed (no `MAXLEN`): a replay adds one entry and never drops
     /// messages that its producers' cap would have kept. The entry's fields whose names start
@@ -711,21 +717,16 @@ pub(crate) enum DeadLettered {
     Gone,
 }
 
-/// Dead-letters one message pending for `call.consumer`. Atomic: one script, one round trip.
-/// The original fields named `dl:*` are left out: the metadata appended after them would
+/// Dead-letters one message pending for `call.consumer`. Atomic: one script, one round trip
+/// (a message too wide for a script: [`dead_letter_unscripted`]). The original fields named `dl:*` are left out: the metadata appended after them would
 /// otherwise be ambiguous. Field names are written as their exact bytes.
 pub(crate) async fn dead_letter_message(
     redis: &Redis,
     keys: &StreamKeys,
     call: DeadLetterCall<'_>,
 ) -> Result<DeadLettered> {
-    let mut script = ScriptCall::new()
-        .key(keys.stream())
-        .key(keys.dead())
-        .arg(call.group)
-        .arg(call.id)
-        .arg(millis(call.retention))
-        .arg(call.consumer);
+    let delivery_count = call.delivery_count.to_string();
+    let mut fields: Vec<(&[u8], &[u8])> = Vec::with_capacity(call.fields.len() + 5);
     for (i, (k, v)) in call.fields.iter().enumerate() {
         let name = call
             .raw_names
@@ -733,20 +734,30 @@ pub(crate) async fn dead_letter_message(
             .find(|(at, _)| *at == i)
             .map_or(k.as_bytes(), |(_, exact)| exact.as_slice());
         if !name.starts_with(DEAD_FIELD_PREFIX.as_bytes()) {
-            script = script.arg(name).arg(v.as_slice());
+            fields.push((name, v.as_slice()));
         }
     }
-    script = script
-        .arg("dl:original_id")
-        .arg(call.id)
-        .arg("dl:delivery_count")
-        .arg(call.delivery_count)
-        .arg("dl:error")
-        .arg(call.error)
-        .arg("dl:group")
+    fields.extend([
+        (&b"dl:original_id"[..], call.id.as_bytes()),
+        (b"dl:delivery_count", delivery_count.as_bytes()),
+        (b"dl:error", call.error.as_bytes()),
+        (b"dl:group", call.group.as_bytes()),
+        (b"dl:consumer", call.consumer.as_bytes()),
+    ]);
+    // `dl:failed_at` is one more.
+    if fields.len() >= SCRIPT_FIELDS {
+        return dead_letter_unscripted(redis, keys, &call, &fields).await;
+    }
+    let mut script = ScriptCall::new()
+        .key(keys.stream())
+        .key(keys.dead())
         .arg(call.group)
-        .arg("dl:consumer")
+        .arg(call.id)
+        .arg(millis(call.retention))
         .arg(call.consumer);
+    for (name, value) in &fields {
+        script = script.arg(*name).arg(*value);
+    }
     match redis.eval_script(&DEAD_LETTER, &script).await? {
         Value::Int(0) => Ok(DeadLettered::NotOwned),
         Value::Int(1) => Ok(DeadLettered::Gone),
@@ -759,6 +770,74 @@ pub(crate) async fn dead_letter_message(
     }
 }
 
+/// [`dead_letter_message`] for an entry too wide for a script: the same checks and writes in
+/// two round trips, a pipeline of `XPENDING`, `XRANGE` and `TIME`, then `MULTI XADD XACK XTRIM
+/// EXEC`. Between the two, another consumer could claim the message and dead-letter it too,
+/// which needs the message idle for the claim's minimum while this consumer holds it, and its
+/// heartbeat keeps that from happening.
+async fn dead_letter_unscripted(
+    redis: &Redis,
+    keys: &StreamKeys,
+    call: &DeadLetterCall<'_>,
+    fields: &[(&[u8], &[u8])],
+) -> Result<DeadLettered> {
+    const OP: &str = "stream.dead_letter";
+    let (stream, dead) = (keys.stream(), keys.dead());
+    let mut check = redis::pipe();
+    check
+        .cmd("XPENDING")
+        .arg(stream)
+        .arg(call.group)
+        .arg(call.id)
+        .arg(call.id)
+        .arg(1)
+        .arg(call.consumer)
+        .cmd("XRANGE")
+        .arg(stream)
+        .arg(call.id)
+        .arg(call.id)
+        .cmd("TIME");
+    let replies = redis.query_pipe(OP, &check).await?.unwrap_or_default();
+    let [pending, entry, time] = <[Value; 3]>::try_from(replies)
+        .map_err(|r| Error::decode(stream, None, format!("expected 3 replies, got {r:?}")))?;
+    let is_empty = |v: &Value| matches!(v, Value::Array(items) if items.is_empty());
+    if is_empty(&pending) {
+        return Ok(DeadLettered::NotOwned);
+    }
+    if is_empty(&entry) {
+        redis
+            .query(
+                OP,
+                redis::cmd("XACK").arg(stream).arg(call.group).arg(call.id),
+            )
+            .await?;
+        return Ok(DeadLettered::Gone);
+    }
+    let now = crate::clock::time_reply_millis(&time)
+        .ok_or_else(|| Error::decode(stream, None, format!("bad TIME reply {time:?}")))?;
+    let cutoff = now.saturating_sub(i64::try_from(millis(call.retention)).unwrap_or(i64::MAX));
+    let mut tx = redis::pipe();
+    tx.atomic();
+    let xadd = tx.cmd("XADD").arg(dead).arg("*");
+    for (name, value) in fields {
+        xadd.arg(*name).arg(*value);
+    }
+    xadd.arg("dl:failed_at").arg(now);
+    tx.cmd("XACK")
+        .arg(stream)
+        .arg(call.group)
+        .arg(call.id)
+        .ignore()
+        .cmd("XTRIM")
+        .arg(dead)
+        .arg("MINID")
+        .arg("~")
+        .arg(format!("{}-0", cutoff.max(0)))
+        .ignore();
+    redis.query_pipe(OP, &tx).await?;
+    Ok(DeadLettered::Yes)
+}
+
 async fn replay(redis: &Redis, keys: &StreamKeys, dead_id: &str) -> Result<Option<String>> {
     let reply = redis
         .eval_script(
@@ -769,7 +848,118 @@ async fn replay(redis: &Redis, keys: &StreamKeys, dead_id: &str) -> Result<Optio
                 .arg(dead_id),
         )
         .await?;
+    if reply == Value::Int(0) {
+        return replay_unscripted(redis, keys, dead_id).await;
+    }
     crate::codec::opt_text(keys.dead(), reply)
+}
+
+/// The `REPLAY` script's moves for an entry too wide for it, as one `WATCH` transaction on a
+/// dedicated connection: `WATCH <dead>`, `XRANGE`, then `MULTI XADD XDEL EXEC`, tried again
+/// (up to 16 times) when a write to the dead-letter stream aborts it, so concurrent replays
+/// still move the entry once.
+async fn replay_unscripted(
+    redis: &Redis,
+    keys: &StreamKeys,
+    dead_id: &str,
+) -> Result<Option<String>> {
+    const OP: &str = "stream.replay_dead_letter";
+    const ATTEMPTS: usize = 16;
+    let (stream, dead) = (keys.stream(), keys.dead());
+    let mut conn = redis.dedicated().await?;
+    let limit = redis.config().response_timeout;
+    let outcome = tokio::time::timeout(limit * ATTEMPTS as u32, async {
+        for _ in 0..ATTEMPTS {
+            let mut read = redis::pipe();
+            read.cmd("WATCH")
+                .arg(dead)
+                .ignore()
+                .cmd("XRANGE")
+                .arg(dead)
+                .arg(dead_id)
+                .arg(dead_id);
+            let (found,): (Value,) = read.query_async(&mut conn).await?;
+            let Some(fields) = replayed_fields(found, dead_id) else {
+                let _: () = redis::cmd("UNWATCH").query_async(&mut conn).await?;
+                return Ok(Some(None));
+            };
+            let mut tx = redis::pipe();
+            tx.atomic();
+            let xadd = tx.cmd("XADD").arg(stream).arg("*");
+            for field in &fields {
+                xadd.arg(field.as_slice());
+            }
+            tx.cmd("XDEL").arg(dead).arg(dead_id).ignore();
+            let applied: Option<(String,)> = tx.query_async(&mut conn).await?;
+            if let Some((id,)) = applied {
+                return Ok(Some(Some(id)));
+            }
+        }
+        Ok(None)
+    })
+    .await;
+    match outcome {
+        Ok(Ok(Some(id))) => Ok(id),
+        Ok(Ok(None)) => Err(Error::Unavailable {
+            message: "dead-letter replay kept conflicting with concurrent writes".into(),
+            source: None,
+        }),
+        Ok(Err(e)) => {
+            conn.discard();
+            Err(redis.fail(OP, e))
+        }
+        Err(_) => {
+            conn.discard();
+            Err(Error::Timeout {
+                operation: OP,
+                after: limit * ATTEMPTS as u32,
+            })
+        }
+    }
+}
+
+/// The `XADD` arguments that replay the entry an `XRANGE <id> <id>` found, as the `REPLAY`
+/// script builds them: its fields without the `dl:*` ones and `replay_of`, then a new
+/// `replay_of` (its own, else `dl:original_id`, else the dead-letter id). `None` when nothing
+/// was found.
+fn replayed_fields(found: Value, dead_id: &str) -> Option<Vec<Vec<u8>>> {
+    let Value::Array(mut entries) = found else {
+        return None;
+    };
+    let Value::Array(mut entry) = entries.pop()? else {
+        return None;
+    };
+    let Value::Array(flat) = entry.pop()? else {
+        return None;
+    };
+    let bytes = |v: Value| match v {
+        Value::BulkString(b) => b,
+        Value::SimpleString(s) => s.into_bytes(),
+        _ => Vec::new(),
+    };
+    let mut out = Vec::with_capacity(flat.len() + 2);
+    let (mut original, mut lineage) = (None, None);
+    let mut flat = flat.into_iter();
+    while let (Some(name), Some(value)) = (flat.next(), flat.next()) {
+        let (name, value) = (bytes(name), bytes(value));
+        if name == b"dl:original_id" {
+            original = Some(value.clone());
+        }
+        if name == b"replay_of" {
+            lineage = Some(value.clone());
+        }
+        if !name.starts_with(b"dl:") && name != b"replay_of" {
+            out.push(name);
+            out.push(value);
+        }
+    }
+    out.push(b"replay_of".to_vec());
+    out.push(
+        lineage
+            .or(original)
+            .unwrap_or_else(|| dead_id.as_bytes().to_vec()),
+    );
+    Some(out)
 }
 
 /// Decodes one dead-letter entry; what is missing or malformed is named in `problem`.
@@ -826,6 +1016,54 @@ fn dead_letter(key: &str, entry: reply::RawEntry) -> DeadLetter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_replay_script_hands_wide_entries_over_at_the_same_width() {
+        assert!(REPLAY_SOURCE.contains(&format!("if #f > {} then return 0", 2 * SCRIPT_FIELDS)));
+    }
+
+    #[test]
+    fn unscripted_replays_build_the_fields_the_script_does() {
+        let b = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let found = |fields: Vec<Value>| {
+            Value::Array(vec![Value::Array(vec![b("1-0"), Value::Array(fields)])])
+        };
+        let strings = |v: Vec<Vec<u8>>| -> Vec<String> {
+            v.into_iter()
+                .map(|f| String::from_utf8(f).unwrap())
+                .collect()
+        };
+        let dead = found(vec![
+            b("payload"),
+            b("{}"),
+            b("dl:original_id"),
+            b("5-0"),
+            b("dl:error"),
+            b("x"),
+        ]);
+        assert_eq!(
+            strings(replayed_fields(dead, "9-0").unwrap()),
+            ["payload", "{}", "replay_of", "5-0"]
+        );
+        let again = found(vec![
+            b("replay_of"),
+            b("3-0"),
+            b("a"),
+            b("1"),
+            b("dl:original_id"),
+            b("5-0"),
+        ]);
+        assert_eq!(
+            strings(replayed_fields(again, "9-0").unwrap()),
+            ["a", "1", "replay_of", "3-0"]
+        );
+        let bare = found(vec![b("a"), b("1")]);
+        assert_eq!(
+            strings(replayed_fields(bare, "9-0").unwrap()),
+            ["a", "1", "replay_of", "9-0"]
+        );
+        assert_eq!(replayed_fields(Value::Array(vec![]), "9-0"), None);
+    }
 
     #[test]
     fn entry_ids_are_validated() {
