@@ -57,6 +57,9 @@ pub const SESSION_ID_BYTES: usize = 32;
 const MAX_ID_ATTEMPTS: usize = 8;
 /// How often a script-free transaction is retried after a concurrent write aborted it.
 const MAX_WATCH_ATTEMPTS: usize = 16;
+/// Most application-defined fields one [`SessionUpdate`] sets or removes: the update script
+/// passes them to one `HSET` / `HDEL`, and Lua's `unpack` carries at most about 8000 values.
+pub const MAX_EXTRA_CHANGES: usize = 1000;
 /// Index members younger than this whose session is absent are kept: their session may be in
 /// the middle of being created (the index entry is written first).
 const DEFAULT_INDEX_GRACE: Duration = Duration::from_secs(60);
@@ -672,6 +675,13 @@ impl SessionUpdate {
     }
 
     fn validate(&self) -> Result<()> {
+        let changed = self.set_extra.len() + self.remove_extra.len();
+        if changed > MAX_EXTRA_CHANGES {
+            return Err(Error::invalid(
+                "session update extra fields",
+                format!("{changed} set or removed; at most {MAX_EXTRA_CHANGES} per update"),
+            ));
+        }
         self.set_extra
             .keys()
             .chain(self.remove_extra.iter())
@@ -977,7 +987,9 @@ impl SessionStore {
     ///
     /// Round trips: hash layout with scripting, one script call (atomic). JSON layout, or
     /// without scripting: a `WATCH` read-modify-write transaction (two round trips plus the pool
-    /// checkout, retried on conflict) that rewrites only the changed members.
+    /// checkout, retried on conflict) that rewrites only the changed members. A change that
+    /// sets or removes more than [`MAX_EXTRA_CHANGES`] application-defined fields is
+    /// [`Error::InvalidInput`] (nothing sent).
     #[tracing::instrument(name = "session.update", skip_all)]
     pub async fn update(&self, id: &SessionId, change: &SessionUpdate) -> Result<Option<Session>> {
         change.validate()?;
@@ -1700,6 +1712,27 @@ mod tests {
             Err(Error::Decode { field, .. }) => assert_eq!(field.as_deref(), Some("userId")),
             other => panic!("expected a decode error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn an_update_of_too_many_extra_fields_is_invalid_input() {
+        let wide = (0..=MAX_EXTRA_CHANGES).fold(SessionUpdate::new(), |u, i| {
+            if i % 2 == 0 {
+                u.extra(format!("x{i}"), "v")
+            } else {
+                u.remove_extra(format!("x{i}"))
+            }
+        });
+        assert!(matches!(
+            wide.validate(),
+            Err(Error::InvalidInput {
+                what: "session update extra fields",
+                ..
+            })
+        ));
+        let most = (1..=MAX_EXTRA_CHANGES)
+            .fold(SessionUpdate::new(), |u, i| u.extra(format!("x{i}"), "v"));
+        assert!(most.validate().is_ok());
     }
 
     #[test]
