@@ -1715,6 +1715,96 @@ async fn aof_server() -> LocalServer {
     .unwrap()
 }
 
+/// A TCP proxy to `upstream` that forwards both ways, except that it swallows the first reply
+/// holding `marker` and closes that connection: the server ran the command, and its client
+/// never hears back. Returns the proxy's port and whether a reply has been swallowed.
+async fn reply_losing_proxy(upstream: u16, marker: &'static [u8]) -> (u16, Arc<AtomicBool>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let lost = Arc::new(AtomicBool::new(false));
+    let lost_any = lost.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let lost = lost_any.clone();
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    return;
+                };
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                let requests = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+                });
+                let mut buf = vec![0u8; 256 * 1024];
+                while let Ok(n) = server_read.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    if !lost.load(Ordering::SeqCst)
+                        && buf[..n].windows(marker.len()).any(|w| w == marker)
+                    {
+                        lost.store(true, Ordering::SeqCst);
+                        break;
+                    }
+                    if client_write.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                requests.abort();
+            });
+        }
+    });
+    (port, lost)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_leased_by_a_call_whose_reply_was_lost_is_put_back_at_once() {
+    // The worker's connection goes through a proxy that loses the reply of the call that leases
+    // the job. With a 30 s lease and one delivery allowed, only a put-back of that call's leases
+    // gets the job handled within the test's 10 s, and without using up its delivery.
+    let server = tokio::task::spawn_blocking(|| LocalServer::start(LocalOptions::default()))
+        .await
+        .unwrap()
+        .unwrap();
+    let (proxy_port, lost) = reply_losing_proxy(server.port(), b"lost-reply-job").await;
+    let mut via_proxy = server.config();
+    via_proxy.port = proxy_port;
+    let mut options = QueueOptions::default();
+    options.visibility_timeout = Duration::from_secs(30);
+    options.max_deliveries = 1;
+    options.aging = None;
+    let producer = Redis::connect(server.config())
+        .await
+        .unwrap()
+        .email_queue()
+        .unwrap()
+        .with_options(options.clone())
+        .unwrap();
+    let consumer = Redis::connect(via_proxy)
+        .await
+        .unwrap()
+        .email_queue()
+        .unwrap()
+        .with_options(options)
+        .unwrap();
+    producer
+        .enqueue(job("lost-reply-job", Priority::High))
+        .await
+        .unwrap();
+    let (handled, worker) = recording_worker(&consumer, 1);
+    wait_for("the job handled", Duration::from_secs(10), || {
+        handled.lock().unwrap().len() == 1
+    })
+    .await;
+    assert!(lost.load(Ordering::SeqCst), "the proxy lost no reply");
+    let report = worker.shutdown().await.unwrap();
+    assert_eq!(report.completed, 1);
+    assert_eq!(handled.lock().unwrap().as_slice(), ["lost-reply-job"]);
+    assert_eq!(counts(&producer).await, (0, 0, 0, 0, 1));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_during_enqueues_keeps_every_acknowledged_job() {
     let server = aof_server().await;

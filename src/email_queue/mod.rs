@@ -1072,6 +1072,17 @@ impl EmailQueue {
         }
     }
 
+    /// Puts back the jobs leased under `tokens`, work calls whose replies the worker never got,
+    /// at the head of their lists with the delivery undone; returns how many. One atomic script
+    /// that reads every lease of the queue.
+    pub(crate) async fn release_orphans(&self, tokens: &[Arc<str>]) -> Result<i64> {
+        let call = tokens
+            .iter()
+            .fold(self.call().arg("orphans"), |call, token| call.arg(&**token));
+        let reply = self.inner.redis.eval_script(&SCRIPT, &call).await?;
+        int(self.dead_key(), reply)
+    }
+
     /// Settles finished deliveries and leases up to `fetch` jobs under `token`; with `maintain`
     /// also recovers expired leases, promotes due scheduled jobs and trims retention. One atomic
     /// script. `aging` is whether the worker's last pick was an aged one (aged and strict picks

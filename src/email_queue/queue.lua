@@ -637,6 +637,35 @@ if op == 'replay' then
   return out
 end
 
+if op == 'orphans' then
+  -- ARGV: op, then tokens of work calls whose replies never reached their worker (a timeout,
+  -- a lost connection). The worker holds none of the jobs leased under them, so they go back
+  -- to the head of their lists with the delivery undone, as a release does, instead of waiting
+  -- out their leases. Reads every lease: this runs only after such a failure. Reply: how many.
+  local tokens = {}
+  for i = 2, #ARGV do tokens[ARGV[i]] = true end
+  local back = 0
+  each_chunk(redis.call('ZRANGE', ACTIVE, 0, -1), 1000, function(chunk)
+    local leases = redis.call('HMGET', LEASES, unpack(chunk))
+    for i, id in ipairs(chunk) do
+      local lease = leases[i]
+      local bar = lease and string.find(lease, '|', 1, true)
+      if bar and tokens[string.sub(lease, 1, bar - 1)] then
+        local prio, payload = leased_job(id, lease)
+        drop_lease(id)
+        if payload then
+          redis.call('RPUSH', LISTS[prio], payload)
+        end
+        if redis.call('HINCRBY', DELIV, id, -1) <= 0 then
+          redis.call('HDEL', DELIV, id)
+        end
+        back = back + 1
+      end
+    end
+  end)
+  return back
+end
+
 if op == 'dead_page' then
   -- ARGV: op, the dead id the page follows ('' = from the oldest), count. Reply: dead id, record
   -- (false when none), per member, oldest first. The rank and the reads are one step, so

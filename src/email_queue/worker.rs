@@ -96,6 +96,9 @@ where
 /// do, so a busy worker that fetches thousands of times a second runs them at this pace; a due
 /// job or an expired lease waits at most this long (plus the idle poll interval) longer.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_millis(50);
+/// Most failed calls whose jobs a worker remembers to put back; older ones are left to lease
+/// expiry (a Redis that keeps failing fails the put-back too).
+const MAX_ORPHAN_TOKENS: usize = 64;
 
 /// Longest [`WorkerOptions::linger`].
 pub const MAX_LINGER: Duration = Duration::from_secs(1);
@@ -324,8 +327,10 @@ impl Worker {
     /// the next ones; at most every 50 ms it also recovers expired leases, promotes due jobs
     /// and trims retention), one lease-extension script per third of the visibility timeout
     /// while jobs run, none while idle except the backed-off polls, and one last trim when a
-    /// stopping worker settled jobs since the last one. With [`WorkerOptions::prefetch`] and
-    /// [`WorkerOptions::linger`] a batch may hold more jobs than free slots.
+    /// stopping worker settled jobs since the last one, and after a fetching call failed in a
+    /// way that leaves its outcome unknown, one script that puts back the jobs it may have
+    /// leased. With [`WorkerOptions::prefetch`] and [`WorkerOptions::linger`] a batch may hold
+    /// more jobs than free slots.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send,
@@ -347,6 +352,8 @@ impl Worker {
         let mut tasks: JoinSet<Outcome> = JoinSet::new();
         let mut flight: HashMap<tokio::task::Id, InFlight> = HashMap::new();
         let mut pending: Vec<Settle> = Vec::new();
+        // Tokens of fetching calls that failed after they may have run (see `release_orphans`).
+        let mut orphans: Vec<Arc<str>> = Vec::new();
         let mut stopping = false;
         let mut stop_deadline: Option<Instant> = None;
         // When a worker past its shutdown deadline stops retrying failed settlements.
@@ -426,6 +433,20 @@ impl Worker {
             let settle_now = !pending.is_empty()
                 && ((buffer.is_empty() && !lingering) || pending.len() >= capacity || stopping);
             let may_call = retry_at.is_none_or(|t| Instant::now() >= t);
+            if may_call && !orphans.is_empty() {
+                match queue.release_orphans(&orphans).await {
+                    Ok(back) => {
+                        if back > 0 {
+                            tracing::info!(queue = queue.name(), worker = %self.id, jobs = back,
+                                "email queue: put back the jobs of calls whose replies were lost");
+                        }
+                        orphans.clear();
+                    }
+                    // Kept for the next call; lease expiry recovers them meanwhile anyway.
+                    Err(e) => tracing::warn!(queue = queue.name(), worker = %self.id, error = %e,
+                        "email queue: putting back the jobs of failed calls failed; retrying"),
+                }
+            }
             if may_call && (settle_now || fetch > 0) {
                 let token = next_token();
                 let maintain = maintained_at.is_none_or(|t| t.elapsed() >= MAINTENANCE_INTERVAL);
@@ -479,6 +500,14 @@ impl Worker {
                     Err(e) => {
                         tracing::warn!(queue = queue.name(), worker = %self.id, error = %e,
                             "email queue: fetch/settle failed; retrying");
+                        // The call may have run and leased jobs whose reply never came: their
+                        // token, fresh for this call, lets the next call put exactly those back.
+                        if fetch > 0 && (e.is_timeout() || e.is_unavailable()) {
+                            if orphans.len() == MAX_ORPHAN_TOKENS {
+                                orphans.remove(0);
+                            }
+                            orphans.push(token.clone());
+                        }
                         if stopping && stop_deadline.is_none() {
                             // Past the shutdown deadline with Redis failing: finished jobs'
                             // acks are still worth sending (unsent, their mail goes out again
@@ -496,6 +525,13 @@ impl Worker {
                 }
             }
             if stopping && tasks.is_empty() && pending.is_empty() && buffer.is_empty() {
+                if !orphans.is_empty()
+                    && let Err(e) = queue.release_orphans(&orphans).await
+                {
+                    tracing::warn!(queue = queue.name(), worker = %self.id, error = %e,
+                        "email queue: putting back the jobs of failed calls failed; their \
+                         leases will lapse");
+                }
                 if settled_unmaintained
                     && let Err(e) = queue
                         .work(&next_token(), 0, true, &[], &mut last_pick_aged)
