@@ -255,6 +255,18 @@ local function drop_lease(id)
   redis.call('ZREM', ACTIVE, id)
 end
 
+-- A leased job back to the head of its list with its delivery undone; a count back at 0 goes
+-- (no field means none). The caller drops the lease.
+local function release_lease(id, lease)
+  local prio, payload = leased_job(id, lease)
+  if payload then
+    redis.call('RPUSH', LISTS[prio], payload)
+  end
+  if redis.call('HINCRBY', DELIV, id, -1) <= 0 then
+    redis.call('HDEL', DELIV, id)
+  end
+end
+
 local op = ARGV[1]
 
 if op == 'enqueue' then
@@ -353,14 +365,7 @@ if op == 'work' then
           finished[#finished + 1] = id
           bury(id, ARGV[base + 3], now)
         elseif kind == 'release' then
-          local prio, payload = leased_job(id, lease)
-          if payload then
-            redis.call('RPUSH', LISTS[prio], payload)
-          end
-          -- The delivery is undone; a count back at 0 goes (no field means none).
-          if redis.call('HINCRBY', DELIV, id, -1) <= 0 then
-            redis.call('HDEL', DELIV, id)
-          end
+          release_lease(id, lease)
         end
         settled[#settled + 1] = 1
       else
@@ -651,14 +656,9 @@ if op == 'orphans' then
       local lease = leases[i]
       local bar = lease and string.find(lease, '|', 1, true)
       if bar and tokens[string.sub(lease, 1, bar - 1)] then
-        local prio, payload = leased_job(id, lease)
+        -- Read before the lease goes: a lease may hold the payload's field.
+        release_lease(id, lease)
         drop_lease(id)
-        if payload then
-          redis.call('RPUSH', LISTS[prio], payload)
-        end
-        if redis.call('HINCRBY', DELIV, id, -1) <= 0 then
-          redis.call('HDEL', DELIV, id)
-        end
         back = back + 1
       end
     end
