@@ -1806,6 +1806,70 @@ async fn a_job_leased_by_a_call_whose_reply_was_lost_is_put_back_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn putting_back_a_lost_calls_jobs_leaves_every_other_lease_alone() {
+    // Three workers straight to the server and one through the reply-losing proxy share 400
+    // jobs. The put-back after the lost reply runs while the others hold leases: it must move
+    // only the lost call's jobs, so that every job still runs exactly once (30 s leases and one
+    // delivery allowed: nothing else could bring a job back in time).
+    let server = tokio::task::spawn_blocking(|| LocalServer::start(LocalOptions::default()))
+        .await
+        .unwrap()
+        .unwrap();
+    let (proxy_port, lost) = reply_losing_proxy(server.port(), b"lost-reply-job").await;
+    let mut via_proxy = server.config();
+    via_proxy.port = proxy_port;
+    let mut options = QueueOptions::default();
+    options.visibility_timeout = Duration::from_secs(30);
+    options.max_deliveries = 1;
+    options.aging = None;
+    let direct = Redis::connect(server.config())
+        .await
+        .unwrap()
+        .email_queue()
+        .unwrap()
+        .with_options(options.clone())
+        .unwrap();
+    let proxied = Redis::connect(via_proxy)
+        .await
+        .unwrap()
+        .email_queue()
+        .unwrap()
+        .with_options(options)
+        .unwrap();
+    // Every id holds the marker: the first reply that leases the proxied worker any job is lost.
+    let jobs: Vec<EmailJob> = (0..400)
+        .map(|i| job(&format!("lost-reply-job-{i}"), Priority::Normal))
+        .collect();
+    direct.enqueue_bulk(jobs).await.unwrap();
+    let runs: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let record = |runs: Arc<Mutex<HashMap<String, usize>>>| {
+        move |job: EmailJob| {
+            *runs.lock().unwrap().entry(job.id.to_string()).or_default() += 1;
+            async {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                Ok(())
+            }
+        }
+    };
+    let mut workers: Vec<WorkerHandle> = (0..3)
+        .map(|_| spawn_worker(&direct, 4, record(runs.clone())))
+        .collect();
+    workers.push(spawn_worker(&proxied, 4, record(runs.clone())));
+    wait_for("every job handled", Duration::from_secs(20), || {
+        runs.lock().unwrap().len() == 400
+    })
+    .await;
+    for worker in workers {
+        worker.shutdown().await.unwrap();
+    }
+    assert!(lost.load(Ordering::SeqCst), "the proxy lost no reply");
+    let runs = runs.lock().unwrap().clone();
+    let twice: Vec<_> = runs.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(twice.is_empty(), "jobs not run exactly once: {twice:?}");
+    assert_eq!(counts(&direct).await, (0, 0, 0, 0, 400));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_during_enqueues_keeps_every_acknowledged_job() {
     let server = aof_server().await;
     let config = server.config();
