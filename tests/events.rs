@@ -18,6 +18,12 @@ fn now_ms() -> i64 {
     aether_redis::codec::now_millis()
 }
 
+/// The server's clock (`TIME`), in ms since the Unix epoch.
+async fn server_now_ms(redis: &aether_redis::Redis) -> i64 {
+    let time: Vec<String> = query(redis, &redis::cmd("TIME")).await;
+    time[0].parse::<i64>().unwrap() * 1000 + time[1].parse::<i64>().unwrap() / 1000
+}
+
 /// A tiny xorshift generator: reproducible from its seed, printed on failure.
 struct Rng(u64);
 
@@ -181,8 +187,7 @@ aether_redis::contract_tests! {
 
     async fn appends_trim_entries_older_than_the_ttl_on_the_server_clock(redis) {
         let events = redis.events();
-        let time: Vec<String> = query(&redis, &redis::cmd("TIME")).await;
-        let server_ms = time[0].parse::<i64>().unwrap() * 1000 + time[1].parse::<i64>().unwrap() / 1000;
+        let server_ms = server_now_ms(&redis).await;
         for keyspace in [Keyspace::SecurityEvents, Keyspace::Audit] {
             let key = match keyspace {
                 Keyspace::Audit => redis.keys().key(keyspace, &["log"]).unwrap(),
@@ -343,8 +348,7 @@ async fn child_appender_with_its_clock_ahead() {
     let redis = aether_redis::Redis::connect(support::child_config())
         .await
         .unwrap();
-    let time: Vec<String> = query(&redis, &redis::cmd("TIME")).await;
-    let server_ms = time[0].parse::<i64>().unwrap() * 1000 + time[1].parse::<i64>().unwrap() / 1000;
+    let server_ms = server_now_ms(&redis).await;
     println!("SKEW_MS {}", now_ms() - server_ms);
     let events = redis.events();
     for kind in ["first", "second"] {
