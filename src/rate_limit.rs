@@ -1127,9 +1127,15 @@ local burst = tonumber(ARGV[2])
 local consume = ARGV[3] == '1'
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
--- A plain HGET: on another algorithm's counter (which other services may share as a security
--- limit) it raises WRONGTYPE and the script stops before writing anything.
-local tat = tonumber(redis.call('HGET', key, 'tat'))
+-- A plain HMGET: on another algorithm's counter (which other services may share as a security
+-- limit) it raises WRONGTYPE and the script stops before writing anything. A sliding-window
+-- state (a hash with `start`) is refused too: taking it for "no state" would cut its TTL to
+-- one period and reset that tier's count mid-window.
+local state = redis.call('HMGET', key, 'tat', 'start')
+if state[2] then
+  return redis.error_reply('WRONGTYPE rate-limit: the key holds sliding-window state, not GCRA')
+end
+local tat = tonumber(state[1])
 if tat == nil or tat < now then tat = now end
 local tolerance = burst * period
 local out = {}
@@ -1171,7 +1177,10 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local start = now - (now % window)
 local cur, prev = 0, 0
 -- A plain HMGET, as in the GCRA script: WRONGTYPE on another algorithm's counter, nothing written.
-local s = redis.call('HMGET', key, 'start', 'cur', 'prev')
+local s = redis.call('HMGET', key, 'start', 'cur', 'prev', 'tat')
+if s[4] then
+  return redis.error_reply('WRONGTYPE rate-limit: the key holds GCRA state, not a sliding window')
+end
 local s_start = tonumber(s[1])
 if s_start == start then
   cur = tonumber(s[2]) or 0

@@ -309,6 +309,22 @@ aether_redis::contract_tests! {
             assert_eq!(script_tier.peek("u", "e", &t).await.unwrap().remaining, 9, "{algorithm}");
             fixed.reset("u", "e").await.unwrap();
         }
+
+        // GCRA and the sliding window both keep hashes: each refuses the other's instead of
+        // reading it as "no state" (which would cut the TTL and reset the count mid-window).
+        let gcra = limiter(&redis, Algorithm::Gcra, 10, window);
+        let sliding = limiter(&redis, Algorithm::SlidingWindow, 10, window);
+        for (owner, intruder, name) in [(&sliding, &gcra, "GCRA on sliding"), (&gcra, &sliding, "sliding on GCRA")] {
+            for _ in 0..3 {
+                assert!(owner.check("u", "e", &t).await.unwrap().allowed);
+            }
+            let before = state().await;
+            wrongtype(&format!("{name} peek"), intruder.peek("u", "e", &t).await);
+            wrongtype(&format!("{name} check"), intruder.check("u", "e", &t).await);
+            assert_eq!(state().await, before, "{name} changed the state");
+            assert_eq!(owner.peek("u", "e", &t).await.unwrap().remaining, 7, "{name}");
+            owner.reset("u", "e").await.unwrap();
+        }
     }
 
     async fn gcra_refills_one_per_period(redis) {
