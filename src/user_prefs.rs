@@ -293,6 +293,21 @@ fn decode_bool(raw: &str) -> std::result::Result<bool, String> {
     }
 }
 
+/// The documented encoding only: decimal digits without sign or padding (`u32::from_str` would
+/// also take `+25` and `0025`, which other readers of the record may not).
+fn decode_page_size(raw: &str) -> std::result::Result<u32, String> {
+    let canonical = !raw.is_empty()
+        && raw.bytes().all(|b| b.is_ascii_digit())
+        && (raw == "0" || !raw.starts_with('0'));
+    if !canonical {
+        return Err(format!(
+            "{raw:?} is not a page size (a decimal integer without sign or padding)"
+        ));
+    }
+    raw.parse::<u32>()
+        .map_err(|e| format!("{raw:?} is not a page size: {e}"))
+}
+
 fn check_language(value: &str) -> std::result::Result<(), String> {
     if value.is_empty() {
         return Err("must not be empty".into());
@@ -411,10 +426,7 @@ impl Pref {
             "emailSettings.signature" => Pref::Signature(raw.to_owned()),
             "emailSettings.autoReply" => Pref::AutoReply(decode_bool(raw)?),
             "emailSettings.filtering" => Pref::Filtering(decode_bool(raw)?),
-            "ui.pageSize" => Pref::PageSize(
-                raw.parse::<u32>()
-                    .map_err(|e| format!("{raw:?} is not a page size: {e}"))?,
-            ),
+            "ui.pageSize" => Pref::PageSize(decode_page_size(raw)?),
             "ui.layout" => Pref::Layout(
                 Layout::parse(raw).ok_or_else(|| format!("{raw:?} is not compact/comfortable"))?,
             ),

@@ -207,6 +207,9 @@ aether_redis::contract_tests! {
             ("u-6", "notifications.email", "maybe"),
             ("u-7", "theme", "purple"),
             ("u-8", "ui.pageSize", "100000"),
+            // Outside the documented encoding (no sign, no padding), though in range.
+            ("u-10", "ui.pageSize", "+25"),
+            ("u-11", "ui.pageSize", "0025"),
         ] {
             let key = prefs_key(&redis, user);
             let _: () = redis::cmd("HSET").arg(&key).arg(field).arg(value).query_async(&mut conn).await.unwrap();
