@@ -90,7 +90,10 @@ impl<T> CacheEntry<T> {
 
     /// How old the entry is by this process's clock (zero if it is from the future).
     pub fn age(&self) -> Duration {
-        Duration::from_millis(u64::try_from(now_millis() - self.timestamp).unwrap_or(0))
+        // `saturating_sub`: the timestamp is stored data and may be any i64.
+        Duration::from_millis(
+            u64::try_from(now_millis().saturating_sub(self.timestamp)).unwrap_or(0),
+        )
     }
 }
 

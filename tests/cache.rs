@@ -149,6 +149,17 @@ aether_redis::contract_tests! {
         assert_eq!(got.status_code, 200);
         assert_eq!(got.headers.len(), 2);
         assert_eq!(got.headers["content-type"], "application/json");
+        assert!(got.age() > Duration::from_secs(86_400), "written in 2023");
+
+        // Any i64 is a timestamp another writer may store: the entry reads, its age does not
+        // overflow (from the far past it saturates, from the future it is zero).
+        for (timestamp, far_past) in [(i64::MIN, true), (i64::MAX, false)] {
+            let json = format!(r#"{{"data":1,"timestamp":{timestamp},"statusCode":200,"headers":{{}}}}"#);
+            raw(&redis, redis::cmd("SET").arg(&key).arg(json).arg("EX").arg(3600)).await;
+            let got = redis.cache().get::<i64, _>("/api/users", &params).await.unwrap().unwrap();
+            assert_eq!(got.timestamp, timestamp);
+            assert_eq!(got.age() > Duration::from_secs(86_400 * 365 * 1000), far_past, "{timestamp}");
+        }
     }
 
     async fn ttl_equals_the_table_per_environment(redis) {
