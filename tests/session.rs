@@ -611,6 +611,4 @@ aether_redis::contract_tests! {
 fn session_debug_never_shows_the_id() {
     let id = SessionId::generate().unwrap();
     assert!(!format!("{id:?}").contains(id.as_str()));
-    let store_doc = format!("{:?}", NewSession::new("u", "e", Role::User));
-    assert!(!store_doc.contains(id.as_str()));
 }
