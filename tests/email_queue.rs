@@ -620,6 +620,27 @@ aether_redis::contract_tests! {
         let bulk = vec![job("fine", Priority::Low), EmailJob::new(["a@example.com"], "", "s", "b").unwrap()];
         assert!(matches!(queue.enqueue_bulk(bulk).await, Err(Error::InvalidInput { what: "from", .. })));
         assert_eq!(queue.stats().await.unwrap().waiting(), 0, "a rejected bulk enqueue adds nothing");
+
+        // An extra member named like a documented one would be written twice, and the script
+        // and the worker's decoder would disagree on which counts.
+        let mut twice = job("twice", Priority::Normal);
+        twice.extra.insert("id".into(), serde_json::json!("other"));
+        assert!(matches!(queue.enqueue(twice).await, Err(Error::InvalidInput { what: "extra", .. })));
+        let mut foreign = job("foreign", Priority::Normal);
+        foreign.extra.insert("tenant".into(), serde_json::json!("t1"));
+        assert_eq!(queue.enqueue(foreign).await.unwrap(), Enqueued::New, "other extra names are fine");
+
+        // Metadata the worker could not decode, or would keep copying through every call.
+        let nested = |levels: usize| {
+            (0..levels).fold(serde_json::json!(1), |inner, _| serde_json::json!([inner]))
+        };
+        let deep = job("deep", Priority::Normal).with_metadata("x", nested(200));
+        assert!(matches!(queue.enqueue(deep).await, Err(Error::InvalidInput { what: "metadata", .. })));
+        let bulky = job("bulky", Priority::Normal).with_metadata("x", serde_json::json!("m".repeat(2 << 20)));
+        assert!(matches!(queue.enqueue(bulky).await, Err(Error::InvalidInput { what: "metadata", .. })));
+        let fine = job("nested-fine", Priority::Normal).with_metadata("x", nested(20));
+        assert_eq!(queue.enqueue(fine).await.unwrap(), Enqueued::New);
+        assert_eq!(queue.stats().await.unwrap().waiting(), 2, "only the valid jobs were added");
         assert!(matches!(redis.email_queue_named("a:b"), Err(Error::InvalidInput { .. })));
         assert!(matches!(redis.email_queue_named("{x}"), Err(Error::InvalidInput { .. })));
     }
@@ -1144,6 +1165,55 @@ aether_redis::contract_tests! {
         assert_eq!(
             dead,
             [("spaced-colon".to_string(), "expired".to_string()), ("stale".into(), "expired".into())]
+        );
+    }
+
+    async fn a_pushed_job_due_more_than_a_year_ahead_is_buried_not_parked(redis) {
+        // Microseconds taken for ms: parked in the schedule it would wait for centuries,
+        // invisible to the job TTL.
+        let queue = fast(&redis.email_queue().unwrap());
+        let now = now_ms();
+        push_raw(&redis, &queue, Priority::Normal, [
+            documented_json("micros", "normal", now * 1000),
+            documented_json("next-month", "normal", now + 30 * 86_400_000),
+            documented_json("now", "normal", now),
+        ]).await;
+        let (handled, worker) = recording_worker(&queue, 1);
+        wait_stats(&queue, "one handled, one delayed, one dead", Duration::from_secs(10), |s| {
+            s.completed == 1 && s.delayed == 1 && s.dead == 1
+        })
+        .await;
+        worker.shutdown().await.unwrap();
+        assert_eq!(handled.lock().unwrap().as_slice(), ["now"]);
+        let dead = queue.dead_jobs(10).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].reason, "malformed");
+        assert!(dead[0].error.contains("more than a year ahead"), "{}", dead[0].error);
+    }
+
+    async fn numbers_written_as_floats_by_other_producers_are_read(redis) {
+        // `time.time() * 1000` in Python, or an encoder writing exponents: the job runs, with
+        // the fraction dropped, instead of being buried as malformed.
+        let queue = fast(&redis.email_queue().unwrap());
+        let now = now_ms();
+        let rest = r#""to":["grace@example.com"],"from":"noreply@example.com","subject":"S","body":"B""#;
+        let payloads = [
+            format!(r#"{{"id":"fraction",{rest},"attempts":0.0,"scheduledAt":{now}.25}}"#),
+            format!(r#"{{"id":"exponent",{rest},"attempts":1e0,"scheduledAt":{}.{:03}e3}}"#, now / 1000, now % 1000),
+        ];
+        push_raw(&redis, &queue, Priority::Normal, &payloads).await;
+        let seen: Arc<Mutex<Vec<(String, u32, i64)>>> = Arc::default();
+        let log = seen.clone();
+        let worker = spawn_worker(&queue, 1, move |job: EmailJob| {
+            log.lock().unwrap().push((job.id.to_string(), job.attempts, job.scheduled_at));
+            async { Ok(()) }
+        });
+        wait_stats(&queue, "both handled", Duration::from_secs(10), |s| s.completed == 2).await;
+        worker.shutdown().await.unwrap();
+        assert_eq!(queue.stats().await.unwrap().dead, 0);
+        assert_eq!(
+            seen.lock().unwrap().as_slice(),
+            [("fraction".to_string(), 0, now), ("exponent".to_string(), 1, now)]
         );
     }
 

@@ -21,6 +21,28 @@ pub const MAX_SUBJECT_LEN: usize = 998;
 pub const MAX_BODY_LEN: usize = 1024 * 1024;
 /// Longest accepted job id, in bytes.
 pub const MAX_ID_LEN: usize = 256;
+/// Most bytes `metadata` and the extra members may take together, encoded as JSON (1 MiB).
+pub const MAX_METADATA_LEN: usize = 1024 * 1024;
+/// Deepest nesting of arrays and objects accepted inside `metadata` or an extra member. The
+/// decoder refuses documents nested deeper than 128 levels, and a dead record wraps the job in
+/// two more: a job must still decode once it has been buried and replayed.
+pub const MAX_METADATA_DEPTH: usize = 32;
+
+/// The members of the documented job JSON, which [`EmailJob::extra`] must not repeat: the
+/// encoder would write the name twice and readers disagree on which one counts.
+const DOCUMENTED_MEMBERS: [&str; 11] = [
+    "id",
+    "to",
+    "from",
+    "subject",
+    "body",
+    "priority",
+    "attempts",
+    "scheduledAt",
+    "metadata",
+    "lastError",
+    "version",
+];
 
 /// A job's priority: which list it waits in.
 #[derive(
@@ -167,10 +189,10 @@ pub struct EmailJob {
     #[serde(default, deserialize_with = "null_as_default")]
     pub priority: Priority,
     /// Failed attempts so far.
-    #[serde(default, deserialize_with = "null_as_default")]
+    #[serde(default, deserialize_with = "attempts_from_number")]
     pub attempts: u32,
     /// When the job became or becomes due (ms since the Unix epoch); 0 when unknown.
-    #[serde(default, deserialize_with = "null_as_default")]
+    #[serde(default, deserialize_with = "millis_from_number")]
     pub scheduled_at: i64,
     /// Free-form data for the handler.
     #[serde(default, deserialize_with = "null_as_default")]
@@ -198,6 +220,45 @@ where
     T: Default + Deserialize<'de>,
 {
     Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
+}
+
+/// A JSON number as an integer in `min..=max`, a fraction dropped (rounded down): producers in
+/// other languages write times as floats (`time.time() * 1000` gives `1732233600000.25`, and
+/// some encoders write `1.7e12`). `null` or absent is 0.
+fn whole_number<'de, D>(deserializer: D, min: i64, max: i64) -> std::result::Result<i64, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    use serde::de::Error as _;
+    let Some(n) = Option::<serde_json::Number>::deserialize(deserializer)? else {
+        return Ok(0);
+    };
+    let whole = match (n.as_i64(), n.as_f64()) {
+        (Some(i), _) => Some(i),
+        // `as` saturates; the range check below refuses what saturated.
+        (None, Some(f)) if f.is_finite() && f >= i64::MIN as f64 && f < i64::MAX as f64 => {
+            Some(f.floor() as i64)
+        }
+        _ => None,
+    };
+    whole
+        .filter(|w| (min..=max).contains(w))
+        .ok_or_else(|| D::Error::custom(format!("{n} is not a number in {min}..={max}")))
+}
+
+fn attempts_from_number<'de, D>(deserializer: D) -> std::result::Result<u32, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let n = whole_number(deserializer, 0, i64::from(u32::MAX))?;
+    Ok(u32::try_from(n).unwrap_or(u32::MAX))
+}
+
+fn millis_from_number<'de, D>(deserializer: D) -> std::result::Result<i64, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    whole_number(deserializer, i64::MIN, i64::MAX)
 }
 
 fn null_as_version_one<'de, D>(deserializer: D) -> std::result::Result<u32, D::Error>
@@ -251,7 +312,9 @@ impl EmailJob {
 
     /// Checks what enqueue requires: a valid id, 1–[`MAX_RECIPIENTS`] recipients, non-empty
     /// addresses of at most [`MAX_ADDRESS_LEN`] bytes, subject and body within
-    /// [`MAX_SUBJECT_LEN`] / [`MAX_BODY_LEN`] bytes, a known payload version.
+    /// [`MAX_SUBJECT_LEN`] / [`MAX_BODY_LEN`] bytes, `metadata` and [`extra`](Self::extra)
+    /// within [`MAX_METADATA_LEN`] bytes and [`MAX_METADATA_DEPTH`] levels, no extra member
+    /// named like a documented one, a known payload version.
     pub fn validate(&self) -> Result<()> {
         validate_id(&self.id.0)?;
         if self.to.is_empty() {
@@ -291,6 +354,37 @@ impl EmailJob {
                 ),
             ));
         }
+        if let Some(name) = self
+            .extra
+            .keys()
+            .find(|k| DOCUMENTED_MEMBERS.contains(&k.as_str()))
+        {
+            return Err(Error::invalid(
+                "extra",
+                format!("member {name:?} repeats a documented field of the job"),
+            ));
+        }
+        let free_form = self.metadata.values().chain(self.extra.values());
+        if free_form.clone().any(|v| depth(v) >= MAX_METADATA_DEPTH) {
+            return Err(Error::invalid(
+                "metadata",
+                format!("nested deeper than {MAX_METADATA_DEPTH} levels"),
+            ));
+        }
+        let mut size = ByteCount(0);
+        // The encoder cannot fail on a `Value`; the count only grows until it passes the limit.
+        let _ = serde_json::to_writer(&mut size, &self.metadata);
+        let _ = serde_json::to_writer(&mut size, &self.extra);
+        if size.0 > MAX_METADATA_LEN {
+            return Err(Error::invalid(
+                "metadata",
+                format!(
+                    "metadata and extra members take {} bytes as JSON, the limit is \
+                     {MAX_METADATA_LEN}",
+                    size.0
+                ),
+            ));
+        }
         if self.version == 0 || self.version > PAYLOAD_VERSION {
             return Err(Error::invalid(
                 "version",
@@ -300,6 +394,37 @@ impl EmailJob {
                 ),
             ));
         }
+        Ok(())
+    }
+}
+
+/// Levels of arrays and objects in `value` (0 for a scalar). Iterative: the value may be deeper
+/// than the stack allows recursion.
+fn depth(value: &serde_json::Value) -> usize {
+    let mut deepest = 0;
+    let mut stack = vec![(value, 0usize)];
+    while let Some((v, level)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &serde_json::Value>> = match v {
+            serde_json::Value::Array(items) => Box::new(items.iter()),
+            serde_json::Value::Object(members) => Box::new(members.values()),
+            _ => continue,
+        };
+        deepest = deepest.max(level + 1);
+        stack.extend(children.map(|c| (c, level + 1)));
+    }
+    deepest
+}
+
+/// Counts the bytes written to it.
+struct ByteCount(usize);
+
+impl std::io::Write for ByteCount {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
 }

@@ -46,8 +46,8 @@ use crate::pool::Redis;
 use crate::script::{LuaScript, ScriptCall};
 
 pub use job::{
-    EmailJob, JobId, MAX_ADDRESS_LEN, MAX_BODY_LEN, MAX_ID_LEN, MAX_RECIPIENTS, MAX_SUBJECT_LEN,
-    PAYLOAD_VERSION, Priority,
+    EmailJob, JobId, MAX_ADDRESS_LEN, MAX_BODY_LEN, MAX_ID_LEN, MAX_METADATA_DEPTH,
+    MAX_METADATA_LEN, MAX_RECIPIENTS, MAX_SUBJECT_LEN, PAYLOAD_VERSION, Priority,
 };
 pub use worker::{
     HandlerFn, JobError, JobHandler, MAX_LINGER, MAX_PREFETCH, Worker, WorkerHandle, WorkerOptions,

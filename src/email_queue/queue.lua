@@ -10,6 +10,8 @@ local PAYLOADS = KEYS[12]
 local LISTS = { high = HIGH, normal = NORMAL, low = LOW }
 local ORDER = { HIGH, NORMAL, LOW }
 local NAMES = { 'high', 'normal', 'low' }
+-- A pushed job due further ahead than this is refused at fetch (366 days, in ms).
+local FAR_AHEAD_MS = 31622400000
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -32,7 +34,9 @@ end
 -- cannot match unless preceded by a backslash, and arrays hold no keys. `scheduledAt` must be a
 -- plain integer, occur once (as the string `"scheduledAt"` at all), not after a backslash, and
 -- occur before any `{`. Anything else is decoded. The serializer of `EmailJob` writes `id`
--- first and `scheduledAt` before `metadata`, so its payloads take this path.
+-- first and `scheduledAt` before `metadata`, so its payloads take this path unless a `{` in the
+-- addresses, subject or body, or a member named `id` inside `metadata`, sends them to the
+-- decoder (same result, more server time).
 -- Marks a scan result whose id is ASCII. A table key no decoded JSON can hold (its keys are
 -- strings), so a payload member cannot fake it.
 local ASCII = {}
@@ -228,9 +232,9 @@ local function trim(zkey, hkey, max_count, max_age, now, limit)
       redis.call('ZRANGEBYSCORE', zkey, '-inf', '(' .. string.format('%d', now - max_age),
         'LIMIT', 0, limit))
   end
-  local excess = redis.call('ZCARD', zkey) - max_count
+  local excess = math.min(redis.call('ZCARD', zkey) - max_count, limit - removed)
   if excess > 0 then
-    removed = removed + forget(zkey, hkey, redis.call('ZRANGE', zkey, 0, math.min(excess, limit) - 1))
+    removed = removed + forget(zkey, hkey, redis.call('ZRANGE', zkey, 0, excess - 1))
   end
   return removed
 end
@@ -555,7 +559,15 @@ if op == 'work' then
       else
         -- A number only: `"scheduledAt":"123"` is not a time (the worker's decoder refuses it).
         local at = type(job.scheduledAt) == 'number' and job.scheduledAt or 0
-        if at > now + 1000 then
+        if at > now + FAR_AHEAD_MS then
+          -- Only a raw push gets here with such a time (the crate's own delayed jobs wait in
+          -- the schedule and arrive due): seconds or microseconds taken for ms, or garbage.
+          -- Parked in the schedule it would wait, unseen by the TTL, for centuries.
+          local mid = 'malformed-' .. redis.sha1hex(payload)
+          bury(mid, record(mid, 'malformed', 'scheduledAt ' .. string.format('%.0f', at)
+            .. ' is more than a year ahead (ms since the epoch expected)', prio, payload, now),
+            now)
+        elseif at > now + 1000 then
           redis.call('ZADD', SCHED, at, prio .. '|' .. payload)
         elseif ttl > 0 and at > 0 and now - at > ttl then
           -- A job recovered or released earlier has a delivery count; it goes with the job.
