@@ -233,6 +233,34 @@ fn sentinel_addrs(
 /// URLs: `REDIS_USERNAME` / `REDIS_PASSWORD` are the master's, and a Sentinel without
 /// `requirepass` refuses an `AUTH`.
 #[cfg(feature = "sentinel")]
+/// How long a connection may carry unacknowledged data, or go unanswered by keepalive probes,
+/// before the kernel closes it.
+pub const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The TCP options of every connection. A host that dies without closing its sockets (power
+/// loss, a dropped NAT or conntrack entry) sends no reset, and a response timeout alone does not
+/// replace a shared connection (a slow server times out too): without keepalive probes and
+/// `TCP_USER_TIMEOUT` every call on it would time out until the kernel's retransmissions give up,
+/// about 15 minutes on Linux. With them the kernel fails the socket within
+/// [`DEAD_PEER_TIMEOUT`], the next call sees an I/O error and the connection is replaced. A
+/// blocked `XREADGROUP`/`BLMOVE` is not affected: its request was acknowledged, and the idle
+/// socket answers probes. `TCP_NODELAY`: each request is written whole, so Nagle's algorithm
+/// could only hold a pipelined request back until the previous one is acknowledged.
+pub(crate) fn tcp_settings() -> redis::io::tcp::TcpSettings {
+    use redis::io::tcp::socket2::TcpKeepalive;
+    let keepalive = TcpKeepalive::new()
+        .with_time(DEAD_PEER_TIMEOUT / 2)
+        .with_interval(DEAD_PEER_TIMEOUT / 6);
+    #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+    let keepalive = keepalive.with_retries(3);
+    let settings = redis::io::tcp::TcpSettings::default()
+        .set_nodelay(true)
+        .set_keepalive(keepalive);
+    #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+    let settings = settings.set_user_timeout(DEAD_PEER_TIMEOUT);
+    settings
+}
+
 fn sentinel_client(
     config: &Config,
     master: &str,
@@ -245,7 +273,9 @@ fn sentinel_client(
     let mut builder = SentinelClientBuilder::new(addrs, master, SentinelServerType::Master)
         .map_err(|e| config_error(VARIABLE, e))?
         .set_client_to_redis_db(node.db())
-        .set_client_to_redis_protocol(node.protocol());
+        .set_client_to_redis_protocol(node.protocol())
+        .set_client_to_redis_tcp_settings(tcp_settings())
+        .set_client_to_sentinel_tcp_settings(tcp_settings());
     if let Some(user) = node.username() {
         builder = builder.set_client_to_redis_username(user);
     }
@@ -297,7 +327,8 @@ impl Connector {
                 };
                 let info = redis::IntoConnectionInfo::into_connection_info(addr)
                     .map_err(|e| config_error("REDIS_HOST", e))?
-                    .set_redis_settings(redis_settings(config));
+                    .set_redis_settings(redis_settings(config))
+                    .set_tcp_settings(tcp_settings());
                 #[cfg(feature = "tls")]
                 if let Some(tls) = &config.tls {
                     let client = redis::Client::build_with_tls(info, tls_certificates(tls)?)
@@ -328,7 +359,8 @@ impl Connector {
                 let build = |response_timeout: Duration| {
                     let mut builder = redis::cluster::ClusterClientBuilder::new(urls.clone())
                         .connection_timeout(config.connect_timeout)
-                        .response_timeout(response_timeout);
+                        .response_timeout(response_timeout)
+                        .tcp_settings(tcp_settings());
                     if let Some(user) = &config.username {
                         builder = builder.username(user);
                     }
@@ -585,9 +617,12 @@ fn hello_field(reply: &Value, name: &str) -> Option<String> {
 
 impl Redis {
     /// Connects, checks the server (version ≥ 7.0, scripting under the configured names) and
-    /// returns the handle. Fails fast with [`Error::Unavailable`] when no server answers and
-    /// [`Error::Unsupported`] when the server is too old.
+    /// returns the handle. Fails fast with [`Error::Unavailable`] when no server answers,
+    /// [`Error::Unsupported`] when the server is too old and [`Error::Config`] when `config`
+    /// breaks a rule its builder enforces (its fields are public, so it may have been changed
+    /// after it was built).
     pub async fn connect(config: Config) -> Result<Redis> {
+        config.validate()?;
         let connector = Arc::new(Connector::new(&config)?);
         let first = tokio::time::timeout(
             config.connect_timeout,

@@ -67,10 +67,34 @@ async fn unreachable_server_is_unavailable_not_a_panic() {
     assert!(err.is_retryable());
 }
 
+#[tokio::test]
+async fn connect_refuses_a_config_changed_into_an_invalid_one() {
+    // Config's fields are public: a config edited after it was built is checked again at
+    // connect, so a zero connection count cannot panic on the first command.
+    let server = start_local(Vec::new()).await;
+    let mut config = Config::builder().port(server.port()).build().unwrap();
+    config.shared_connections = 0;
+    match Redis::connect(config).await {
+        Err(Error::Config(e)) => assert_eq!(e.variable(), "shared_connections"),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    let mut config = Config::builder().port(server.port()).build().unwrap();
+    config.key_prefix = "app{1}:".into();
+    assert!(matches!(
+        Redis::connect(config).await,
+        Err(Error::Config(_))
+    ));
+}
+
 #[test]
 fn topology_kind_is_standalone_for_the_shared_server() {
     let config = testkit::config_for(TestTopology::Standalone, "x").unwrap();
     assert!(config.key_prefix.starts_with("t:x:"));
+    assert!(
+        matches!(config.topology, aether_redis::Topology::Standalone),
+        "{:?}",
+        config.topology
+    );
 }
 
 /// A CA of the test's own and a server certificate it signed for 127.0.0.1 / localhost, as
@@ -261,6 +285,51 @@ async fn sentinel_over_tls_connects_and_round_trips() {
     );
     drop((sentinel, master));
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The timer column (`tr` of `/proc/net/tcp`: 2 is keepalive) of every established socket
+/// whose remote port is `port`, IPv4 and IPv6.
+#[cfg(target_os = "linux")]
+fn client_socket_timers(port: u16) -> Vec<String> {
+    let mut timers = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let remote_port = cols
+                .get(2)
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if remote_port == Some(port) && cols.get(3) == Some(&"01") {
+                timers.push(cols[5].split(':').next().unwrap_or_default().to_owned());
+            }
+        }
+    }
+    timers
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn connections_probe_a_silent_peer_with_keepalive() {
+    // Without keepalive, a shared connection to a host that vanished without a reset would
+    // time out call after call for about 15 minutes: nothing replaces it on a timeout alone.
+    let server = start_local(Vec::new()).await;
+    let redis = Redis::connect(Config::builder().port(server.port()).build().unwrap())
+        .await
+        .unwrap();
+    redis.health().await.unwrap();
+    let timers = client_socket_timers(server.port());
+    assert!(
+        !timers.is_empty(),
+        "no connection to port {} found",
+        server.port()
+    );
+    assert!(
+        timers.iter().all(|t| t == "02"),
+        "sockets without a keepalive timer: {timers:?}"
+    );
 }
 
 async fn start_local(config_lines: Vec<String>) -> aether_redis::testkit::LocalServer {
