@@ -729,7 +729,7 @@ impl Config {
 
     /// The checks every path (environment, URL, builder, file) goes through, so that no path
     /// accepts what another refuses. Errors name the environment variable of the field.
-    fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         if self.host.trim().is_empty() {
             return Err(ConfigError::invalid(
                 "REDIS_HOST",
