@@ -75,8 +75,13 @@ where
 
 /// Settings of a [`StreamConsumer`]. Defaults: batch 100, block 5 s, 8 concurrent handlers,
 /// claim after 60 s idle (checked every 30 s), handlers cancelled after 10 min, dead letter
-/// after 3 deliveries, dead letters kept 7 days, idempotency records kept 24 h, idle consumers
-/// with empty pending lists removed after 1 h.
+/// after 3 deliveries, dead letters trimmed after 7 days (when the next one is added),
+/// idempotency records kept 24 h, idle consumers with empty pending lists removed after 1 h.
+///
+/// A dead letter replayed after its groups' idempotency records have expired runs again in
+/// the groups that had handled it: keep [`idempotency_ttl`](Self::idempotency_ttl) above the
+/// time within which you replay. A running consumer holds one pooled dedicated connection
+/// (`REDIS_POOL_SIZE`) for as long as it runs.
 ///
 /// Every duration is at most [`ConsumerOptions::MAX_DURATION`] (1 year); out-of-range values
 /// are refused by [`super::Streams::consumer`] with [`Error::InvalidInput`] naming the option.
