@@ -1201,7 +1201,9 @@ impl SessionStore {
     /// that does not decode is deleted too when its owner field says so.
     ///
     /// Round trips: one to read the index, one to read the owners, one to delete (in Cluster
-    /// the per-session steps are concurrent single-key commands), one `ZREM`. A session created
+    /// the per-session steps are concurrent single-key commands), one `ZREM`; two more when a
+    /// session of the user is stored in the other layout (see `REDIS_SESSION_LAYOUT`), whose
+    /// owner is then read by the key's type. A session created
     /// or rotated concurrently with this call may survive it (it is then still listed in the
     /// index, so the next call reaches it).
     ///
@@ -1234,24 +1236,24 @@ impl SessionStore {
                 }
             })
             .collect();
-        let owners = self
+        let owners = match self
             .redis
             .query_per_key("session.destroy_user", owner_cmds)
-            .await?;
+            .await
+        {
+            Ok(replies) => replies
+                .into_iter()
+                .map(|reply| self.owner_of(self.layout, reply))
+                .collect(),
+            // A session stored in the other layout (written before `REDIS_SESSION_LAYOUT`
+            // changed, or by a service configured otherwise) must not keep the user's other
+            // sessions alive: read each key by its type instead.
+            Err(Error::Server(e)) if is_wrong_type(&e) => self.owners_by_type(members).await?,
+            Err(e) => return Err(e),
+        };
         let mut doomed = Vec::new();
         let mut prune = Vec::new();
         for ((id, deadline), owner) in members.iter().zip(owners) {
-            let owner = crate::codec::opt_text(&self.shown_key(), owner).unwrap_or(None);
-            let owner = match (self.layout, owner) {
-                (SessionLayout::Json, Some(doc)) => serde_json::from_str::<Map<String, Json>>(&doc)
-                    .ok()
-                    .and_then(|m| {
-                        m.get(fields::USER_ID)
-                            .and_then(Json::as_str)
-                            .map(str::to_owned)
-                    }),
-                (_, owner) => owner,
-            };
             if owner.as_deref() == Some(user_id) {
                 doomed.push(id.clone());
             } else if self.prunable(&snapshot, id, *deadline, now) {
@@ -1280,6 +1282,74 @@ impl SessionStore {
     }
 
     // ---- internals -------------------------------------------------------------------------
+
+    /// The `userId` in a reply to `HGET <key> userId` (hash layout) or `GET <key>` (JSON).
+    fn owner_of(&self, layout: SessionLayout, reply: Value) -> Option<String> {
+        let text = crate::codec::opt_text(&self.shown_key(), reply).unwrap_or(None)?;
+        match layout {
+            SessionLayout::Hash => Some(text),
+            SessionLayout::Json => serde_json::from_str::<Map<String, Json>>(&text)
+                .ok()?
+                .get(fields::USER_ID)
+                .and_then(Json::as_str)
+                .map(str::to_owned),
+        }
+    }
+
+    /// The owners of `members`' sessions whatever layout each is stored in: two round trips
+    /// (`TYPE` of each key, then the read its type takes).
+    async fn owners_by_type(&self, members: &[(SessionId, i64)]) -> Result<Vec<Option<String>>> {
+        const OP: &str = "session.destroy_user";
+        let type_cmds = members
+            .iter()
+            .map(|(id, _)| {
+                let mut c = redis::cmd("TYPE");
+                c.arg(self.key(id));
+                c
+            })
+            .collect();
+        let types = self.redis.query_per_key(OP, type_cmds).await?;
+        let layouts: Vec<Option<SessionLayout>> = types
+            .into_iter()
+            .map(|t| match crate::codec::opt_text(&self.shown_key(), t) {
+                Ok(Some(t)) if t == "hash" => Some(SessionLayout::Hash),
+                Ok(Some(t)) if t == "string" => Some(SessionLayout::Json),
+                _ => None,
+            })
+            .collect();
+        let read_cmds = members
+            .iter()
+            .zip(&layouts)
+            .map(|((id, _), layout)| {
+                let key = self.key(id);
+                match layout {
+                    Some(SessionLayout::Hash) => {
+                        let mut c = redis::cmd("HGET");
+                        c.arg(key).arg(fields::USER_ID);
+                        c
+                    }
+                    Some(SessionLayout::Json) => {
+                        let mut c = redis::cmd("GET");
+                        c.arg(key);
+                        c
+                    }
+                    // Gone meanwhile, or no session at all: nothing to read (a type that
+                    // changed again since is refused, and the caller may try again).
+                    None => {
+                        let mut c = redis::cmd("EXISTS");
+                        c.arg(key);
+                        c
+                    }
+                }
+            })
+            .collect();
+        let replies = self.redis.query_per_key(OP, read_cmds).await?;
+        Ok(replies
+            .into_iter()
+            .zip(layouts)
+            .map(|(reply, layout)| layout.and_then(|l| self.owner_of(l, reply)))
+            .collect())
+    }
 
     /// An absent or foreign member may go once it is older than the grace (its deadline tells
     /// its creation time) or past its deadline, unless a rotation to it is in flight: its
@@ -1661,6 +1731,15 @@ fn apply_to_session(s: &mut Session, c: &SessionUpdate) {
     for k in &c.remove_extra {
         s.extra.remove(k);
     }
+}
+
+/// A `WRONGTYPE` reply, alone or inside a failed pipeline.
+fn is_wrong_type(err: &redis::RedisError) -> bool {
+    err.code() == Some("WRONGTYPE")
+        || err
+            .clone()
+            .into_server_errors()
+            .is_some_and(|errors| errors.iter().any(|(_, e)| e.code() == "WRONGTYPE"))
 }
 
 #[cfg(test)]

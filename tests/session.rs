@@ -501,6 +501,24 @@ aether_redis::contract_tests! {
         assert!(store.get(&other.id).await.unwrap().is_some());
     }
 
+    async fn logout_everywhere_reaches_sessions_stored_in_either_layout(redis) {
+        // A deployment that switched REDIS_SESSION_LAYOUT still has live sessions of the old
+        // one: "log out everywhere" must end them too, not fail on their type.
+        let json = reconnect(&redis, |c| c.session_layout = SessionLayout::Json).await;
+        for (destroyer, other) in [(redis.sessions(), json.sessions()), (json.sessions(), redis.sessions())] {
+            let own = destroyer.create(new_session("u-mixed")).await.unwrap();
+            let foreign = other.create(new_session("u-mixed")).await.unwrap();
+            let bystander = other.create(new_session("u-bystander")).await.unwrap();
+            assert_eq!(destroyer.destroy_user("u-mixed").await.unwrap(), 2);
+            let mut conn = raw(&redis).await;
+            for (id, alive) in [(&own.id, false), (&foreign.id, false), (&bystander.id, true)] {
+                let exists: bool = redis::cmd("EXISTS").arg(destroyer.key(id)).query_async(&mut conn).await.unwrap();
+                assert_eq!(exists, alive);
+            }
+            other.destroy_user("u-bystander").await.unwrap();
+        }
+    }
+
     async fn json_layout_has_the_same_semantics(redis) {
         let r = reconnect(&redis, |c| c.session_layout = SessionLayout::Json).await;
         for store in [r.sessions(), r.sessions().without_scripts()] {
