@@ -227,12 +227,6 @@ fn sentinel_addrs(
     Ok((addrs, credentials))
 }
 
-/// A Sentinel client whose connections to the Sentinels and to the master both follow
-/// `config.tls` (mode and certificates) and whose master connection gets the configured
-/// database, user, password and protocol. The Sentinels get credentials only from their own
-/// URLs: `REDIS_USERNAME` / `REDIS_PASSWORD` are the master's, and a Sentinel without
-/// `requirepass` refuses an `AUTH`.
-#[cfg(feature = "sentinel")]
 /// How long a connection may carry unacknowledged data, or go unanswered by keepalive probes,
 /// before the kernel closes it.
 pub const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -261,6 +255,12 @@ pub(crate) fn tcp_settings() -> redis::io::tcp::TcpSettings {
     settings
 }
 
+/// A Sentinel client whose connections to the Sentinels and to the master both follow
+/// `config.tls` (mode and certificates) and whose master connection gets the configured
+/// database, user, password and protocol. The Sentinels get credentials only from their own
+/// URLs: `REDIS_USERNAME` / `REDIS_PASSWORD` are the master's, and a Sentinel without
+/// `requirepass` refuses an `AUTH`.
+#[cfg(feature = "sentinel")]
 fn sentinel_client(
     config: &Config,
     master: &str,
