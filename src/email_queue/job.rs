@@ -364,8 +364,9 @@ impl EmailJob {
                 format!("member {name:?} repeats a documented field of the job"),
             ));
         }
-        let free_form = self.metadata.values().chain(self.extra.values());
-        if free_form.clone().any(|v| depth(v) >= MAX_METADATA_DEPTH) {
+        // The member's own level counts: `{"a":[[1]]}` in metadata is nested 2 levels.
+        let mut free_form = self.metadata.values().chain(self.extra.values());
+        if free_form.any(|v| depth(v) > MAX_METADATA_DEPTH) {
             return Err(Error::invalid(
                 "metadata",
                 format!("nested deeper than {MAX_METADATA_DEPTH} levels"),
@@ -448,6 +449,29 @@ fn check_address(what: &'static str, address: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metadata_may_nest_exactly_the_documented_depth() {
+        let nested = |levels: usize| {
+            (0..levels).fold(serde_json::json!(1), |inner, _| serde_json::json!([inner]))
+        };
+        let job = |levels| {
+            EmailJob::new(["a@example.com"], "b@example.com", "s", "b")
+                .unwrap()
+                .with_metadata("x", nested(levels))
+        };
+        job(MAX_METADATA_DEPTH).validate().unwrap();
+        assert!(matches!(
+            job(MAX_METADATA_DEPTH + 1).validate(),
+            Err(Error::InvalidInput {
+                what: "metadata",
+                ..
+            })
+        ));
+        // Buried and listed again, the deepest accepted job still decodes.
+        let record = serde_json::json!({ "job": job(MAX_METADATA_DEPTH) }).to_string();
+        serde_json::from_str::<serde_json::Value>(&record).unwrap();
+    }
 
     #[test]
     fn encoding_suits_the_fetch_scripts_scan() {
