@@ -1021,12 +1021,10 @@ impl SessionStore {
                     .query_pipe("session.destroy", &pipe)
                     .await?
                     .unwrap_or_default();
-                match reply.as_slice() {
-                    [_, Value::Int(0)] => return Ok(false),
-                    [owner, _] => crate::codec::opt_text(&self.shown_key(), owner.clone())
-                        .ok()
-                        .flatten(),
-                    _ => None,
+                match <[Value; 2]>::try_from(reply) {
+                    Ok([_, Value::Int(0)]) => return Ok(false),
+                    Ok([owner, _]) => self.owner_of(SessionLayout::Hash, owner),
+                    Err(_) => None,
                 }
             }
             SessionLayout::Json => {
@@ -1034,15 +1032,10 @@ impl SessionStore {
                     .redis
                     .query("session.destroy", redis::cmd("GETDEL").arg(&key))
                     .await?;
-                match crate::codec::opt_text(&self.shown_key(), reply)? {
-                    None => return Ok(false),
-                    Some(doc) => serde_json::from_str::<Map<String, Json>>(&doc)
-                        .ok()
-                        .and_then(|m| match m.get(fields::USER_ID) {
-                            Some(Json::String(s)) => Some(s.clone()),
-                            _ => None,
-                        }),
+                if reply == Value::Nil {
+                    return Ok(false);
                 }
+                self.owner_of(SessionLayout::Json, reply)
             }
         };
         // An owner that is not a valid key part cannot have an index entry.
@@ -1220,21 +1213,7 @@ impl SessionStore {
         let members = &snapshot.members;
         let owner_cmds = members
             .iter()
-            .map(|(id, _)| {
-                let key = self.key(id);
-                match self.layout {
-                    SessionLayout::Hash => {
-                        let mut c = redis::cmd("HGET");
-                        c.arg(key).arg(fields::USER_ID);
-                        c
-                    }
-                    SessionLayout::Json => {
-                        let mut c = redis::cmd("GET");
-                        c.arg(key);
-                        c
-                    }
-                }
-            })
+            .map(|(id, _)| owner_read(self.layout, &self.key(id)))
             .collect();
         let owners = match self
             .redis
@@ -1283,7 +1262,8 @@ impl SessionStore {
 
     // ---- internals -------------------------------------------------------------------------
 
-    /// The `userId` in a reply to `HGET <key> userId` (hash layout) or `GET <key>` (JSON).
+    /// The `userId` in a reply to `HGET <key> userId` (hash layout) or `GET`/`GETDEL <key>`
+    /// (JSON); `None` when there is none or the stored data does not say.
     fn owner_of(&self, layout: SessionLayout, reply: Value) -> Option<String> {
         let text = crate::codec::opt_text(&self.shown_key(), reply).unwrap_or(None)?;
         match layout {
@@ -1320,26 +1300,14 @@ impl SessionStore {
         let read_cmds = members
             .iter()
             .zip(&layouts)
-            .map(|((id, _), layout)| {
-                let key = self.key(id);
-                match layout {
-                    Some(SessionLayout::Hash) => {
-                        let mut c = redis::cmd("HGET");
-                        c.arg(key).arg(fields::USER_ID);
-                        c
-                    }
-                    Some(SessionLayout::Json) => {
-                        let mut c = redis::cmd("GET");
-                        c.arg(key);
-                        c
-                    }
-                    // Gone meanwhile, or no session at all: nothing to read (a type that
-                    // changed again since is refused, and the caller may try again).
-                    None => {
-                        let mut c = redis::cmd("EXISTS");
-                        c.arg(key);
-                        c
-                    }
+            .map(|((id, _), layout)| match layout {
+                Some(layout) => owner_read(*layout, &self.key(id)),
+                // Gone meanwhile, or no session at all: nothing to read (a type that changed
+                // again since is refused, and the caller may try again).
+                None => {
+                    let mut c = redis::cmd("EXISTS");
+                    c.arg(self.key(id));
+                    c
                 }
             })
             .collect();
@@ -1730,6 +1698,22 @@ fn apply_to_session(s: &mut Session, c: &SessionUpdate) {
     }
     for k in &c.remove_extra {
         s.extra.remove(k);
+    }
+}
+
+/// The read whose reply [`SessionStore::owner_of`] decodes: `HGET <key> userId` or `GET <key>`.
+fn owner_read(layout: SessionLayout, key: &str) -> redis::Cmd {
+    match layout {
+        SessionLayout::Hash => {
+            let mut c = redis::cmd("HGET");
+            c.arg(key).arg(fields::USER_ID);
+            c
+        }
+        SessionLayout::Json => {
+            let mut c = redis::cmd("GET");
+            c.arg(key);
+            c
+        }
     }
 }
 
