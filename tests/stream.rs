@@ -540,6 +540,31 @@ aether_redis::contract_tests! {
         assert!(matches!(ttl, redis::Value::Int(t) if t > 23 * 3600 * 1000), "{ttl:?}");
     }
 
+    async fn thousands_of_twins_of_one_record_are_acked_in_one_go(redis) {
+        // One read of 9000 messages that share one idempotency key: one handler run, 8999
+        // twins acked with it. More ids than one Lua `unpack` can take (about 8000).
+        let streams = redis.streams();
+        let keys = streams.keys("twins").unwrap();
+        streams.create_group("twins", "workers", StartFrom::Beginning).await.unwrap();
+        raw(&redis, redis::cmd("EVAL")
+            .arg("for i = 1, tonumber(ARGV[1]) do redis.call('XADD', KEYS[1], '*', 'payload', ARGV[2], 'idem', 'same') end")
+            .arg(1).arg(keys.stream()).arg(9000).arg("{\"n\":0}")).await;
+        let seen = Seen::default();
+        let s = seen.clone();
+        let running = streams
+            .consumer::<Job>("twins", "workers", fast().with_batch(10_000))
+            .unwrap()
+            .spawn(move |msg: StreamMessage<Job>| {
+                let s = s.clone();
+                async move { s.record(&msg); Ok::<_, std::io::Error>(()) }
+            });
+        wait_for("8999 duplicates", Duration::from_secs(20), || running.metrics().duplicates == 8999).await;
+        let metrics = running.shutdown().await.unwrap();
+        assert_eq!((metrics.processed, metrics.duplicates, metrics.errors), (1, 8999, 0));
+        assert_eq!(seen.runs(), 1);
+        assert_eq!(pending(&redis, "twins", "workers").await, 0);
+    }
+
     async fn trimmed_pending_entries_are_cleared_and_never_handled(redis) {
         let streams = redis.streams();
         let producer = streams.producer::<Job>("trimmed").unwrap();

@@ -1563,7 +1563,13 @@ local n = tonumber(ARGV[3])
 for i = 1, n do
   redis.call('SET', KEYS[i + 1], ARGV[3 + i], 'PX', ARGV[2])
 end
-return redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 4 + n))
+-- In slices: one record may carry thousands of twins, and `unpack` of more than about 8000
+-- values overflows the Lua stack.
+local acked = 0
+for i = 4 + n, #ARGV, 1000 do
+  acked = acked + redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+return acked
 "#,
     )
 });
