@@ -1136,6 +1136,11 @@ if state[2] then
   return redis.error_reply('WRONGTYPE rate-limit: the key holds sliding-window state, not GCRA')
 end
 local tat = tonumber(state[1])
+-- Garbled state (not a finite number: Lua's tonumber also takes `inf`, `nan` and hex) is
+-- refused, not read as "no state", which would reset the limit.
+if state[1] and (tat == nil or tat ~= tat or tat == math.huge or tat == -math.huge) then
+  return redis.error_reply('ERR rate-limit: garbled state: tat is not a finite number')
+end
 if tat == nil or tat < now then tat = now end
 local tolerance = burst * period
 local out = {}
@@ -1180,6 +1185,13 @@ local cur, prev = 0, 0
 local s = redis.call('HMGET', key, 'start', 'cur', 'prev', 'tat')
 if s[4] then
   return redis.error_reply('WRONGTYPE rate-limit: the key holds GCRA state, not a sliding window')
+end
+-- Garbled state is refused, as in the GCRA script.
+for i, name in ipairs({ 'start', 'cur', 'prev' }) do
+  local v = tonumber(s[i])
+  if s[i] and (v == nil or v ~= v or v == math.huge or v == -math.huge or v < 0) then
+    return redis.error_reply('ERR rate-limit: garbled state: ' .. name .. ' is not a finite number')
+  end
 end
 local s_start = tonumber(s[1])
 if s_start == start then

@@ -263,6 +263,46 @@ aether_redis::contract_tests! {
         }
     }
 
+    async fn garbled_script_state_is_refused_not_read_as_a_fresh_limit(redis) {
+        // A hash field another writer garbled must not reset the limit.
+        let t = TierName::custom("t");
+        let window = Duration::from_secs(60);
+        let cases: [(Algorithm, &[(&str, &str)]); 6] = [
+            (Algorithm::Gcra, &[("tat", "soon")]),
+            (Algorithm::Gcra, &[("tat", "inf")]),
+            (Algorithm::Gcra, &[("tat", "nan")]),
+            (Algorithm::SlidingWindow, &[("start", "x"), ("cur", "1")]),
+            (Algorithm::SlidingWindow, &[("start", "0"), ("cur", "many")]),
+            (Algorithm::SlidingWindow, &[("start", "0"), ("prev", "-5")]),
+        ];
+        for (algorithm, fields) in cases {
+            let limiter = limiter(&redis, algorithm, 10, window);
+            let key = limiter.key("u", "e").unwrap();
+            let mut hset = redis::cmd("HSET");
+            hset.arg(&key);
+            for (f, v) in fields {
+                hset.arg(*f).arg(*v);
+            }
+            let _: i64 = query(&redis, &hset).await;
+            let _: i64 = query(&redis, redis::cmd("EXPIRE").arg(&key).arg(900)).await;
+            let before = support::contents(&redis, &key).await;
+            for (what, result) in [
+                ("check", limiter.check("u", "e", &t).await),
+                ("peek", limiter.peek("u", "e", &t).await),
+            ] {
+                let err = result.unwrap_err();
+                assert!(matches!(err, Error::Server(_)), "{algorithm} {what} {fields:?}: {err:?}");
+                assert!(err.to_string().contains("garbled state"), "{algorithm} {what}: {err}");
+            }
+            assert_eq!(support::contents(&redis, &key).await, before, "{algorithm} {fields:?}");
+            let ttl: i64 = query(&redis, redis::cmd("TTL").arg(&key)).await;
+            assert!(ttl > 800, "{algorithm} {fields:?}: TTL cut to {ttl}");
+            limiter.reset("u", "e").await.unwrap();
+            assert!(limiter.check("u", "e", &t).await.unwrap().allowed);
+            limiter.reset("u", "e").await.unwrap();
+        }
+    }
+
     async fn algorithms_meeting_on_one_key_refuse_and_leave_the_state_alone(redis) {
         let t = TierName::custom("t");
         let window = Duration::from_secs(60);
