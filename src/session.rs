@@ -76,6 +76,9 @@ const ROTATING_PREFIX: &str = "rotating:";
 /// process) leaves a marker that the regular `ZREMRANGEBYSCORE` cleaning removes after it.
 const ROTATION_MARK_LIFETIME: Duration = Duration::from_secs(60);
 
+/// The operation `list_user` names in its errors.
+const LIST_USER: &str = "session.list_user";
+
 /// Hash field and JSON member names, as documented.
 pub mod fields {
     /// The owning user.
@@ -1152,29 +1155,48 @@ impl SessionStore {
     /// rotated) through this crate. A session written by another service that does not add it
     /// to the index (the documented TypeScript `SessionManager.createSession`, `HSET` +
     /// `EXPIRE` only) is not listed, even after this crate has read or touched it.
-    #[tracing::instrument(name = "session.list_user", skip_all)]
+    ///
+    /// A session stored in the other layout (see `REDIS_SESSION_LAYOUT`) is listed too, at the
+    /// cost of two more round trips (the `TYPE` of each key, then the read its type takes).
     pub async fn list_user(&self, user_id: &str) -> Result<Vec<Session>> {
         let index = self.index_key(user_id)?;
         let now = now_millis();
         let snapshot = self.index_members(&index, now, true).await?;
         let members = &snapshot.members;
-        let read = match self.layout {
-            SessionLayout::Hash => "HGETALL",
-            SessionLayout::Json => "GET",
-        };
         let cmds = members
             .iter()
-            .map(|(id, _)| {
-                let mut c = redis::cmd(read);
-                c.arg(self.key(id));
-                c
-            })
+            .map(|(id, _)| session_read(self.layout, &self.key(id)))
             .collect();
-        let replies = self.redis.query_per_key("session.list_user", cmds).await?;
+        let stored: Vec<(Option<SessionLayout>, Value)> =
+            match self.redis.query_per_key(LIST_USER, cmds).await {
+                Ok(replies) => replies
+                    .into_iter()
+                    .map(|r| (Some(self.layout), r))
+                    .collect(),
+                // A session of the user stored in the other layout (see `destroy_user`) is
+                // listed too: each key is read by its type instead.
+                Err(Error::Server(e)) if is_wrong_type(&e) => {
+                    let layouts = self.layouts_by_type(LIST_USER, members).await?;
+                    let cmds = members
+                        .iter()
+                        .zip(&layouts)
+                        .map(|((id, _), layout)| match layout {
+                            Some(layout) => session_read(*layout, &self.key(id)),
+                            None => exists(&self.key(id)),
+                        })
+                        .collect();
+                    let replies = self.redis.query_per_key(LIST_USER, cmds).await?;
+                    layouts.into_iter().zip(replies).collect()
+                }
+                Err(e) => return Err(e),
+            };
         let mut sessions = Vec::new();
         let mut prune = Vec::new();
-        for ((id, deadline), reply) in members.iter().zip(replies) {
-            let session = self.decode_stored(id.clone(), &self.shown_key(), reply)?;
+        for ((id, deadline), (layout, reply)) in members.iter().zip(stored) {
+            let session = match layout {
+                Some(layout) => self.decode_in(layout, id.clone(), &self.shown_key(), reply)?,
+                None => None,
+            };
             match session {
                 Some(s) if s.user_id == user_id => sessions.push(s),
                 _ => {
@@ -1276,10 +1298,13 @@ impl SessionStore {
         }
     }
 
-    /// The owners of `members`' sessions whatever layout each is stored in: two round trips
-    /// (`TYPE` of each key, then the read its type takes).
-    async fn owners_by_type(&self, members: &[(SessionId, i64)]) -> Result<Vec<Option<String>>> {
-        const OP: &str = "session.destroy_user";
+    /// The layout each of `members`' sessions is stored in, by the `TYPE` of its key (one round
+    /// trip); `None` for a key that is gone or holds no session.
+    async fn layouts_by_type(
+        &self,
+        operation: &'static str,
+        members: &[(SessionId, i64)],
+    ) -> Result<Vec<Option<SessionLayout>>> {
         let type_cmds = members
             .iter()
             .map(|(id, _)| {
@@ -1288,15 +1313,22 @@ impl SessionStore {
                 c
             })
             .collect();
-        let types = self.redis.query_per_key(OP, type_cmds).await?;
-        let layouts: Vec<Option<SessionLayout>> = types
+        let types = self.redis.query_per_key(operation, type_cmds).await?;
+        Ok(types
             .into_iter()
             .map(|t| match crate::codec::opt_text(&self.shown_key(), t) {
                 Ok(Some(t)) if t == "hash" => Some(SessionLayout::Hash),
                 Ok(Some(t)) if t == "string" => Some(SessionLayout::Json),
                 _ => None,
             })
-            .collect();
+            .collect())
+    }
+
+    /// The owners of `members`' sessions whatever layout each is stored in: two round trips
+    /// (`TYPE` of each key, then the read its type takes).
+    async fn owners_by_type(&self, members: &[(SessionId, i64)]) -> Result<Vec<Option<String>>> {
+        const OP: &str = "session.destroy_user";
+        let layouts = self.layouts_by_type(OP, members).await?;
         let read_cmds = members
             .iter()
             .zip(&layouts)
@@ -1304,11 +1336,7 @@ impl SessionStore {
                 Some(layout) => owner_read(*layout, &self.key(id)),
                 // Gone meanwhile, or no session at all: nothing to read (a type that changed
                 // again since is refused, and the caller may try again).
-                None => {
-                    let mut c = redis::cmd("EXISTS");
-                    c.arg(self.key(id));
-                    c
-                }
+                None => exists(&self.key(id)),
             })
             .collect();
         let replies = self.redis.query_per_key(OP, read_cmds).await?;
@@ -1525,7 +1553,18 @@ impl SessionStore {
     /// Decodes an `HGETALL` / `GET` reply in the configured layout; errors name `key` (the
     /// redacted [`SessionStore::shown_key`]).
     fn decode_stored(&self, id: SessionId, key: &str, stored: Value) -> Result<Option<Session>> {
-        match self.layout {
+        self.decode_in(self.layout, id, key, stored)
+    }
+
+    /// [`Self::decode_stored`] of a session stored in `layout`.
+    fn decode_in(
+        &self,
+        layout: SessionLayout,
+        id: SessionId,
+        key: &str,
+        stored: Value,
+    ) -> Result<Option<Session>> {
+        match layout {
             SessionLayout::Hash => match HashFields::from_reply(key, stored)? {
                 None => Ok(None),
                 Some(h) => Session::from_hash(id, h).map(Some),
@@ -1715,6 +1754,23 @@ fn owner_read(layout: SessionLayout, key: &str) -> redis::Cmd {
             c
         }
     }
+}
+
+/// The whole-session read of `layout`: `HGETALL <key>` or `GET <key>`.
+fn session_read(layout: SessionLayout, key: &str) -> redis::Cmd {
+    let mut c = redis::cmd(match layout {
+        SessionLayout::Hash => "HGETALL",
+        SessionLayout::Json => "GET",
+    });
+    c.arg(key);
+    c
+}
+
+/// `EXISTS <key>`: the placeholder read of a key that holds no session.
+fn exists(key: &str) -> redis::Cmd {
+    let mut c = redis::cmd("EXISTS");
+    c.arg(key);
+    c
 }
 
 /// A `WRONGTYPE` reply, alone or inside a failed pipeline.

@@ -501,14 +501,25 @@ aether_redis::contract_tests! {
         assert!(store.get(&other.id).await.unwrap().is_some());
     }
 
-    async fn logout_everywhere_reaches_sessions_stored_in_either_layout(redis) {
+    async fn listing_and_logout_reach_sessions_stored_in_either_layout(redis) {
         // A deployment that switched REDIS_SESSION_LAYOUT still has live sessions of the old
-        // one: "log out everywhere" must end them too, not fail on their type.
+        // one: listing (and the export built on it) and "log out everywhere" must reach them
+        // too, not fail on their type.
         let json = reconnect(&redis, |c| c.session_layout = SessionLayout::Json).await;
         for (destroyer, other) in [(redis.sessions(), json.sessions()), (json.sessions(), redis.sessions())] {
             let own = destroyer.create(new_session("u-mixed")).await.unwrap();
             let foreign = other.create(new_session("u-mixed")).await.unwrap();
             let bystander = other.create(new_session("u-bystander")).await.unwrap();
+            let listed = destroyer.list_user("u-mixed").await.unwrap();
+            let mut ids: Vec<_> = listed.iter().map(|s| s.id.clone()).collect();
+            ids.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+            let mut expected = vec![own.id.clone(), foreign.id.clone()];
+            expected.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+            assert_eq!(ids, expected);
+            let read_back = listed.iter().find(|s| s.id == foreign.id).unwrap();
+            assert_same_data(&foreign, read_back);
+            let export = redis.user_data().export_user("u-mixed").await.unwrap();
+            assert_eq!(export["sessions"].as_array().unwrap().len(), 2, "{export}");
             assert_eq!(destroyer.destroy_user("u-mixed").await.unwrap(), 2);
             let mut conn = raw(&redis).await;
             for (id, alive) in [(&own.id, false), (&foreign.id, false), (&bystander.id, true)] {
