@@ -31,7 +31,7 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::LazyLock;
@@ -40,6 +40,7 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use redis::Value;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value as Json};
 
 use crate::codec::{HashFields, now_millis};
@@ -352,7 +353,8 @@ pub struct Session {
     /// `permissions` (empty when the field is missing).
     pub permissions: Vec<String>,
     /// Application-defined fields (e.g. `csrfToken`), kept and returned as they are. In the
-    /// JSON layout a non-string member is returned as its JSON text.
+    /// JSON layout a non-string member is returned as its JSON text (a number beyond 64 bits
+    /// as the nearest float; writes keep the stored text of members they do not change).
     pub extra: BTreeMap<String, String>,
 }
 
@@ -1673,6 +1675,9 @@ impl SessionStore {
                         return Ok(None);
                     };
                     let mut m: Map<String, Json> = crate::codec::from_json(&shown, doc.as_bytes())?;
+                    let stored_members = m.clone();
+                    let verbatim: HashMap<String, Box<RawValue>> =
+                        crate::codec::from_json(&shown, doc.as_bytes())?;
                     let created = Session::from_json_object(id.clone(), &shown, &m)?.created_at;
                     let left = self.remaining(created, now);
                     if left <= 0 {
@@ -1683,7 +1688,7 @@ impl SessionStore {
                         if let Change::Update(c) = change {
                             c.apply_json(&mut m);
                         }
-                        let doc = crate::codec::to_json("session", &m)?;
+                        let doc = encode_keeping_verbatim(&m, &stored_members, &verbatim)?;
                         write
                             .cmd("SET")
                             .arg(&key)
@@ -1754,6 +1759,31 @@ fn owner_read(layout: SessionLayout, key: &str) -> redis::Cmd {
             c
         }
     }
+}
+
+/// `members` as a JSON object, each member that is unchanged from `stored` written as its
+/// `verbatim` text: decoding and encoding again would turn an integer beyond 64 bits that
+/// another service wrote into a rounded float (`1.2345678901234568e29`), and rewrite `1.10`
+/// as `1.1`.
+fn encode_keeping_verbatim(
+    members: &Map<String, Json>,
+    stored: &Map<String, Json>,
+    verbatim: &HashMap<String, Box<RawValue>>,
+) -> Result<String> {
+    let mut doc = String::from("{");
+    for (n, (name, value)) in members.iter().enumerate() {
+        if n > 0 {
+            doc.push(',');
+        }
+        doc.push_str(&crate::codec::to_json("session member name", name)?);
+        doc.push(':');
+        match verbatim.get(name) {
+            Some(raw) if stored.get(name) == Some(value) => doc.push_str(raw.get()),
+            _ => doc.push_str(&crate::codec::to_json("session", value)?),
+        }
+    }
+    doc.push('}');
+    Ok(doc)
 }
 
 /// The whole-session read of `layout`: `HGETALL <key>` or `GET <key>`.

@@ -560,6 +560,17 @@ aether_redis::contract_tests! {
             assert!(store.touch(&s.id).await.unwrap());
             let doc: String = redis::cmd("GET").arg(&key).query_async(&mut conn).await.unwrap();
             assert!(doc.contains("\"platformConnectionId\":12345678901234567"), "{doc}");
+            // Members an update does not change keep their stored text, even where a decode
+            // and encode would round them: an integer beyond 64 bits, a trailing zero.
+            let mut obj: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&doc).unwrap();
+            obj.remove("platformConnectionId");
+            let doc = serde_json::to_string(&obj).unwrap();
+            let doc = format!("{},\"wide\":123456789012345678901234567890,\"nested\":{{\"ratio\":1.10}}}}", &doc[..doc.len() - 1]);
+            let _: () = redis::cmd("SET").arg(&key).arg(&doc).arg("KEEPTTL").query_async(&mut conn).await.unwrap();
+            store.update(&s.id, &SessionUpdate::new().role(Role::Admin)).await.unwrap().unwrap();
+            let doc: String = redis::cmd("GET").arg(&key).query_async(&mut conn).await.unwrap();
+            assert!(doc.contains("\"wide\":123456789012345678901234567890,\"nested\":{\"ratio\":1.10}"), "{doc}");
+            assert!(doc.contains("\"role\":\"admin\""), "{doc}");
             assert!(pttl(&r, &key).await > 55_000);
             let rotated = store.rotate_id(&s.id).await.unwrap().unwrap();
             assert_eq!(store.list_user("u-json").await.unwrap().len(), 1);
