@@ -446,7 +446,10 @@ impl CacheManager {
     /// to their nodes concurrently. Reads of different keys are not one atomic snapshot in
     /// Cluster. Read-only; retried on a connection error up to
     /// [`Config::max_retries`](crate::Config::max_retries) times. A corrupt entry fails the whole
-    /// call with [`Error::Decode`] naming its key.
+    /// call with [`Error::Decode`] naming its key. A key that holds another type (not written
+    /// by a cache) reads as a miss, because `MGET` answers nil for it, where
+    /// [`CacheManager::get`] fails with `WRONGTYPE`; telling the two apart would cost a `TYPE`
+    /// per miss.
     pub async fn get_many<T, P>(&self, requests: &[(&str, P)]) -> Result<Vec<Option<CacheEntry<T>>>>
     where
         T: DeserializeOwned,

@@ -285,6 +285,10 @@ aether_redis::contract_tests! {
         raw(&redis, redis::cmd("HSET").arg(&key).arg("f").arg("v")).await;
         let err = cache.get::<u32, _>("corrupt", &json!("hash")).await.unwrap_err();
         assert!(matches!(err, Error::Server(_)), "{err:?}");
+        // MGET answers nil for it: a miss in a batch read (documented), the hash left alone.
+        let many = cache.get_many::<u32, _>(&[("corrupt", json!("hash"))]).await.unwrap();
+        assert!(many[0].is_none());
+        assert!(exists(&redis, &key).await);
     }
 
     async fn get_many_and_set_many_round_trip(redis) {
