@@ -10,7 +10,7 @@ use redis::{Cmd, RedisWrite, ToRedisArgs, Value};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::pool::Redis;
+use crate::pool::{Connection, Redis};
 
 /// A Lua script known by its source and SHA1.
 #[derive(Debug, Clone)]
@@ -119,6 +119,55 @@ impl ScriptCall {
     }
 }
 
+/// Sends script commands. The redis client routes a command name it does not know (a renamed
+/// `EVALSHA` or `EVAL`) by its first argument, which for a script call is the SHA or the source:
+/// on Cluster that lands on a random node, and the `MOVED` reply makes the client rebuild its
+/// slot map. A sender that can route sends such a call to the node of its first key instead.
+trait ScriptSender: Send {
+    fn send<'a>(
+        &'a mut self,
+        cmd: Cmd,
+        renamed: bool,
+        first_key: Option<&'a str>,
+    ) -> redis::RedisFuture<'a, Value>;
+}
+
+/// A connection that routes as the redis client does.
+struct ClientRouted<'c, C>(&'c mut C);
+
+impl<C: ConnectionLike + Send> ScriptSender for ClientRouted<'_, C> {
+    fn send<'a>(
+        &'a mut self,
+        cmd: Cmd,
+        _renamed: bool,
+        _first_key: Option<&'a str>,
+    ) -> redis::RedisFuture<'a, Value> {
+        Box::pin(async move { cmd.query_async(&mut *self.0).await })
+    }
+}
+
+impl ScriptSender for Connection {
+    fn send<'a>(
+        &'a mut self,
+        cmd: Cmd,
+        renamed: bool,
+        first_key: Option<&'a str>,
+    ) -> redis::RedisFuture<'a, Value> {
+        let route_by = if renamed { first_key } else { None };
+        match (self, route_by) {
+            #[cfg(feature = "cluster")]
+            (Connection::Cluster(c), Some(key)) => {
+                use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+                let route = Route::with_key(key, SlotAddr::Master);
+                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+                // As `query_async` does: an error reply inside the value is the call's error.
+                Box::pin(async move { c.route_command(cmd, routing).await?.extract_error() })
+            }
+            (conn, _) => Box::pin(async move { cmd.query_async(conn).await }),
+        }
+    }
+}
+
 /// The scripting command names in force.
 #[derive(Debug, Clone)]
 pub(crate) struct Scripts {
@@ -136,21 +185,40 @@ impl Scripts {
         }
     }
 
-    pub(crate) async fn run<C: ConnectionLike>(
+    /// `script` by SHA, then, on `NOSCRIPT`, in full: on any connection, routed by the client.
+    pub(crate) async fn run<C: ConnectionLike + Send>(
         &self,
         conn: &mut C,
         script: &LuaScript,
         call: &ScriptCall,
     ) -> redis::RedisResult<Value> {
+        self.run_on(&mut ClientRouted(conn), script, call).await
+    }
+
+    async fn run_on<S: ScriptSender>(
+        &self,
+        conn: &mut S,
+        script: &LuaScript,
+        call: &ScriptCall,
+    ) -> redis::RedisResult<Value> {
+        let first_key = call.keys.first().map(String::as_str);
         if let Some(evalsha) = &self.evalsha {
-            match call.command(evalsha, &script.sha).query_async(conn).await {
+            let cmd = call.command(evalsha, &script.sha);
+            match conn
+                .send(cmd, !evalsha.eq_ignore_ascii_case("EVALSHA"), first_key)
+                .await
+            {
                 Err(e)
                     if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {}
                 other => return other,
             }
         }
         match &self.eval {
-            Some(eval) => call.command(eval, script.source).query_async(conn).await,
+            Some(eval) => {
+                let cmd = call.command(eval, script.source);
+                conn.send(cmd, !eval.eq_ignore_ascii_case("EVAL"), first_key)
+                    .await
+            }
             None => Err(redis::RedisError::from((
                 redis::ErrorKind::Client,
                 "scripting disabled",
@@ -161,7 +229,7 @@ impl Scripts {
 
     /// Runs a trivial script through the configured `EVAL` name — the one `NOSCRIPT` recovery
     /// depends on — and then by SHA; the error says why scripting is unusable.
-    pub(crate) async fn probe<C: ConnectionLike>(&self, conn: &mut C) -> Result<(), String> {
+    pub(crate) async fn probe(&self, conn: &mut Connection) -> Result<(), String> {
         let probe = LuaScript::new("probe", PROBE);
         let call = ScriptCall::new();
         let names = format!(
@@ -172,14 +240,16 @@ impl Scripts {
         let Some(eval) = &self.eval else {
             return Err(format!("EVAL is disabled ({names})"));
         };
-        let loaded: redis::RedisResult<Value> =
-            call.command(eval, probe.source).query_async(conn).await;
+        let loaded: redis::RedisResult<Value> = call
+            .command(eval, probe.source)
+            .query_async(&mut *conn)
+            .await;
         match loaded {
             Ok(Value::Int(1)) => {}
             Ok(other) => return Err(format!("unexpected probe reply {other:?}")),
             Err(e) => return Err(format!("running a script with {names} failed: {e}")),
         }
-        match self.run(conn, &probe, &call).await {
+        match self.run_on(conn, &probe, &call).await {
             Ok(Value::Int(1)) => Ok(()),
             Ok(other) => Err(format!("unexpected probe reply {other:?}")),
             Err(e) => Err(format!("running a script with {names} failed: {e}")),
@@ -204,16 +274,20 @@ impl Redis {
     }
 
     /// Runs `script` atomically: one round trip (`EVALSHA`), two after a script cache flush
-    /// (`EVALSHA`, then the full script through the configured `EVAL` name).
+    /// (`EVALSHA`, then the full script through the configured `EVAL` name). On Cluster the
+    /// call goes to the node of its first key, also under renamed command names.
     pub async fn eval_script(&self, script: &LuaScript, call: &ScriptCall) -> Result<Value> {
         let mut conn = self.connection().await?;
         self.scripts()
-            .run(&mut conn, script, call)
+            .run_on(&mut conn, script, call)
             .await
             .map_err(|e| self.fail(script.name(), e))
     }
 
-    /// [`Redis::eval_script`] on a connection of the caller's (e.g. a dedicated one).
+    /// [`Redis::eval_script`] on a connection of the caller's (e.g. a dedicated one). The
+    /// connection routes the call: a Cluster connection of the redis client's own routes a
+    /// renamed `EVALSHA` by the SHA, not by the first key (each `MOVED` that earns rebuilds its
+    /// slot map), so on Cluster under renamed names use [`Redis::eval_script`].
     pub async fn eval_script_on<C: ConnectionLike + Send>(
         &self,
         conn: &mut C,

@@ -247,3 +247,105 @@ async fn rate_limiter_works_on_a_hardened_server() {
         limiter.reset("h", "e").await.unwrap();
     }
 }
+
+/// Cluster nodes with `EVAL` and `EVALSHA` renamed: script calls reach the node of their first
+/// key at once. The client routes a command name it does not know by its first argument (here
+/// the SHA or the script's source), and each `MOVED` that earns makes it rebuild its slot map.
+#[tokio::test]
+async fn renamed_script_commands_are_routed_by_their_first_key_on_cluster() {
+    use aether_redis::testkit::LocalCluster;
+    let cluster = tokio::task::spawn_blocking(|| {
+        LocalCluster::start_with(
+            3,
+            &[
+                "rename-command EVAL EVAL_b835c3f9a8",
+                "rename-command EVALSHA EVALSHA_b835c3f9a8",
+                "rename-command SCRIPT SCRIPT_b835c3f9a8",
+            ],
+        )
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let mut config = cluster.config();
+    config
+        .renamed_commands
+        .insert("EVAL".into(), "EVAL_b835c3f9a8".into());
+    config
+        .renamed_commands
+        .insert("EVALSHA".into(), "EVALSHA_b835c3f9a8".into());
+    config
+        .renamed_commands
+        .insert("SCRIPT".into(), "SCRIPT_b835c3f9a8".into());
+    config.key_prefix = "routed:".into();
+    let redis = Redis::connect(config).await.unwrap();
+    assert!(redis.capabilities().scripting);
+    let slot_reads = || async {
+        let mut total = 0u64;
+        for node in cluster.nodes() {
+            let client = redis::Client::open(format!("redis://127.0.0.1:{}", node.port())).unwrap();
+            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+            let stats: String = redis::cmd("INFO")
+                .arg("commandstats")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            total += stats
+                .lines()
+                .filter(|l| {
+                    l.starts_with("cmdstat_cluster|slots:")
+                        || l.starts_with("cmdstat_cluster|shards:")
+                })
+                .filter_map(|l| {
+                    l.split("calls=")
+                        .nth(1)?
+                        .split(',')
+                        .next()?
+                        .parse::<u64>()
+                        .ok()
+                })
+                .sum::<u64>();
+        }
+        total
+    };
+    let sessions = redis.sessions();
+    assert!(sessions.uses_scripts());
+    let mut ids = Vec::new();
+    for n in 0..30 {
+        ids.push(
+            sessions
+                .create(NewSession::new(
+                    format!("u-{n}"),
+                    "a@example.com",
+                    Role::User,
+                ))
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    let before = slot_reads().await;
+    // Every session key in its own slot: about two thirds of them on another node than the
+    // one the SHA or the source hashes to.
+    for id in &ids {
+        assert!(sessions.touch(id).await.unwrap());
+    }
+    // The first calls after a script flush go through the renamed EVAL.
+    for node in cluster.nodes() {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{}", node.port())).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::cmd("SCRIPT_b835c3f9a8")
+            .arg("FLUSH")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    for id in &ids {
+        assert!(sessions.get(id).await.unwrap().is_some());
+    }
+    let refreshes = slot_reads().await - before;
+    assert!(
+        refreshes <= 3,
+        "{refreshes} slot map reads for 60 script calls"
+    );
+}
