@@ -1190,7 +1190,8 @@ end
 for i, name in ipairs({ 'start', 'cur', 'prev' }) do
   local v = tonumber(s[i])
   if s[i] and (v == nil or v ~= v or v == math.huge or v == -math.huge or v < 0) then
-    return redis.error_reply('ERR rate-limit: garbled state: ' .. name .. ' is not a finite number')
+    return redis.error_reply('ERR rate-limit: garbled state: ' .. name
+      .. ' is not a finite non-negative number')
   end
 end
 local s_start = tonumber(s[1])
@@ -1675,7 +1676,7 @@ impl RateLimiter {
                 }
                 let reply = redis
                     .scripts()
-                    .run(conn, script, &call)
+                    .run_on(conn, script, &call)
                     .await
                     .map_err(fail)?;
                 let ints = reply_ints(key, reply)?;

@@ -123,7 +123,7 @@ impl ScriptCall {
 /// `EVALSHA` or `EVAL`) by its first argument, which for a script call is the SHA or the source:
 /// on Cluster that lands on a random node, and the `MOVED` reply makes the client rebuild its
 /// slot map. A sender that can route sends such a call to the node of its first key instead.
-trait ScriptSender: Send {
+pub(crate) trait ScriptSender: Send {
     fn send<'a>(
         &'a mut self,
         cmd: Cmd,
@@ -195,7 +195,9 @@ impl Scripts {
         self.run_on(&mut ClientRouted(conn), script, call).await
     }
 
-    async fn run_on<S: ScriptSender>(
+    /// [`Scripts::run`] on a connection of this crate's: on Cluster, a call under a renamed name
+    /// goes to the node of its first key.
+    pub(crate) async fn run_on<S: ScriptSender>(
         &self,
         conn: &mut S,
         script: &LuaScript,
