@@ -1160,6 +1160,7 @@ impl SessionStore {
     ///
     /// A session stored in the other layout (see `REDIS_SESSION_LAYOUT`) is listed too, at the
     /// cost of two more round trips (the `TYPE` of each key, then the read its type takes).
+    #[tracing::instrument(name = "session.list_user", skip_all)]
     pub async fn list_user(&self, user_id: &str) -> Result<Vec<Session>> {
         let index = self.index_key(user_id)?;
         let now = now_millis();
