@@ -1179,17 +1179,7 @@ impl SessionStore {
                 // A session of the user stored in the other layout (see `destroy_user`) is
                 // listed too: each key is read by its type instead.
                 Err(Error::Server(e)) if is_wrong_type(&e) => {
-                    let layouts = self.layouts_by_type(LIST_USER, members).await?;
-                    let cmds = members
-                        .iter()
-                        .zip(&layouts)
-                        .map(|((id, _), layout)| match layout {
-                            Some(layout) => session_read(*layout, &self.key(id)),
-                            None => exists(&self.key(id)),
-                        })
-                        .collect();
-                    let replies = self.redis.query_per_key(LIST_USER, cmds).await?;
-                    layouts.into_iter().zip(replies).collect()
+                    self.read_by_type(LIST_USER, members, session_read).await?
                 }
                 Err(e) => return Err(e),
             };
@@ -1301,13 +1291,16 @@ impl SessionStore {
         }
     }
 
-    /// The layout each of `members`' sessions is stored in, by the `TYPE` of its key (one round
-    /// trip); `None` for a key that is gone or holds no session.
-    async fn layouts_by_type(
+    /// Each of `members`' sessions read by `read` in the layout its key's `TYPE` shows, with
+    /// that layout: two round trips. A key that is gone or holds no session is `None`, with the
+    /// reply of an `EXISTS` in place of a read (a type that changed again between the two
+    /// steps is refused, and the caller may try again).
+    async fn read_by_type(
         &self,
         operation: &'static str,
         members: &[(SessionId, i64)],
-    ) -> Result<Vec<Option<SessionLayout>>> {
+        read: fn(SessionLayout, &str) -> redis::Cmd,
+    ) -> Result<Vec<(Option<SessionLayout>, Value)>> {
         let type_cmds = members
             .iter()
             .map(|(id, _)| {
@@ -1317,36 +1310,33 @@ impl SessionStore {
             })
             .collect();
         let types = self.redis.query_per_key(operation, type_cmds).await?;
-        Ok(types
+        let layouts: Vec<Option<SessionLayout>> = types
             .into_iter()
             .map(|t| match crate::codec::opt_text(&self.shown_key(), t) {
                 Ok(Some(t)) if t == "hash" => Some(SessionLayout::Hash),
                 Ok(Some(t)) if t == "string" => Some(SessionLayout::Json),
                 _ => None,
             })
-            .collect())
-    }
-
-    /// The owners of `members`' sessions whatever layout each is stored in: two round trips
-    /// (`TYPE` of each key, then the read its type takes).
-    async fn owners_by_type(&self, members: &[(SessionId, i64)]) -> Result<Vec<Option<String>>> {
-        const OP: &str = "session.destroy_user";
-        let layouts = self.layouts_by_type(OP, members).await?;
+            .collect();
         let read_cmds = members
             .iter()
             .zip(&layouts)
             .map(|((id, _), layout)| match layout {
-                Some(layout) => owner_read(*layout, &self.key(id)),
-                // Gone meanwhile, or no session at all: nothing to read (a type that changed
-                // again since is refused, and the caller may try again).
+                Some(layout) => read(*layout, &self.key(id)),
                 None => exists(&self.key(id)),
             })
             .collect();
-        let replies = self.redis.query_per_key(OP, read_cmds).await?;
-        Ok(replies
+        let replies = self.redis.query_per_key(operation, read_cmds).await?;
+        Ok(layouts.into_iter().zip(replies).collect())
+    }
+
+    /// The owners of `members`' sessions whatever layout each is stored in: two round trips.
+    async fn owners_by_type(&self, members: &[(SessionId, i64)]) -> Result<Vec<Option<String>>> {
+        Ok(self
+            .read_by_type("session.destroy_user", members, owner_read)
+            .await?
             .into_iter()
-            .zip(layouts)
-            .map(|(reply, layout)| layout.and_then(|l| self.owner_of(l, reply)))
+            .map(|(layout, reply)| layout.and_then(|l| self.owner_of(l, reply)))
             .collect())
     }
 

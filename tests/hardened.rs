@@ -332,13 +332,7 @@ async fn renamed_script_commands_are_routed_by_their_first_key_on_cluster() {
     }
     // The first calls after a script flush go through the renamed EVAL.
     for node in cluster.nodes() {
-        let client = redis::Client::open(format!("redis://127.0.0.1:{}", node.port())).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        let _: () = redis::cmd("SCRIPT_b835c3f9a8")
-            .arg("FLUSH")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        flush_scripts(node).await;
     }
     for id in &ids {
         assert!(sessions.get(id).await.unwrap().is_some());
