@@ -1471,18 +1471,10 @@ impl SessionStore {
 
     async fn owner_and_created(&self, key: &str) -> Result<Option<(String, i64)>> {
         let id = SessionId(String::new());
-        let reply = match self.layout {
-            SessionLayout::Hash => {
-                self.redis
-                    .query("session.read", redis::cmd("HGETALL").arg(key))
-                    .await?
-            }
-            SessionLayout::Json => {
-                self.redis
-                    .query("session.read", redis::cmd("GET").arg(key))
-                    .await?
-            }
-        };
+        let reply = self
+            .redis
+            .query("session.read", &session_read(self.layout, key))
+            .await?;
         Ok(self
             .decode_stored(id, &self.shown_key(), reply)?
             .map(|s| (s.user_id, s.created_at)))
@@ -1609,10 +1601,7 @@ impl SessionStore {
         for _ in 0..MAX_WATCH_ATTEMPTS {
             let mut read = redis::pipe();
             read.cmd("WATCH").arg(&key).ignore();
-            match self.layout {
-                SessionLayout::Hash => read.cmd("HGETALL").arg(&key),
-                SessionLayout::Json => read.cmd("GET").arg(&key),
-            };
+            read.add_command(session_read(self.layout, &key));
             let stored: Vec<Value> = read
                 .query_async(conn)
                 .await

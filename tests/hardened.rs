@@ -39,10 +39,15 @@ async fn app_user(server: &LocalServer) -> Redis {
     Redis::connect(config).await.unwrap()
 }
 
+/// A raw connection to `server` as `default` (the operator's user).
+async fn operator(server: &LocalServer) -> redis::aio::MultiplexedConnection {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}", server.port())).unwrap();
+    client.get_multiplexed_async_connection().await.unwrap()
+}
+
 /// Flushes the script cache as an operator would (through the renamed SCRIPT, as `default`).
 async fn flush_scripts(server: &LocalServer) {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{}", server.port())).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = operator(server).await;
     let _: () = redis::cmd("SCRIPT_b835c3f9a8")
         .arg("FLUSH")
         .query_async(&mut conn)
@@ -283,8 +288,7 @@ async fn renamed_script_commands_are_routed_by_their_first_key_on_cluster() {
     let slot_reads = || async {
         let mut total = 0u64;
         for node in cluster.nodes() {
-            let client = redis::Client::open(format!("redis://127.0.0.1:{}", node.port())).unwrap();
-            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+            let mut conn = operator(node).await;
             let stats: String = redis::cmd("INFO")
                 .arg("commandstats")
                 .query_async(&mut conn)

@@ -167,9 +167,18 @@ async fn pending(redis: &Redis, name: &str, group: &str) -> u64 {
 
 /// Appends `count` entries `payload {"n":0}` to `key` in one script (fast for large counts).
 async fn fill(redis: &Redis, key: &str, count: u64) {
-    raw(redis, redis::cmd("EVAL")
-        .arg("for i = 1, tonumber(ARGV[1]) do redis.call('XADD', KEYS[1], '*', 'payload', ARGV[2]) end")
-        .arg(1).arg(key).arg(count).arg("{\"n\":0}")).await;
+    fill_with(redis, key, count, &[]).await;
+}
+
+/// [`fill`] with `extra` field/value pairs in every entry (e.g. one `idem` key for all).
+async fn fill_with(redis: &Redis, key: &str, count: u64, extra: &[(&str, &str)]) {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg("for i = 1, tonumber(ARGV[1]) do redis.call('XADD', KEYS[1], '*', 'payload', ARGV[2], unpack(ARGV, 3)) end")
+        .arg(1).arg(key).arg(count).arg("{\"n\":0}");
+    for (field, value) in extra {
+        cmd.arg(*field).arg(*value);
+    }
+    raw(redis, &cmd).await;
 }
 
 /// `XADD key * <fields>`, field names as raw bytes; returns the id.
@@ -546,9 +555,7 @@ aether_redis::contract_tests! {
         let streams = redis.streams();
         let keys = streams.keys("twins").unwrap();
         streams.create_group("twins", "workers", StartFrom::Beginning).await.unwrap();
-        raw(&redis, redis::cmd("EVAL")
-            .arg("for i = 1, tonumber(ARGV[1]) do redis.call('XADD', KEYS[1], '*', 'payload', ARGV[2], 'idem', 'same') end")
-            .arg(1).arg(keys.stream()).arg(9000).arg("{\"n\":0}")).await;
+        fill_with(&redis, keys.stream(), 9000, &[("idem", "same")]).await;
         let seen = Seen::default();
         let s = seen.clone();
         let running = streams
