@@ -301,6 +301,29 @@ impl Default for Config {
     }
 }
 
+/// Longest TTL a table row or the session lifetime cap may be set to: ten years, far past every
+/// documented row (the longest is 30 days). A longer one would bring expiries near the range
+/// where Redis refuses `PEXPIRE` (and Lua prints the number in exponent form), which would fail
+/// a write after its data was stored, leaving a key without a TTL.
+pub const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Most connections [`Config::pool_size`] and [`Config::shared_connections`] may each ask
+/// for: Redis's default `maxclients`. Beyond it the server refuses them anyway, and a size in
+/// the billions would only exhaust memory building the pool.
+pub const MAX_CONNECTIONS: usize = 10_000;
+
+/// Refuses `value` over `max`, naming `variable`.
+fn at_most(variable: &str, value: Duration, max: Duration, shown: &str) -> Result<(), ConfigError> {
+    if value > max {
+        return Err(ConfigError::invalid(
+            variable,
+            format!("{value:?}"),
+            format!("must be at most {shown}"),
+        ));
+    }
+    Ok(())
+}
+
 fn parse_num<T: FromStr>(variable: &str, value: &str, what: &str) -> Result<T, ConfigError> {
     value
         .trim()
@@ -849,20 +872,36 @@ impl Config {
                 "must be at least 1 ms",
             ));
         }
-        if self.pool_size == 0 {
-            return Err(ConfigError::invalid(
-                "REDIS_POOL_SIZE",
-                "0",
-                "must be at least 1",
-            ));
+        for (variable, size) in [
+            ("REDIS_POOL_SIZE", self.pool_size),
+            ("shared_connections", self.shared_connections),
+        ] {
+            if size == 0 || size > MAX_CONNECTIONS {
+                return Err(ConfigError::invalid(
+                    variable,
+                    size.to_string(),
+                    format!("must be 1 to {MAX_CONNECTIONS}"),
+                ));
+            }
         }
-        if self.shared_connections == 0 {
-            return Err(ConfigError::invalid(
-                "shared_connections",
-                "0",
-                "must be at least 1",
-            ));
-        }
+        at_most(
+            "REDIS_TIMEOUT",
+            self.response_timeout,
+            crate::codec::MAX_OPTION_DURATION,
+            "1 year",
+        )?;
+        at_most(
+            "REDIS_CONNECT_TIMEOUT",
+            self.connect_timeout,
+            crate::codec::MAX_OPTION_DURATION,
+            "1 year",
+        )?;
+        at_most(
+            "REDIS_SESSION_MAX_LIFETIME",
+            self.session_max_lifetime,
+            MAX_TTL,
+            "10 years",
+        )?;
         if let Some(tls) = &self.tls
             && tls.cert_file.is_some() != tls.key_file.is_some()
         {
@@ -880,13 +919,15 @@ impl Config {
             ));
         }
         for (keyspace, ttl) in &self.ttl_overrides {
+            let variable = match keyspace {
+                Keyspace::Session => "REDIS_SESSION_TTL".to_owned(),
+                Keyspace::Cache => "REDIS_CACHE_TTL".to_owned(),
+                other => format!("ttl({other})"),
+            };
             if ttl.is_zero() {
-                return Err(ConfigError::invalid(
-                    format!("ttl({keyspace})"),
-                    "0",
-                    "must be positive",
-                ));
+                return Err(ConfigError::invalid(variable, "0", "must be positive"));
             }
+            at_most(&variable, *ttl, MAX_TTL, "10 years")?;
         }
         self.check_rate_limit("REDIS_RATE_LIMIT_MAX", "REDIS_RATE_LIMIT_WINDOW")
     }
@@ -1362,6 +1403,66 @@ mod tests {
             .build()
             .unwrap_err();
         assert_eq!(err.variable(), "ttl(rate-limit)", "{err}");
+    }
+
+    /// Sizes and durations that would panic building the pool or make a write's `PEXPIRE`
+    /// fail after its data was stored are refused, naming where they came from.
+    #[test]
+    fn oversized_pools_timeouts_and_ttls_are_refused() {
+        let huge = u64::MAX.to_string();
+        for (variable, value) in [
+            ("REDIS_POOL_SIZE", huge.as_str()),
+            ("REDIS_POOL_SIZE", "10001"),
+            ("REDIS_SESSION_TTL", "10000000000000000"),
+            ("REDIS_CACHE_TTL", huge.as_str()),
+            ("REDIS_SESSION_MAX_LIFETIME", "315360001"),
+            ("REDIS_TIMEOUT", huge.as_str()),
+            ("REDIS_CONNECT_TIMEOUT", "31536000001"),
+        ] {
+            let err = Config::from_lookup(|k| (k == variable).then(|| value.to_owned()))
+                .expect_err(variable);
+            assert_eq!(err.variable(), variable, "{err}");
+        }
+        assert_eq!(
+            Config::from_lookup(|k| (k == "REDIS_POOL_SIZE").then(|| "10000".to_owned()))
+                .unwrap()
+                .pool_size,
+            MAX_CONNECTIONS
+        );
+        let ten_years = Config::builder()
+            .ttl(Keyspace::TwoFactor, MAX_TTL)
+            .session_max_lifetime(MAX_TTL)
+            .build();
+        assert!(ten_years.is_ok(), "{ten_years:?}");
+        for (builder, variable) in [
+            (
+                Config::builder().ttl(Keyspace::TwoFactor, MAX_TTL + Duration::from_secs(1)),
+                "ttl(2fa)",
+            ),
+            (
+                Config::builder().ttl(Keyspace::Session, Duration::MAX),
+                "REDIS_SESSION_TTL",
+            ),
+            (
+                Config::builder().shared_connections(MAX_CONNECTIONS + 1),
+                "shared_connections",
+            ),
+            (
+                Config::builder().response_timeout(Duration::MAX),
+                "REDIS_TIMEOUT",
+            ),
+        ] {
+            let err = builder.build().unwrap_err();
+            assert_eq!(err.variable(), variable, "{err}");
+        }
+        for (json, variable) in [
+            (r#"{"ttl_secs": {"2fa": 18446744073709551615}}"#, "ttl(2fa)"),
+            (r#"{"pool_size": 1000000000000}"#, "REDIS_POOL_SIZE"),
+            (r#"{"shared_connections": 20000}"#, "shared_connections"),
+        ] {
+            let err = serde_json::from_str::<Config>(json).unwrap_err().to_string();
+            assert!(err.contains(variable), "{json}: {err}");
+        }
     }
 
     /// What `from_env` refuses, the builder and the file refuse too, naming the same variable.

@@ -221,7 +221,7 @@ impl UserData {
     ///
     /// Not atomic (the keys live in many Cluster slots): each step deletes by key, so running it
     /// again finishes an interrupted erasure. Data the user creates while the erasure runs may
-    /// survive it. Round trips: about ten, plus the `SCAN` pages.
+    /// survive it. Round trips: about fifteen, plus the `SCAN` pages and their deletes.
     #[tracing::instrument(name = "user_data.erase_user", skip_all)]
     pub async fn erase_user(&self, user_id: &str) -> Result<ErasureReport> {
         validate_key_part("user id", user_id)?;

@@ -645,6 +645,32 @@ aether_redis::contract_tests! {
         let err = js.list_user("u-bad").await.unwrap_err();
         assert_no_session_id(&err, &id);
     }
+
+    async fn a_foreign_json_session_string_is_refused_and_left_untouched(redis) {
+        // The Zenith NextAuth adapter's `SETEX session:<token> 86400 <its own JSON>`.
+        let mut conn = raw(&redis).await;
+        let hash = redis.sessions();
+        let id = SessionId::generate().unwrap();
+        let key = hash.key(&id);
+        let foreign = r#"{"sessionToken":"t","userId":"u","expires":"2026-12-05T00:00:00.000Z"}"#;
+        let _: () = redis::cmd("SET").arg(&key).arg(foreign).arg("EX").arg(86_400).query_async(&mut conn).await.unwrap();
+        let json = reconnect(&redis, |c| c.session_layout = SessionLayout::Json).await;
+        for store in [hash.clone(), hash.clone().without_scripts()] {
+            let err = store.get(&id).await.unwrap_err();
+            assert!(matches!(&err, Error::Server(e) if e.code() == Some("WRONGTYPE")), "{err:?}");
+            assert_no_session_id(&err, &id);
+            let err = store.touch(&id).await.unwrap_err();
+            assert!(matches!(&err, Error::Server(e) if e.code() == Some("WRONGTYPE")), "{err:?}");
+        }
+        for store in [json.sessions(), json.sessions().without_scripts()] {
+            let err = store.get(&id).await.unwrap_err();
+            assert!(matches!(&err, Error::Decode { .. }), "{err:?}");
+            assert_no_session_id(&err, &id);
+        }
+        let stored: String = redis::cmd("GET").arg(&key).query_async(&mut conn).await.unwrap();
+        assert_eq!(stored, foreign);
+        assert!(pttl(&redis, &key).await > 86_000_000);
+    }
 }
 
 #[test]
