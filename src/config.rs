@@ -1460,7 +1460,9 @@ mod tests {
             (r#"{"pool_size": 1000000000000}"#, "REDIS_POOL_SIZE"),
             (r#"{"shared_connections": 20000}"#, "shared_connections"),
         ] {
-            let err = serde_json::from_str::<Config>(json).unwrap_err().to_string();
+            let err = serde_json::from_str::<Config>(json)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(variable), "{json}: {err}");
         }
     }

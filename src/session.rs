@@ -1010,37 +1010,36 @@ impl SessionStore {
 
     /// Deletes a session and its index entry. `false` when there was none.
     ///
-    /// Round trips: one atomic read-and-delete (`MULTI HGET userId, DEL` / `GETDEL`), then
+    /// Whatever the configured layout, a session stored in the other one (a hash or a JSON
+    /// string) is deleted too, as [`destroy_user`](Self::destroy_user) does: logging out must
+    /// not depend on which service wrote the session.
+    ///
+    /// Round trips: one atomic read-and-delete (`MULTI HGET userId, GET, DEL`: the read of the
+    /// other layout's type fails with `WRONGTYPE` inside the transaction and is ignored), then
     /// `ZREM` on the owner's index when a session was deleted.
     #[tracing::instrument(name = "session.destroy", skip_all)]
     pub async fn destroy(&self, id: &SessionId) -> Result<bool> {
         let key = self.key(id);
-        let owner = match self.layout {
-            SessionLayout::Hash => {
-                let mut pipe = redis::pipe();
-                pipe.atomic();
-                pipe.cmd("HGET").arg(&key).arg(fields::USER_ID);
-                pipe.cmd("DEL").arg(&key);
-                let reply = self
-                    .redis
-                    .query_pipe("session.destroy", &pipe)
-                    .await?
-                    .unwrap_or_default();
-                match <[Value; 2]>::try_from(reply) {
-                    Ok([_, Value::Int(0)]) => return Ok(false),
-                    Ok([owner, _]) => self.owner_of(SessionLayout::Hash, owner),
-                    Err(_) => None,
-                }
-            }
-            SessionLayout::Json => {
-                let reply = self
-                    .redis
-                    .query("session.destroy", redis::cmd("GETDEL").arg(&key))
-                    .await?;
-                if reply == Value::Nil {
-                    return Ok(false);
-                }
-                self.owner_of(SessionLayout::Json, reply)
+        let mut pipe = redis::pipe();
+        pipe.atomic().ignore_errors();
+        pipe.cmd("HGET").arg(&key).arg(fields::USER_ID);
+        pipe.cmd("GET").arg(&key);
+        pipe.cmd("DEL").arg(&key);
+        let reply = self
+            .redis
+            .query_pipe("session.destroy", &pipe)
+            .await?
+            .unwrap_or_default();
+        let owner = match <[Value; 3]>::try_from(reply) {
+            Ok([_, _, Value::Int(0)]) => return Ok(false),
+            Ok([Value::ServerError(_), json, _]) => self.owner_of(SessionLayout::Json, json),
+            Ok([hash_owner, _, _]) => self.owner_of(SessionLayout::Hash, hash_owner),
+            Err(reply) => {
+                return Err(Error::decode(
+                    self.shown_key(),
+                    None,
+                    format!("{} replies to a 3-command destroy transaction", reply.len()),
+                ));
             }
         };
         // An owner that is not a valid key part cannot have an index entry.
@@ -1277,7 +1276,7 @@ impl SessionStore {
 
     // ---- internals -------------------------------------------------------------------------
 
-    /// The `userId` in a reply to `HGET <key> userId` (hash layout) or `GET`/`GETDEL <key>`
+    /// The `userId` in a reply to `HGET <key> userId` (hash layout) or `GET <key>`
     /// (JSON); `None` when there is none or the stored data does not say.
     fn owner_of(&self, layout: SessionLayout, reply: Value) -> Option<String> {
         let text = crate::codec::opt_text(&self.shown_key(), reply).unwrap_or(None)?;
