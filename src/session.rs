@@ -118,7 +118,8 @@ pub mod lua {
     /// (ms), mode (`get` | `touch` | `update`), `n`, then `n` field/value pairs to set, then
     /// fields to delete. Returns nil when the session is gone (nothing is written then);
     /// `{1, fields}` for `get`/`update`, `1` for `touch`; `{0, fields}` without writing when
-    /// `createdAt` is missing or not a number.
+    /// `createdAt` is missing or not an integer (an optional sign and at most 17 digits: what
+    /// the crate's decoder reads).
     pub const ACCESS_HASH: &str = r#"
 local key = KEYS[1]
 local h = redis.call('HGETALL', key)
@@ -126,7 +127,11 @@ if #h == 0 then return false end
 local now = tonumber(ARGV[1])
 local created
 for i = 1, #h, 2 do
-  if h[i] == 'createdAt' then created = tonumber(h[i + 1]) end
+  -- Only what the crate's decoder reads as an integer: tonumber would also take 1.5e12, 0x..,
+  -- nan or inf, and a session that never decodes would be kept alive (or never capped).
+  if h[i] == 'createdAt' and #h[i + 1] <= 17 and string.match(h[i + 1], '^[+-]?%d+$') then
+    created = tonumber(h[i + 1])
+  end
 end
 if not created then return {0, h} end
 local left = math.floor(math.min(tonumber(ARGV[2]), created + tonumber(ARGV[3]) - now))
@@ -167,14 +172,23 @@ return {1, h}
     /// member, `"lastAccessAt":<now>` is inserted as the first member. If no rewrite checks out
     /// (a value of another type), the document is kept as it was and only the TTL slides.
     /// Returns nil when the session is gone; `{1, json}` for `get`, `1` for `touch`; `{0, json}`
-    /// without writing when the value is not a JSON object with a numeric `createdAt`.
+    /// without writing when the value is not a JSON object with an integral `createdAt` (a
+    /// number below 2^53, or a string of at most 17 decimal digits).
     pub const ACCESS_JSON: &str = r#"
 local key = KEYS[1]
 local v = redis.call('GET', key)
 if not v then return false end
 local ok, obj = pcall(cjson.decode, v)
 if not ok or type(obj) ~= 'table' then return {0, v} end
-local created = tonumber(obj['createdAt'])
+-- An integer, as a number or a decimal string, as the crate's decoder reads it; nan, inf and
+-- fractions would keep alive (or never cap) a session that never decodes.
+local c = obj['createdAt']
+local created
+if type(c) == 'number' and c == math.floor(c) and c > -2^53 and c < 2^53 then
+  created = c
+elseif type(c) == 'string' and #c <= 17 and string.match(c, '^[+-]?%d+$') then
+  created = tonumber(c)
+end
 if not created then return {0, v} end
 local now = tonumber(ARGV[1])
 local left = math.floor(math.min(tonumber(ARGV[2]), created + tonumber(ARGV[3]) - now))
@@ -460,7 +474,13 @@ impl Session {
         };
         let millis = |field: &'static str| -> Result<i64> {
             match m.get(field) {
-                Some(Json::Number(n)) => n.as_i64(),
+                // An integral value written with an exponent or a fraction (`1.7e12`) is the
+                // same time, and the access script takes it as one.
+                Some(Json::Number(n)) => n.as_i64().or_else(|| {
+                    n.as_f64()
+                        .filter(|f| f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0)
+                        .map(|f| f as i64)
+                }),
                 Some(Json::String(s)) => s.parse().ok(),
                 None => return Err(Error::decode(key, Some(field), "missing")),
                 _ => None,
@@ -1068,6 +1088,8 @@ impl SessionStore {
     /// The index gains the new id before the rename, so it always lists every live session,
     /// and the marker keeps a concurrent [`SessionStore::list_user`] or
     /// [`SessionStore::destroy_user`] from pruning the new id while its key does not exist yet.
+    /// Once the rename has succeeded the new id is returned even if that last `ZREM` fails
+    /// (the index then holds the old id and the marker until its pruning removes them).
     #[tracing::instrument(name = "session.rotate_id", skip_all)]
     pub async fn rotate_id(&self, id: &SessionId) -> Result<Option<SessionId>> {
         let old_key = self.key(id);
@@ -1129,7 +1151,17 @@ impl SessionStore {
                     // The taken id may be a session of this very user: its member stays.
                     None => &mut zrem,
                 };
-                self.redis.query("session.rotate_id", &zrem).await?;
+                match self.redis.query("session.rotate_id", &zrem).await {
+                    Ok(_) => {}
+                    // The session lives on under the new id, which only this reply can tell
+                    // the caller: an error now would log the user out. The stale members go
+                    // with the index's regular pruning (the old id's key is gone, the marker's
+                    // score passes).
+                    Err(e) if outcome == Some(true) => {
+                        tracing::warn!(error = %e, "session.rotate_id: index clean-up failed");
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             match outcome {
                 None => continue,

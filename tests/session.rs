@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use aether_redis::pool::Connection;
 use aether_redis::session::{NewSession, Role, Session, SessionId, SessionStore, SessionUpdate};
-use aether_redis::{Environment, Error, Redis, SessionLayout};
+use aether_redis::{Config, Environment, Error, Redis, SessionLayout};
 
 fn new_session(user: &str) -> NewSession {
     NewSession::new(user, format!("{user}@example.com"), Role::User)
@@ -646,6 +646,51 @@ aether_redis::contract_tests! {
         assert_no_session_id(&err, &id);
     }
 
+    async fn a_created_at_the_decoder_refuses_is_never_slid_or_stamped(redis) {
+        let mut conn = raw(&redis).await;
+        let hash = redis.sessions();
+        let now = aether_redis::codec::now_millis();
+        for created in ["1.7e12", "1700000000000.5", "nan", "inf", "0x10", " 17", "99999999999999999999"] {
+            let id = SessionId::generate().unwrap();
+            let key = hash.key(&id);
+            let _: () = redis::cmd("HSET").arg(&key)
+                .arg("userId").arg("u").arg("email").arg("e").arg("role").arg("user")
+                .arg("createdAt").arg(created).arg("lastAccessAt").arg("1")
+                .arg("ipAddress").arg("i").arg("userAgent").arg("a")
+                .query_async(&mut conn).await.unwrap();
+            let _: () = redis::cmd("EXPIRE").arg(&key).arg(30).query_async(&mut conn).await.unwrap();
+            for store in [hash.clone(), hash.clone().without_scripts()] {
+                let err = store.get(&id).await.unwrap_err();
+                assert!(matches!(&err, Error::Decode { field: Some(f), .. } if f == "createdAt"), "{created}: {err:?}");
+                assert!(!store.touch(&id).await.is_ok_and(|t| t), "{created}: touched");
+            }
+            assert!(pttl(&redis, &key).await <= 30_000, "{created}: TTL slid");
+            assert_eq!(hgetall(&redis, &key).await["lastAccessAt"], "1", "{created}: stamped");
+        }
+        // JSON: an integral time written with an exponent is read as that time, by the script
+        // and the decoder alike; a fraction is refused without a write.
+        let json = reconnect(&redis, |c| c.session_layout = SessionLayout::Json).await.sessions();
+        let doc = |created: &str| format!(
+            r#"{{"userId":"u","email":"e","role":"user","createdAt":{created},"lastAccessAt":1,"ipAddress":"i","userAgent":"a"}}"#
+        );
+        let id = SessionId::generate().unwrap();
+        let key = json.key(&id);
+        let _: () = redis::cmd("SET").arg(&key).arg(doc(&format!("{}e3", now / 1000))).arg("EX").arg(30).query_async(&mut conn).await.unwrap();
+        let got = json.get(&id).await.unwrap().unwrap();
+        assert_eq!(got.created_at, now / 1000 * 1000);
+        assert!(pttl(&redis, &key).await > 30_000, "an accepted session's TTL slides");
+        for created in ["1700000000000.5", "\"1.7e12\""] {
+            let id = SessionId::generate().unwrap();
+            let key = json.key(&id);
+            let _: () = redis::cmd("SET").arg(&key).arg(doc(created)).arg("EX").arg(30).query_async(&mut conn).await.unwrap();
+            let err = json.get(&id).await.unwrap_err();
+            assert!(matches!(&err, Error::Decode { field: Some(f), .. } if f == "createdAt"), "{created}: {err:?}");
+            assert!(pttl(&redis, &key).await <= 30_000, "{created}: TTL slid");
+            let stored: String = redis::cmd("GET").arg(&key).query_async(&mut conn).await.unwrap();
+            assert_eq!(stored, doc(created));
+        }
+    }
+
     async fn a_foreign_json_session_string_is_refused_and_left_untouched(redis) {
         // The Zenith NextAuth adapter's `SETEX session:<token> 86400 <its own JSON>`.
         let mut conn = raw(&redis).await;
@@ -702,4 +747,47 @@ aether_redis::contract_tests! {
 fn session_debug_never_shows_the_id() {
     let id = SessionId::generate().unwrap();
     assert!(!format!("{id:?}").contains(id.as_str()));
+}
+
+/// A rename that succeeded is reported even when the index clean-up after it fails: the caller
+/// must learn the new id, or the user is logged out. The clean-up's `ZREM` is refused here by
+/// an ACL user that may run everything else.
+#[tokio::test]
+async fn rotate_id_returns_the_new_id_when_only_the_index_clean_up_fails() {
+    use aether_redis::testkit::{LocalOptions, LocalServer};
+    let server = tokio::task::spawn_blocking(|| {
+        LocalServer::start(LocalOptions {
+            config_lines: vec!["user rotator on >pw ~* &* +@all -zrem".into()],
+            ..LocalOptions::default()
+        })
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let connect = |user: Option<&str>| {
+        let mut builder = Config::builder().port(server.port()).key_prefix("rotate:");
+        if let Some(user) = user {
+            builder = builder.username(user).password("pw");
+        }
+        Redis::connect(builder.build().unwrap())
+    };
+    let owner = connect(None).await.unwrap();
+    let rotator = connect(Some("rotator")).await.unwrap();
+    let created = owner.sessions().create(new_session("u-rot")).await.unwrap();
+    let rotated = rotator
+        .sessions()
+        .rotate_id(&created.id)
+        .await
+        .unwrap()
+        .expect("the session existed");
+    assert_ne!(rotated, created.id);
+    let store = owner.sessions();
+    assert!(store.get(&created.id).await.unwrap().is_none());
+    assert_eq!(store.get(&rotated).await.unwrap().unwrap().user_id, "u-rot");
+    // The listing still finds exactly the live session (the stale old id is pruned).
+    let listed = store.list_user("u-rot").await.unwrap();
+    assert_eq!(
+        listed.iter().map(|s| s.id.clone()).collect::<Vec<_>>(),
+        [rotated]
+    );
 }
