@@ -261,11 +261,19 @@ pub fn params_hash<P: Serialize + ?Sized>(params: &P) -> Result<String> {
     Ok(URL_SAFE_NO_PAD.encode(Sha256::digest(canonical_bytes(params)?)))
 }
 
-fn ttl_millis(ttl: Duration) -> Result<u64> {
+/// `ttl` in ms for `PX`, named `what` in errors: at least 1 ms and at most
+/// [`MAX_TTL`](crate::config::MAX_TTL), past which Redis would refuse the expiry.
+fn ttl_millis(what: &'static str, ttl: Duration) -> Result<u64> {
+    if ttl > crate::config::MAX_TTL {
+        return Err(Error::invalid(
+            what,
+            format!("must be at most 10 years, got {ttl:?}"),
+        ));
+    }
     match u64::try_from(ttl.as_millis()) {
-        Ok(0) => Err(Error::invalid("cache TTL", "must be at least 1 ms")),
+        Ok(0) => Err(Error::invalid(what, "must be at least 1 ms")),
         Ok(ms) => Ok(ms),
-        Err(_) => Err(Error::invalid("cache TTL", "is too large")),
+        Err(_) => Err(Error::invalid(what, "is too large")),
     }
 }
 
@@ -299,14 +307,16 @@ fn is_ok_reply(value: &Value) -> bool {
 
 impl CacheManager {
     /// A manager whose `get_or_set` lock expires after `lock_ttl` (default 10 s). A loader that
-    /// runs longer than this may see a second loader start elsewhere.
+    /// runs longer than this may see a second loader start elsewhere. More than ten years
+    /// makes `get_or_set` fail with [`Error::InvalidInput`] before it writes anything.
     pub fn with_lock_ttl(mut self, lock_ttl: Duration) -> Self {
         self.lock_ttl = lock_ttl;
         self
     }
 
     /// A manager whose `get_or_set` waits at most `wait_timeout` (default 5 s) for another
-    /// process's loader before failing with [`Error::Timeout`].
+    /// process's loader before failing with [`Error::Timeout`]; `Duration::MAX` waits without
+    /// a deadline.
     pub fn with_wait_timeout(mut self, wait_timeout: Duration) -> Self {
         self.wait_timeout = wait_timeout;
         self
@@ -409,7 +419,7 @@ impl CacheManager {
     {
         let result = async {
             let key = self.key(endpoint, params)?;
-            let ttl = ttl_millis(ttl)?;
+            let ttl = ttl_millis("cache TTL", ttl)?;
             self.store(&key, entry, ttl).await
         }
         .await;
@@ -520,7 +530,7 @@ impl CacheManager {
         P: Serialize,
     {
         let result = async {
-            let ttl = ttl_millis(ttl)?;
+            let ttl = ttl_millis("cache TTL", ttl)?;
             let mut writes = Vec::with_capacity(items.len());
             for (endpoint, params, entry) in items {
                 let key = self.key(endpoint, params)?;
@@ -637,8 +647,8 @@ impl CacheManager {
     {
         let prepared = async {
             let key = self.key(endpoint, params)?;
-            let ttl = ttl_millis(ttl)?;
-            let lock_ttl = ttl_millis(self.lock_ttl)?;
+            let ttl = ttl_millis("cache TTL", ttl)?;
+            let lock_ttl = ttl_millis("cache lock TTL", self.lock_ttl)?;
             if let Some(entry) = self.fetch(&key).await? {
                 return Ok(Lookup::Found(entry));
             }
@@ -701,7 +711,9 @@ impl CacheManager {
         token: &str,
         lock_ttl: u64,
     ) -> Result<Option<CacheEntry<T>>> {
-        let deadline = Instant::now() + self.wait_timeout;
+        // A wait too long for an `Instant` (`Duration::MAX`: "wait as long as it takes") has
+        // no deadline.
+        let deadline = Instant::now().checked_add(self.wait_timeout);
         let mut pause = Duration::from_millis(5);
         let mut pipe = redis::pipe();
         pipe.cmd("SET")
@@ -739,14 +751,17 @@ impl CacheManager {
                 None if acquired => return Ok(None),
                 None => {}
             }
-            let now = Instant::now();
-            if now >= deadline {
+            let left = match deadline {
+                Some(deadline) => deadline.saturating_duration_since(Instant::now()),
+                None => pause,
+            };
+            if left.is_zero() {
                 return Err(Error::Timeout {
                     operation: "cache.get_or_set waiting for another loader",
                     after: self.wait_timeout,
                 });
             }
-            tokio::time::sleep(pause.min(deadline - now)).await;
+            tokio::time::sleep(pause.min(left)).await;
             pause = (pause * 2).min(MAX_POLL);
         }
     }
@@ -959,9 +974,21 @@ mod tests {
 
     #[test]
     fn ttl_must_be_a_positive_number_of_millis() {
-        assert!(ttl_millis(Duration::ZERO).is_err());
-        assert!(ttl_millis(Duration::from_micros(999)).is_err());
-        assert_eq!(ttl_millis(Duration::from_secs(2)).unwrap(), 2000);
+        assert!(ttl_millis("cache TTL", Duration::ZERO).is_err());
+        assert!(ttl_millis("cache TTL", Duration::from_micros(999)).is_err());
+        assert_eq!(
+            ttl_millis("cache TTL", Duration::from_secs(2)).unwrap(),
+            2000
+        );
+        let max = crate::config::MAX_TTL;
+        assert!(ttl_millis("cache TTL", max).is_ok());
+        for ttl in [max + Duration::from_millis(1), Duration::MAX] {
+            let err = ttl_millis("cache lock TTL", ttl).unwrap_err();
+            assert!(
+                matches!(&err, Error::InvalidInput { what, .. } if *what == "cache lock TTL"),
+                "{err:?}"
+            );
+        }
     }
 
     #[test]

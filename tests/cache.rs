@@ -475,9 +475,10 @@ aether_redis::contract_tests! {
             .unwrap_err();
         assert!(err.is_timeout(), "{err:?}");
         assert_eq!(loads.load(Ordering::SeqCst), 0);
-        // When the other process stores its entry, a waiting caller returns it without loading.
+        // When the other process stores its entry, a waiting caller returns it without loading,
+        // also one told to wait as long as it takes.
         let waiter = {
-            let cache = cache.clone().with_wait_timeout(Duration::from_secs(10));
+            let cache = cache.clone().with_wait_timeout(Duration::MAX);
             tokio::spawn(async move {
                 cache
                     .get_or_set("/slow", &json!({"slow": true}), || async {
@@ -491,6 +492,25 @@ aether_redis::contract_tests! {
         cache.set("/slow", &params, &theirs).await.unwrap();
         raw(&redis, redis::cmd("DEL").arg(&lock)).await;
         assert_eq!(waiter.await.unwrap().unwrap(), theirs);
+    }
+
+    async fn a_lock_ttl_redis_would_refuse_is_invalid_input_before_anything_is_written(redis) {
+        let cache = redis.cache().with_lock_ttl(Duration::MAX);
+        let params = json!({"lock": "forever"});
+        let err = cache
+            .get_or_set("/forever", &params, || async { Ok::<_, Error>(CacheEntry::new(1)) })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidInput { what: "cache lock TTL", .. }), "{err:?}");
+        let key = cache.key("/forever", &params).unwrap();
+        assert!(!exists(&redis, &redis.keys().derived(&key, "lock")).await);
+        let err = redis
+            .cache()
+            .set_with_ttl("/forever", &params, &CacheEntry::new(1), Duration::from_secs(u64::MAX / 1000))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidInput { what: "cache TTL", .. }), "{err:?}");
+        assert!(!exists(&redis, &key).await);
     }
 
     async fn releasing_never_deletes_a_lock_another_process_took_over(redis) {
