@@ -273,10 +273,22 @@ aether_redis::contract_tests! {
             producer.publish_idempotent(&Job { n: 1 }, "k*").await,
             Err(Error::InvalidInput { .. })
         ));
-        assert!(matches!(
-            streams.replay_dead_letter("s", "nope").await,
-            Err(Error::InvalidInput { .. })
-        ));
+        for dead_id in ["nope", "17", "17-", "+17-0"] {
+            assert!(matches!(
+                streams.replay_dead_letter("s", dead_id).await,
+                Err(Error::InvalidInput { what: "stream entry id", .. })
+            ), "{dead_id:?}");
+        }
+        // A TTL Redis would refuse after the XADD is refused before anything is sent, so that
+        // no retry can add a copy.
+        let forever = producer.clone().with_idempotency_ttl(Duration::MAX);
+        for _ in 0..2 {
+            assert!(matches!(
+                forever.publish_idempotent(&Job { n: 1 }, "k1").await,
+                Err(Error::InvalidInput { what: "idempotency TTL", .. })
+            ));
+        }
+        assert_eq!(streams.len("s").await.unwrap(), 0);
     }
 
     async fn idempotent_publish_adds_once_under_concurrent_retries(redis) {

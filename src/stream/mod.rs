@@ -623,10 +623,16 @@ impl Streams {
     }
 }
 
+/// A complete entry id `<ms>-<seq>`. A bare `<ms>` is refused: `XRANGE` reads it as every
+/// entry of that millisecond while `XDEL` deletes only `<ms>-0`, so a replay could republish
+/// one entry and delete another (or none).
 fn validate_entry_id(id: &str) -> Result<()> {
-    let mut parts = id.splitn(2, '-');
-    let ok = parts.next().is_some_and(|ms| ms.parse::<u64>().is_ok())
-        && parts.next().is_none_or(|seq| seq.parse::<u64>().is_ok());
+    let number = |part: &str| {
+        !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) && part.parse::<u64>().is_ok()
+    };
+    let ok = id
+        .split_once('-')
+        .is_some_and(|(ms, seq)| number(ms) && number(seq));
     if ok {
         Ok(())
     } else {
@@ -868,7 +874,7 @@ async fn replay_unscripted(
     let (stream, dead) = (keys.stream(), keys.dead());
     let mut conn = redis.dedicated().await?;
     let limit = redis.config().response_timeout;
-    let outcome = tokio::time::timeout(limit * ATTEMPTS as u32, async {
+    let outcome = tokio::time::timeout(limit.saturating_mul(ATTEMPTS as u32), async {
         for _ in 0..ATTEMPTS {
             let mut read = redis::pipe();
             read.cmd("WATCH")
@@ -912,7 +918,7 @@ async fn replay_unscripted(
             conn.discard();
             Err(Error::Timeout {
                 operation: OP,
-                after: limit * ATTEMPTS as u32,
+                after: limit.saturating_mul(ATTEMPTS as u32),
             })
         }
     }
@@ -1068,7 +1074,10 @@ mod tests {
     #[test]
     fn entry_ids_are_validated() {
         assert!(validate_entry_id("1700000000000-0").is_ok());
-        assert!(validate_entry_id("17").is_ok());
+        assert!(validate_entry_id("17").is_err());
+        assert!(validate_entry_id("+17-0").is_err());
+        assert!(validate_entry_id("17-18446744073709551616").is_err());
+        assert!(validate_entry_id("18446744073709551615-18446744073709551615").is_ok());
         assert!(validate_entry_id("1-x").is_err());
         assert!(validate_entry_id("-").is_err());
         assert!(validate_entry_id("").is_err());

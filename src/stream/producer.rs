@@ -94,7 +94,10 @@ impl<T: Serialize> StreamProducer<T> {
     }
 
     /// How long an idempotency key is remembered (default 24 h): a retry after that adds a
-    /// second entry.
+    /// second entry. At most a year: a longer one makes
+    /// [`publish_idempotent`](Self::publish_idempotent) fail with [`Error::InvalidInput`]
+    /// before anything is sent (Redis would refuse its `PX` after the `XADD`, and every retry
+    /// would add another copy).
     pub fn with_idempotency_ttl(mut self, ttl: Duration) -> Self {
         self.idempotency_ttl = ttl.max(Duration::from_millis(1));
         self
@@ -157,6 +160,7 @@ impl<T: Serialize> StreamProducer<T> {
         idempotency_key: &str,
     ) -> Result<Published> {
         validate_key_part("idempotency key", idempotency_key)?;
+        crate::codec::at_most_a_year("idempotency TTL", self.idempotency_ttl)?;
         self.redis.require_scripting("idempotent stream publish")?;
         let json = to_json("stream payload", payload)?;
         let idem_key = self.keys.producer_idempotency(idempotency_key);
