@@ -51,6 +51,17 @@ const MAX_PRESENTED_TOKEN_LEN: usize = 512;
 /// The key part under which a subject's index of outstanding link tokens lives.
 const INDEX_PART: &str = "user";
 
+/// A presented link token is 1 to [`MAX_PRESENTED_TOKEN_LEN`] bytes.
+fn check_presented_token(token: &str) -> Result<()> {
+    if token.is_empty() || token.len() > MAX_PRESENTED_TOKEN_LEN {
+        return Err(Error::invalid(
+            "token",
+            format!("must be 1..={MAX_PRESENTED_TOKEN_LEN} bytes"),
+        ));
+    }
+    Ok(())
+}
+
 /// What a link token is for; each purpose is its own keyspace and TTL row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -483,12 +494,7 @@ impl OneTimeTokens {
     /// until it expires; it is never used to find a token.
     #[tracing::instrument(name = "tokens.redeem", skip_all)]
     pub async fn redeem(&self, purpose: LinkPurpose, token: &str) -> Result<Option<Redeemed>> {
-        if token.is_empty() || token.len() > MAX_PRESENTED_TOKEN_LEN {
-            return Err(Error::invalid(
-                "token",
-                format!("must be 1..={MAX_PRESENTED_TOKEN_LEN} bytes"),
-            ));
-        }
+        check_presented_token(token)?;
         let key = self.link_key(purpose, &link_token_hash(token));
         let value = self
             .redis
@@ -509,8 +515,11 @@ impl OneTimeTokens {
     }
 
     /// Revokes one token without redeeming it. One round trip (`DEL`); `true` if it existed.
+    /// An empty or oversized token is [`Error::InvalidInput`], as for
+    /// [`redeem`](Self::redeem).
     #[tracing::instrument(name = "tokens.revoke", skip_all)]
     pub async fn revoke(&self, purpose: LinkPurpose, token: &str) -> Result<bool> {
+        check_presented_token(token)?;
         let key = self.link_key(purpose, &link_token_hash(token));
         let n: i64 = self
             .redis

@@ -51,10 +51,17 @@ aether_redis::contract_tests! {
         let t = issued.token.expose();
         assert_eq!(tokens.redeem(LinkPurpose::EmailVerify, t).await.unwrap(), None);
         assert_eq!(tokens.redeem(LinkPurpose::PasswordReset, "no-such-token").await.unwrap(), None);
-        assert!(matches!(
-            tokens.redeem(LinkPurpose::PasswordReset, "").await,
-            Err(Error::InvalidInput { what: "token", .. })
-        ));
+        let oversized = "t".repeat(513);
+        for bad in ["", oversized.as_str()] {
+            assert!(matches!(
+                tokens.redeem(LinkPurpose::PasswordReset, bad).await,
+                Err(Error::InvalidInput { what: "token", .. })
+            ));
+            assert!(matches!(
+                tokens.revoke(LinkPurpose::PasswordReset, bad).await,
+                Err(Error::InvalidInput { what: "token", .. })
+            ));
+        }
         assert!(matches!(
             tokens.issue(LinkPurpose::PasswordReset, "a:b", &json!(null)).await,
             Err(Error::InvalidInput { what: "subject", .. })
