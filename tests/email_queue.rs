@@ -459,6 +459,26 @@ aether_redis::contract_tests! {
         assert_eq!(counts(&queue).await, (0, 0, 0, 0, 101));
     }
 
+    async fn a_second_burial_of_a_dead_id_keeps_both_records(redis) {
+        let queue = fast(&redis.email_queue().unwrap());
+        queue.enqueue(job("twice", Priority::Normal)).await.unwrap();
+        let worker = spawn_worker(&queue, 1, |_job| async { Err(JobError::permanent("550 no such user")) });
+        wait_stats(&queue, "the first burial", Duration::from_secs(10), |s| s.dead == 1).await;
+        // Another service pushes the same id again, long expired: it dies too.
+        push_raw(&redis, &queue, Priority::Normal, [documented_json("twice", "normal", 1)]).await;
+        wait_stats(&queue, "the second burial", Duration::from_secs(10), |s| s.dead == 2).await;
+        worker.shutdown().await.unwrap();
+        let mut dead = queue.dead_jobs(10).await.unwrap();
+        dead.sort_by(|a, b| a.dead_id.cmp(&b.dead_id));
+        assert_eq!(dead[0].dead_id, "twice");
+        assert_eq!(dead[0].reason, "permanent");
+        assert!(dead[0].is_replayable());
+        assert!(dead[1].dead_id.starts_with("twice#again-"), "{}", dead[1].dead_id);
+        assert_eq!(dead[1].reason, "expired");
+        assert!(!dead[1].is_replayable());
+        assert_eq!(queue.replay(10).await.unwrap(), 1);
+    }
+
     async fn permanent_failures_and_malformed_payloads_go_to_the_dead_set(redis) {
         let queue = fast(&redis.email_queue().unwrap());
         queue.enqueue(job("bounce", Priority::Low)).await.unwrap();
@@ -2138,4 +2158,67 @@ async fn a_stopping_worker_keeps_its_settlements_through_an_outage_past_the_dead
     assert_eq!((report.completed, report.released), (1, 1));
     let stats = queue.stats().await.unwrap();
     assert_eq!((stats.completed, stats.waiting(), stats.active), (1, 1, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_work_call_pops_a_bounded_number_of_jobs_that_it_cannot_lease() {
+    // 20,000 jobs that expired while no worker ran, then one live job. Each work call of a
+    // 100-slot worker may pop about 2 × 100 + 100 jobs (plus one last run of up to 100) before
+    // it returns: burying the whole backlog in one call would block the server for as long.
+    // The worker must keep calling at once until it reaches the live job.
+    const EXPIRED: usize = 20_000;
+    let server = tokio::task::spawn_blocking(|| LocalServer::start(LocalOptions::default()))
+        .await
+        .unwrap()
+        .unwrap();
+    let redis = Redis::connect(server.config()).await.unwrap();
+    let mut options = QueueOptions::default();
+    options.aging = None;
+    options.dead_retention = Retention::new(EXPIRED as u64 + 10, Duration::from_secs(3600));
+    let queue = redis.email_queue().unwrap().with_options(options).unwrap();
+    let mut conn = redis.connection().await.unwrap();
+    let expired: Vec<String> = (0..EXPIRED)
+        .map(|i| documented_json(&format!("stale-{i}"), "normal", 1))
+        .collect();
+    for chunk in expired.chunks(1000) {
+        let _: () = redis::cmd("LPUSH")
+            .arg(queue.list_key(Priority::Normal))
+            .arg(chunk)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let live = documented_json("live", "normal", now_ms());
+    push_raw(&redis, &queue, Priority::Normal, [live]).await;
+    let script_calls = |info: String| -> u64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |n| n.parse().unwrap())
+    };
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let before = script_calls(info);
+    let (handled, worker) = recording_worker(&queue, 100);
+    wait_for("the live job", Duration::from_secs(120), || {
+        handled.lock().unwrap().len() == 1
+    })
+    .await;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let calls = script_calls(info) - before;
+    worker.shutdown().await.unwrap();
+    assert_eq!(handled.lock().unwrap().as_slice(), ["live"]);
+    let stats = queue.stats().await.unwrap();
+    assert_eq!((stats.waiting(), stats.dead), (0, EXPIRED as u64));
+    assert!(
+        calls >= (EXPIRED / 400) as u64,
+        "{calls} script calls popped {EXPIRED} jobs: more than 400 in one"
+    );
 }

@@ -50,8 +50,8 @@ pub use job::{
     MAX_METADATA_LEN, MAX_RECIPIENTS, MAX_SUBJECT_LEN, PAYLOAD_VERSION, Priority,
 };
 pub use worker::{
-    HandlerFn, JobError, JobHandler, MAX_LINGER, MAX_PREFETCH, Worker, WorkerHandle, WorkerOptions,
-    WorkerReport, handler_fn,
+    HandlerFn, JobError, JobHandler, MAX_CONCURRENCY, MAX_LINGER, MAX_PREFETCH, Worker,
+    WorkerHandle, WorkerOptions, WorkerReport, handler_fn,
 };
 
 static SCRIPT: LazyLock<LuaScript> =
@@ -1086,7 +1086,9 @@ impl EmailQueue {
     /// Settles finished deliveries and leases up to `fetch` jobs under `token`; with `maintain`
     /// also recovers expired leases, promotes due scheduled jobs and trims retention. One atomic
     /// script. `aging` is whether the worker's last pick was an aged one (aged and strict picks
-    /// alternate); the reply says the same of this call's last pick.
+    /// alternate); the reply says the same of this call's last pick. The call pops at most
+    /// about `2 × fetch + 100` jobs, leased or not; [`Worked::more`] says when that budget ran
+    /// out before `fetch` jobs were leased, so more may be waiting.
     pub(crate) async fn work(
         &self,
         token: &str,
@@ -1094,7 +1096,7 @@ impl EmailQueue {
         maintain: bool,
         settles: &[Settle],
         aging: &mut bool,
-    ) -> Result<(Vec<bool>, Vec<Fetched>)> {
+    ) -> Result<Worked> {
         let o = &self.inner.options;
         let mut call = self
             .call()
@@ -1142,9 +1144,10 @@ impl EmailQueue {
         let Value::Array(mut parts) = reply else {
             return Err(bad("not an array"));
         };
-        if parts.len() != 3 {
-            return Err(bad("expected three parts"));
+        if parts.len() != 4 {
+            return Err(bad("expected four parts"));
         }
+        let more = int(&key, parts.pop().unwrap_or(Value::Nil))? == 1;
         *aging = int(&key, parts.pop().unwrap_or(Value::Nil))? == 1;
         let jobs = parts.pop().unwrap_or(Value::Nil);
         let settled = parts.pop().unwrap_or(Value::Nil);
@@ -1183,7 +1186,11 @@ impl EmailQueue {
                 deliveries: u32::try_from(int(&key, deliveries)?).unwrap_or(u32::MAX),
             });
         }
-        Ok((settled, fetched))
+        Ok(Worked {
+            settled,
+            jobs: fetched,
+            more,
+        })
     }
 
     /// Extends the leases `(id, token)` by the visibility timeout: one atomic script. Returns,
@@ -1203,6 +1210,17 @@ impl EmailQueue {
             .map(|f| f == 1)
             .collect())
     }
+}
+
+/// The outcome of one work call.
+pub(crate) struct Worked {
+    /// Per settlement sent, whether it applied (its lease was still held).
+    pub(crate) settled: Vec<bool>,
+    /// The jobs leased.
+    pub(crate) jobs: Vec<Fetched>,
+    /// The call stopped at its pop budget with fewer jobs leased than asked for: more may be
+    /// waiting behind the jobs it buried or parked.
+    pub(crate) more: bool,
 }
 
 /// Single-job enqueues on one handle that arrive while one is in flight go as one enqueue

@@ -167,7 +167,13 @@ local function unique_dead_id(base)
   return base .. '-' .. n
 end
 
+-- A dead id that is taken (a raw push of a job that is already dead bypasses the idempotency
+-- set, and its copy may die too) gets a name of its own, `<id>#again-<ms>`: overwriting would
+-- lose the first record, which stays replayable under the job id.
 local function bury(id, rec, now)
+  if redis.call('HEXISTS', DEADJOBS, id) == 1 then
+    id = unique_dead_id(id .. '#again-' .. string.format('%d', now))
+  end
   redis.call('ZADD', DEAD, now, id)
   redis.call('HSET', DEADJOBS, id, rec)
   redis.call('SADD', IDS, id)
@@ -302,6 +308,9 @@ if op == 'work' then
   -- completed age ms, dead max, dead age ms, maintain (1/0), settle count, whether this
   -- worker's last pick was an aged one (1/0), then per settlement: kind, id, token, and for a retry its due ms, priority and payload, for a dead
   -- its record (each argument costs the call about a microsecond, so acks carry no padding).
+  -- Reply: per settlement 1 applied / 0 lease lost; the leased jobs (id, payload, priority,
+  -- delivery); whether the last pick was aged (1/0); whether more jobs may be waiting though
+  -- fewer than `fetch` were leased (1/0: the call's pop budget ran out).
   -- Maintenance (lease recovery, promotion of due jobs, retention trims) costs a handful of
   -- server calls whether or not there is anything to do, so workers ask for it at most every
   -- few tens of milliseconds instead of on every call.
@@ -448,8 +457,13 @@ if op == 'work' then
   local out = {}
   local empty, aged, heads = {}, {}, {}
   local deadlines, known, payloads = {}, {}, {}
-  local fetched, guard = 0, 0
-  while fetched < fetch and guard < 2 * fetch + 100 do
+  -- `examined` counts every job popped, leased or not: a backlog of jobs that are buried or
+  -- parked instead of leased (expired after an outage, malformed, due later) must not keep one
+  -- call popping until the list is empty. Past the budget the call returns what it has and
+  -- says that more may be waiting, and the worker calls again at once.
+  local fetched, guard, examined = 0, 0, 0
+  local budget = 2 * fetch + 100
+  while fetched < fetch and guard < budget and examined < budget do
     guard = guard + 1
     local idx, run = nil, nil
     local want = fetch - fetched
@@ -536,6 +550,7 @@ if op == 'work' then
       empty[idx] = true
     end
     local prio = NAMES[idx]
+    examined = examined + #run
     for n, payload in ipairs(run) do
       local job = nil
       if n == 1 then
@@ -614,7 +629,8 @@ if op == 'work' then
     trim(DONE, nil, done_max, done_age, now, 2000)
     trim(DEAD, DEADJOBS, dead_max, dead_age, now, 2000)
   end
-  return { settled, out, last_aged and 1 or 0 }
+  local more = fetched < fetch and (guard >= budget or examined >= budget)
+  return { settled, out, last_aged and 1 or 0, more and 1 or 0 }
 end
 
 if op == 'extend' then

@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::{EmailJob, EmailQueue, Fetched, PAYLOAD_VERSION, Settle, bounded};
+use super::{EmailJob, EmailQueue, Fetched, PAYLOAD_VERSION, Settle, Worked, bounded};
 use crate::codec::now_millis;
 use crate::error::{Error, Result};
 use crate::keyspace::validate_key_part;
@@ -105,6 +105,10 @@ pub const MAX_LINGER: Duration = Duration::from_secs(1);
 
 /// Largest [`WorkerOptions::prefetch`]: one script call stays short.
 pub const MAX_PREFETCH: usize = 1000;
+
+/// Largest [`WorkerOptions::concurrency`]: a call leases up to `concurrency + prefetch` jobs,
+/// and one script call stays short (run more workers for more).
+pub const MAX_CONCURRENCY: usize = 1000;
 
 /// How one worker runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -257,13 +261,17 @@ enum Outcome {
 }
 
 impl Worker {
-    /// Replaces the options. Fails on a concurrency of 0, a prefetch over [`MAX_PREFETCH`], a
+    /// Replaces the options. Fails on a concurrency of 0 or over [`MAX_CONCURRENCY`], a prefetch
+    /// over [`MAX_PREFETCH`], a
     /// linger over [`MAX_LINGER`], zero intervals, a duration over
     /// [`MAX_OPTION_DURATION`](super::MAX_OPTION_DURATION) or an invalid worker id (a key part
     /// without `|` or `.`).
     pub fn with_options(mut self, options: WorkerOptions) -> Result<Self> {
-        if options.concurrency == 0 {
-            return Err(Error::invalid("concurrency", "must be at least 1"));
+        if options.concurrency == 0 || options.concurrency > MAX_CONCURRENCY {
+            return Err(Error::invalid(
+                "concurrency",
+                format!("must be 1 to {MAX_CONCURRENCY}"),
+            ));
         }
         if options.linger > MAX_LINGER {
             return Err(Error::invalid(
@@ -454,7 +462,11 @@ impl Worker {
                     .work(&token, fetch, maintain, &pending, &mut last_pick_aged)
                     .await
                 {
-                    Ok((settled, jobs)) => {
+                    Ok(Worked {
+                        settled,
+                        jobs,
+                        more,
+                    }) => {
                         retry_at = None;
                         if maintain {
                             maintained_at = Some(Instant::now());
@@ -475,12 +487,12 @@ impl Worker {
                         }
                         pending.clear();
                         if fetch > 0 {
-                            if jobs.is_empty() {
+                            if jobs.is_empty() && !more {
                                 want_fetch = false;
                             } else {
                                 idle = MIN_IDLE;
                             }
-                            if jobs.len() < fetch && !linger.is_zero() {
+                            if jobs.len() < fetch && !more && !linger.is_zero() {
                                 fetch_not_before = Some(Instant::now() + linger);
                             }
                         }
@@ -495,7 +507,7 @@ impl Worker {
                         // Slots are still free and jobs are coming: fetch again at once. This
                         // goes through the select below (its last, always-ready branch), so a
                         // steady trickle can never starve shutdown or lease extension.
-                        fetch_again = got > 0 && tasks.len() < concurrency;
+                        fetch_again = (got > 0 || more) && tasks.len() < concurrency;
                     }
                     Err(e) => {
                         tracing::warn!(queue = queue.name(), worker = %self.id, error = %e,
