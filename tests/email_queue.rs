@@ -506,6 +506,7 @@ aether_redis::contract_tests! {
         assert_eq!(reasons[1].0, "malformed");
         assert!(reasons[1].1.contains("no-recipients"), "{reasons:?}");
         assert_eq!(reasons[2], ("permanent".to_string(), "bounce".to_string()));
+        assert_eq!(queue.dead_jobs(usize::MAX).await.unwrap().len(), 3);
         assert_eq!(queue.clean(CleanTarget::Dead, Duration::ZERO, 0).await.unwrap(), 3);
         assert_eq!(queue.stats().await.unwrap().dead, 0);
     }

@@ -823,7 +823,8 @@ impl EmailQueue {
                 redis::cmd("ZRANGE")
                     .arg(&k[K_DEAD])
                     .arg(start)
-                    .arg(start.saturating_add(count - 1)),
+                    // Redis takes indexes up to i64::MAX: `usize::MAX` means "all of them".
+                    .arg(i64::try_from(start.saturating_add(count - 1)).unwrap_or(i64::MAX)),
             )
             .await?;
         if ids.is_empty() {
