@@ -4,9 +4,12 @@
 //! Computing such a cutoff from the client's clock lets a client whose clock runs ahead of the
 //! server's by more than the retention trim the record it has just appended. The estimate is
 //! instead a lower bound on the server's clock: the last server time seen (`TIME` at connect,
-//! then the id of every appended stream entry) plus the time elapsed since on the client's
-//! monotonic clock. A reading arrives after the server took it, so the bound is behind the
-//! server by up to one round trip: a cutoff computed from it trims a little late, never early.
+//! then the `TIME` inside every append's transaction) plus the time elapsed since on the
+//! client's monotonic clock. A reading arrives after the server took it, so the bound is behind
+//! the server by up to one round trip: a cutoff computed from it trims a little late, not
+//! early, except by the clock skew between Cluster nodes (the readings come from whichever node
+//! served the last append) or a server clock stepped back since the last reading. Stream entry
+//! ids are not readings: `XADD *` gives at least the stream's last id, which may lie ahead.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Instant;

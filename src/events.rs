@@ -14,6 +14,7 @@ use std::time::Duration;
 use redis::Value;
 use serde::{Deserialize, Serialize};
 
+use crate::clock::time_reply_millis;
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::keyspace::{Keyspace, validate_key_part};
@@ -712,16 +713,25 @@ impl Events {
         fields: &[(&str, &str)],
     ) -> Result<String> {
         let ttl = self.redis.ttl().millis(keyspace);
+        let clock = self.redis.server_clock();
+        let server_now = clock.now_ms();
         let mut pipe = redis::pipe();
         pipe.atomic();
+        // The transaction's own `TIME` keeps the estimate fresh for the next append. The ids
+        // `XADD *` returns are no reading of the clock: an id is at least the stream's last
+        // id, which another writer may have set far ahead, and taking it for the time would
+        // make later cutoffs trim every stream of this handle.
+        if server_now.is_some() {
+            pipe.cmd("TIME");
+        }
         let xadd = pipe.cmd("XADD").arg(key).arg("*");
         for (name, value) in fields {
             xadd.arg(*name).arg(*value);
         }
         // The cutoff is on the server's clock, which assigns the ids it is compared with; the
-        // client's clock running ahead would trim the entry being added. Until a server time
-        // has been seen the age trim waits for the next append.
-        if let Some(server_now) = self.redis.server_clock().now_ms() {
+        // client's clock running ahead would trim the entry being added. Without a server time
+        // (`TIME` refused at connect) there is no age trim: the cap and the TTL still hold.
+        if let Some(server_now) = server_now {
             pipe.cmd("XTRIM")
                 .arg(key)
                 .arg("MINID")
@@ -739,11 +749,17 @@ impl Events {
         }
         pipe.cmd("PEXPIRE").arg(key).arg(ttl).ignore();
         let reply = self.redis.query_pipe(operation, &pipe).await?;
-        let id = reply
-            .and_then(|v| v.into_iter().next())
+        let mut replies = reply.unwrap_or_default().into_iter();
+        if server_now.is_some()
+            && let Some(ms) = replies.next().as_ref().and_then(time_reply_millis)
+        {
+            clock.observe(ms);
+        }
+        let id = replies
+            .next()
             .ok_or_else(|| Error::decode(key, None, "empty transaction reply"))?;
         let id = codec::text(key, None, id)?;
-        self.redis.server_clock().observe(entry_millis(key, &id)?);
+        entry_millis(key, &id)?;
         Ok(id)
     }
 

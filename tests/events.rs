@@ -206,6 +206,28 @@ aether_redis::contract_tests! {
         assert_eq!(actions, ["kept", "new"]);
     }
 
+    async fn a_stream_with_ids_ahead_of_the_clock_never_makes_other_appends_trim(redis) {
+        // Another service wrote an id far in the future (microseconds taken for ms): the ids
+        // XADD * assigns after it are just as far ahead, and must not be taken for the time.
+        let events = redis.events();
+        events.audit(&AuditEntry::new("a", "kept")).await.unwrap();
+        events.record_security_event("u-other", &SecurityEvent::new("kept")).await.unwrap();
+        let key = redis.keys().key(Keyspace::SecurityEvents, &["u-future"]).unwrap();
+        let future = server_now_ms(&redis).await * 1000;
+        let _: String = query(&redis, redis::cmd("XADD").arg(&key).arg(format!("{future}-0")).arg("kind").arg("future")).await;
+        for _ in 0..2 {
+            events.record_security_event("u-future", &SecurityEvent::new("after")).await.unwrap();
+        }
+        events.audit(&AuditEntry::new("a", "new")).await.unwrap();
+        events.record_security_event("u-other", &SecurityEvent::new("new")).await.unwrap();
+        let actions: Vec<_> = events.audit_range(0, i64::MAX, 10).await.unwrap().into_iter().map(|r| r.action).collect();
+        assert_eq!(actions, ["kept", "new"]);
+        let kinds: Vec<_> = events.security_events("u-other", 0, i64::MAX, 10).await.unwrap().into_iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, ["kept", "new"]);
+        let kinds: Vec<_> = events.security_events("u-future", 0, i64::MAX, 10).await.unwrap().into_iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, ["future", "after", "after"]);
+    }
+
     async fn a_client_whose_clock_runs_ahead_keeps_what_it_appends(redis) {
         // The appends come from a child process whose clock libfaketime sets an hour ahead: an
         // age cutoff taken from that clock would trim the very entries being appended.
