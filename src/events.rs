@@ -574,9 +574,22 @@ impl Events {
         at_ms.div_euclid(self.metric_bucket_ms) * self.metric_bucket_ms
     }
 
+    /// The TTL an increment of the bucket starting at `bucket_start` sets, at `now_ms`: the
+    /// table's, plus what is left of the bucket (at most its width), so that a bucket wider
+    /// than the TTL is not lost in a pause within it.
+    fn bucket_ttl_ms(&self, bucket_start: i64, now_ms: i64) -> u64 {
+        let ttl = self.redis.ttl().millis(Keyspace::Metrics);
+        let left = bucket_start
+            .saturating_add(self.metric_bucket_ms)
+            .saturating_sub(now_ms)
+            .clamp(0, self.metric_bucket_ms);
+        ttl.saturating_add(left.unsigned_abs())
+    }
+
     /// Adds `by` to `label` of `metric` in the current bucket; returns the bucket's new count.
     /// The bucket is the hash `metrics:<metric>:<bucketStart>` (`metrics:{<metric>}:..` in
-    /// Cluster), whose TTL is reset to the table's on every increment.
+    /// Cluster), whose TTL every increment sets to the table's plus what is left of the bucket
+    /// (so a bucket lives one TTL after its last increment and after its end).
     ///
     /// One round trip, atomic: `MULTI HINCRBY PEXPIRE EXEC`.
     #[tracing::instrument(name = "events.incr", skip_all)]
@@ -584,11 +597,19 @@ impl Events {
         self.incr_at(metric, label, by, codec::now_millis()).await
     }
 
-    /// [`Events::incr`] in the bucket holding `at_ms` (for backfills and tests).
+    /// [`Events::incr`] in the bucket holding `at_ms` (for backfills and tests; ms since the
+    /// epoch, not negative).
     #[tracing::instrument(name = "events.incr_at", skip_all)]
     pub async fn incr_at(&self, metric: &str, label: &str, by: i64, at_ms: i64) -> Result<i64> {
         check_text("metric label", label, 1, 256)?;
-        let key = self.metric_key(metric, self.bucket_of(at_ms))?;
+        if at_ms < 0 {
+            return Err(Error::invalid(
+                "metric time",
+                format!("{at_ms} is before the epoch"),
+            ));
+        }
+        let bucket_start = self.bucket_of(at_ms);
+        let key = self.metric_key(metric, bucket_start)?;
         let mut pipe = redis::pipe();
         pipe.atomic()
             .cmd("HINCRBY")
@@ -597,7 +618,7 @@ impl Events {
             .arg(by)
             .cmd("PEXPIRE")
             .arg(&key)
-            .arg(self.redis.ttl().millis(Keyspace::Metrics))
+            .arg(self.bucket_ttl_ms(bucket_start, codec::now_millis()))
             .ignore();
         let reply = self.redis.query_pipe("events.incr", &pipe).await?;
         let value = reply

@@ -147,6 +147,29 @@ aether_redis::contract_tests! {
         ));
     }
 
+    async fn a_bucket_wider_than_the_ttl_lives_until_a_ttl_after_its_end(redis) {
+        // The metrics row is 2 min in development; an hour-wide bucket must survive a pause.
+        let redis = with_environment(&redis, Environment::Development).await;
+        let events = redis.events().with_metric_bucket(Duration::from_secs(3600)).unwrap();
+        let now = now_ms();
+        let start = now / 3_600_000 * 3_600_000;
+        events.incr("wide", "ok", 1).await.unwrap();
+        let key = redis.keys().family(Keyspace::Metrics, "wide", &start.to_string());
+        let left = start + 3_600_000 - now;
+        let ttl = pttl(&redis, &key).await;
+        assert!(ttl > 120_000 + left - 5_000 && ttl <= 120_000 + left, "TTL {ttl} ms, bucket left {left} ms");
+        // A backfill into a bucket long over gets the plain TTL.
+        events.incr_at("wide", "ok", 1, start - 7_200_000).await.unwrap();
+        let old = redis.keys().family(Keyspace::Metrics, "wide", &(start - 7_200_000).to_string());
+        assert_ttl(pttl(&redis, &old).await, 120, "an ended bucket");
+        for at in [-1, i64::MIN] {
+            assert!(matches!(
+                events.incr_at("wide", "ok", 1, at).await,
+                Err(Error::InvalidInput { what: "metric time", .. })
+            ));
+        }
+    }
+
     async fn security_events_are_per_user_and_queryable_by_time(redis) {
         let events = redis.events();
         let before = now_ms();
