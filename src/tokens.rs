@@ -316,13 +316,27 @@ fn normalize_domain(domain: &str) -> Result<String> {
 
 /// Compares `KEYS[1]`'s code digest with `ARGV[1]`, counts wrong guesses and burns the code at
 /// the cap, in one atomic step. Replies `{status, attempts_left}`: 0 missing, 1 valid,
-/// 2 burned, 3 wrong.
+/// 2 burned (also when `attempts` or `maxAttempts` is not a decimal count), 3 wrong.
 static VERIFY_2FA: LazyLock<LuaScript> = LazyLock::new(|| {
     LuaScript::new(
         "tokens.verify_2fa",
         r#"
-local stored = redis.call('HGET', KEYS[1], 'codeHash')
+local h = redis.call('HMGET', KEYS[1], 'codeHash', 'attempts', 'maxAttempts')
+local stored = h[1]
 if not stored then return {0, 0} end
+-- A count as a decimal string; false for anything else (`1.5`, `nan`, `1e9`, text), which
+-- HINCRBY would refuse (leaving guesses uncounted) or tonumber would misread (nan never
+-- reaches a cap): the code is then burned rather than guessed at without limit.
+local function count(v)
+  if not v then return nil end
+  if #v <= 9 and string.match(v, '^%d+$') then return tonumber(v) end
+  return false
+end
+local attempts, max = count(h[2]), count(h[3])
+if attempts == false or max == false then
+  redis.call('DEL', KEYS[1])
+  return {2, 0}
+end
 local given = ARGV[1]
 -- Examine every character whatever the first difference (see the module docs).
 local diff = 0
@@ -334,12 +348,13 @@ if diff == 0 then
   redis.call('DEL', KEYS[1])
   return {1, 0}
 end
-local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-local max = tonumber(redis.call('HGET', KEYS[1], 'maxAttempts')) or tonumber(ARGV[2])
+attempts = (attempts or 0) + 1
+max = max or tonumber(ARGV[2])
 if attempts >= max then
   redis.call('DEL', KEYS[1])
   return {2, 0}
 end
+redis.call('HSET', KEYS[1], 'attempts', attempts)
 return {3, max - attempts}
 "#,
     )

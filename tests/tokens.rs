@@ -4,12 +4,12 @@
 use std::time::Duration;
 
 use aether_redis::tokens::{DomainOutcome, IssueOptions, LinkPurpose, TwoFactorOutcome};
-use aether_redis::{Environment, Error, Redis};
+use aether_redis::{Environment, Error, Keyspace, Redis};
 use futures::future::join_all;
 use serde_json::json;
 
 mod support;
-use support::{all_keys, assert_ttl, contents, pttl, with_environment};
+use support::{all_keys, assert_ttl, contents, pttl, query, with_environment};
 
 /// The key name and every string stored in it (values, fields, members, stream entries).
 async fn dump(redis: &Redis, key: &str) -> Vec<String> {
@@ -139,6 +139,30 @@ aether_redis::contract_tests! {
         // The right code is useless once burned.
         assert_eq!(tokens.verify_2fa("u-6", &right).await.unwrap(), TwoFactorOutcome::Missing);
         assert_eq!(tokens.two_factor_state("u-6").await.unwrap(), None);
+    }
+
+    async fn a_two_factor_count_that_is_not_a_number_burns_the_code(redis) {
+        // Written by another service: guesses must never go uncounted.
+        let tokens = redis.tokens();
+        let key = redis.keys().key(Keyspace::TwoFactor, &["u-garbled"]).unwrap();
+        for (field, value) in [
+            ("attempts", "0.0"), ("attempts", "undefined"), ("maxAttempts", "nan"),
+            ("maxAttempts", "inf"), ("maxAttempts", "1e18"), ("maxAttempts", "0x10"),
+        ] {
+            let code = tokens.issue_2fa("u-garbled").await.unwrap();
+            let right = code.code.expose().to_owned();
+            let wrong = format!("{:06}", (right.parse::<u32>().unwrap() + 1) % 1_000_000);
+            let _: () = query(&redis, redis::cmd("HSET").arg(&key).arg(field).arg(value)).await;
+            assert_eq!(tokens.verify_2fa("u-garbled", &wrong).await.unwrap(), TwoFactorOutcome::Burned, "{field}={value}");
+            assert_eq!(tokens.verify_2fa("u-garbled", &right).await.unwrap(), TwoFactorOutcome::Missing, "{field}={value}");
+        }
+        // Absent counts are the defaults: 0 attempts, the verifier's cap.
+        let code = tokens.issue_2fa("u-garbled").await.unwrap();
+        let right = code.code.expose().to_owned();
+        let wrong = format!("{:06}", (right.parse::<u32>().unwrap() + 1) % 1_000_000);
+        let _: () = query(&redis, redis::cmd("HDEL").arg(&key).arg("attempts").arg("maxAttempts")).await;
+        assert_eq!(tokens.verify_2fa("u-garbled", &wrong).await.unwrap(), TwoFactorOutcome::Wrong { attempts_left: 4 });
+        assert_eq!(tokens.verify_2fa("u-garbled", &right).await.unwrap(), TwoFactorOutcome::Valid);
     }
 
     async fn two_factor_code_is_single_use_and_survives_fewer_wrong_guesses(redis) {
