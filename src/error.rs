@@ -19,8 +19,11 @@ pub enum Error {
     #[error(transparent)]
     Config(#[from] ConfigError),
 
-    /// No connection to Redis could be had (refused, reset, pool exhausted, failover in progress).
-    /// Nothing was applied.
+    /// No connection to Redis could be had, or it broke (refused, reset, closed, pool exhausted,
+    /// failover in progress). When the connection could not be opened nothing was applied; when
+    /// it broke while a request was in flight, the request may have been applied, as after a
+    /// [`Error::Timeout`]: retry only idempotent operations (the crate's own retries are
+    /// limited to those, see [`Config::max_retries`](crate::Config::max_retries)).
     #[error("redis unavailable: {message}")]
     Unavailable {
         /// What failed.
@@ -97,7 +100,9 @@ impl Error {
         matches!(self, Error::Timeout { .. })
     }
 
-    /// True when Redis could not be reached at all (the request was not applied).
+    /// True when Redis could not be reached or the connection broke (see
+    /// [`Error::Unavailable`]: a request in flight on a broken connection may have been
+    /// applied).
     pub fn is_unavailable(&self) -> bool {
         matches!(self, Error::Unavailable { .. })
     }

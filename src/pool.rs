@@ -511,7 +511,16 @@ fn node_urls(addrs: &[String], scheme: &str) -> Vec<String> {
 /// One shared multiplexed connection, replaced after the connection breaks.
 struct SharedSlot {
     conn: RwLock<Option<Connection>>,
-    reconnect: tokio::sync::Mutex<()>,
+    /// Held by the one caller reconnecting; holds the last failed attempt, so that callers
+    /// who waited for it fail with it instead of each trying again in turn (with a silent
+    /// host, the k-th waiter would otherwise wait k connect timeouts).
+    reconnect: tokio::sync::Mutex<Option<FailedReconnect>>,
+}
+
+/// A reconnect attempt that failed.
+struct FailedReconnect {
+    ended: Instant,
+    message: String,
 }
 
 impl SharedSlot {
@@ -688,7 +697,7 @@ impl Redis {
         let shared = (0..config.shared_connections)
             .map(|i| SharedSlot {
                 conn: RwLock::new((i == 0).then(|| first.clone())),
-                reconnect: tokio::sync::Mutex::new(()),
+                reconnect: tokio::sync::Mutex::new(None),
             })
             .collect();
         let keys = Keys::new(
@@ -822,26 +831,45 @@ impl Redis {
 
     async fn reconnect(&self, slot: &SharedSlot) -> Result<Connection> {
         let inner = &self.inner;
-        let _guard = slot.reconnect.lock().await;
+        let asked = Instant::now();
+        let mut last_failure = slot.reconnect.lock().await;
         if let Some(conn) = slot.ready() {
             return Ok(conn);
         }
+        if let Some(failed) = last_failure.as_ref()
+            && failed.ended >= asked
+        {
+            return Err(Error::Unavailable {
+                message: format!("{} (the attempt this call waited for)", failed.message),
+                source: None,
+            });
+        }
         let config = &inner.config;
-        let conn = tokio::time::timeout(
+        let attempt = tokio::time::timeout(
             config.connect_timeout,
             inner
                 .connector
                 .connect(config.connect_timeout, Some(config.response_timeout)),
         )
-        .await
-        .map_err(|_| Error::Unavailable {
-            message: format!("reconnect timed out after {:?}", config.connect_timeout),
-            source: None,
-        })?
-        .map_err(|e| Error::Unavailable {
-            message: format!("cannot reconnect: {e}"),
-            source: Some(e),
-        })?;
+        .await;
+        let conn = match attempt {
+            Ok(Ok(conn)) => conn,
+            failed => {
+                let (message, source) = match failed {
+                    Ok(Err(e)) => (format!("cannot reconnect: {e}"), Some(e)),
+                    _ => (
+                        format!("reconnect timed out after {:?}", config.connect_timeout),
+                        None,
+                    ),
+                };
+                *last_failure = Some(FailedReconnect {
+                    ended: Instant::now(),
+                    message: message.clone(),
+                });
+                return Err(Error::Unavailable { message, source });
+            }
+        };
+        *last_failure = None;
         if let Ok(mut guard) = slot.conn.write() {
             *guard = Some(conn.clone());
         }
@@ -870,10 +898,14 @@ impl Redis {
     /// Classifies an error from `operation` and, when the connection itself broke, drops the
     /// shared connections so that the next call reconnects.
     pub(crate) fn fail(&self, operation: &'static str, err: redis::RedisError) -> Error {
-        let broken = err.is_connection_dropped()
-            || err.is_io_error()
-            || err.is_connection_refusal()
-            || err.is_unrecoverable_error();
+        // A response timeout is an I/O error too (`TimedOut`), but the connection is fine: the
+        // server is slow, and replacing every shared connection on each timeout would add a
+        // storm of reconnects to that load. A host that vanished is found by keepalive.
+        let broken = !err.is_timeout()
+            && (err.is_connection_dropped()
+                || err.is_io_error()
+                || err.is_connection_refusal()
+                || err.is_unrecoverable_error());
         if broken {
             for slot in &self.inner.shared {
                 if let Ok(mut guard) = slot.conn.write() {

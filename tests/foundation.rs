@@ -1,5 +1,7 @@
 //! Foundation: connection, capabilities, health, scripts, topologies.
 
+use std::time::{Duration, Instant};
+
 use aether_redis::script::{LuaScript, ScriptCall};
 use aether_redis::testkit::{self, LocalSentinel, TestTopology};
 use aether_redis::{Config, Error, Redis};
@@ -552,5 +554,114 @@ fn config_or_disposable_keeps_an_answering_server_and_replaces_a_silent_one() {
         assert_eq!(config.port, shared.config.port);
         assert_eq!(config.key_prefix, "mine:");
         assert_eq!(config.environment, aether_redis::Environment::Test);
+    }
+}
+
+/// `total_connections_received` of the server behind `conn`.
+async fn connections_received(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_connections_received:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_timeout_keeps_the_shared_connection() {
+    // A slow server is not a broken connection: replacing the shared connections on every
+    // timeout would add reconnects to the load that caused it.
+    let server = start_local(Vec::new()).await;
+    let redis = Redis::connect(
+        Config::builder()
+            .port(server.port())
+            .response_timeout(Duration::from_millis(200))
+            .max_retries(0)
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let cache = redis.cache();
+    cache.get::<u32, _>("/slow", &"p").await.unwrap();
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}", server.port())).unwrap();
+    let mut observer = client.get_multiplexed_async_connection().await.unwrap();
+    let mut busy = client
+        .get_multiplexed_async_connection_with_config(
+            &redis::AsyncConnectionConfig::new().set_response_timeout(None),
+        )
+        .await
+        .unwrap();
+    let before = connections_received(&mut observer).await;
+    let script = tokio::spawn(async move {
+        let _: () = redis::cmd("EVAL")
+            .arg(
+                "local t0 = redis.call('TIME') repeat local t = redis.call('TIME') \
+                 until (t[1] - t0[1]) * 1000000 + (t[2] - t0[2]) > 800000",
+            )
+            .arg(0)
+            .query_async(&mut busy)
+            .await
+            .unwrap();
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let err = cache.get::<u32, _>("/slow", &"p").await.unwrap_err();
+    assert!(err.is_timeout(), "{err:?}");
+    script.await.unwrap();
+    cache.get::<u32, _>("/slow", &"p").await.unwrap();
+    assert_eq!(connections_received(&mut observer).await, before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_waiting_for_a_reconnect_share_its_failure() {
+    // The server is gone and its port answers nothing (a silent host): each reconnect attempt
+    // lasts the connect timeout. Callers queued behind one attempt fail with it instead of
+    // each trying in turn, which would make the last of 12 wait 12 connect timeouts.
+    let mut server = start_local(Vec::new()).await;
+    let port = server.port();
+    let redis = Redis::connect(
+        Config::builder()
+            .port(port)
+            .connect_timeout(Duration::from_secs(1))
+            .response_timeout(Duration::from_millis(500))
+            .max_retries(0)
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let cache = redis.cache();
+    cache.get::<u32, _>("/gone", &"p").await.unwrap();
+    tokio::task::spawn_blocking(move || {
+        server.kill();
+        server
+    })
+    .await
+    .unwrap();
+    let _silent = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    // The first call finds the connection closed and drops it.
+    assert!(cache.get::<u32, _>("/gone", &"p").await.is_err());
+    let started = Instant::now();
+    let calls: Vec<_> = (0..12)
+        .map(|_| {
+            let cache = cache.clone();
+            tokio::spawn(async move {
+                let result = cache.get::<u32, _>("/gone", &"p").await;
+                (result.is_err(), started.elapsed())
+            })
+        })
+        .collect();
+    for call in calls {
+        let (failed, waited) = call.await.unwrap();
+        assert!(failed);
+        assert!(
+            waited < Duration::from_secs(5),
+            "a caller waited {waited:?} with a 1 s connect timeout"
+        );
     }
 }
