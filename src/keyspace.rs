@@ -249,7 +249,12 @@ mod tests {
             cluster_slot("{user1000}.following"),
             cluster_slot("user1000")
         );
-        assert_eq!(cluster_slot("foo{}{bar}"), cluster_slot("foo{}{bar}"));
+        // An empty first tag means no tag: the whole key is hashed, not `bar`.
+        assert_eq!(cluster_slot("foo{}{bar}"), CRC_WHOLE("foo{}{bar}"));
+        assert_ne!(cluster_slot("foo{}{bar}"), cluster_slot("bar"));
+        // The tag ends at the first `}` after the first `{`.
+        assert_eq!(cluster_slot("foo{{bar}}zap"), CRC_WHOLE("{bar"));
+        assert_eq!(cluster_slot("foo{bar}{zap}"), cluster_slot("bar"));
         assert_eq!(cluster_slot("{}x"), CRC_WHOLE("{}x"));
     }
 

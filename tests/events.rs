@@ -95,7 +95,9 @@ aether_redis::contract_tests! {
         let reader = {
             let (redis, key, done) = (redis.clone(), key.clone(), done.clone());
             tokio::spawn(async move {
-                let mut conn = redis.connection().await.unwrap();
+                // A socket of its own: on the writers' shared socket nothing could land between
+                // two commands of theirs, transaction or not.
+                let mut conn = redis.dedicated().await.unwrap();
                 let (mut longest, mut reads) = (0_i64, 0_u64);
                 while !done.load(std::sync::atomic::Ordering::Acquire) {
                     let len: i64 = redis::cmd("LLEN").arg(&key).query_async(&mut conn).await.unwrap();

@@ -31,18 +31,29 @@ aether_redis::contract_tests! {
         assert!(health.version.starts_with('7'), "{}", health.version);
         assert!(redis.capabilities().scripting);
     }
+}
 
-    async fn scripts_survive_a_script_flush(redis) {
-        let script = LuaScript::new("echo", "return ARGV[1]");
-        let key = redis.keys().key(aether_redis::Keyspace::Cache, &["script"]).unwrap();
-        let call = ScriptCall::new().key(key).arg("hello");
-        let v = redis.eval_script(&script, &call).await.unwrap();
-        assert_eq!(v, redis::Value::BulkString(b"hello".to_vec()));
-        let mut conn = redis.connection().await.unwrap();
-        let _: () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut conn).await.unwrap();
-        let v = redis.eval_script(&script, &call).await.unwrap();
-        assert_eq!(v, redis::Value::BulkString(b"hello".to_vec()));
-    }
+/// A fault test: the flush would hit every test sharing the server.
+#[tokio::test]
+async fn scripts_survive_a_script_flush() {
+    let server = start_local(Vec::new()).await;
+    let redis = Redis::connect(server.config()).await.unwrap();
+    let script = LuaScript::new("echo", "return ARGV[1]");
+    let key = redis
+        .keys()
+        .key(aether_redis::Keyspace::Cache, &["script"])
+        .unwrap();
+    let call = ScriptCall::new().key(key).arg("hello");
+    let v = redis.eval_script(&script, &call).await.unwrap();
+    assert_eq!(v, redis::Value::BulkString(b"hello".to_vec()));
+    let mut conn = redis.connection().await.unwrap();
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let v = redis.eval_script(&script, &call).await.unwrap();
+    assert_eq!(v, redis::Value::BulkString(b"hello".to_vec()));
 }
 
 #[tokio::test]

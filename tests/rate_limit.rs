@@ -531,20 +531,6 @@ aether_redis::contract_tests! {
         assert!(ttl > 0 && ttl <= 900_000, "{ttl}");
     }
 
-    async fn script_flush_between_calls_never_surfaces_noscript(redis) {
-        for algorithm in [Algorithm::Gcra, Algorithm::SlidingWindow] {
-            let limiter = limiter(&redis, algorithm, 10, Duration::from_secs(60));
-            let t = TierName::custom("t");
-            for i in 0..3 {
-                let d = limiter.check("flush", "e", &t).await.unwrap();
-                assert_eq!(d.remaining, 9 - i, "{algorithm}");
-                let mut conn = redis.connection().await.unwrap();
-                let _: () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut conn).await.unwrap();
-            }
-            limiter.reset("flush", "e").await.unwrap();
-        }
-    }
-
     async fn headers_from_a_real_decision(redis) {
         let limiter = limiter(&redis, Algorithm::FixedWindow, 2, Duration::from_secs(60));
         let t = TierName::custom("t");
