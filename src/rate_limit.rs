@@ -675,15 +675,18 @@ impl Decision {
     /// its own, vendor-prefixed, which clients that do not know it ignore; so GCRA policies say
     /// `;aether-burst=<burst>` rather than a `q` that would misstate the sustained rate.
     ///
+    /// For a denied GCRA check of the `auth` tier (30 per minute, burst 30) whose next token
+    /// comes in 1.5 s and whose bucket is full again in 11.2 s, the headers read (seconds
+    /// rounded up):
+    ///
+    /// ```text
+    /// RateLimit-Policy: "auth";q=30;w=60;aether-burst=30
+    /// RateLimit: "auth";r=0;t=12
+    /// Retry-After: 2
     /// ```
-    /// # use std::time::Duration;
-    /// # use aether_redis::rate_limit::*;
-    /// # fn show(d: &Decision) {
-    /// let h = d.headers();
-    /// // policy: "auth";q=30;w=60;aether-burst=30   rate_limit: "auth";r=0;t=12
-    /// // retry_after: Some("2")
-    /// # }
-    /// ```
+    ///
+    /// (`headers_follow_the_draft` in this module's tests builds such decisions and checks
+    /// every field.)
     pub fn headers(&self) -> RateLimitHeaders {
         // Registered names are validated tokens; filtering keeps a hand-edited `tier` from
         // breaking out of the quoted string.

@@ -1750,14 +1750,12 @@ aether_redis::contract_tests! {
         let (handled, worker) = recording_worker(&a, 1);
         wait_for("the job", Duration::from_secs(10), || handled.lock().unwrap().len() == 1).await;
         worker.shutdown().await.unwrap();
-        // (Standalone only: in Cluster the keys spread over nodes; their slot is checked above.)
-        if !redis.keys().is_cluster() {
-            let pattern = a.list_key(Priority::High).replace(":high", ":*");
-            let mut conn = redis.connection().await.unwrap();
-            let found: Vec<String> = redis::cmd("KEYS").arg(&pattern).query_async(&mut conn).await.unwrap();
-            assert!(!found.is_empty());
-            assert!(found.iter().all(|k| keys.contains(k)), "{found:?} outside {keys:?}");
-        }
+        // SCAN, not KEYS: the server is shared (and KEYS may be renamed away); in Cluster the
+        // scan visits every master.
+        let pattern = a.list_key(Priority::High).replace(":high", ":*");
+        let found = aether_redis::user_data::scan_keys(&redis, &pattern).await.unwrap();
+        assert!(!found.is_empty());
+        assert!(found.iter().all(|k| keys.contains(k)), "{found:?} outside {keys:?}");
     }
 }
 
@@ -2088,17 +2086,28 @@ async fn enqueues_survive_a_kill(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scripting_disabled_is_refused_at_construction() {
-    let config = aether_redis::testkit::config_for(
-        aether_redis::testkit::TestTopology::Standalone,
-        "noscript",
-    )
+    // A server of its own whose operator disabled scripting.
+    let server = tokio::task::spawn_blocking(|| {
+        LocalServer::start(LocalOptions {
+            config_lines: vec![
+                "rename-command EVAL \"\"".into(),
+                "rename-command EVALSHA \"\"".into(),
+            ],
+            ..LocalOptions::default()
+        })
+    })
+    .await
     .unwrap()
-    .to_builder()
-    .renamed_command("EVAL", "")
-    .renamed_command("EVALSHA", "")
-    .build()
     .unwrap();
+    let config = server
+        .config()
+        .to_builder()
+        .renamed_command("EVAL", "")
+        .renamed_command("EVALSHA", "")
+        .build()
+        .unwrap();
     let redis = Redis::connect(config).await.unwrap();
+    assert!(!redis.capabilities().scripting);
     let err = redis.email_queue().unwrap_err();
     assert!(matches!(err, Error::Unsupported(_)), "{err:?}");
 }

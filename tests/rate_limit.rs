@@ -994,7 +994,6 @@ async fn stopped_mid_run(
 
     // While the breaker is open nothing is sent to Redis and every call returns at once.
     let before = limiter.stats();
-    let started = Instant::now();
     for i in 0..100 {
         match i % 3 {
             0 => assert!(limiter.check(user, "open", &open).await.unwrap().allowed),
@@ -1005,13 +1004,9 @@ async fn stopped_mid_run(
             ),
         }
     }
-    let elapsed = started.elapsed();
     let after = limiter.stats();
     assert_eq!(after.redis_calls, before.redis_calls);
     assert_eq!(after.short_circuited - before.short_circuited, 100);
-    // Loose bound: short-circuited calls take microseconds; had each paid the 300 ms timeout,
-    // 100 would take 30 s.
-    assert!(elapsed < Duration::from_secs(3), "{elapsed:?}");
 
     tokio::task::spawn_blocking(restart).await.unwrap();
     // After the cooldown one trial call goes through, succeeds and closes the breaker.
@@ -1373,12 +1368,9 @@ async fn busy_server_applies_the_failure_policy() {
             _ => tokio::time::sleep(Duration::from_millis(10)).await,
         }
     }
-    let started = Instant::now();
     refused_checks_apply_the_failure_policy(&limiters, "BUSY", true).await;
-    assert!(
-        started.elapsed() < Duration::from_millis(2000),
-        "checks outlived the busy script"
-    );
+    // Answered while the script still holds the server: the BUSY replies decided, not a wait.
+    assert!(!busy.is_finished(), "checks outlived the busy script");
     busy.await.unwrap();
     checks_are_served_by_redis_again(&limiters, "after the script").await;
 }
