@@ -86,6 +86,51 @@ aether_redis::contract_tests! {
         ));
     }
 
+    async fn concurrent_marks_count_each_notification_once_while_pushes_trim(redis) {
+        let events = redis.events().with_notification_cap(20).unwrap();
+        let mut ids = Vec::new();
+        for i in 0..20 {
+            ids.push(events.push_notification("u-marks", &NewNotification::new("k", format!("{i}"))).await.unwrap().id);
+        }
+        // 8 markers race over the same 20 ids while 10 pushes trim the 10 oldest away: every
+        // id still listed when a marker reached it is counted by exactly one marker.
+        let markers = (0..8).map(|m| {
+            let (events, ids) = (events.clone(), ids.clone());
+            tokio::spawn(async move {
+                let mut newly = 0;
+                for i in 0..ids.len() {
+                    let id = &ids[(i + m * 3) % ids.len()];
+                    newly += events.mark_read("u-marks", &[id.as_str()]).await.unwrap();
+                }
+                newly
+            })
+        });
+        let pushes = (0..10).map(|i| {
+            let events = events.clone();
+            tokio::spawn(async move {
+                events.push_notification("u-marks", &NewNotification::new("k", format!("new {i}"))).await.unwrap();
+            })
+        });
+        let (marked, _) = futures::join!(join_all(markers), join_all(pushes));
+        let marked: u64 = marked.into_iter().map(|r| r.unwrap()).sum();
+        let list = events.notifications("u-marks", 100).await.unwrap();
+        let read: Vec<_> = list.iter().filter(|n| n.read).map(|n| n.id.clone()).collect();
+        // Every id that survived the trim was marked by someone, exactly once in the counts;
+        // the trimmed ones may or may not have been counted before they went.
+        assert_eq!(read.len(), 10, "{list:?}");
+        assert!(read.iter().all(|id| ids[10..].contains(id)));
+        assert!((10..=20).contains(&marked), "{marked} newly marked");
+        let list_key = redis.keys().key(Keyspace::Notifications, &["u-marks"]).unwrap();
+        let marks: i64 = query(&redis, redis::cmd("SCARD").arg(redis.keys().derived(&list_key, "read"))).await;
+        assert!(marks <= 20, "{marks} marks for a list of 20");
+        // A second pass counts nothing: every surviving id is marked already.
+        let again: u64 = join_all(ids[10..].iter().map(|id| {
+            let (events, id) = (events.clone(), id.clone());
+            async move { events.mark_read("u-marks", &[id.as_str()]).await.unwrap() }
+        })).await.into_iter().sum();
+        assert_eq!(again, 0);
+    }
+
     async fn concurrent_pushes_keep_the_cap_exactly(redis) {
         let events = redis.events().with_notification_cap(50).unwrap();
         let key = redis.keys().key(Keyspace::Notifications, &["u-2"]).unwrap();

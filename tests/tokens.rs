@@ -258,6 +258,17 @@ aether_redis::contract_tests! {
         }
     }
 
+    async fn concurrent_first_challenges_agree_on_one_token(redis) {
+        let tokens = redis.tokens();
+        let asks = (0..32).map(|_| {
+            let tokens = tokens.clone();
+            tokio::spawn(async move { tokens.domain_challenge("org-race", "race.example.com").await.unwrap() })
+        });
+        let challenges: Vec<_> = join_all(asks).await.into_iter().map(|r| r.unwrap()).collect();
+        assert!(challenges.iter().all(|c| *c == challenges[0]), "two tokens handed out for one challenge");
+        assert_eq!(tokens.get_domain_challenge("org-race", "race.example.com").await.unwrap(), Some(challenges[0].clone()));
+    }
+
     async fn domain_challenge_is_readable_until_confirmed(redis) {
         let tokens = redis.tokens();
         let challenge = tokens.domain_challenge("org-1", "Mail.Example.COM.").await.unwrap();
