@@ -538,7 +538,8 @@ pub struct LocalCluster {
 }
 
 impl LocalCluster {
-    /// Starts `masters` nodes, assigns the 16384 slots evenly and waits for `cluster_state:ok`.
+    /// Starts `masters` nodes (1 to 16384), assigns the 16384 slots evenly and waits for
+    /// `cluster_state:ok`.
     pub fn start(masters: usize) -> Result<LocalCluster> {
         Self::start_with(masters, &[])
     }
@@ -546,6 +547,11 @@ impl LocalCluster {
     /// [`start`](Self::start) with `config_lines` added to every node's configuration (e.g.
     /// `appendonly yes`).
     pub fn start_with(masters: usize, config_lines: &[&str]) -> Result<LocalCluster> {
+        if !(1..=16_384).contains(&masters) {
+            return Err(err(format!(
+                "a cluster needs 1 to 16384 masters, got {masters}"
+            )));
+        }
         let mut nodes = Vec::with_capacity(masters);
         for _ in 0..masters {
             let mut lines: Vec<String> = vec![
@@ -691,5 +697,16 @@ impl LocalSentinel {
     /// The master server.
     pub fn master(&self) -> &LocalServer {
         &self.master
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cluster_without_masters_is_an_error_not_a_panic() {
+        let e = LocalCluster::start(0).err().map(|e| e.to_string());
+        assert!(e.is_some_and(|e| e.contains("1 to 16384")));
     }
 }
