@@ -1144,6 +1144,11 @@ local tat = tonumber(state[1])
 if state[1] and (tat == nil or tat ~= tat or tat == math.huge or tat == -math.huge) then
   return redis.error_reply('ERR rate-limit: garbled state: tat is not a finite number')
 end
+-- No tier reaches 2^52 µs (about 142 years) ahead; such a tat would deny for ever, with
+-- replies past what the integers carry.
+if tat and tat - now > 4503599627370496 then
+  return redis.error_reply('ERR rate-limit: garbled state: tat is centuries ahead')
+end
 if tat == nil or tat < now then tat = now end
 local tolerance = burst * period
 local out = {}

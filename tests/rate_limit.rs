@@ -267,10 +267,11 @@ aether_redis::contract_tests! {
         // A hash field another writer garbled must not reset the limit.
         let t = TierName::custom("t");
         let window = Duration::from_secs(60);
-        let cases: [(Algorithm, &[(&str, &str)]); 6] = [
+        let cases: [(Algorithm, &[(&str, &str)]); 7] = [
             (Algorithm::Gcra, &[("tat", "soon")]),
             (Algorithm::Gcra, &[("tat", "inf")]),
             (Algorithm::Gcra, &[("tat", "nan")]),
+            (Algorithm::Gcra, &[("tat", "1e300")]),
             (Algorithm::SlidingWindow, &[("start", "x"), ("cur", "1")]),
             (Algorithm::SlidingWindow, &[("start", "0"), ("cur", "many")]),
             (Algorithm::SlidingWindow, &[("start", "0"), ("prev", "-5")]),
