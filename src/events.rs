@@ -348,6 +348,22 @@ fn range_bounds(from_ms: i64, to_ms: i64) -> Result<(String, String)> {
     Ok((from_ms.to_string(), to_ms.to_string()))
 }
 
+fn security_records(key: &str, entries: Vec<Entry>) -> Result<Vec<SecurityEventRecord>> {
+    entries
+        .into_iter()
+        .map(|(id, mut fields)| {
+            Ok(SecurityEventRecord {
+                at: entry_millis(key, &id)?,
+                details: details_field(key, &fields, "details")?,
+                kind: required(key, &mut fields, "kind")?,
+                ip: fields.remove("ip"),
+                user_agent: fields.remove("userAgent"),
+                id,
+            })
+        })
+        .collect()
+}
+
 fn check_limit(limit: usize) -> Result<()> {
     if limit == 0 || limit > 100_000 {
         return Err(Error::invalid("limit", "must be 1..=100000"));
@@ -795,6 +811,20 @@ impl Events {
         limit: usize,
     ) -> Result<Vec<Entry>> {
         let (from, to) = range_bounds(from_ms, to_ms)?;
+        self.stream_range_by_id(operation, key, &from, &to, limit)
+            .await
+    }
+
+    /// `XRANGE key <from> <to> COUNT <limit>` with the bounds as given (ids, `(` exclusive
+    /// ids, `-`, `+`).
+    async fn stream_range_by_id(
+        &self,
+        operation: &'static str,
+        key: &str,
+        from: &str,
+        to: &str,
+        limit: usize,
+    ) -> Result<Vec<Entry>> {
         check_limit(limit)?;
         let reply = self
             .redis
@@ -822,20 +852,47 @@ impl Events {
         limit: usize,
     ) -> Result<Vec<SecurityEventRecord>> {
         let key = self.security_key(user_id)?;
-        self.stream_range("events.security_events", &key, from_ms, to_ms, limit)
-            .await?
-            .into_iter()
-            .map(|(id, mut fields)| {
-                Ok(SecurityEventRecord {
-                    at: entry_millis(&key, &id)?,
-                    details: details_field(&key, &fields, "details")?,
-                    kind: required(&key, &mut fields, "kind")?,
-                    ip: fields.remove("ip"),
-                    user_agent: fields.remove("userAgent"),
-                    id,
-                })
-            })
-            .collect()
+        let entries = self
+            .stream_range("events.security_events", &key, from_ms, to_ms, limit)
+            .await?;
+        security_records(&key, entries)
+    }
+
+    /// The user's security events after the one with id `after` (from the oldest when `None`),
+    /// oldest first, at most `limit`: pages through the whole stream, whatever its length, by
+    /// passing the last id of a page as the next `after`. One round trip
+    /// (`XRANGE <key> (<after> + COUNT <limit>`), read-only.
+    #[tracing::instrument(name = "events.security_events_after", skip_all)]
+    pub async fn security_events_after(
+        &self,
+        user_id: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<SecurityEventRecord>> {
+        let key = self.security_key(user_id)?;
+        let from = match after {
+            None => "-".to_owned(),
+            Some(id) => {
+                let valid = id.split_once('-').is_some_and(|(ms, seq)| {
+                    [ms, seq].iter().all(|p| {
+                        !p.is_empty()
+                            && p.bytes().all(|b| b.is_ascii_digit())
+                            && p.parse::<u64>().is_ok()
+                    })
+                });
+                if !valid {
+                    return Err(Error::invalid(
+                        "security event id",
+                        format!("{id:?} is not of the form <ms>-<seq>"),
+                    ));
+                }
+                format!("({id}")
+            }
+        };
+        let entries = self
+            .stream_range_by_id("events.security_events_after", &key, &from, "+", limit)
+            .await?;
+        security_records(&key, entries)
     }
 
     /// Deletes the user's security-event stream (for erasure). One round trip (`DEL`).

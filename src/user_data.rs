@@ -24,6 +24,8 @@ use crate::tokens::LinkPurpose;
 const DELETE_BATCH: usize = 500;
 /// `SCAN .. COUNT` hint.
 const SCAN_COUNT: usize = 1_000;
+/// Security events read per round trip by the export.
+const EXPORT_PAGE: usize = 10_000;
 
 /// What [`UserData::erase_user`] removed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -273,7 +275,8 @@ impl UserData {
     /// read does: listing the sessions prunes index entries of sessions that have ended (as
     /// [`SessionStore::list_user`](crate::SessionStore::list_user) does), and reading the
     /// preferences refreshes their TTL. Not a snapshot (about fifteen round trips plus the
-    /// `SCAN` pages).
+    /// `SCAN` pages and one per 10,000 security events: all of them are exported, however
+    /// many).
     #[tracing::instrument(name = "user_data.export_user", skip_all)]
     pub async fn export_user(&self, user_id: &str) -> Result<serde_json::Value> {
         validate_key_part("user id", user_id)?;
@@ -301,9 +304,22 @@ impl UserData {
             .collect();
         let preferences = self.redis.user_prefs().get_record(user_id).await?;
         let notifications = events.notifications(user_id, 100_000).await?;
-        let security_events = events
-            .security_events(user_id, 0, i64::MAX, 100_000)
-            .await?;
+        // Paged: a stream of any length (the cap allows a million, other writers more) is
+        // exported whole without one reply holding the server for long.
+        let mut security_events = Vec::new();
+        loop {
+            let after = security_events
+                .last()
+                .map(|e: &crate::events::SecurityEventRecord| e.id.clone());
+            let page = events
+                .security_events_after(user_id, after.as_deref(), EXPORT_PAGE)
+                .await?;
+            let full = page.len() == EXPORT_PAGE;
+            security_events.extend(page);
+            if !full {
+                break;
+            }
+        }
         let email_verify = tokens.pending(LinkPurpose::EmailVerify, user_id).await?;
         let password_reset = tokens.pending(LinkPurpose::PasswordReset, user_id).await?;
         let two_factor = tokens.two_factor_state(user_id).await?;

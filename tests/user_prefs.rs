@@ -401,6 +401,41 @@ aether_redis::contract_tests! {
         }
         assert!(!text.contains("u-12"), "the export holds another user's data");
     }
+
+    async fn export_user_holds_every_security_event_however_many(redis) {
+        // Beyond one read's 100,000 (the cap allows a million; other writers may keep more).
+        const EVENTS: usize = 100_500;
+        let key = redis.keys().key(Keyspace::SecurityEvents, &["u-many"]).unwrap();
+        let mut conn = redis.connection().await.unwrap();
+        for chunk in 0..EVENTS.div_ceil(10_000) {
+            let mut pipe = redis::pipe();
+            for i in chunk * 10_000..EVENTS.min((chunk + 1) * 10_000) {
+                pipe.cmd("XADD").arg(&key).arg(format!("{}-0", i + 1)).arg("kind").arg("k").arg("details").arg("{}").ignore();
+            }
+            let _: () = pipe.query_async(&mut conn).await.unwrap();
+        }
+        let _: () = redis::cmd("EXPIRE").arg(&key).arg(600).query_async(&mut conn).await.unwrap();
+        let doc = redis.user_data().export_user("u-many").await.unwrap();
+        let events = doc["securityEvents"].as_array().unwrap();
+        assert_eq!(events.len(), EVENTS);
+        assert_eq!(events[0]["id"], "1-0");
+        assert_eq!(events[EVENTS - 1]["id"], format!("{EVENTS}-0"));
+        // The pages the export reads: each starts after the last id of the one before.
+        let e = redis.events();
+        let first = e.security_events_after("u-many", None, 3).await.unwrap();
+        let ids: Vec<_> = first.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["1-0", "2-0", "3-0"]);
+        let next = e.security_events_after("u-many", Some("3-0"), 2).await.unwrap();
+        assert_eq!(next.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["4-0", "5-0"]);
+        let last = format!("{EVENTS}-0");
+        assert!(e.security_events_after("u-many", Some(&last), 10).await.unwrap().is_empty());
+        for bad in ["3", "3-", "x-0", "+3-0"] {
+            assert!(matches!(
+                e.security_events_after("u-many", Some(bad), 10).await,
+                Err(Error::InvalidInput { what: "security event id", .. })
+            ), "{bad:?}");
+        }
+    }
 }
 
 fn value_of<'a>(hash: &'a BTreeMap<String, String>, field: &str) -> &'a str {
