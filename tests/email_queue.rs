@@ -1499,8 +1499,9 @@ aether_redis::contract_tests! {
         let _: () = redis::cmd("HSET").arg(key(":leases")).arg("t1").arg("other.n.1|normal").query_async(&mut conn).await.unwrap();
         let hour_ahead = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() + 3_600_000;
         let _: () = redis::cmd("ZADD").arg(key(":active")).arg(hour_ahead as u64).arg("t1").query_async(&mut conn).await.unwrap();
-        // Two lease extensions (every third of the 1 s visibility timeout) see it.
-        tokio::time::sleep(Duration::from_millis(800)).await;
+        // Lease extensions (every third of the 1 s visibility timeout) see it: six of them in
+        // this time, so that a loaded machine that delays some still runs one.
+        tokio::time::sleep(Duration::from_millis(2000)).await;
         gate.notify_one();
         wait_for("two more handled", Duration::from_secs(10), || started.lock().unwrap().len() >= 2).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
