@@ -141,6 +141,56 @@ aether_redis::contract_tests! {
         assert_eq!(tokens.two_factor_state("u-6").await.unwrap(), None);
     }
 
+    async fn reissued_two_factor_codes_are_never_seen_half_written(redis) {
+        // Re-issues race wrong guesses while an observer on a socket of its own reads the hash:
+        // `MULTI DEL HSET PEXPIRE` leaves no moment with some of the fields or without a TTL
+        // (as separate round trips it would), and no guess meets one and errs.
+        let tokens = redis.tokens();
+        let key = redis.keys().key(Keyspace::TwoFactor, &["u-reissue"]).unwrap();
+        tokens.issue_2fa("u-reissue").await.unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let observer = {
+            let (redis, stop, key) = (redis.clone(), stop.clone(), key.clone());
+            tokio::spawn(async move {
+                let mut conn = redis.dedicated().await.unwrap();
+                let (mut seen, mut broken) = (0_u32, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                    let (fields, ttl): (Vec<Option<String>>, i64) = redis::pipe()
+                        .atomic()
+                        .cmd("HMGET").arg(&key).arg("codeHash").arg("attempts").arg("maxAttempts").arg("issuedAt")
+                        .cmd("PTTL").arg(&key)
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
+                    if fields.iter().any(Option::is_some) {
+                        seen += 1;
+                        if fields.iter().any(Option::is_none) || ttl <= 0 {
+                            broken.push((fields, ttl));
+                        }
+                    }
+                }
+                (seen, broken)
+            })
+        };
+        let work = (0..200).map(|i| {
+            let tokens = tokens.clone();
+            tokio::spawn(async move {
+                if i % 2 == 0 {
+                    tokens.issue_2fa("u-reissue").await.map(|_| ())
+                } else {
+                    tokens.verify_2fa("u-reissue", "000000").await.map(|_| ())
+                }
+            })
+        });
+        for result in join_all(work).await {
+            result.unwrap().unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        let (seen, broken) = observer.await.unwrap();
+        assert!(seen > 0, "the observer never saw a code");
+        assert!(broken.is_empty(), "half-written codes: {broken:?}");
+    }
+
     async fn a_two_factor_count_that_is_not_a_number_burns_the_code(redis) {
         // Written by another service: guesses must never go uncounted.
         let tokens = redis.tokens();

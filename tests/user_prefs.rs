@@ -258,9 +258,9 @@ aether_redis::contract_tests! {
             let observer = {
                 let (redis, stop, key) = (redis.clone(), stop.clone(), key.clone());
                 tokio::spawn(async move {
-                    // A socket of its own: on the writers' shared socket nothing could land between
-                // two commands of theirs, transaction or not.
-                let mut conn = redis.dedicated().await.unwrap();
+                    // A socket of its own: on the writers' shared socket nothing could land
+                    // between two commands of theirs, transaction or not.
+                    let mut conn = redis.dedicated().await.unwrap();
                     let (mut seen, mut partial, mut bare) = (0, 0, 0);
                     loop {
                         let done = stop.load(std::sync::atomic::Ordering::Acquire);
