@@ -2087,19 +2087,7 @@ async fn enqueues_survive_a_kill(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scripting_disabled_is_refused_at_construction() {
-    // A server of its own whose operator disabled scripting.
-    let server = tokio::task::spawn_blocking(|| {
-        LocalServer::start(LocalOptions {
-            config_lines: vec![
-                "rename-command EVAL \"\"".into(),
-                "rename-command EVALSHA \"\"".into(),
-            ],
-            ..LocalOptions::default()
-        })
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    let server = support::server_without_scripting().await;
     let config = server
         .config()
         .to_builder()

@@ -568,6 +568,18 @@ fn config_or_disposable_keeps_an_answering_server_and_replaces_a_silent_one() {
     }
 }
 
+/// A handle on the local server at `port` that never retries, with these timeouts.
+async fn without_retries(port: u16, connect: Duration, response: Duration) -> Redis {
+    let config = Config::builder()
+        .port(port)
+        .connect_timeout(connect)
+        .response_timeout(response)
+        .max_retries(0)
+        .build()
+        .unwrap();
+    Redis::connect(config).await.unwrap()
+}
+
 /// `total_connections_received` of the server behind `conn`.
 async fn connections_received(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
     let info: String = redis::cmd("INFO")
@@ -588,16 +600,12 @@ async fn a_response_timeout_keeps_the_shared_connection() {
     // A slow server is not a broken connection: replacing the shared connections on every
     // timeout would add reconnects to the load that caused it.
     let server = start_local(Vec::new()).await;
-    let redis = Redis::connect(
-        Config::builder()
-            .port(server.port())
-            .response_timeout(Duration::from_millis(200))
-            .max_retries(0)
-            .build()
-            .unwrap(),
+    let redis = without_retries(
+        server.port(),
+        Duration::from_secs(10),
+        Duration::from_millis(200),
     )
-    .await
-    .unwrap();
+    .await;
     let cache = redis.cache();
     cache.get::<u32, _>("/slow", &"p").await.unwrap();
     let client = redis::Client::open(format!("redis://127.0.0.1:{}", server.port())).unwrap();
@@ -635,17 +643,7 @@ async fn callers_waiting_for_a_reconnect_share_its_failure() {
     // each trying in turn, which would make the last of 12 wait 12 connect timeouts.
     let mut server = start_local(Vec::new()).await;
     let port = server.port();
-    let redis = Redis::connect(
-        Config::builder()
-            .port(port)
-            .connect_timeout(Duration::from_secs(1))
-            .response_timeout(Duration::from_millis(500))
-            .max_retries(0)
-            .build()
-            .unwrap(),
-    )
-    .await
-    .unwrap();
+    let redis = without_retries(port, Duration::from_secs(1), Duration::from_millis(500)).await;
     let cache = redis.cache();
     cache.get::<u32, _>("/gone", &"p").await.unwrap();
     tokio::task::spawn_blocking(move || {

@@ -360,19 +360,7 @@ aether_redis::contract_tests! {
 /// with a typed error (never half-working).
 #[tokio::test]
 async fn without_scripting_links_work_and_2fa_is_refused() {
-    use aether_redis::testkit::{LocalOptions, LocalServer};
-    let server = tokio::task::spawn_blocking(|| {
-        LocalServer::start(LocalOptions {
-            config_lines: vec![
-                "rename-command EVAL \"\"".into(),
-                "rename-command EVALSHA \"\"".into(),
-            ],
-            ..LocalOptions::default()
-        })
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    let server = support::server_without_scripting().await;
     let redis = Redis::connect(server.config()).await.unwrap();
     assert!(!redis.capabilities().scripting);
     let tokens = redis.tokens();

@@ -181,3 +181,20 @@ pub fn child_config() -> aether_redis::Config {
     }
     config
 }
+
+/// A server of the test's own whose operator disabled scripting (`EVAL` and `EVALSHA`
+/// renamed to nothing).
+pub async fn server_without_scripting() -> aether_redis::testkit::LocalServer {
+    tokio::task::spawn_blocking(|| {
+        aether_redis::testkit::LocalServer::start(aether_redis::testkit::LocalOptions {
+            config_lines: vec![
+                "rename-command EVAL \"\"".into(),
+                "rename-command EVALSHA \"\"".into(),
+            ],
+            ..aether_redis::testkit::LocalOptions::default()
+        })
+    })
+    .await
+    .unwrap()
+    .unwrap()
+}
