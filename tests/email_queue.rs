@@ -564,6 +564,31 @@ aether_redis::contract_tests! {
         assert!(matches!(refused, Err(Error::InvalidInput { what: "shutdown timeout", .. })), "{refused:?}");
     }
 
+    async fn an_enqueued_job_starts_afresh_and_at_most_a_year_ahead(redis) {
+        let queue = fast(&redis.email_queue().unwrap());
+        // A job carried over from an earlier life (its attempts spent, an error on it).
+        let mut spent = job("spent", Priority::Normal);
+        spent.attempts = 3;
+        spent.last_error = Some("554 earlier".into());
+        queue.enqueue(spent).await.unwrap();
+        let mut conn = redis.connection().await.unwrap();
+        let stored: Vec<String> = redis::cmd("LRANGE").arg(queue.list_key(Priority::Normal)).arg(0).arg(-1).query_async(&mut conn).await.unwrap();
+        let stored: serde_json::Value = serde_json::from_str(&stored[0]).unwrap();
+        assert_eq!(stored["attempts"], 0);
+        assert!(stored.get("lastError").is_none(), "{stored}");
+        // One year ahead at most, as for enqueue_in and for pushed jobs.
+        let year = aether_redis::email_queue::MAX_OPTION_DURATION;
+        for at in [SystemTime::now() + year * 2, UNIX_EPOCH + Duration::from_millis(i64::MAX as u64)] {
+            assert!(matches!(
+                queue.enqueue_at(job("far", Priority::Normal), at).await,
+                Err(Error::InvalidInput { what: "scheduled time", .. })
+            ));
+        }
+        let near = SystemTime::now() + year - Duration::from_secs(60);
+        assert_eq!(queue.enqueue_at(job("near", Priority::Normal), near).await.unwrap(), Enqueued::New);
+        assert_eq!(queue.stats().await.unwrap().delayed, 1);
+    }
+
     async fn enqueue_is_idempotent_by_id_even_under_concurrency(redis) {
         let queue = fast(&redis.email_queue().unwrap());
         assert_eq!(queue.enqueue(job("once", Priority::Normal)).await.unwrap(), Enqueued::New);

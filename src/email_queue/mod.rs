@@ -537,10 +537,11 @@ fn dead_entry(dead_id: String, value: Value) -> DeadJob {
 }
 
 fn ms_since_epoch(at: SystemTime) -> Result<i64> {
-    at.duration_since(UNIX_EPOCH)
-        .ok()
-        .and_then(|d| i64::try_from(d.as_millis()).ok())
-        .ok_or_else(|| Error::invalid("scheduled time", "must be after the Unix epoch"))
+    let since = at
+        .duration_since(UNIX_EPOCH)
+        .map_err(|_| Error::invalid("scheduled time", "must be after the Unix epoch"))?;
+    i64::try_from(since.as_millis())
+        .map_err(|_| Error::invalid("scheduled time", "beyond the range of ms since the epoch"))
 }
 
 impl EmailQueue {
@@ -626,8 +627,11 @@ impl EmailQueue {
         self.inner.redis.ttl().millis(Keyspace::EmailQueue)
     }
 
-    /// Adds `job` to its priority list now. The job is validated, its `scheduledAt` set to now
-    /// and its `version` to [`PAYLOAD_VERSION`]. One round trip (one script, atomic): a job id
+    /// Adds `job` to its priority list now. The job is validated, its `scheduledAt` set to now,
+    /// its `version` to [`PAYLOAD_VERSION`], its `attempts` to 0 and its `lastError` cleared
+    /// (an enqueued job starts afresh: one taken from [`dead_jobs`](Self::dead_jobs) with its
+    /// attempts spent would otherwise die at its first failure; [`replay`](Self::replay) is the
+    /// way back for dead jobs). One round trip (one script, atomic): a job id
     /// already known to the queue is not added again ([`Enqueued::Duplicate`]). Enqueues through
     /// one handle that arrive while one is in flight share the next script call (still one
     /// atomic step per job, in arrival order; up to 128 jobs or 1 MiB of payload per call), so
@@ -644,10 +648,19 @@ impl EmailQueue {
     /// Adds `job` to run no earlier than `at` (it waits in the schedule until due, then joins
     /// the tail of its list). One round trip, atomic, idempotent by id and batched with
     /// concurrent enqueues like [`enqueue`](Self::enqueue). A time already past means now: the
-    /// job's `scheduledAt` is then the enqueue time, so its TTL and aging count from there.
+    /// job's `scheduledAt` is then the enqueue time, so its TTL and aging count from there. At
+    /// most [`MAX_OPTION_DURATION`] (a year) ahead: a job and its id would otherwise sit in the
+    /// schedule for as long, and the fetch refuses pushed jobs due more than a year ahead too.
     pub async fn enqueue_at(&self, job: EmailJob, at: SystemTime) -> Result<Enqueued> {
         let at = ms_since_epoch(at)?;
-        let encoded = self.encode(job, Some(at), now_millis())?;
+        let now = now_millis();
+        if at.saturating_sub(now) > millis(MAX_OPTION_DURATION) as i64 {
+            return Err(Error::invalid(
+                "scheduled time",
+                format!("{} ms ahead, more than a year", at.saturating_sub(now)),
+            ));
+        }
+        let encoded = self.encode(job, Some(at), now)?;
         coalesce::submit(self, (), encoded).await
     }
 
@@ -685,6 +698,8 @@ impl EmailQueue {
     fn encode(&self, mut job: EmailJob, at: Option<i64>, now: i64) -> Result<Encoded> {
         job.validate()?;
         job.version = PAYLOAD_VERSION;
+        job.attempts = 0;
+        job.last_error = None;
         let due = at.filter(|&at| at > now);
         job.scheduled_at = due.unwrap_or(now);
         let payload = crate::codec::to_json("email job", &job)?;
