@@ -11,15 +11,17 @@
 //! ```
 //!
 //! With `REDIS_URL` unset and nothing listening on 127.0.0.1:6379 it starts a disposable Redis
-//! through the testkit and enqueues a few demo jobs. Feed it from anywhere meanwhile:
+//! through the testkit (its address is printed) and enqueues a few demo jobs. Feed it from
+//! anywhere meanwhile, on that server (`-p <port>` for the disposable one; the key takes the
+//! configured `REDIS_KEY_PREFIX` in front, and is `email-queue:{default}:normal` on Cluster):
 //!
 //! ```sh
-//! redis-cli LPUSH email-queue:normal '{"id":"j-1","to":["ada@example.com"],"from":"noreply@example.com","subject":"Hi","body":"Hello","priority":"normal","attempts":0,"scheduledAt":0,"metadata":{}}'
+//! redis-cli -p 6379 LPUSH email-queue:normal '{"id":"j-1","to":["ada@example.com"],"from":"noreply@example.com","subject":"Hi","body":"Hello","priority":"normal","attempts":0,"scheduledAt":0,"metadata":{}}'
 //! ```
 //!
-//! CI runs it as `cargo run --example mail_worker --features testkit -- --once`: with `--once`
-//! (or `MAIL_WORKER_ONCE=1`) it enqueues its demo jobs, handles them and exits as soon as the
-//! queue is empty (after at most 30 s in any case).
+//! CI runs it with `MAIL_WORKER_ONCE=1` (the same as passing `--once`): it enqueues its demo
+//! jobs, handles them and exits as soon as the queue is empty (after at most 30 s in any case),
+//! or at Ctrl-C, whichever comes first.
 
 use std::time::Duration;
 
@@ -87,23 +89,25 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("worker {} running; Ctrl-C to stop", worker.id());
 
     let stats_queue = queue.clone();
-    let stop = async move {
-        if once {
-            // Stop when nothing is waiting, scheduled or in flight (bounded for CI).
-            let started = tokio::time::Instant::now();
-            loop {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                let idle = match stats_queue.stats().await {
-                    Ok(s) => s.waiting() + s.active + s.delayed == 0,
-                    Err(_) => false,
-                };
-                if idle || started.elapsed() > Duration::from_secs(30) {
-                    return;
-                }
+    let idle = async move {
+        // Stop when nothing is waiting, scheduled or in flight (bounded for CI).
+        let started = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let idle = match stats_queue.stats().await {
+                Ok(s) => s.waiting() + s.active + s.delayed == 0,
+                Err(_) => false,
+            };
+            if idle || started.elapsed() > Duration::from_secs(30) {
+                return;
             }
         }
-        let _ = tokio::signal::ctrl_c().await;
-        println!("Ctrl-C: finishing in-flight jobs");
+    };
+    let stop = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => println!("Ctrl-C: finishing in-flight jobs"),
+            () = idle, if once => println!("queue idle: stopping"),
+        }
     };
     let report = worker.run_until(stop).await?;
     let stats = queue.stats().await?;
