@@ -2246,3 +2246,79 @@ async fn one_work_call_pops_a_bounded_number_of_jobs_that_it_cannot_lease() {
         "{calls} script calls popped {EXPIRED} jobs: more than 400 in one"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_buried_in_one_call_cost_one_lookup_each_and_garbage_keeps_one_entry() {
+    // A broken producer pushes one dead job's id 300 more times, long expired, and the same
+    // garbage 300 times. The copies of the id each keep an entry (`#again-..`), found without
+    // rescanning the names taken before them; the garbage keeps one `malformed-<sha1>` entry.
+    const COPIES: usize = 300;
+    let server = tokio::task::spawn_blocking(|| LocalServer::start(LocalOptions::default()))
+        .await
+        .unwrap()
+        .unwrap();
+    let redis = Redis::connect(server.config()).await.unwrap();
+    let queue = fast(&redis.email_queue().unwrap());
+    queue.enqueue(job("again", Priority::Normal)).await.unwrap();
+    let worker = spawn_worker(&queue, 1, |_job| async {
+        Err(JobError::permanent("550 no such user"))
+    });
+    wait_stats(&queue, "the first burial", Duration::from_secs(10), |s| {
+        s.dead == 1
+    })
+    .await;
+    worker.shutdown().await.unwrap();
+    let mut conn = redis.connection().await.unwrap();
+    let mut pipe = redis::pipe();
+    for _ in 0..COPIES {
+        pipe.cmd("LPUSH")
+            .arg(queue.list_key(Priority::Normal))
+            .arg(documented_json("again", "normal", 1))
+            .ignore();
+        pipe.cmd("LPUSH")
+            .arg(queue.list_key(Priority::Normal))
+            .arg("not json")
+            .ignore();
+    }
+    let _: () = pipe.query_async(&mut conn).await.unwrap();
+    let hexists = |info: String| -> u64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix("cmdstat_hexists:calls="))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |n| n.parse().unwrap())
+    };
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let before = hexists(info);
+    let (_, worker) = recording_worker(&queue, 100);
+    wait_stats(&queue, "every copy buried", Duration::from_secs(60), |s| {
+        s.waiting() == 0 && s.dead == 2 + COPIES as u64
+    })
+    .await;
+    worker.shutdown().await.unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let lookups = hexists(info) - before;
+    assert!(
+        lookups < 4 * COPIES as u64,
+        "{lookups} HEXISTS for {COPIES} copies"
+    );
+    let dead = queue.dead_jobs(usize::MAX).await.unwrap();
+    assert_eq!(dead.iter().filter(|d| d.reason == "malformed").count(), 1);
+    assert_eq!(
+        dead.iter()
+            .filter(|d| d.dead_id.starts_with("again#again-"))
+            .count(),
+        COPIES
+    );
+    assert!(
+        dead.iter()
+            .any(|d| d.dead_id == "again" && d.is_replayable())
+    );
+}

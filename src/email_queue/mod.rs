@@ -277,8 +277,10 @@ pub enum CleanTarget {
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct DeadJob {
-    /// Its member in the dead set (the job id; `<id>#duplicate-<ms>[-<n>]` or `malformed-<sha1>` for
-    /// entries that could not be filed under a job id).
+    /// Its member in the dead set: the job id; `<id>#duplicate-<ms>[-<n>]` for a copy pushed
+    /// while the id was being processed; `<id>#again-<ms>[-<n>]` for a burial whose job id was
+    /// already a dead id; `malformed-<sha1>` for entries that could not be filed under a job id.
+    /// Only an entry under the job id itself is replayable.
     pub dead_id: String,
     /// Why it died: `failed` (attempts exhausted), `permanent` (the handler said so), `expired`
     /// (waited longer than the job TTL), `abandoned` (its workers kept dying), `duplicate`,

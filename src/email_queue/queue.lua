@@ -156,22 +156,33 @@ end
 
 -- `base`, or `base-2`, `base-3`, .. when a dead entry of that name exists: two copies buried
 -- in the same millisecond keep an entry each.
+-- The next suffix to try per base in this call: copies buried within one call share the
+-- millisecond, and scanning from `-2` again for each would cost the k-th copy k lookups.
+local next_suffix = {}
+
 local function unique_dead_id(base)
-  if redis.call('HEXISTS', DEADJOBS, base) == 0 then
-    return base
+  local n = next_suffix[base]
+  if not n then
+    if redis.call('HEXISTS', DEADJOBS, base) == 0 then
+      next_suffix[base] = 2
+      return base
+    end
+    n = 2
   end
-  local n = 2
   while redis.call('HEXISTS', DEADJOBS, base .. '-' .. n) == 1 do
     n = n + 1
   end
+  next_suffix[base] = n + 1
   return base .. '-' .. n
 end
 
--- A dead id that is taken (a raw push of a job that is already dead bypasses the idempotency
--- set, and its copy may die too) gets a name of its own, `<id>#again-<ms>`: overwriting would
--- lose the first record, which stays replayable under the job id.
+-- A job id that is taken as a dead id (a raw push of a job that is already dead bypasses the
+-- idempotency set, and its copy may die too) gets a name of its own, `<id>#again-<ms>`:
+-- overwriting would lose the first record, which stays replayable under the job id. A
+-- `malformed-<sha1>` id names its payload, so a record under it says the same as a new one:
+-- it is overwritten, and a producer pushing the same garbage again fills no extra entries.
 local function bury(id, rec, now)
-  if redis.call('HEXISTS', DEADJOBS, id) == 1 then
+  if string.sub(id, 1, 10) ~= 'malformed-' and redis.call('HEXISTS', DEADJOBS, id) == 1 then
     id = unique_dead_id(id .. '#again-' .. string.format('%d', now))
   end
   redis.call('ZADD', DEAD, now, id)
