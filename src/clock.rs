@@ -4,7 +4,8 @@
 //! Computing such a cutoff from the client's clock lets a client whose clock runs ahead of the
 //! server's by more than the retention trim the record it has just appended. The estimate is
 //! instead a lower bound on the server's clock: the last server time seen (`TIME` at connect,
-//! then the `TIME` inside every append's transaction) plus the time elapsed since on the
+//! then the `TIME` inside every append's transaction, or a lone `TIME` at most once a minute
+//! while there is no reading) plus the time elapsed since on the
 //! client's monotonic clock. A reading arrives after the server took it, so the bound is behind
 //! the server by up to one round trip: a cutoff computed from it trims a little late, not
 //! early, except by the clock skew between Cluster nodes (the readings come from whichever node
@@ -17,12 +18,18 @@ use std::time::Instant;
 /// Marks "no server time seen yet".
 const UNKNOWN: i64 = i64::MIN;
 
+/// How often a handle without a reading asks the server for one (a refused `TIME` is asked
+/// again only this much later).
+pub(crate) const PROBE_INTERVAL_MS: i64 = 60_000;
+
 /// The server's clock as last seen, carried forward on the client's monotonic clock.
 #[derive(Debug)]
 pub(crate) struct ServerClock {
     epoch: Instant,
     /// Server ms minus client monotonic ms since `epoch` at the last reading.
     offset_ms: AtomicI64,
+    /// Client monotonic ms since `epoch` of the last probe without a reading.
+    probed_at_ms: AtomicI64,
 }
 
 impl ServerClock {
@@ -30,7 +37,20 @@ impl ServerClock {
         ServerClock {
             epoch: Instant::now(),
             offset_ms: AtomicI64::new(UNKNOWN),
+            probed_at_ms: AtomicI64::new(UNKNOWN),
         }
+    }
+
+    /// Whether a caller without a reading should ask the server for one now: at most once per
+    /// [`PROBE_INTERVAL_MS`] across the handle's callers (exactly one caller gets `true`).
+    pub(crate) fn probe_due(&self) -> bool {
+        let now = self.elapsed_ms();
+        let last = self.probed_at_ms.load(Ordering::Relaxed);
+        (last == UNKNOWN || now.saturating_sub(last) >= PROBE_INTERVAL_MS)
+            && self
+                .probed_at_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 
     fn elapsed_ms(&self) -> i64 {
@@ -100,6 +120,17 @@ mod tests {
         clock.observe(2_000_000);
         let now = clock.now_ms().unwrap();
         assert!((2_000_000..2_000_050).contains(&now), "{now}");
+    }
+
+    #[test]
+    fn probes_are_spaced() {
+        let clock = ServerClock::new();
+        assert!(clock.probe_due());
+        assert!(!clock.probe_due(), "a second probe right after the first");
+        clock
+            .probed_at_ms
+            .store(clock.elapsed_ms() - PROBE_INTERVAL_MS, Ordering::Relaxed);
+        assert!(clock.probe_due());
     }
 
     #[test]

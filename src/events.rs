@@ -707,7 +707,9 @@ impl Events {
     /// Entries older than the keyspace TTL are trimmed, at most the configured cap are kept,
     /// and the stream expires one TTL after its last append.
     ///
-    /// One round trip, atomic: `MULTI XADD XTRIM MINID XTRIM MAXLEN PEXPIRE EXEC`.
+    /// One round trip, atomic: `MULTI TIME XADD XTRIM MINID XTRIM MAXLEN PEXPIRE EXEC` (a lone
+    /// `TIME` first, at most once a minute, while the handle has no reading of the server
+    /// clock).
     #[tracing::instrument(name = "events.record_security_event", skip_all)]
     pub async fn record_security_event(
         &self,
@@ -751,7 +753,18 @@ impl Events {
     ) -> Result<String> {
         let ttl = self.redis.ttl().millis(keyspace);
         let clock = self.redis.server_clock();
-        let server_now = clock.now_ms();
+        let mut server_now = clock.now_ms();
+        // No reading yet (`TIME` failed at connect): a lone `TIME`, at most once a minute so
+        // that an ACL refusing it costs nearly nothing. Inside the transaction a refusal would
+        // abort the append itself.
+        if server_now.is_none()
+            && clock.probe_due()
+            && let Ok(reply) = self.redis.query(operation, &redis::cmd("TIME")).await
+            && let Some(ms) = time_reply_millis(&reply)
+        {
+            clock.observe(ms);
+            server_now = clock.now_ms();
+        }
         let mut pipe = redis::pipe();
         pipe.atomic();
         // The transaction's own `TIME` keeps the estimate fresh for the next append. The ids
@@ -767,7 +780,7 @@ impl Events {
         }
         // The cutoff is on the server's clock, which assigns the ids it is compared with; the
         // client's clock running ahead would trim the entry being added. Without a server time
-        // (`TIME` refused at connect) there is no age trim: the cap and the TTL still hold.
+        // (`TIME` refused) there is no age trim.
         if let Some(server_now) = server_now {
             pipe.cmd("XTRIM")
                 .arg(key)
@@ -920,7 +933,8 @@ impl Events {
     /// than the keyspace TTL (30 days in production) are trimmed on every append; nothing else
     /// ever removes or changes one.
     ///
-    /// One round trip, atomic: `MULTI XADD XTRIM MINID PEXPIRE EXEC`.
+    /// One round trip, atomic: `MULTI TIME XADD XTRIM MINID PEXPIRE EXEC` (a lone `TIME` first,
+    /// at most once a minute, while the handle has no reading of the server clock).
     #[tracing::instrument(name = "events.audit", skip_all)]
     pub async fn audit(&self, entry: &AuditEntry) -> Result<String> {
         check_text("audit actor", &entry.actor, 1, 256)?;

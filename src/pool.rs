@@ -662,8 +662,9 @@ impl Redis {
         }
         let scripts = Scripts::new(&config);
         let scripting_error = scripts.probe(&mut probe).await.err();
-        // Seeds the estimate that append cutoffs use; without it the first appends skip their
-        // age trim, which the next ones make up for, so a refused `TIME` is not an error.
+        // Seeds the estimate that append cutoffs use; without it appends skip their age trim
+        // until a lone `TIME` (tried at most once a minute) succeeds, so a refused `TIME` is
+        // not an error.
         let server_clock = ServerClock::new();
         if let Ok(time) = redis::cmd("TIME").query_async::<Value>(&mut probe).await
             && let Some(ms) = time_reply_millis(&time)

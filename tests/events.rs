@@ -454,3 +454,99 @@ async fn child_appender_with_its_clock_ahead() {
             .unwrap();
     }
 }
+
+/// A user whose ACL refuses `TIME`: appends still succeed (without the age trim), and the lone
+/// `TIME` that asks for a reading is tried once, not before every append; once `TIME` is
+/// allowed, the next probe restores the age trim.
+#[tokio::test]
+async fn appends_without_time_succeed_and_the_age_trim_returns_with_it() {
+    let server = tokio::task::spawn_blocking(|| {
+        aether_redis::testkit::LocalServer::start(aether_redis::testkit::LocalOptions {
+            config_lines: vec!["user app on >pw ~* &* +@all -time".into()],
+            ..Default::default()
+        })
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let config = aether_redis::Config::builder()
+        .port(server.port())
+        .username("app")
+        .password("pw")
+        .build()
+        .unwrap();
+    let refused = aether_redis::Redis::connect(config.clone()).await.unwrap();
+    let later = aether_redis::Redis::connect(config).await.unwrap();
+    let events = refused.events();
+    for i in 0..10 {
+        events
+            .audit(&AuditEntry::new("a", format!("a{i}")))
+            .await
+            .unwrap();
+        events
+            .record_security_event("u", &SecurityEvent::new("k"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        events.audit_range(0, i64::MAX, 100).await.unwrap().len(),
+        10
+    );
+    let mut admin = redis::Client::open(format!("redis://127.0.0.1:{}", server.port()))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let rejected: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_time:"))
+        .and_then(|stats| {
+            stats
+                .split(',')
+                .find_map(|f| f.strip_prefix("rejected_calls="))
+        })
+        .map_or(0, |n| n.parse().unwrap());
+    assert_eq!(rejected, 3, "TIME at two connects and one probe: {info}");
+    // TIME allowed now: the other handle's first append reads the clock and trims by age.
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("app")
+        .arg("+time")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let time: Vec<String> = redis::cmd("TIME").query_async(&mut admin).await.unwrap();
+    let server_ms = time[0].parse::<i64>().unwrap() * 1000;
+    let key = later
+        .keys()
+        .key(Keyspace::SecurityEvents, &["u-old"])
+        .unwrap();
+    let ttl = later.ttl().millis(Keyspace::SecurityEvents) as i64;
+    let _: String = redis::cmd("XADD")
+        .arg(&key)
+        .arg(format!("{}-0", server_ms - ttl - 5_000))
+        .arg("kind")
+        .arg("expired")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    later
+        .events()
+        .record_security_event("u-old", &SecurityEvent::new("new"))
+        .await
+        .unwrap();
+    let kinds: Vec<_> = later
+        .events()
+        .security_events("u-old", 0, i64::MAX, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(kinds, ["new"]);
+}
