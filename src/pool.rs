@@ -901,7 +901,10 @@ impl Redis {
     pub(crate) fn fail(&self, operation: &'static str, err: redis::RedisError) -> Error {
         // A response timeout is an I/O error too (`TimedOut`), but the connection is fine: the
         // server is slow, and replacing every shared connection on each timeout would add a
-        // storm of reconnects to that load. A host that vanished is found by keepalive.
+        // storm of reconnects to that load. A host that vanished is found by keepalive and
+        // `TCP_USER_TIMEOUT`: the kernel's `ETIMEDOUT` reads as a timeout here as well (so the
+        // call in flight reports `Error::Timeout`, rightly: its outcome is unknown), but it
+        // ends the client's connection, and the next call finds it closed and reconnects.
         let broken = !err.is_timeout()
             && (err.is_connection_dropped()
                 || err.is_io_error()

@@ -118,8 +118,8 @@ pub mod lua {
     /// (ms), mode (`get` | `touch` | `update`), `n`, then `n` field/value pairs to set, then
     /// fields to delete. Returns nil when the session is gone (nothing is written then);
     /// `{1, fields}` for `get`/`update`, `1` for `touch`; `{0, fields}` without writing when
-    /// `createdAt` is missing or not an integer (an optional sign and at most 17 digits: what
-    /// the crate's decoder reads).
+    /// `createdAt` is missing or not an integer (an optional sign and digits, 17 characters at
+    /// most: what the crate's decoder reads).
     pub const ACCESS_HASH: &str = r#"
 local key = KEYS[1]
 local h = redis.call('HGETALL', key)
@@ -173,7 +173,7 @@ return {1, h}
     /// (a value of another type), the document is kept as it was and only the TTL slides.
     /// Returns nil when the session is gone; `{1, json}` for `get`, `1` for `touch`; `{0, json}`
     /// without writing when the value is not a JSON object with an integral `createdAt` (a
-    /// number below 2^53, or a string of at most 17 decimal digits).
+    /// number below 2^53, or a string of an optional sign and digits, 17 characters at most).
     pub const ACCESS_JSON: &str = r#"
 local key = KEYS[1]
 local v = redis.call('GET', key)
