@@ -755,8 +755,9 @@ impl Events {
         let clock = self.redis.server_clock();
         let mut server_now = clock.now_ms();
         // No reading yet (`TIME` failed at connect): a lone `TIME`, at most once a minute so
-        // that an ACL refusing it costs nearly nothing. Inside the transaction a refusal would
-        // abort the append itself.
+        // that an ACL refusing it costs nearly nothing (the append that sends it waits for its
+        // answer, up to the response timeout on a stalled server). Inside the transaction a
+        // refusal would abort the append itself.
         if server_now.is_none()
             && clock.probe_due()
             && let Ok(reply) = self.redis.query(operation, &redis::cmd("TIME")).await

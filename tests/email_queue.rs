@@ -461,19 +461,20 @@ aether_redis::contract_tests! {
 
     async fn a_second_burial_of_a_dead_id_keeps_both_records(redis) {
         let queue = fast(&redis.email_queue().unwrap());
-        queue.enqueue(job("twice", Priority::Normal)).await.unwrap();
+        queue.enqueue(job("malformed-twice", Priority::Normal)).await.unwrap();
         let worker = spawn_worker(&queue, 1, |_job| async { Err(JobError::permanent("550 no such user")) });
         wait_stats(&queue, "the first burial", Duration::from_secs(10), |s| s.dead == 1).await;
-        // Another service pushes the same id again, long expired: it dies too.
-        push_raw(&redis, &queue, Priority::Normal, [documented_json("twice", "normal", 1)]).await;
+        // Another service pushes the same id again, long expired: it dies too. (An id that
+        // starts like the names of unreadable payloads is a job id all the same.)
+        push_raw(&redis, &queue, Priority::Normal, [documented_json("malformed-twice", "normal", 1)]).await;
         wait_stats(&queue, "the second burial", Duration::from_secs(10), |s| s.dead == 2).await;
         worker.shutdown().await.unwrap();
         let mut dead = queue.dead_jobs(10).await.unwrap();
         dead.sort_by(|a, b| a.dead_id.cmp(&b.dead_id));
-        assert_eq!(dead[0].dead_id, "twice");
+        assert_eq!(dead[0].dead_id, "malformed-twice");
         assert_eq!(dead[0].reason, "permanent");
         assert!(dead[0].is_replayable());
-        assert!(dead[1].dead_id.starts_with("twice#again-"), "{}", dead[1].dead_id);
+        assert!(dead[1].dead_id.starts_with("malformed-twice#again-"), "{}", dead[1].dead_id);
         assert_eq!(dead[1].reason, "expired");
         assert!(!dead[1].is_replayable());
         assert_eq!(queue.replay(10).await.unwrap(), 1);

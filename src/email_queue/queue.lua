@@ -178,17 +178,25 @@ end
 
 -- A job id that is taken as a dead id (a raw push of a job that is already dead bypasses the
 -- idempotency set, and its copy may die too) gets a name of its own, `<id>#again-<ms>`:
--- overwriting would lose the first record, which stays replayable under the job id. A
--- `malformed-<sha1>` id names its payload, so a record under it says the same as a new one:
--- it is overwritten, and a producer pushing the same garbage again fills no extra entries.
-local function bury(id, rec, now)
-  if string.sub(id, 1, 10) ~= 'malformed-' and redis.call('HEXISTS', DEADJOBS, id) == 1 then
-    id = unique_dead_id(id .. '#again-' .. string.format('%d', now))
-  end
+-- overwriting would lose the first record, which stays replayable under the job id.
+local function file_dead(id, rec, now)
   redis.call('ZADD', DEAD, now, id)
   redis.call('HSET', DEADJOBS, id, rec)
   redis.call('SADD', IDS, id)
 end
+
+local function bury(id, rec, now)
+  if redis.call('HEXISTS', DEADJOBS, id) == 1 then
+    id = unique_dead_id(id .. '#again-' .. string.format('%d', now))
+  end
+  file_dead(id, rec, now)
+end
+
+-- A payload no job id can be read from goes under `malformed-<sha1 of the payload>`: the name
+-- says what the record holds, so a burial of the same payload overwrites it, and a producer
+-- pushing the same garbage again fills no extra entries. (A job whose own id merely starts
+-- with `malformed-` goes through `bury` like any other.)
+local bury_malformed = file_dead
 
 -- Calls `f` with consecutive slices of `list` of at most `size` elements: `unpack` of a long
 -- list would overflow the Lua stack.
@@ -444,7 +452,7 @@ if op == 'work' then
     if list then
       redis.call('LPUSH', list, string.sub(member, bar + 1))
     else
-      bury('malformed-' .. redis.sha1hex(member),
+      bury_malformed('malformed-' .. redis.sha1hex(member),
         record('malformed-' .. redis.sha1hex(member), 'malformed', 'schedule entry without priority',
           'normal', member, now), now)
     end
@@ -579,7 +587,7 @@ if op == 'work' then
       if type(id) ~= 'string' or id == '' or string.len(id) > 256
         or (not job[ASCII] and string.find(id, '[\128-\255]') and not utf8_valid(id)) then
         local mid = 'malformed-' .. redis.sha1hex(payload)
-        bury(mid, record(mid, 'malformed',
+        bury_malformed(mid, record(mid, 'malformed',
           'not a JSON object with a non-empty UTF-8 string id of at most 256 bytes', prio,
           payload, now), now)
       else
@@ -590,7 +598,7 @@ if op == 'work' then
           -- the schedule and arrive due): seconds or microseconds taken for ms, or garbage.
           -- Parked in the schedule it would wait, unseen by the TTL, for centuries.
           local mid = 'malformed-' .. redis.sha1hex(payload)
-          bury(mid, record(mid, 'malformed', 'scheduledAt ' .. string.format('%.0f', at)
+          bury_malformed(mid, record(mid, 'malformed', 'scheduledAt ' .. string.format('%.0f', at)
             .. ' is more than a year ahead (ms since the epoch expected)', prio, payload, now),
             now)
         elseif at > now + 1000 then
