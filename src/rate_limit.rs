@@ -240,6 +240,7 @@ const DOCUMENTED: [(TierName, &str, u64, u64); 6] = [
 ///     .with_failure_policy(FailurePolicy::Local);
 /// assert_eq!(uploads.limit(), 10);
 /// assert!(Tier::new(0, Duration::from_secs(1)).is_err());
+/// assert!(Tier::new(5, Duration::from_micros(1500)).is_err());
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tier {
@@ -281,6 +282,14 @@ pub(crate) fn tier_bounds(limit: u64, window: Duration) -> Result<(), (TierBound
             format!("{window:?} is not within 1 ms..=366 days"),
         ));
     }
+    // The window algorithms count in whole milliseconds: 1.5 ms would run as 1 ms and admit
+    // half as much again as configured.
+    if !window.subsec_nanos().is_multiple_of(1_000_000) {
+        return Err((
+            TierBound::Window,
+            format!("{window:?} is not a whole number of milliseconds"),
+        ));
+    }
     if window.as_micros() < u128::from(limit) {
         return Err((
             TierBound::Rate,
@@ -291,8 +300,8 @@ pub(crate) fn tier_bounds(limit: u64, window: Duration) -> Result<(), (TierBound
 }
 
 impl Tier {
-    /// `limit` per `window`, GCRA. `limit` must be 1..=10⁹ and `window` 1 ms to one year, and
-    /// `window / limit` at least 1 µs. Without [`Tier::with_failure_policy`] the tier takes the
+    /// `limit` per `window`, GCRA. `limit` must be 1..=10⁹ and `window` 1 ms to one year in
+    /// whole milliseconds, and `window / limit` at least 1 µs. Without [`Tier::with_failure_policy`] the tier takes the
     /// default of the name it is registered under ([`TierName::default_failure_policy`]).
     pub fn new(limit: u64, window: Duration) -> Result<Self> {
         tier_bounds(limit, window).map_err(|(bound, reason)| {
