@@ -2323,3 +2323,62 @@ async fn copies_buried_in_one_call_cost_one_lookup_each_and_garbage_keeps_one_en
             .any(|d| d.dead_id == "again" && d.is_replayable())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_reads_big_dead_records_in_pages_of_bounded_size() {
+    // Twenty dead jobs of about 1 MiB each: one page of them all would hold 20 MiB in the
+    // server at once; pages stop after about 8 MiB, and the replay goes on to the next page.
+    const JOBS: usize = 20;
+    let server = tokio::task::spawn_blocking(|| LocalServer::start(LocalOptions::default()))
+        .await
+        .unwrap()
+        .unwrap();
+    let redis = Redis::connect(server.config()).await.unwrap();
+    let queue = fast(&redis.email_queue().unwrap());
+    let body = "x".repeat(1_000_000);
+    let mut conn = redis.connection().await.unwrap();
+    for i in 0..JOBS {
+        let big = format!(
+            r#"{{"id":"big-{i}","to":["ada@example.com"],"from":"noreply@example.com","subject":"Big","body":"{body}","priority":"normal","attempts":0,"scheduledAt":1,"metadata":{{}}}}"#
+        );
+        let _: () = redis::cmd("LPUSH")
+            .arg(queue.list_key(Priority::Normal))
+            .arg(big)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    // Expired on arrival: the worker buries every one without running it.
+    let (handled, worker) = recording_worker(&queue, 4);
+    wait_stats(&queue, "all buried", Duration::from_secs(60), |s| {
+        s.dead == JOBS as u64
+    })
+    .await;
+    worker.shutdown().await.unwrap();
+    assert!(handled.lock().unwrap().is_empty());
+    let calls = |info: String| -> u64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |n| n.parse().unwrap())
+    };
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let before = calls(info);
+    assert_eq!(queue.replay(100).await.unwrap(), JOBS);
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // At least three pages (8 of 20 records fit in 8 MiB), each followed by its replay call.
+    assert!(
+        calls(info) - before >= 5,
+        "the 20 MiB were read in fewer than three pages"
+    );
+    let stats = queue.stats().await.unwrap();
+    assert_eq!((stats.dead, stats.normal), (0, JOBS as u64));
+}

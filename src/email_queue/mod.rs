@@ -178,6 +178,10 @@ impl Default for QueueOptions {
 /// to a time in the past (a lease already expired).
 pub const MAX_OPTION_DURATION: Duration = crate::codec::MAX_OPTION_DURATION;
 
+/// Dead records one page of a replay reads at most, about (a page stops after the group of 4
+/// records that passes it): the records pass through the server's memory at once.
+const DEAD_PAGE_BYTES: usize = 8 * 1024 * 1024;
+
 pub(crate) use crate::codec::at_most_a_year as bounded;
 
 impl QueueOptions {
@@ -877,25 +881,35 @@ impl EmailQueue {
     }
 
     /// The members of the dead set that follow `after` (from the oldest when `None`, or when
-    /// `after` has left the set), at most `count`, with their records. One round trip: one
+    /// `after` has left the set), at most `count`, with their records, and whether the page
+    /// was cut short by [`DEAD_PAGE_BYTES`] of records (more may follow). One round trip: one
     /// script, so the position and the reads are one step.
-    async fn dead_page_after(&self, after: Option<&str>, count: usize) -> Result<Vec<DeadMember>> {
+    async fn dead_page_after(
+        &self,
+        after: Option<&str>,
+        count: usize,
+    ) -> Result<(Vec<DeadMember>, bool)> {
         let call = self
             .call()
             .arg("dead_page")
             .arg(after.unwrap_or(""))
-            .arg(count);
+            .arg(count)
+            .arg(DEAD_PAGE_BYTES);
         let key = &self.inner.keys[K_DEAD];
-        let items = match self.inner.redis.eval_script(&SCRIPT, &call).await? {
-            Value::Array(items) if items.len() % 2 == 0 => items,
+        let (items, cut) = match self.inner.redis.eval_script(&SCRIPT, &call).await? {
+            Value::Array(mut items) if items.len() % 2 == 1 => {
+                let cut = items.pop().unwrap_or(Value::Int(0));
+                (items, cut)
+            }
             other => {
                 return Err(Error::decode(
                     key,
                     None,
-                    format!("expected (dead id, record) pairs, got {other:?}"),
+                    format!("expected (dead id, record) pairs and a flag, got {other:?}"),
                 ));
             }
         };
+        let cut = int(key, cut)? == 1;
         let mut out = Vec::with_capacity(items.len() / 2);
         let mut items = items.into_iter();
         while let (Some(dead_id), Some(record)) = (items.next(), items.next()) {
@@ -906,7 +920,7 @@ impl EmailQueue {
                 DeadMember::Entry(Box::new(dead_entry(dead_id, record)))
             });
         }
-        Ok(out)
+        Ok((out, cut))
     }
 
     /// Which of `dead_ids` are still members of the dead set. One round trip (`ZMSCORE`).
@@ -940,7 +954,7 @@ impl EmailQueue {
     /// dead: a payload that is not an [`EmailJob`], and a copy filed under another dead id
     /// (`<id>#duplicate-..`: the job it copies ran or is running, so replaying it would send the
     /// mail twice). Those are skipped, not counted against `limit`. Reads pages of 100 to 1000
-    /// entries, each with one script that finds the page after the last entry skipped and
+    /// entries (fewer when their records pass 8 MiB), each with one script that finds the page after the last entry skipped and
     /// reads it in one step (a `ZMSCORE` follows when a member had no record), then one
     /// atomic script per 1000 jobs that moves only entries still in the dead set. So
     /// concurrent replays never duplicate a job, and together they miss none, whatever
@@ -957,7 +971,7 @@ impl EmailQueue {
         while moved < limit {
             let wanted = limit - moved;
             let page_size = wanted.clamp(PAGE, MAX_PAGE);
-            let page = self
+            let (page, cut) = self
                 .dead_page_after(last_staying.as_deref(), page_size)
                 .await?;
             let listed = page.len();
@@ -994,7 +1008,7 @@ impl EmailQueue {
                 last_staying = Some(dead_id);
             }
             moved += self.replay_entries(tried).await?;
-            if complete && listed < page_size {
+            if complete && listed < page_size && !cut {
                 break;
             }
         }

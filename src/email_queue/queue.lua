@@ -714,24 +714,34 @@ if op == 'orphans' then
 end
 
 if op == 'dead_page' then
-  -- ARGV: op, the dead id the page follows ('' = from the oldest), count. Reply: dead id, record
-  -- (false when none), per member, oldest first. The rank and the reads are one step, so
-  -- entries trimmed or replayed meanwhile cannot shift the page; a dead id no longer in the
-  -- set starts it from the oldest again.
+  -- ARGV: op, the dead id the page follows ('' = from the oldest), count, byte budget. Reply:
+  -- dead id, record (false when none), per member, oldest first, then 1 when the page was cut
+  -- short by the budget, else 0. The rank and the reads are one step, so entries trimmed or
+  -- replayed meanwhile cannot shift the page; a dead id no longer in the set starts it from
+  -- the oldest again. Records are read 4 at a time until the budget is spent: a page of a
+  -- thousand megabyte-sized jobs would otherwise be gigabytes in the server's memory at once.
   local start = 0
   if ARGV[2] ~= '' then
     local rank = redis.call('ZRANK', DEAD, ARGV[2])
     if rank then start = rank + 1 end
   end
   local ids = redis.call('ZRANGE', DEAD, start, start + tonumber(ARGV[3]) - 1)
-  local out = {}
-  each_chunk(ids, 1000, function(chunk)
-    local records = redis.call('HMGET', DEADJOBS, unpack(chunk))
-    for i, id in ipairs(chunk) do
-      out[#out + 1] = id
-      out[#out + 1] = records[i]
+  local budget = tonumber(ARGV[4])
+  local out, bytes, i = {}, 0, 1
+  while i <= #ids and bytes < budget do
+    local chunk = {}
+    for j = i, math.min(i + 3, #ids) do
+      chunk[#chunk + 1] = ids[j]
     end
-  end)
+    local records = redis.call('HMGET', DEADJOBS, unpack(chunk))
+    for k, id in ipairs(chunk) do
+      out[#out + 1] = id
+      out[#out + 1] = records[k]
+      if records[k] then bytes = bytes + #records[k] end
+    end
+    i = i + #chunk
+  end
+  out[#out + 1] = i <= #ids and 1 or 0
   return out
 end
 
