@@ -2185,6 +2185,32 @@ async fn a_stopping_worker_keeps_its_settlements_through_an_outage_past_the_dead
     assert_eq!((stats.completed, stats.waiting(), stats.active), (1, 1, 0));
 }
 
+/// A server of the test's own (the fault and command-count tests must not share one), and a
+/// handle on it.
+async fn own_server() -> (LocalServer, Redis) {
+    let server = tokio::task::spawn_blocking(|| LocalServer::start(LocalOptions::default()))
+        .await
+        .unwrap()
+        .unwrap();
+    let redis = Redis::connect(server.config()).await.unwrap();
+    (server, redis)
+}
+
+/// How often `command` (lower case, e.g. `evalsha`) ran on the server behind `conn`, scripts'
+/// inner calls included (`INFO commandstats`).
+async fn command_calls(conn: &mut aether_redis::pool::Connection, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_work_call_pops_a_bounded_number_of_jobs_that_it_cannot_lease() {
     // 20,000 jobs that expired while no worker ran, then one live job. Each work call of a
@@ -2192,11 +2218,7 @@ async fn one_work_call_pops_a_bounded_number_of_jobs_that_it_cannot_lease() {
     // it returns: burying the whole backlog in one call would block the server for as long.
     // The worker must keep calling at once until it reaches the live job.
     const EXPIRED: usize = 20_000;
-    let server = tokio::task::spawn_blocking(|| LocalServer::start(LocalOptions::default()))
-        .await
-        .unwrap()
-        .unwrap();
-    let redis = Redis::connect(server.config()).await.unwrap();
+    let (_server, redis) = own_server().await;
     let mut options = QueueOptions::default();
     options.aging = None;
     options.dead_retention = Retention::new(EXPIRED as u64 + 10, Duration::from_secs(3600));
@@ -2215,29 +2237,13 @@ async fn one_work_call_pops_a_bounded_number_of_jobs_that_it_cannot_lease() {
     }
     let live = documented_json("live", "normal", now_ms());
     push_raw(&redis, &queue, Priority::Normal, [live]).await;
-    let script_calls = |info: String| -> u64 {
-        info.lines()
-            .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
-            .and_then(|rest| rest.split(',').next())
-            .map_or(0, |n| n.parse().unwrap())
-    };
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let before = script_calls(info);
+    let before = command_calls(&mut conn, "evalsha").await;
     let (handled, worker) = recording_worker(&queue, 100);
     wait_for("the live job", Duration::from_secs(120), || {
         handled.lock().unwrap().len() == 1
     })
     .await;
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let calls = script_calls(info) - before;
+    let calls = command_calls(&mut conn, "evalsha").await - before;
     worker.shutdown().await.unwrap();
     assert_eq!(handled.lock().unwrap().as_slice(), ["live"]);
     let stats = queue.stats().await.unwrap();
@@ -2254,11 +2260,7 @@ async fn copies_buried_in_one_call_cost_one_lookup_each_and_garbage_keeps_one_en
     // garbage 300 times. The copies of the id each keep an entry (`#again-..`), found without
     // rescanning the names taken before them; the garbage keeps one `malformed-<sha1>` entry.
     const COPIES: usize = 300;
-    let server = tokio::task::spawn_blocking(|| LocalServer::start(LocalOptions::default()))
-        .await
-        .unwrap()
-        .unwrap();
-    let redis = Redis::connect(server.config()).await.unwrap();
+    let (_server, redis) = own_server().await;
     let queue = fast(&redis.email_queue().unwrap());
     queue.enqueue(job("again", Priority::Normal)).await.unwrap();
     let worker = spawn_worker(&queue, 1, |_job| async {
@@ -2282,30 +2284,14 @@ async fn copies_buried_in_one_call_cost_one_lookup_each_and_garbage_keeps_one_en
             .ignore();
     }
     let _: () = pipe.query_async(&mut conn).await.unwrap();
-    let hexists = |info: String| -> u64 {
-        info.lines()
-            .find_map(|l| l.strip_prefix("cmdstat_hexists:calls="))
-            .and_then(|rest| rest.split(',').next())
-            .map_or(0, |n| n.parse().unwrap())
-    };
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let before = hexists(info);
+    let before = command_calls(&mut conn, "hexists").await;
     let (_, worker) = recording_worker(&queue, 100);
     wait_stats(&queue, "every copy buried", Duration::from_secs(60), |s| {
         s.waiting() == 0 && s.dead == 2 + COPIES as u64
     })
     .await;
     worker.shutdown().await.unwrap();
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let lookups = hexists(info) - before;
+    let lookups = command_calls(&mut conn, "hexists").await - before;
     assert!(
         lookups < 4 * COPIES as u64,
         "{lookups} HEXISTS for {COPIES} copies"
@@ -2329,11 +2315,7 @@ async fn replay_reads_big_dead_records_in_pages_of_bounded_size() {
     // Twenty dead jobs of about 1 MiB each: one page of them all would hold 20 MiB in the
     // server at once; pages stop after about 8 MiB, and the replay goes on to the next page.
     const JOBS: usize = 20;
-    let server = tokio::task::spawn_blocking(|| LocalServer::start(LocalOptions::default()))
-        .await
-        .unwrap()
-        .unwrap();
-    let redis = Redis::connect(server.config()).await.unwrap();
+    let (_server, redis) = own_server().await;
     let queue = fast(&redis.email_queue().unwrap());
     let body = "x".repeat(1_000_000);
     let mut conn = redis.connection().await.unwrap();
@@ -2356,28 +2338,13 @@ async fn replay_reads_big_dead_records_in_pages_of_bounded_size() {
     .await;
     worker.shutdown().await.unwrap();
     assert!(handled.lock().unwrap().is_empty());
-    let calls = |info: String| -> u64 {
-        info.lines()
-            .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
-            .and_then(|rest| rest.split(',').next())
-            .map_or(0, |n| n.parse().unwrap())
-    };
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let before = calls(info);
+    let before = command_calls(&mut conn, "evalsha").await;
     assert_eq!(queue.replay(100).await.unwrap(), JOBS);
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
     // At least three pages (8 of 20 records fit in 8 MiB), each followed by its replay call.
+    let calls = command_calls(&mut conn, "evalsha").await - before;
     assert!(
-        calls(info) - before >= 5,
-        "the 20 MiB were read in fewer than three pages"
+        calls >= 5,
+        "the 20 MiB were read in fewer than three pages ({calls} calls)"
     );
     let stats = queue.stats().await.unwrap();
     assert_eq!((stats.dead, stats.normal), (0, JOBS as u64));
