@@ -204,6 +204,25 @@ pub fn to_json<T: Serialize + ?Sized>(what: &'static str, value: &T) -> Result<S
 pub const MAX_OPTION_DURATION: std::time::Duration =
     std::time::Duration::from_secs(365 * 24 * 3600);
 
+/// Refuses, naming `what`, a stream entry id that is not complete `<ms>-<seq>` (both parts
+/// decimal `u64`s, no sign): a bare `<ms>` is a range to `XRANGE` but one entry to `XDEL`.
+pub(crate) fn validate_stream_id(what: &'static str, id: &str) -> Result<()> {
+    let number = |part: &str| {
+        !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) && part.parse::<u64>().is_ok()
+    };
+    if id
+        .split_once('-')
+        .is_some_and(|(ms, seq)| number(ms) && number(seq))
+    {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            what,
+            format!("{id:?} is not of the form <ms>-<seq>"),
+        ))
+    }
+}
+
 /// Refuses `value` over [`MAX_OPTION_DURATION`] with [`Error::InvalidInput`] naming `what`.
 pub fn at_most_a_year(what: &'static str, value: std::time::Duration) -> Result<()> {
     if value > MAX_OPTION_DURATION {

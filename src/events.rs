@@ -887,19 +887,7 @@ impl Events {
         let from = match after {
             None => "-".to_owned(),
             Some(id) => {
-                let valid = id.split_once('-').is_some_and(|(ms, seq)| {
-                    [ms, seq].iter().all(|p| {
-                        !p.is_empty()
-                            && p.bytes().all(|b| b.is_ascii_digit())
-                            && p.parse::<u64>().is_ok()
-                    })
-                });
-                if !valid {
-                    return Err(Error::invalid(
-                        "security event id",
-                        format!("{id:?} is not of the form <ms>-<seq>"),
-                    ));
-                }
+                codec::validate_stream_id("security event id", id)?;
                 format!("({id}")
             }
         };

@@ -660,12 +660,8 @@ impl EmailQueue {
     pub async fn enqueue_at(&self, job: EmailJob, at: SystemTime) -> Result<Enqueued> {
         let at = ms_since_epoch(at)?;
         let now = now_millis();
-        if at.saturating_sub(now) > millis(MAX_OPTION_DURATION) as i64 {
-            return Err(Error::invalid(
-                "scheduled time",
-                format!("{} ms ahead, more than a year", at.saturating_sub(now)),
-            ));
-        }
+        let ahead = u64::try_from(at.saturating_sub(now)).unwrap_or(0);
+        bounded("scheduled time", Duration::from_millis(ahead))?;
         let encoded = self.encode(job, Some(at), now)?;
         coalesce::submit(self, (), encoded).await
     }

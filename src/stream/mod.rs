@@ -627,20 +627,7 @@ impl Streams {
 /// entry of that millisecond while `XDEL` deletes only `<ms>-0`, so a replay could republish
 /// one entry and delete another (or none).
 fn validate_entry_id(id: &str) -> Result<()> {
-    let number = |part: &str| {
-        !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) && part.parse::<u64>().is_ok()
-    };
-    let ok = id
-        .split_once('-')
-        .is_some_and(|(ms, seq)| number(ms) && number(seq));
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::invalid(
-            "stream entry id",
-            format!("{id:?} is not of the form <ms>-<seq>"),
-        ))
-    }
+    crate::codec::validate_stream_id("stream entry id", id)
 }
 
 pub(crate) async fn create_group(
