@@ -2196,21 +2196,6 @@ async fn own_server() -> (LocalServer, Redis) {
     (server, redis)
 }
 
-/// How often `command` (lower case, e.g. `evalsha`) ran on the server behind `conn`, scripts'
-/// inner calls included (`INFO commandstats`).
-async fn command_calls(conn: &mut aether_redis::pool::Connection, command: &str) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(conn)
-        .await
-        .unwrap();
-    let prefix = format!("cmdstat_{command}:calls=");
-    info.lines()
-        .find_map(|l| l.strip_prefix(prefix.as_str()))
-        .and_then(|rest| rest.split(',').next())
-        .map_or(0, |n| n.parse().unwrap())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_work_call_pops_a_bounded_number_of_jobs_that_it_cannot_lease() {
     // 20,000 jobs that expired while no worker ran, then one live job. Each work call of a
@@ -2237,13 +2222,13 @@ async fn one_work_call_pops_a_bounded_number_of_jobs_that_it_cannot_lease() {
     }
     let live = documented_json("live", "normal", now_ms());
     push_raw(&redis, &queue, Priority::Normal, [live]).await;
-    let before = command_calls(&mut conn, "evalsha").await;
+    let before = support::command_stat(&mut conn, "evalsha", "calls").await;
     let (handled, worker) = recording_worker(&queue, 100);
     wait_for("the live job", Duration::from_secs(120), || {
         handled.lock().unwrap().len() == 1
     })
     .await;
-    let calls = command_calls(&mut conn, "evalsha").await - before;
+    let calls = support::command_stat(&mut conn, "evalsha", "calls").await - before;
     worker.shutdown().await.unwrap();
     assert_eq!(handled.lock().unwrap().as_slice(), ["live"]);
     let stats = queue.stats().await.unwrap();
@@ -2284,14 +2269,14 @@ async fn copies_buried_in_one_call_cost_one_lookup_each_and_garbage_keeps_one_en
             .ignore();
     }
     let _: () = pipe.query_async(&mut conn).await.unwrap();
-    let before = command_calls(&mut conn, "hexists").await;
+    let before = support::command_stat(&mut conn, "hexists", "calls").await;
     let (_, worker) = recording_worker(&queue, 100);
     wait_stats(&queue, "every copy buried", Duration::from_secs(60), |s| {
         s.waiting() == 0 && s.dead == 2 + COPIES as u64
     })
     .await;
     worker.shutdown().await.unwrap();
-    let lookups = command_calls(&mut conn, "hexists").await - before;
+    let lookups = support::command_stat(&mut conn, "hexists", "calls").await - before;
     assert!(
         lookups < 4 * COPIES as u64,
         "{lookups} HEXISTS for {COPIES} copies"
@@ -2318,18 +2303,13 @@ async fn replay_reads_big_dead_records_in_pages_of_bounded_size() {
     let (_server, redis) = own_server().await;
     let queue = fast(&redis.email_queue().unwrap());
     let body = "x".repeat(1_000_000);
-    let mut conn = redis.connection().await.unwrap();
-    for i in 0..JOBS {
-        let big = format!(
+    let big = (0..JOBS).map(|i| {
+        format!(
             r#"{{"id":"big-{i}","to":["ada@example.com"],"from":"noreply@example.com","subject":"Big","body":"{body}","priority":"normal","attempts":0,"scheduledAt":1,"metadata":{{}}}}"#
-        );
-        let _: () = redis::cmd("LPUSH")
-            .arg(queue.list_key(Priority::Normal))
-            .arg(big)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-    }
+        )
+    });
+    push_raw(&redis, &queue, Priority::Normal, big).await;
+    let mut conn = redis.connection().await.unwrap();
     // Expired on arrival: the worker buries every one without running it.
     let (handled, worker) = recording_worker(&queue, 4);
     wait_stats(&queue, "all buried", Duration::from_secs(60), |s| {
@@ -2338,10 +2318,10 @@ async fn replay_reads_big_dead_records_in_pages_of_bounded_size() {
     .await;
     worker.shutdown().await.unwrap();
     assert!(handled.lock().unwrap().is_empty());
-    let before = command_calls(&mut conn, "evalsha").await;
+    let before = support::command_stat(&mut conn, "evalsha", "calls").await;
     assert_eq!(queue.replay(100).await.unwrap(), JOBS);
     // At least three pages (8 of 20 records fit in 8 MiB), each followed by its replay call.
-    let calls = command_calls(&mut conn, "evalsha").await - before;
+    let calls = support::command_stat(&mut conn, "evalsha", "calls").await - before;
     assert!(
         calls >= 5,
         "the 20 MiB were read in fewer than three pages ({calls} calls)"

@@ -497,21 +497,8 @@ async fn appends_without_time_succeed_and_the_age_trim_returns_with_it() {
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
-    let rejected: u64 = info
-        .lines()
-        .find_map(|l| l.strip_prefix("cmdstat_time:"))
-        .and_then(|stats| {
-            stats
-                .split(',')
-                .find_map(|f| f.strip_prefix("rejected_calls="))
-        })
-        .map_or(0, |n| n.parse().unwrap());
-    assert_eq!(rejected, 3, "TIME at two connects and one probe: {info}");
+    let rejected = support::command_stat(&mut admin, "time", "rejected_calls").await;
+    assert_eq!(rejected, 3, "TIME at two connects and one probe");
     // TIME allowed now: the other handle's first append reads the clock and trims by age.
     let _: () = redis::cmd("ACL")
         .arg("SETUSER")

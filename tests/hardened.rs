@@ -289,26 +289,8 @@ async fn renamed_script_commands_are_routed_by_their_first_key_on_cluster() {
         let mut total = 0u64;
         for node in cluster.nodes() {
             let mut conn = operator(node).await;
-            let stats: String = redis::cmd("INFO")
-                .arg("commandstats")
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            total += stats
-                .lines()
-                .filter(|l| {
-                    l.starts_with("cmdstat_cluster|slots:")
-                        || l.starts_with("cmdstat_cluster|shards:")
-                })
-                .filter_map(|l| {
-                    l.split("calls=")
-                        .nth(1)?
-                        .split(',')
-                        .next()?
-                        .parse::<u64>()
-                        .ok()
-                })
-                .sum::<u64>();
+            total += support::command_stat(&mut conn, "cluster|slots", "calls").await
+                + support::command_stat(&mut conn, "cluster|shards", "calls").await;
         }
         total
     };

@@ -198,3 +198,28 @@ pub async fn server_without_scripting() -> aether_redis::testkit::LocalServer {
     .unwrap()
     .unwrap()
 }
+
+/// One counter (`calls`, `rejected_calls`, ..) of `command` (lower case, subcommands as
+/// `cluster|slots`) from `INFO commandstats` of the server behind `conn`; 0 when the command
+/// never ran. Scripts' inner calls count too.
+pub async fn command_stat<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    command: &str,
+    field: &str,
+) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    let prefix = format!("cmdstat_{command}:");
+    let value = format!("{field}=");
+    info.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|stats| {
+            stats
+                .split(',')
+                .find_map(|f| f.strip_prefix(value.as_str()))
+        })
+        .map_or(0, |n| n.parse().unwrap())
+}
