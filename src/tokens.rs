@@ -46,6 +46,11 @@ use crate::script::{LuaScript, ScriptCall};
 pub const LINK_TOKEN_BYTES: usize = 32;
 /// Default number of wrong guesses after which a 2FA code is burned.
 pub const DEFAULT_MAX_2FA_ATTEMPTS: u32 = 5;
+
+/// The largest 2FA attempt cap: the verify script reads counts of at most nine digits (a longer
+/// one is garbled state and burns the code), so a larger cap would burn every code, the right
+/// one included.
+pub const MAX_2FA_ATTEMPTS: u32 = 999_999_999;
 /// Longest accepted token string on redeem, in bytes (ours are 43).
 const MAX_PRESENTED_TOKEN_LEN: usize = 512;
 /// The key part under which a subject's index of outstanding link tokens lives.
@@ -202,8 +207,9 @@ pub struct TwoFactorState {
     pub attempts: u32,
     /// Guesses allowed.
     pub max_attempts: u32,
-    /// When the code was issued (ms since the epoch).
-    pub issued_at: i64,
+    /// When the code was issued (ms since the epoch); `None` when the hash does not say (written
+    /// by another service).
+    pub issued_at: Option<i64>,
 }
 
 /// A domain-verification challenge: publish [`DomainChallenge::txt_value`] as a TXT record at
@@ -391,10 +397,17 @@ impl Redis {
 }
 
 impl OneTimeTokens {
-    /// Sets how many wrong guesses burn a 2FA code issued from now on (at least 1).
+    /// Sets how many wrong guesses burn a 2FA code issued from now on (1 to
+    /// [`MAX_2FA_ATTEMPTS`]).
     pub fn with_max_2fa_attempts(mut self, attempts: u32) -> Result<Self> {
         if attempts == 0 {
             return Err(Error::invalid("max 2FA attempts", "must be at least 1"));
+        }
+        if attempts > MAX_2FA_ATTEMPTS {
+            return Err(Error::invalid(
+                "max 2FA attempts",
+                format!("must be at most {MAX_2FA_ATTEMPTS}"),
+            ));
         }
         self.max_2fa_attempts = attempts;
         Ok(self)
@@ -703,7 +716,8 @@ impl OneTimeTokens {
     }
 
     /// The pending 2FA state of `user_id` (never the code), or `None`. One round trip
-    /// (`HGETALL`), read-only.
+    /// (`HGETALL`), read-only. Read as the verifier reads it: a missing `attempts` is 0 and a
+    /// missing `maxAttempts` this repository's cap; a missing `issuedAt` is `None`.
     #[tracing::instrument(name = "tokens.two_factor_state", skip_all)]
     pub async fn two_factor_state(&self, user_id: &str) -> Result<Option<TwoFactorState>> {
         let key = self.two_factor_key(user_id)?;
@@ -715,9 +729,11 @@ impl OneTimeTokens {
             return Ok(None);
         };
         Ok(Some(TwoFactorState {
-            attempts: fields.parse("attempts")?,
-            max_attempts: fields.parse("maxAttempts")?,
-            issued_at: fields.parse("issuedAt")?,
+            attempts: fields.parse_opt("attempts")?.unwrap_or(0),
+            max_attempts: fields
+                .parse_opt("maxAttempts")?
+                .unwrap_or(self.max_2fa_attempts),
+            issued_at: fields.parse_opt("issuedAt")?,
         }))
     }
 

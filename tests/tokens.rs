@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use aether_redis::tokens::{DomainOutcome, IssueOptions, LinkPurpose, TwoFactorOutcome};
+use aether_redis::tokens::{
+    DomainOutcome, IssueOptions, LinkPurpose, MAX_2FA_ATTEMPTS, TwoFactorOutcome,
+};
 use aether_redis::{Environment, Error, Keyspace, Redis};
 use futures::future::join_all;
 use serde_json::json;
@@ -215,9 +217,31 @@ aether_redis::contract_tests! {
         let code = tokens.issue_2fa("u-garbled").await.unwrap();
         let right = code.code.expose().to_owned();
         let wrong = format!("{:06}", (right.parse::<u32>().unwrap() + 1) % 1_000_000);
-        let _: () = query(&redis, redis::cmd("HDEL").arg(&key).arg("attempts").arg("maxAttempts")).await;
+        let _: () = query(&redis, redis::cmd("HDEL").arg(&key).arg("attempts").arg("maxAttempts").arg("issuedAt")).await;
+        // The state (and so the user's data export) reads the hash as the verifier does.
+        let state = tokens.two_factor_state("u-garbled").await.unwrap().unwrap();
+        assert_eq!((state.attempts, state.max_attempts, state.issued_at), (0, 5, None));
         assert_eq!(tokens.verify_2fa("u-garbled", &wrong).await.unwrap(), TwoFactorOutcome::Wrong { attempts_left: 4 });
+        assert_eq!(tokens.two_factor_state("u-garbled").await.unwrap().unwrap().attempts, 1);
+        assert!(redis.user_data().export_user("u-garbled").await.unwrap()["twoFactor"].is_object());
         assert_eq!(tokens.verify_2fa("u-garbled", &right).await.unwrap(), TwoFactorOutcome::Valid);
+    }
+
+    async fn the_largest_two_factor_cap_still_accepts_the_right_code(redis) {
+        // A cap the verify script cannot read back would burn every code, the right one too.
+        assert!(matches!(
+            redis.tokens().with_max_2fa_attempts(MAX_2FA_ATTEMPTS + 1),
+            Err(Error::InvalidInput { what: "max 2FA attempts", .. })
+        ));
+        let tokens = redis.tokens().with_max_2fa_attempts(MAX_2FA_ATTEMPTS).unwrap();
+        let code = tokens.issue_2fa("u-cap").await.unwrap();
+        let right = code.code.expose().to_owned();
+        let wrong = format!("{:06}", (right.parse::<u32>().unwrap() + 1) % 1_000_000);
+        assert_eq!(
+            tokens.verify_2fa("u-cap", &wrong).await.unwrap(),
+            TwoFactorOutcome::Wrong { attempts_left: MAX_2FA_ATTEMPTS - 1 }
+        );
+        assert_eq!(tokens.verify_2fa("u-cap", &right).await.unwrap(), TwoFactorOutcome::Valid);
     }
 
     async fn two_factor_code_is_single_use_and_survives_fewer_wrong_guesses(redis) {
