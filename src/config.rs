@@ -128,8 +128,8 @@ impl fmt::Display for Secret {
     }
 }
 
-/// How the deployment is laid out.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// How the deployment is laid out. `Debug` redacts credentials in URL-form addresses.
+#[derive(Clone, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Topology {
     /// One server (`REDIS_URL` or `REDIS_HOST`/`REDIS_PORT`).
@@ -147,6 +147,24 @@ pub enum Topology {
         /// Seed nodes, `host:port`.
         nodes: Vec<String>,
     },
+}
+
+impl fmt::Debug for Topology {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let redacted = |addrs: &[String]| addrs.iter().map(|a| redact_url(a)).collect::<Vec<_>>();
+        match self {
+            Topology::Standalone => f.write_str("Standalone"),
+            Topology::Sentinel { master, sentinels } => f
+                .debug_struct("Sentinel")
+                .field("master", master)
+                .field("sentinels", &redacted(sentinels))
+                .finish(),
+            Topology::Cluster { nodes } => f
+                .debug_struct("Cluster")
+                .field("nodes", &redacted(nodes))
+                .finish(),
+        }
+    }
 }
 
 /// TLS settings (`REDIS_TLS`, `rediss://`, `REDIS_TLS_*_FILE`).
@@ -622,7 +640,10 @@ impl Config {
                 return Err(ConfigError::invalid(
                     "REDIS_SENTINEL_MASTER",
                     "",
-                    format!("required when REDIS_SENTINEL_ADDRS={addrs} is set"),
+                    format!(
+                        "required when REDIS_SENTINEL_ADDRS={} is set",
+                        redact_list(&addrs)
+                    ),
                 ));
             }
             (None, None) => {}
@@ -631,7 +652,7 @@ impl Config {
             if matches!(config.topology, Topology::Sentinel { .. }) {
                 return Err(ConfigError::invalid(
                     "REDIS_CLUSTER_NODES",
-                    nodes,
+                    redact_list(&nodes),
                     "cannot be combined with REDIS_SENTINEL_MASTER",
                 ));
             }
@@ -768,6 +789,15 @@ impl Config {
                 "REDIS_DB",
                 self.db.to_string(),
                 "must be 0 or more",
+            ));
+        }
+        // The client sends `AUTH` only with a password: a user name alone would connect as
+        // `default`, with that user's rights or none, instead of failing here.
+        if let (Some(username), None) = (&self.username, &self.password) {
+            return Err(ConfigError::invalid(
+                "REDIS_USERNAME",
+                username,
+                "is set without REDIS_PASSWORD; the client authenticates only with a password",
             ));
         }
         // A brace would make every key a hash tag of the prefix (one Cluster slot for all) or
@@ -957,6 +987,15 @@ fn redact_addrs(addrs: &[String]) -> String {
     addrs
         .iter()
         .map(|a| redact_url(a))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A comma-separated address list as given, credentials redacted.
+fn redact_list(value: &str) -> String {
+    value
+        .split(',')
+        .map(redact_url)
         .collect::<Vec<_>>()
         .join(",")
 }
@@ -1744,6 +1783,53 @@ mod tests {
         );
         let err = from(&[("REDIS_URL", "redis://u:pw-in-url@h:notaport")]).unwrap_err();
         assert!(!err.to_string().contains("pw-in-url"), "{err}");
+        // Sentinel and Cluster addresses may carry credentials of their own.
+        let c = from(&[
+            ("REDIS_SENTINEL_MASTER", "m"),
+            (
+                "REDIS_SENTINEL_ADDRS",
+                "redis://:sentinel-pw@s1:26379,s2:26379",
+            ),
+        ])
+        .unwrap();
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("sentinel-pw") && shown.contains("s1:26379"),
+            "{shown}"
+        );
+        let c = from(&[("REDIS_CLUSTER_NODES", "redis://:node-pw@n1:7000")]).unwrap();
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("node-pw") && shown.contains("n1:7000"),
+            "{shown}"
+        );
+        for vars in [
+            &[("REDIS_SENTINEL_ADDRS", "redis://:sentinel-pw@s1:26379")][..],
+            &[
+                ("REDIS_SENTINEL_MASTER", "m"),
+                ("REDIS_SENTINEL_ADDRS", "s1:26379"),
+                (
+                    "REDIS_CLUSTER_NODES",
+                    "redis://:node-pw@n1:7000,redis://:node-pw@n2:7000",
+                ),
+            ],
+        ] {
+            let err = from(vars).unwrap_err().to_string();
+            assert!(
+                !err.contains("sentinel-pw") && !err.contains("node-pw"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_user_name_needs_a_password() {
+        // Without a password the client never sends AUTH and would connect as `default`.
+        let err = from(&[("REDIS_USERNAME", "app")]).unwrap_err();
+        assert!(err.to_string().contains("REDIS_USERNAME"), "{err}");
+        assert!(Config::builder().username("app").build().is_err());
+        let c = from(&[("REDIS_USERNAME", "app"), ("REDIS_PASSWORD", "pw")]).unwrap();
+        assert_eq!(c.username.as_deref(), Some("app"));
     }
 
     #[test]
