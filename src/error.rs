@@ -160,6 +160,13 @@ impl Error {
                 after: deadline,
             };
         }
+        if is_unexpected_reply(&err) {
+            return Error::Decode {
+                key: format!("the reply to {operation}"),
+                field: None,
+                reason: err.to_string(),
+            };
+        }
         if err.is_connection_dropped()
             || err.is_connection_refusal()
             || err.is_io_error()
@@ -182,6 +189,17 @@ fn shown_deadline(after: Duration) -> String {
     } else {
         format!(" after {after:?}")
     }
+}
+
+/// A reply the client could not convert to the type asked for. The client marks these
+/// "reconnect" (`is_unrecoverable_error`) like a broken connection, but they say nothing about
+/// the connection: classed as unavailable, bad data would be retried and would drop every shared
+/// connection.
+pub(crate) fn is_unexpected_reply(err: &redis::RedisError) -> bool {
+    matches!(
+        err.kind(),
+        redis::ErrorKind::Parse | redis::ErrorKind::UnexpectedReturnType
+    )
 }
 
 fn is_read_only(err: &redis::RedisError) -> bool {
@@ -220,6 +238,15 @@ mod tests {
 
     fn timed_out() -> redis::RedisError {
         std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out").into()
+    }
+
+    #[test]
+    fn a_reply_of_the_wrong_type_is_a_decode_error() {
+        use redis::FromRedisValue;
+        let parsing = i64::from_redis_value(redis::Value::BulkString(b"x".to_vec())).unwrap_err();
+        let err = Error::from_redis("test", parsing.into());
+        assert!(matches!(err, Error::Decode { .. }), "{err:?}");
+        assert!(!err.is_retryable(), "{err:?}");
     }
 
     #[test]
