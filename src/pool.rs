@@ -104,6 +104,19 @@ fn redis_settings(config: &Config) -> redis::RedisConnectionInfo {
     settings
 }
 
+/// A failed connection attempt. A refusal by the server (wrong password, `NOPERM`, a database
+/// out of range) is [`Error::Server`], which retries leave alone (bar `LOADING` and the like):
+/// trying again cannot fix a configuration. Everything else means no server answered.
+fn connect_failure(message: String, err: redis::RedisError) -> Error {
+    match err.kind() {
+        redis::ErrorKind::AuthenticationFailed | redis::ErrorKind::Server(_) => Error::Server(err),
+        _ => Error::Unavailable {
+            message,
+            source: Some(err),
+        },
+    }
+}
+
 fn config_error(variable: &str, err: impl std::fmt::Display) -> Error {
     Error::Config(crate::config::ConfigError::invalid(
         variable,
@@ -520,7 +533,7 @@ struct SharedSlot {
 /// A reconnect attempt that failed.
 struct FailedReconnect {
     ended: Instant,
-    message: String,
+    error: Error,
 }
 
 impl SharedSlot {
@@ -627,6 +640,7 @@ fn hello_field(reply: &Value, name: &str) -> Option<String> {
 impl Redis {
     /// Connects, checks the server (version ≥ 7.0, scripting under the configured names) and
     /// returns the handle. Fails fast with [`Error::Unavailable`] when no server answers,
+    /// [`Error::Server`] when one refuses the login (wrong password, database out of range),
     /// [`Error::Unsupported`] when the server is too old and [`Error::Config`] when `config`
     /// breaks a rule its builder enforces (its fields are public, so it may have been changed
     /// after it was built).
@@ -642,10 +656,7 @@ impl Redis {
             message: format!("connect timed out after {:?}", config.connect_timeout),
             source: None,
         })?
-        .map_err(|e| Error::Unavailable {
-            message: format!("cannot connect: {e}"),
-            source: Some(e),
-        })?;
+        .map_err(|e| connect_failure(format!("cannot connect: {e}"), e))?;
 
         let mut probe = first.clone();
         let hello: Value = redis::cmd("HELLO")
@@ -833,19 +844,34 @@ impl Redis {
     async fn reconnect(&self, slot: &SharedSlot) -> Result<Connection> {
         let inner = &self.inner;
         let asked = Instant::now();
-        let mut last_failure = slot.reconnect.lock().await;
+        let config = &inner.config;
+        // A holder that is polled ends its attempt within one connect timeout; one that is not
+        // (its future parked by a caller, unpolled) would hold every later caller for ever.
+        let Ok(mut last_failure) =
+            tokio::time::timeout(config.connect_timeout, slot.reconnect.lock()).await
+        else {
+            return Err(Error::Unavailable {
+                message: format!(
+                    "a reconnect in progress did not finish within {:?}",
+                    config.connect_timeout
+                ),
+                source: None,
+            });
+        };
         if let Some(conn) = slot.ready() {
             return Ok(conn);
         }
         if let Some(failed) = last_failure.as_ref()
             && failed.ended >= asked
         {
-            return Err(Error::Unavailable {
-                message: format!("{} (the attempt this call waited for)", failed.message),
-                source: None,
+            return Err(match &failed.error {
+                Error::Unavailable { message, .. } => Error::Unavailable {
+                    message: format!("{message} (the attempt this call waited for)"),
+                    source: None,
+                },
+                refused => refused.clone(),
             });
         }
-        let config = &inner.config;
         let attempt = tokio::time::timeout(
             config.connect_timeout,
             inner
@@ -856,18 +882,18 @@ impl Redis {
         let conn = match attempt {
             Ok(Ok(conn)) => conn,
             failed => {
-                let (message, source) = match failed {
-                    Ok(Err(e)) => (format!("cannot reconnect: {e}"), Some(e)),
-                    _ => (
-                        format!("reconnect timed out after {:?}", config.connect_timeout),
-                        None,
-                    ),
+                let error = match failed {
+                    Ok(Err(e)) => connect_failure(format!("cannot reconnect: {e}"), e),
+                    _ => Error::Unavailable {
+                        message: format!("reconnect timed out after {:?}", config.connect_timeout),
+                        source: None,
+                    },
                 };
                 *last_failure = Some(FailedReconnect {
                     ended: Instant::now(),
-                    message: message.clone(),
+                    error: error.clone(),
                 });
-                return Err(Error::Unavailable { message, source });
+                return Err(error);
             }
         };
         *last_failure = None;
@@ -885,10 +911,9 @@ impl Redis {
             .await
             .map(DedicatedConnection)
             .map_err(|e| match e {
-                managed::PoolError::Backend(e) => Error::Unavailable {
-                    message: format!("cannot open a dedicated connection: {e}"),
-                    source: Some(e),
-                },
+                managed::PoolError::Backend(e) => {
+                    connect_failure(format!("cannot open a dedicated connection: {e}"), e)
+                }
                 other => Error::Unavailable {
                     message: format!("dedicated connection pool: {other}"),
                     source: None,
@@ -906,6 +931,7 @@ impl Redis {
         // call in flight reports `Error::Timeout`, rightly: its outcome is unknown), but it
         // ends the client's connection, and the next call finds it closed and reconnects.
         let broken = !err.is_timeout()
+            && !crate::error::is_unexpected_reply(&err)
             && (err.is_connection_dropped()
                 || err.is_io_error()
                 || err.is_connection_refusal()

@@ -674,3 +674,66 @@ async fn callers_waiting_for_a_reconnect_share_its_failure() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_whose_caller_stopped_polling_does_not_hold_the_others() {
+    // A caller polls a reconnect once (it takes the slot's lock and starts connecting to a
+    // silent host), then parks its future. Later callers must still get an answer.
+    let mut server = start_local(Vec::new()).await;
+    let port = server.port();
+    let connect = Duration::from_millis(500);
+    let redis = without_retries(port, connect, Duration::from_millis(500)).await;
+    let cache = redis.cache();
+    cache.get::<u32, _>("/parked", &"p").await.unwrap();
+    tokio::task::spawn_blocking(move || {
+        server.kill();
+        server
+    })
+    .await
+    .unwrap();
+    let _silent = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    assert!(cache.get::<u32, _>("/parked", &"p").await.is_err());
+    let mut parked = Box::pin(redis.connection());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), &mut parked)
+            .await
+            .is_err(),
+        "the parked reconnect finished at once"
+    );
+    let next = tokio::time::timeout(Duration::from_secs(5), redis.connection())
+        .await
+        .expect("a caller waited for a reconnect nobody polls");
+    assert!(
+        matches!(next, Err(Error::Unavailable { .. })),
+        "{:?}",
+        next.map(|_| ())
+    );
+    drop(parked);
+}
+
+#[tokio::test]
+async fn a_server_that_refuses_the_login_is_not_retryable() {
+    // A wrong password or a database out of range stays wrong however often one retries.
+    let server = start_local(support::hardened_config_lines()).await;
+    let wrong_password = Config::builder()
+        .port(server.port())
+        .username("app")
+        .password("not-the-password")
+        .build()
+        .unwrap();
+    let err = Redis::connect(wrong_password).await.unwrap_err();
+    assert!(
+        matches!(err, Error::Server(_)) && !err.is_retryable(),
+        "{err:?}"
+    );
+    let no_such_db = app_user(&server).db(99).build().unwrap();
+    let err = Redis::connect(no_such_db).await.unwrap_err();
+    assert!(
+        matches!(err, Error::Server(_)) && !err.is_retryable(),
+        "{err:?}"
+    );
+    let redis = Redis::connect(app_user(&server).build().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(set_then_get(&redis, "refused:ok", "1").await, "1");
+}
