@@ -1108,6 +1108,29 @@ aether_redis::contract_tests! {
         assert_eq!(long_runs.load(Ordering::SeqCst), 1, "the long job's lease lapsed under the flood");
     }
 
+    async fn a_worker_told_to_stop_before_its_first_fetch_leases_nothing(redis) {
+        // "Stop fetching": a stop asked for before the worker's first pass must not lease and
+        // start a batch on the way out.
+        let queue = fast(&redis.email_queue().unwrap());
+        let ids: Vec<String> = (0..20).map(|i| format!("s{i:02}")).collect();
+        queue.enqueue_bulk(ids.iter().map(|id| job(id, Priority::Normal)).collect()).await.unwrap();
+        let started = Arc::new(AtomicUsize::new(0));
+        let s = started.clone();
+        let report = queue
+            .worker(handler_fn(move |_job| {
+                s.fetch_add(1, Ordering::SeqCst);
+                async { Ok(()) }
+            }))
+            .with_options(worker_options(8))
+            .unwrap()
+            .run_until(std::future::ready(()))
+            .await
+            .unwrap();
+        assert_eq!((started.load(Ordering::SeqCst), report.completed, report.released), (0, 0, 0));
+        let (waiting, active, ..) = counts(&queue).await;
+        assert_eq!((waiting, active), (20, 0));
+    }
+
     async fn graceful_shutdown_loses_nothing(redis) {
         let queue = fast(&redis.email_queue().unwrap());
         let ids: Vec<String> = (0..20).map(|i| format!("g{i:02}")).collect();

@@ -409,6 +409,18 @@ impl Worker {
                 tokio::task::yield_now().await;
                 yielded = true;
             }
+            // A shutdown asked for since the last pass stops this pass's fetch: the select
+            // below sees it only after the call, which would lease and start a batch first.
+            if !stopping {
+                tokio::select! {
+                    biased;
+                    () = &mut shutdown => {
+                        stopping = true;
+                        stop_deadline = Some(Instant::now() + self.options.shutdown_timeout);
+                    }
+                    () = std::future::ready(()) => {}
+                }
+            }
             if stopping {
                 // Last fetched first: each release goes to the head of its list, so the first
                 // fetched ends up first again.
