@@ -2263,6 +2263,49 @@ async fn one_work_call_pops_a_bounded_number_of_jobs_that_it_cannot_lease() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn burials_after_the_last_maintenance_are_trimmed_when_the_worker_stops() {
+    // The worker's first call maintains; expired jobs pushed right after it are buried by the
+    // next call, which (within the 50 ms maintenance interval) does not trim. The stopping
+    // worker must trim once more, so the dead set is within its bound when it stops.
+    let (_server, redis) = own_server().await;
+    let mut options = QueueOptions::default();
+    options.dead_retention = Retention::new(10, Duration::from_secs(3600));
+    let queue = redis.email_queue().unwrap().with_options(options).unwrap();
+    let mut conn = redis.connection().await.unwrap();
+    let before = support::command_stat(&mut conn, "evalsha", "calls").await;
+    let (handled, worker) = recording_worker(&queue, 4);
+    let started = std::time::Instant::now();
+    while support::command_stat(&mut conn, "evalsha", "calls").await == before {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the worker made no call"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let stale: Vec<String> = (0..50)
+        .map(|i| documented_json(&format!("old-{i}"), "normal", 1))
+        .collect();
+    let _: () = redis::cmd("LPUSH")
+        .arg(queue.list_key(Priority::Normal))
+        .arg(&stale)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    wait_stats(&queue, "the burials", Duration::from_secs(10), |s| {
+        s.waiting() == 0
+    })
+    .await;
+    worker.shutdown().await.unwrap();
+    assert!(handled.lock().unwrap().is_empty());
+    let dead: u64 = redis::cmd("ZCARD")
+        .arg(queue.dead_key())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(dead <= 10, "{dead} dead jobs kept with a bound of 10");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copies_buried_in_one_call_cost_one_lookup_each_and_garbage_keeps_one_entry() {
     // A broken producer pushes one dead job's id 300 more times, long expired, and the same
     // garbage 300 times. The copies of the id each keep an entry (`#again-..`), found without

@@ -335,7 +335,7 @@ impl Worker {
     /// the next ones; at most every 50 ms it also recovers expired leases, promotes due jobs
     /// and trims retention), one lease-extension script per third of the visibility timeout
     /// while jobs run, none while idle except the backed-off polls, and one last trim when a
-    /// stopping worker settled jobs since the last one, and after a fetching call failed in a
+    /// stopping worker settled or fetched (which may bury) since the last one, and after a fetching call failed in a
     /// way that leaves its outcome unknown, one script that puts back the jobs it may have
     /// leased. With [`WorkerOptions::prefetch`] and [`WorkerOptions::linger`] a batch may hold
     /// more jobs than free slots.
@@ -372,7 +372,7 @@ impl Worker {
         let mut maintained_at: Option<Instant> = None;
         let linger = self.options.linger;
         let mut fetch_not_before: Option<Instant> = None;
-        // Whether settlements landed after the last maintenance: a stopping worker then trims
+        // Whether settlements or burials landed after the last maintenance: a stopping worker then trims
         // once more, so retention is back within its bounds when the last worker stops.
         let mut settled_unmaintained = false;
         // Whether this worker's last pick was an aged one: the next call then starts with a job
@@ -483,7 +483,9 @@ impl Worker {
                         if maintain {
                             maintained_at = Some(Instant::now());
                             settled_unmaintained = false;
-                        } else if !pending.is_empty() {
+                        } else if !pending.is_empty() || fetch > 0 {
+                            // A fetch buries what it cannot lease (expired, duplicate,
+                            // malformed): the dead set grows without settlements too.
                             settled_unmaintained = true;
                         }
                         report.lost_leases += settled.iter().filter(|ok| !**ok).count() as u64;
