@@ -1295,6 +1295,81 @@ impl Batch for EmailQueue {
 mod tests {
     use super::*;
 
+    /// One work call taking `k` jobs leases exactly what `k` calls taking one job each would,
+    /// aging included (the flag carried from call to call too), over random queue states.
+    #[cfg(feature = "testkit")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_fetch_takes_what_single_fetches_take_with_aging() {
+        let redis = crate::testkit::redis_for(
+            crate::testkit::TestTopology::Standalone,
+            "email_queue::batch_matches_single",
+        )
+        .await;
+        let mut options = QueueOptions::default();
+        options.aging = Some(Duration::from_secs(300));
+        let now = crate::codec::now_millis();
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move |n: u64| {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (seed >> 33) % n
+        };
+        // The first state is one where a list emptied during the call made an aged head's list
+        // the strict one; the rest are random.
+        let mut states: Vec<(Vec<Vec<i64>>, bool, usize)> =
+            vec![(vec![vec![0], vec![15], vec![10]], true, 3)];
+        for _ in 0..150 {
+            let lists = (0..3)
+                .map(|_| {
+                    (0..next(4))
+                        .map(|_| [0, 6, 10, 15, 20][next(5) as usize])
+                        .collect()
+                })
+                .collect();
+            states.push((lists, next(2) == 1, 1 + next(6) as usize));
+        }
+        let mut conn = redis.connection().await.unwrap();
+        for (trial, (lists, aged_before, k)) in states.iter().enumerate() {
+            let mut taken = Vec::new();
+            for (side, name) in ["batch", "single"].iter().enumerate() {
+                let queue = redis
+                    .email_queue_named(&format!("t{trial}{name}"))
+                    .unwrap()
+                    .with_options(options.clone())
+                    .unwrap();
+                for (list, minutes) in lists.iter().enumerate() {
+                    for (n, age) in minutes.iter().enumerate() {
+                        let priority = [Priority::High, Priority::Normal, Priority::Low][list];
+                        let json = format!(
+                            r#"{{"id":"j{list}-{n}","to":["a@example.com"],"from":"f@example.com","subject":"s","body":"b","priority":"{}","attempts":0,"scheduledAt":{},"metadata":{{}}}}"#,
+                            priority.as_str(),
+                            now - age * 60_000 - n as i64
+                        );
+                        let _: () = redis::cmd("LPUSH")
+                            .arg(queue.list_key(priority))
+                            .arg(json)
+                            .query_async(&mut conn)
+                            .await
+                            .unwrap();
+                    }
+                }
+                let mut flag = *aged_before;
+                let mut ids = Vec::new();
+                let calls = if side == 0 { vec![*k] } else { vec![1; *k] };
+                for (c, fetch) in calls.into_iter().enumerate() {
+                    let worked = queue
+                        .work(&format!("w.x.{c}"), fetch, false, &[], &mut flag)
+                        .await
+                        .unwrap();
+                    ids.extend(worked.jobs.into_iter().map(|j| j.id));
+                }
+                taken.push((ids, flag));
+            }
+            assert_eq!(taken[0], taken[1], "state {:?}", states[trial]);
+        }
+    }
+
     #[test]
     fn backoff_doubles_and_caps() {
         let o = QueueOptions::default();

@@ -218,10 +218,11 @@ local function variadic(command, key, args)
   end)
 end
 
--- The list whose aged head (see the fetch) waited longest, or nil.
-local function oldest_aged(aged)
+-- The list below list `above` whose aged head (see the fetch) waited longest, or nil; on a tie
+-- the lower list, as the fetch's own check of the heads decides.
+local function oldest_aged(aged, above)
   local pick, pick_at = nil, nil
-  for j = 1, 3 do
+  for j = 3, above + 1, -1 do
     if aged[j] and (pick == nil or aged[j] < pick_at) then
       pick, pick_at = j, aged[j]
     end
@@ -480,6 +481,21 @@ if op == 'work' then
   -- parked instead of leased (expired after an outage, malformed, due later) must not keep one
   -- call popping until the list is empty. Past the budget the call returns what it has and
   -- says that more may be waiting, and the worker calls again at once.
+  -- Reads whether list j's head is aged, unless already known (`aged[j]`: the head's
+  -- `scheduledAt` when it is aged, false when not, nil: not checked).
+  local function check_head(j)
+    if not empty[j] and aged[j] == nil then
+      local head = redis.call('LINDEX', ORDER[j], -1)
+      if head then
+        local job = inspect(head)
+        heads[j] = job or false
+        local at = job and type(job.scheduledAt) == 'number' and job.scheduledAt
+        aged[j] = (at and at > 0 and now - at > aging) and at or false
+      else
+        empty[j] = true
+      end
+    end
+  end
   local fetched, guard, examined = 0, 0, 0
   local budget = 2 * fetch + 100
   while fetched < fetch and guard < budget and examined < budget do
@@ -487,7 +503,30 @@ if op == 'work' then
     local idx, run = nil, nil
     local want = fetch - fetched
     local drained = false
-    local cached = (aged[2] or aged[3]) and oldest_aged(aged)
+    local cached = (aged[2] or aged[3]) and oldest_aged(aged, 0)
+    if cached and not last_aged then
+      -- A call taking one job would serve a head as aged only below the first non-empty list:
+      -- a higher list emptied since the head was checked makes its list the strict one.
+      local top = nil
+      for j = 1, cached - 1 do
+        if not empty[j] then
+          if redis.call('LLEN', ORDER[j]) > 0 then
+            top = j
+            break
+          end
+          empty[j] = true
+        end
+      end
+      if top then
+        -- And it would check every head below that list, not only those checked so far.
+        for j = top + 1, 3 do
+          check_head(j)
+        end
+        cached = oldest_aged(aged, top)
+      else
+        cached = nil
+      end
+    end
     if cached and not last_aged then
       -- An aged head found earlier in this call is due: take it without popping a run. Its
       -- list has not been popped since, so it is still that list's head.
@@ -531,20 +570,9 @@ if op == 'work' then
       end
       drained = #run < want
       if aging > 0 then
-        -- `aged[j]`: the head's `scheduledAt` when it is aged, false when not, nil: not checked.
         local pick, pick_at = nil, nil
         for j = 3, idx + 1, -1 do
-          if not empty[j] and aged[j] == nil then
-            local head = redis.call('LINDEX', ORDER[j], -1)
-            if head then
-              local job = inspect(head)
-              heads[j] = job or false
-              local at = job and type(job.scheduledAt) == 'number' and job.scheduledAt
-              aged[j] = (at and at > 0 and now - at > aging) and at or false
-            else
-              empty[j] = true
-            end
-          end
+          check_head(j)
           if aged[j] and (pick == nil or aged[j] < pick_at) then
             pick, pick_at = j, aged[j]
           end
