@@ -1210,11 +1210,13 @@ aether_redis::contract_tests! {
             format!(r#"{{"id":"escaped-key",{rest},"x \"scheduledAt":{day_ago}}}"#),
             // A space before the colon: present, stale, so expired.
             format!(r#"{{"id":"spaced-colon",{rest},"scheduledAt" : {day_ago}}}"#),
+            // The key spelled with an escape: present to a decoder, stale, so expired.
+            format!(r#"{{"id":"escaped-letter",{rest},"sch\u0065duledAt":{day_ago}}}"#),
         ];
         push_raw(&redis, &queue, Priority::Normal, &payloads).await;
         let (handled, worker) = recording_worker(&queue, 1);
-        wait_stats(&queue, "six handled and two dead", Duration::from_secs(10), |s| {
-            s.completed == 6 && s.dead == 2
+        wait_stats(&queue, "six handled and three dead", Duration::from_secs(10), |s| {
+            s.completed == 6 && s.dead == 3
         })
         .await;
         worker.shutdown().await.unwrap();
@@ -1234,7 +1236,11 @@ aether_redis::contract_tests! {
         dead.sort();
         assert_eq!(
             dead,
-            [("spaced-colon".to_string(), "expired".to_string()), ("stale".into(), "expired".into())]
+            [
+                ("escaped-letter".to_string(), "expired".to_string()),
+                ("spaced-colon".into(), "expired".into()),
+                ("stale".into(), "expired".into())
+            ]
         );
     }
 

@@ -28,7 +28,8 @@ end
 
 -- The top-level `id` and `scheduledAt` of a job without decoding it, when that can be done
 -- exactly: decoding costs more than the rest of a fetch does per job. The payload must start with
--- `{"id":"`, the id must hold no escape, and the string `"id"` must not occur again (a duplicate
+-- `{"id":"`, the id must hold no escape, no `\u0040`..`\u007f` escape may follow it, and the
+-- string `"id"` must not occur again (a duplicate
 -- key, a nested one, or one with a space before its colon leaves the answer to the decoder). A key match comes before any `{` of a nested
 -- object, so it is a top-level key: inside a string every quote is escaped and the plain pattern
 -- cannot match unless preceded by a backslash, and arrays hold no keys. `scheduledAt` must be a
@@ -50,7 +51,9 @@ local function scan(payload)
     return nil
   end
   local close = 8 + #id
-  if string.find(payload, '"id"', close, true) then
+  -- `\u0041`..`\u007a` may spell a letter of a key (`"sch\u0065duledAt"` is `scheduledAt` to a
+  -- decoder): only the decoder reads such a payload. (Serializers escape no ASCII letters.)
+  if string.find(payload, '"id"', close, true) or string.find(payload, '\\u00[4-7]', close) then
     return nil
   end
   local at = nil
