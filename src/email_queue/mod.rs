@@ -304,6 +304,9 @@ pub struct DeadJob {
     /// The stored payload when it does not (a payload that was not UTF-8, stored as `rawHex`,
     /// shown lossily).
     pub raw: Option<String>,
+    /// SHA-1 (hex) of the record as read: a replay moves the entry only while it still holds
+    /// this record, not a later burial under the same dead id.
+    record_sha1: Option<String>,
 }
 
 impl DeadJob {
@@ -493,6 +496,7 @@ fn dead_entry(dead_id: String, value: Value) -> DeadJob {
         priority: Priority::default(),
         job: None,
         raw: Some(raw),
+        record_sha1: None,
     };
     let text = match value {
         Value::BulkString(bytes) => match String::from_utf8(bytes) {
@@ -539,6 +543,7 @@ fn dead_entry(dead_id: String, value: Value) -> DeadJob {
         priority: record.priority.unwrap_or_default(),
         job,
         raw: raw_job,
+        record_sha1: Some(sha1_smol::Sha1::from(text.as_bytes()).digest().to_string()),
     }
 }
 
@@ -952,7 +957,8 @@ impl EmailQueue {
     /// mail twice). Those are skipped, not counted against `limit`. Reads pages of 100 to 1000
     /// entries (fewer when their records pass 8 MiB), each with one script that finds the page after the last entry skipped and
     /// reads it in one step (a `ZMSCORE` follows when a member had no record), then one
-    /// atomic script per 1000 jobs that moves only entries still in the dead set. So
+    /// atomic script per 1000 jobs that moves only entries still in the dead set with the
+    /// record it read (not a later burial under the same dead id). So
     /// concurrent replays never duplicate a job, and together they miss none, whatever
     /// retention trims meanwhile.
     pub async fn replay(&self, limit: usize) -> Result<usize> {
@@ -1041,24 +1047,25 @@ impl EmailQueue {
         let now = now_millis();
         let mut entries = Vec::new();
         for entry in dead {
-            if let Some(mut job) = entry.job {
+            if let (Some(mut job), Some(digest)) = (entry.job, entry.record_sha1) {
                 job.attempts = 0;
                 job.last_error = None;
                 job.scheduled_at = now;
                 job.priority = entry.priority;
                 let payload = crate::codec::to_json("email job", &job)?;
-                entries.push((entry.dead_id, job.id, job.priority, payload));
+                entries.push((entry.dead_id, job.id, job.priority, payload, digest));
             }
         }
         let mut moved = 0;
         for chunk in bulk_chunks(&entries, |entry| entry.3.len()) {
             let mut call = self.call().arg("replay");
-            for (dead_id, id, priority, payload) in chunk {
+            for (dead_id, id, priority, payload, digest) in chunk {
                 call = call
                     .arg(dead_id.as_str())
                     .arg(id.as_str())
                     .arg(priority.as_str())
-                    .arg(payload.as_str());
+                    .arg(payload.as_str())
+                    .arg(digest.as_str());
             }
             let reply = self.inner.redis.eval_script(&SCRIPT, &call).await?;
             moved += self
@@ -1294,6 +1301,65 @@ impl Batch for EmailQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A replay that read a dead entry moves nothing once that entry was replayed by another
+    /// call, ran, and was buried again under the same dead id: the new record stays.
+    #[cfg(feature = "testkit")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stale_replay_leaves_a_later_burial_alone() {
+        let redis = crate::testkit::redis_for(
+            crate::testkit::TestTopology::Standalone,
+            "email_queue::stale_replay",
+        )
+        .await;
+        let queue = redis.email_queue().unwrap();
+        let mut conn = redis.connection().await.unwrap();
+        let record = serde_json::json!({
+            "reason": "failed", "error": "first death", "failedAt": 1, "priority": "normal",
+            "job": {"id": "twice", "to": ["a@example.com"], "from": "f@example.com",
+                "subject": "s", "body": "b", "priority": "normal", "attempts": 3,
+                "scheduledAt": 1, "metadata": {}},
+        });
+        let bury = |record: String| {
+            let mut pipe = redis::pipe();
+            pipe.cmd("ZADD")
+                .arg(queue.dead_key())
+                .arg(1)
+                .arg("twice")
+                .ignore();
+            pipe.cmd("HSET")
+                .arg(&queue.inner.keys[K_DEAD_JOBS])
+                .arg("twice")
+                .arg(record)
+                .ignore();
+            pipe
+        };
+        let _: () = bury(record.to_string())
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let stale = queue.dead_jobs(10).await.unwrap();
+        assert_eq!(stale.len(), 1);
+        // Meanwhile another replay moved it, it ran and died again with another error.
+        assert!(queue.replay_one("twice").await.unwrap());
+        let _: () = redis::cmd("DEL")
+            .arg(queue.list_key(Priority::Normal))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let mut again = record.clone();
+        again["error"] = serde_json::json!("second death");
+        let _: () = bury(again.to_string())
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(queue.replay_entries(stale).await.unwrap(), 0);
+        let dead = queue.dead_jobs(10).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].error, "second death");
+        assert_eq!(queue.stats().await.unwrap().waiting(), 0);
+        assert_eq!(queue.replay(10).await.unwrap(), 1, "the new burial replays");
+    }
 
     /// One work call taking `k` jobs leases exactly what `k` calls taking one job each would,
     /// aging included (the flag carried from call to call too), over random queue states.

@@ -701,13 +701,16 @@ if op == 'extend' then
 end
 
 if op == 'replay' then
-  -- ARGV: op, then (dead id, job id, priority, payload). Reply: 1 replayed / 0 gone, per job.
+  -- ARGV: op, then (dead id, job id, priority, payload, SHA-1 of the record read). Reply:
+  -- 1 replayed / 0 gone, per job. An entry whose record changed since it was read (replayed by
+  -- another call, run and buried again under the same dead id) is another burial: it stays.
   local out = {}
-  for i = 2, #ARGV, 4 do
+  for i = 2, #ARGV, 5 do
     local did, id, prio, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
     local list = list_of(prio)
     if type(list) == 'table' then return list end
-    if redis.call('ZREM', DEAD, did) == 1 then
+    local rec = redis.call('HGET', DEADJOBS, did)
+    if rec and redis.sha1hex(rec) == ARGV[i + 4] and redis.call('ZREM', DEAD, did) == 1 then
       redis.call('HDEL', DEADJOBS, did)
       redis.call('HDEL', DELIV, id)
       redis.call('SADD', IDS, id)
