@@ -1371,8 +1371,10 @@ mod tests {
             "email_queue::batch_matches_single",
         )
         .await;
-        let mut options = QueueOptions::default();
-        options.aging = Some(Duration::from_secs(300));
+        let options = QueueOptions {
+            aging: Some(Duration::from_secs(300)),
+            ..QueueOptions::default()
+        };
         let now = crate::codec::now_millis();
         let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
         let mut next = move |n: u64| {
