@@ -1244,6 +1244,28 @@ aether_redis::contract_tests! {
         );
     }
 
+    async fn a_pushed_job_nested_to_the_decoders_limit_stays_replayable_when_it_dies(redis) {
+        // Embedded in its dead record, the job would be one level past what decoders read.
+        let queue = fast(&redis.email_queue().unwrap());
+        let payload = |levels: usize| {
+            format!(
+                r#"{{"id":"deep","to":["a@example.com"],"from":"f@example.com","subject":"s","body":"b","priority":"normal","attempts":0,"scheduledAt":{},"metadata":{{"x":{}1{}}}}}"#,
+                now_ms(),
+                "[".repeat(levels),
+                "]".repeat(levels)
+            )
+        };
+        let deepest = (1..200).take_while(|&n| serde_json::from_str::<EmailJob>(&payload(n)).is_ok()).last().unwrap();
+        push_raw(&redis, &queue, Priority::Normal, [payload(deepest)]).await;
+        let worker = spawn_worker(&queue, 1, |_job| async { Err(JobError::permanent("550")) });
+        wait_stats(&queue, "the burial", Duration::from_secs(10), |s| s.dead == 1).await;
+        worker.shutdown().await.unwrap();
+        let dead = queue.dead_jobs(1).await.unwrap();
+        assert_eq!(dead[0].reason, "permanent", "{:?}", dead[0].error);
+        assert!(dead[0].is_replayable());
+        assert!(queue.replay_one("deep").await.unwrap());
+    }
+
     async fn a_pushed_job_due_more_than_a_year_ahead_is_buried_not_parked(redis) {
         // Microseconds taken for ms: parked in the schedule it would wait for centuries,
         // invisible to the job TTL.

@@ -401,7 +401,7 @@ impl EmailJob {
 
 /// Levels of arrays and objects in `value` (0 for a scalar). Iterative: the value may be deeper
 /// than the stack allows recursion.
-fn depth(value: &serde_json::Value) -> usize {
+pub(crate) fn depth(value: &serde_json::Value) -> usize {
     let mut deepest = 0;
     let mut stack = vec![(value, 0usize)];
     while let Some((v, level)) = stack.pop() {

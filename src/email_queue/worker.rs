@@ -12,6 +12,10 @@ use tokio::time::Instant;
 
 use super::{EmailJob, EmailQueue, Fetched, PAYLOAD_VERSION, Settle, Worked, bounded};
 use crate::codec::now_millis;
+
+/// Jobs nested this deep are kept in a dead record as text, not embedded (see `settlement`):
+/// the record's decoders stop at 128 levels.
+const DEEPEST_EMBEDDED_JOB: usize = 120;
 use crate::error::{Error, Result};
 use crate::keyspace::validate_key_part;
 
@@ -760,8 +764,16 @@ impl Worker {
                 record: serde_json::Value::Object(record).to_string(),
             }
         };
+        // A pushed job may be nested up to the decoder's limit (128 levels): embedded in the
+        // record it would be one level deeper, and the record unreadable. Such a job is kept as
+        // its text (`raw`), which readers decode on its own.
         let as_value = |job: &EmailJob| {
-            Stored::Job(serde_json::to_value(job).unwrap_or(serde_json::Value::Null))
+            let value = serde_json::to_value(job).unwrap_or(serde_json::Value::Null);
+            if super::job::depth(&value) >= DEEPEST_EMBEDDED_JOB {
+                Stored::Raw(Ok(value.to_string()))
+            } else {
+                Stored::Job(value)
+            }
         };
         let mut job = match (job, outcome) {
             (Err((raw, priority)), Outcome::Malformed(reason)) => {
