@@ -111,6 +111,27 @@ pub mod fields {
     ];
 }
 
+/// A stored time in ms as the access scripts read it: an optional sign and digits, 17
+/// characters at most (a JSON number below 2^53 in the JSON layout). What they refuse, the
+/// decoder refuses too, so a session is never read as live while its TTL stops sliding.
+fn millis_text(text: &str) -> Option<i64> {
+    let digits = text.strip_prefix(['+', '-']).unwrap_or(text);
+    if text.len() > 17 || digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
+fn stored_millis(key: &str, field: &'static str, text: &str) -> Result<i64> {
+    millis_text(text).ok_or_else(|| {
+        Error::decode(
+            key,
+            Some(field),
+            "expected milliseconds since the Unix epoch as an integer of at most 17 characters",
+        )
+    })
+}
+
 /// The Lua scripts behind `get`, `touch` and `update`, public so that services in other
 /// languages can run the very same code on the shared data (see `docs/keyspace.md`).
 pub mod lua {
@@ -435,8 +456,13 @@ impl Session {
                 format!("{role:?} is not one of admin, user, moderator"),
             )
         })?;
-        let created_at = h.parse(fields::CREATED_AT)?;
-        let last_access_at = h.parse(fields::LAST_ACCESS_AT)?;
+        let created_at =
+            stored_millis(h.key(), fields::CREATED_AT, h.required(fields::CREATED_AT)?)?;
+        let last_access_at = stored_millis(
+            h.key(),
+            fields::LAST_ACCESS_AT,
+            h.required(fields::LAST_ACCESS_AT)?,
+        )?;
         let permissions = h.json(fields::PERMISSIONS)?.unwrap_or_default();
         let user_id = h.take_required(fields::USER_ID)?;
         let email = h.take_required(fields::EMAIL)?;
@@ -476,12 +502,16 @@ impl Session {
             match m.get(field) {
                 // An integral value written with an exponent or a fraction (`1.7e12`) is the
                 // same time, and the access script takes it as one.
-                Some(Json::Number(n)) => n.as_i64().or_else(|| {
-                    n.as_f64()
-                        .filter(|f| f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0)
-                        .map(|f| f as i64)
-                }),
-                Some(Json::String(s)) => s.parse().ok(),
+                Some(Json::Number(n)) => {
+                    n.as_i64()
+                        .filter(|i| i.unsigned_abs() < 1 << 53)
+                        .or_else(|| {
+                            n.as_f64()
+                                .filter(|f| f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0)
+                                .map(|f| f as i64)
+                        })
+                }
+                Some(Json::String(s)) => millis_text(s),
                 None => return Err(Error::decode(key, Some(field), "missing")),
                 _ => None,
             }
@@ -1553,6 +1583,16 @@ impl SessionStore {
             Value::Nil => Ok(None),
             Value::Array(mut items) if items.len() == 2 => {
                 let stored = items.pop().unwrap_or(Value::Nil);
+                if items.first() == Some(&Value::Int(0)) {
+                    // The script wrote nothing: it cannot read `createdAt` (the decoder agrees,
+                    // but a reply must never pass for an access that slid the TTL).
+                    self.decode_stored(id, key, stored)?;
+                    return Err(Error::decode(
+                        key,
+                        Some(fields::CREATED_AT),
+                        "missing or not an integer of at most 17 characters",
+                    ));
+                }
                 match self.decode_stored(id, key, stored)? {
                     Some(s) => Ok(Some(s)),
                     None => Err(Error::decode(key, None, "empty session record")),

@@ -650,7 +650,7 @@ aether_redis::contract_tests! {
         let mut conn = raw(&redis).await;
         let hash = redis.sessions();
         let now = aether_redis::codec::now_millis();
-        for created in ["1.7e12", "1700000000000.5", "nan", "inf", "0x10", " 17", "99999999999999999999"] {
+        for created in ["1.7e12", "1700000000000.5", "nan", "inf", "0x10", " 17", "99999999999999999999", "100000000000000000", "+"] {
             let id = SessionId::generate().unwrap();
             let key = hash.key(&id);
             let _: () = redis::cmd("HSET").arg(&key)
@@ -680,7 +680,7 @@ aether_redis::contract_tests! {
         let got = json.get(&id).await.unwrap().unwrap();
         assert_eq!(got.created_at, now / 1000 * 1000);
         assert!(pttl(&redis, &key).await > 30_000, "an accepted session's TTL slides");
-        for created in ["1700000000000.5", "\"1.7e12\""] {
+        for created in ["1700000000000.5", "\"1.7e12\"", "9007199254740993", "\"100000000000000000\""] {
             let id = SessionId::generate().unwrap();
             let key = json.key(&id);
             let _: () = redis::cmd("SET").arg(&key).arg(doc(created)).arg("EX").arg(30).query_async(&mut conn).await.unwrap();
