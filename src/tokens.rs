@@ -51,6 +51,10 @@ pub const DEFAULT_MAX_2FA_ATTEMPTS: u32 = 5;
 /// one is garbled state and burns the code), so a larger cap would burn every code, the right
 /// one included.
 pub const MAX_2FA_ATTEMPTS: u32 = 999_999_999;
+
+/// A subject's token index is pruned of gone tokens when an issue brings it to this many
+/// members, and again at each power of two beyond.
+const PRUNE_INDEX_FROM: i64 = 16;
 /// Longest accepted token string on redeem, in bytes (ours are 43).
 const MAX_PRESENTED_TOKEN_LEN: usize = 512;
 /// The key part under which a subject's index of outstanding link tokens lives.
@@ -444,9 +448,11 @@ impl OneTimeTokens {
     /// issuedAt) and adds the hash to the subject's index `<purpose>:user:<subject>` (a set
     /// whose TTL is reset to the full token TTL, so it outlives every member).
     ///
-    /// Two round trips: `SET .. NX PX`, then `MULTI SADD PEXPIRE EXEC` on the index (with
-    /// `revoke_previous`: `MULTI SMEMBERS SADD PEXPIRE EXEC`, then a `DEL` per previous token
-    /// (pipelined) and one `SREM` of their hashes, four in all). The token key and the index live
+    /// Two round trips: `SET .. NX PX`, then `MULTI SADD PEXPIRE SCARD EXEC` on the index (with
+    /// `revoke_previous`: `MULTI SMEMBERS SADD PEXPIRE SCARD EXEC`, then a `DEL` per previous
+    /// token (pipelined) and one `SREM` of their hashes, four in all). When the index reaches
+    /// 16, 32, 64, .. members, three more drop the hashes of tokens already gone (`SMEMBERS`,
+    /// an `EXISTS` per token, `SREM`), so redeemed tokens do not pile up in it. The token key and the index live
     /// in different Cluster slots, so the steps are not one transaction; the token is written
     /// first, so every token is indexed by the time `issue` returns, and under concurrent revoking
     /// issues for one subject exactly the token indexed last survives. A previous token leaves the
@@ -500,14 +506,26 @@ impl OneTimeTokens {
         }
         pipe.cmd("SADD").arg(&index).arg(&token_hash).ignore();
         pipe.cmd("PEXPIRE").arg(&index).arg(ttl).ignore();
+        pipe.cmd("SCARD").arg(&index);
         let reply = self.redis.query_pipe("tokens.issue", &pipe).await?;
+        let mut replies = reply
+            .ok_or_else(|| Error::decode(&index, None, "empty transaction reply"))?
+            .into_iter();
         if options.revoke_previous {
-            let members = reply
-                .and_then(|v| v.into_iter().next())
+            let members = replies
+                .next()
                 .ok_or_else(|| Error::decode(&index, None, "empty transaction reply"))?;
             let mut previous = text_list(&index, members)?;
             previous.retain(|h| *h != token_hash);
             self.delete_then_unindex(purpose, &index, &previous).await?;
+        } else {
+            let size = codec::int(&index, replies.next().unwrap_or(Value::Nil))?;
+            // Redeemed and expired tokens stay in the index (`redeem` and `revoke` do not know
+            // the subject's index, or it lives in another slot); pruning at each power of two
+            // keeps the set within twice the live tokens at a constant cost per issue.
+            if size >= PRUNE_INDEX_FROM && size.count_ones() == 1 {
+                self.prune_index(purpose, &index).await?;
+            }
         }
         Ok(LinkToken {
             token: Secret(token),
@@ -519,7 +537,7 @@ impl OneTimeTokens {
     /// Redeems a link token: atomic and single-use (`GETDEL`, one round trip), so of any
     /// number of concurrent redemptions exactly one gets the payload. `None` when the token is
     /// unknown, expired, revoked or already redeemed. The subject's index keeps the stale hash
-    /// until it expires; it is never used to find a token.
+    /// until it expires or a later issue prunes it; it is never used to find a token.
     #[tracing::instrument(name = "tokens.redeem", skip_all)]
     pub async fn redeem(&self, purpose: LinkPurpose, token: &str) -> Result<Option<Redeemed>> {
         check_presented_token(token)?;
@@ -579,6 +597,38 @@ impl OneTimeTokens {
     /// hash stays indexed until its token is gone, so an interrupted revocation is found again by
     /// the next one; a hash left behind by a failed `SREM` names a deleted token, which the index
     /// tolerates anyway.
+    /// Drops from `index` the hashes whose tokens are gone (redeemed, revoked, expired). A
+    /// token is written before it is indexed, so a member being issued is never dropped.
+    /// Three round trips: `SMEMBERS`, `EXISTS` per token (pipelined), `SREM`.
+    async fn prune_index(&self, purpose: LinkPurpose, index: &str) -> Result<()> {
+        let members = self
+            .redis
+            .query("tokens.prune", redis::cmd("SMEMBERS").arg(index))
+            .await?;
+        let hashes = text_list(index, members)?;
+        let exists = hashes
+            .iter()
+            .map(|h| {
+                let mut cmd = redis::cmd("EXISTS");
+                cmd.arg(self.link_key(purpose, h));
+                cmd
+            })
+            .collect();
+        let replies = self.redis.query_per_key("tokens.prune", exists).await?;
+        let gone: Vec<&String> = hashes
+            .iter()
+            .zip(&replies)
+            .filter(|(_, r)| **r == Value::Int(0))
+            .map(|(h, _)| h)
+            .collect();
+        if !gone.is_empty() {
+            self.redis
+                .query("tokens.prune", redis::cmd("SREM").arg(index).arg(&gone))
+                .await?;
+        }
+        Ok(())
+    }
+
     async fn delete_then_unindex(
         &self,
         purpose: LinkPurpose,

@@ -227,6 +227,24 @@ aether_redis::contract_tests! {
         assert_eq!(tokens.verify_2fa("u-garbled", &right).await.unwrap(), TwoFactorOutcome::Valid);
     }
 
+    async fn redeemed_tokens_do_not_pile_up_in_the_subjects_index(redis) {
+        // A reset link requested and used (or left to expire) again and again: the index keeps
+        // at most about twice the live tokens.
+        let tokens = redis.tokens();
+        let live = tokens.issue(LinkPurpose::EmailVerify, "u-churn", &json!({})).await.unwrap();
+        for _ in 0..100 {
+            let t = tokens.issue(LinkPurpose::EmailVerify, "u-churn", &json!({})).await.unwrap();
+            assert!(tokens.redeem(LinkPurpose::EmailVerify, t.token.expose()).await.unwrap().is_some());
+        }
+        let index = redis.keys().key(Keyspace::EmailVerify, &["user", "u-churn"]).unwrap();
+        let size: u64 = query(&redis, redis::cmd("SCARD").arg(&index)).await;
+        assert!(size <= 32, "{size} hashes indexed for 1 live token");
+        let pending = tokens.pending(LinkPurpose::EmailVerify, "u-churn").await.unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].token_hash, live.token_hash);
+        assert_eq!(tokens.revoke_all(LinkPurpose::EmailVerify, "u-churn").await.unwrap(), 1);
+    }
+
     async fn the_largest_two_factor_cap_still_accepts_the_right_code(redis) {
         // A cap the verify script cannot read back would burn every code, the right one too.
         assert!(matches!(
