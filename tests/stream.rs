@@ -689,6 +689,63 @@ aether_redis::contract_tests! {
         assert_eq!(streams.group_info("shutdown", "workers").await.unwrap().unwrap().pending, 0);
     }
 
+    async fn a_group_that_vanishes_under_a_running_consumer_is_re_created_without_loss(redis) {
+        // `webhook_workers` starts at new messages (`$`): re-created there, it would skip what
+        // was published while it was gone.
+        let streams = redis.streams();
+        let producer = streams.producer::<Job>("vanishing").unwrap();
+        let key = streams.keys("vanishing").unwrap().stream().to_owned();
+        let group = aether_redis::stream::WEBHOOK_WORKERS;
+        let seen = Seen::default();
+        let s = seen.clone();
+        let running = streams
+            .consumer::<Job>("vanishing", group, fast())
+            .unwrap()
+            .spawn(move |msg: StreamMessage<Job>| {
+                let s = s.clone();
+                async move { s.record(&msg); Ok::<_, std::io::Error>(()) }
+            });
+        let group_exists = || async { streams.group_info("vanishing", group).await.unwrap().is_some() };
+        let started = Instant::now();
+        while !group_exists().await {
+            assert!(started.elapsed() < Duration::from_secs(5), "the group was never created");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let handled = |n: i64| seen.0.lock().unwrap().values().any(|v| v.1 == n);
+        // The stream deleted and re-created by a producer's XADD in one step, the group gone
+        // with it: first before this consumer read anything, then after it has.
+        for n in [1, 2] {
+            let mut tx = redis::pipe();
+            tx.atomic()
+                .cmd("DEL").arg(&key).ignore()
+                .cmd("XADD").arg(&key).arg("*").arg("payload").arg(format!("{{\"n\":{n}}}")).ignore();
+            let mut conn = redis.connection().await.unwrap();
+            let () = tx.query_async(&mut conn).await.unwrap();
+            wait_for("the message published as the stream was re-created", Duration::from_secs(5), || handled(n)).await;
+        }
+        // The group destroyed on the live stream, a message published before it is back.
+        let mut tx = redis::pipe();
+        tx.atomic()
+            .cmd("XGROUP").arg("DESTROY").arg(&key).arg(group).ignore()
+            .cmd("XADD").arg(&key).arg("*").arg("payload").arg("{\"n\":3}").ignore();
+        let mut conn = redis.connection().await.unwrap();
+        let () = tx.query_async(&mut conn).await.unwrap();
+        wait_for("the message published while the group was gone", Duration::from_secs(5), || handled(3)).await;
+        // Deleted with nothing to re-create it: the consumer does (MKSTREAM), after its last read.
+        raw(&redis, redis::cmd("DEL").arg(&key)).await;
+        let started = Instant::now();
+        while !group_exists().await {
+            assert!(started.elapsed() < Duration::from_secs(5), "the group was never re-created");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        producer.publish(&Job { n: 4 }).await.unwrap();
+        wait_for("a message published after the re-creation", Duration::from_secs(5), || handled(4)).await;
+        let metrics = running.shutdown().await.unwrap();
+        assert_eq!((seen.distinct(), seen.max_runs()), (4, 1), "each message handled once");
+        assert_eq!(metrics.processed, 4);
+        assert_eq!(streams.group_info("vanishing", group).await.unwrap().unwrap().pending, 0);
+    }
+
     async fn idle_consumers_without_pending_entries_are_removed(redis) {
         let streams = redis.streams();
         let producer = streams.producer::<Job>("members").unwrap();

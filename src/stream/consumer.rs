@@ -20,7 +20,7 @@ use super::reply::{self, RawEntry};
 use super::{
     DEFAULT_DEAD_LETTER_RETENTION, DEFAULT_IDEMPOTENCY_TTL, DeadLetterCall, DeadLettered,
     FIELD_IDEMPOTENCY_KEY, FIELD_PAYLOAD, FIELD_REPLAY_OF, StartFrom, StreamKeys, create_group,
-    dead_letter_message, is_server_code, millis, remove_idle_consumers,
+    create_group_at, dead_letter_message, is_server_code, millis, remove_idle_consumers,
 };
 use crate::codec::{from_json, int};
 use crate::error::{Error, Result};
@@ -398,6 +398,14 @@ impl Counters {
 /// worker goes on. An entry that cannot be decoded (its payload, or a field name that is not
 /// UTF-8) is a failed delivery like a handler error: retried, then dead-lettered with the
 /// reason as its error; the other entries of its batch are handled.
+///
+/// A group that vanishes while the consumer runs (its stream deleted, perhaps re-created by a
+/// producer's `XADD`, or the group destroyed) is created again on the next `NOGROUP` reply, by
+/// one `XGROUP CREATE .. MKSTREAM` at the highest entry id this consumer's `XREADGROUP .. >`
+/// returned, or at `0` when it has read nothing: never at `$` (whatever [`StartFrom`] says),
+/// so nothing published meanwhile is skipped. After an `XGROUP DESTROY` of a live stream,
+/// messages past that id that other consumers of the group had read are delivered again
+/// (duplicates rather than loss), and acks of messages read before find nothing to ack.
 pub struct StreamConsumer<T> {
     redis: Redis,
     keys: StreamKeys,
@@ -619,6 +627,7 @@ impl<T: DeserializeOwned + Send + 'static> StreamConsumer<T> {
             next_claim: Instant::now(),
             next_cleanup: later(self.options.claim_every().saturating_mul(10)),
             failures: 0,
+            last_read: None,
         };
         let mut shutdown: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(shutdown);
         loop {
@@ -1236,6 +1245,15 @@ struct LoopState<T, H> {
     next_claim: Instant,
     next_cleanup: Instant,
     failures: u32,
+    /// The highest entry id an `XREADGROUP .. >` of this consumer returned: where a group that
+    /// vanished (its stream deleted, or `XGROUP DESTROY`) is created again.
+    last_read: Option<(u64, u64)>,
+}
+
+/// The `(ms, seq)` of an entry id `<ms>-<seq>`, for ordering; `None` if it is not one.
+fn entry_id(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
 }
 
 impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> LoopState<T, H> {
@@ -1279,13 +1297,27 @@ impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> LoopState<T, H> 
                 tracing::warn!(stream = self.ctx.keys.stream(), group = self.ctx.group, error = %e,
                     "stream consumer error; retrying");
                 if is_server_code(&e, "NOGROUP") {
-                    let start = self
-                        .ctx
-                        .options
-                        .start
-                        .unwrap_or_else(|| StartFrom::default_for(&self.ctx.group));
-                    let _ =
-                        create_group(&self.ctx.redis, &self.ctx.keys, &self.ctx.group, start).await;
+                    // The group vanished under this consumer (its stream deleted and perhaps
+                    // re-created by a producer, or the group destroyed). Created at `$` it would
+                    // skip what was published meanwhile: it is created where this consumer's
+                    // reads stopped (at `0` before any), so nothing after them is skipped.
+                    let at = self
+                        .last_read
+                        .map_or_else(|| "0".to_owned(), |(ms, seq)| format!("{ms}-{seq}"));
+                    if let Err(e) =
+                        create_group_at(&self.ctx.redis, &self.ctx.keys, &self.ctx.group, &at).await
+                    {
+                        tracing::warn!(stream = self.ctx.keys.stream(), group = self.ctx.group,
+                            error = %e, "re-creating a vanished consumer group failed; retrying");
+                    } else {
+                        tracing::warn!(
+                            stream = self.ctx.keys.stream(),
+                            group = self.ctx.group,
+                            at,
+                            "the consumer group vanished; created again at the last \
+                                 entry this consumer read (0: it had read none)"
+                        );
+                    }
                 }
                 tokio::time::sleep(Duration::from_millis(25 << self.failures)).await;
             }
@@ -1347,6 +1379,10 @@ impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> LoopState<T, H> 
             Ok(Ok(reply)) => reply,
         };
         let entries = reply::read_group(ctx.keys.stream(), reply)?;
+        // Delivered to this consumer now, whatever becomes of them.
+        if let Some(last) = entries.iter().filter_map(|e| entry_id(&e.id)).max() {
+            self.last_read = self.last_read.max(Some(last));
+        }
         let jobs = entries.into_iter().map(|e| (e, 1)).collect::<Vec<_>>();
         self.dispatch(jobs).await
     }

@@ -636,6 +636,18 @@ pub(crate) async fn create_group(
     group: &str,
     start: StartFrom,
 ) -> Result<bool> {
+    create_group_at(redis, keys, group, start.id()).await
+}
+
+/// Creates `group` with `last` as its last delivered id (`XGROUP CREATE <s> <group> <last>
+/// MKSTREAM`): the group is delivered every entry after `last` (`0`: every entry). Returns
+/// `false` when the group already existed (`BUSYGROUP`). One round trip.
+pub(crate) async fn create_group_at(
+    redis: &Redis,
+    keys: &StreamKeys,
+    group: &str,
+    last: &str,
+) -> Result<bool> {
     let result = redis
         .query(
             "XGROUP CREATE",
@@ -643,7 +655,7 @@ pub(crate) async fn create_group(
                 .arg("CREATE")
                 .arg(keys.stream())
                 .arg(group)
-                .arg(start.id())
+                .arg(last)
                 .arg("MKSTREAM"),
         )
         .await;
