@@ -689,6 +689,63 @@ aether_redis::contract_tests! {
         assert_eq!(streams.group_info("shutdown", "workers").await.unwrap().unwrap().pending, 0);
     }
 
+    async fn graceful_shutdown_gives_unstarted_messages_back_without_counting_a_delivery(redis) {
+        // One delivery each: a message queued but never started at shutdown would be
+        // dead-lettered by the next consumer's claim if that delivery counted.
+        let streams = redis.streams();
+        let producer = streams.producer::<Job>("handback").unwrap();
+        let key = streams.keys("handback").unwrap().stream().to_owned();
+        streams.create_group("handback", "workers", StartFrom::Beginning).await.unwrap();
+        producer.publish_many(&(0..60).map(|n| Job { n }).collect::<Vec<_>>()).await.unwrap();
+        let seen = Seen::default();
+        let counts = Arc::new(Mutex::new(Vec::new()));
+        let handler = |s: Seen, counts: Arc<Mutex<Vec<u64>>>| move |msg: StreamMessage<Job>| {
+            let (s, counts) = (s.clone(), counts.clone());
+            async move {
+                tokio::time::sleep(Duration::from_millis(40)).await;
+                counts.lock().unwrap().push(msg.delivery_count);
+                s.record(&msg);
+                Ok::<_, std::io::Error>(())
+            }
+        };
+        let first = streams
+            .consumer::<Job>("handback", "workers", fast().with_batch(20).with_concurrency(4).with_max_retries(1))
+            .unwrap();
+        let first_name = first.name().to_owned();
+        let first = first.spawn(handler(seen.clone(), counts.clone()));
+        wait_for("some progress", Duration::from_secs(10), || first.metrics().processed >= 8).await;
+        let by_first = first.shutdown().await.unwrap();
+        assert_eq!(by_first.processed, seen.runs(), "every finished handler was acked");
+        assert_eq!(by_first.errors, 0);
+        // What the first consumer left pending was never started: given back with no delivery
+        // counted, and idle enough for the next claim.
+        let rows: Vec<PendingRow> = support::query(
+            &redis,
+            redis::cmd("XPENDING").arg(&key).arg("workers").arg("-").arg("+").arg(100),
+        )
+        .await;
+        assert!(!rows.is_empty(), "some queued messages never started");
+        for (id, consumer, idle, deliveries) in &rows {
+            assert_eq!(consumer, &first_name);
+            assert_eq!(*deliveries, 0, "{id} was never handled");
+            assert!(*idle >= 400, "{id} is idle for {idle} ms only");
+        }
+
+        let second = streams
+            .consumer::<Job>("handback", "workers", fast().with_max_retries(1))
+            .unwrap()
+            .spawn(handler(seen.clone(), counts.clone()));
+        wait_for("all 60", Duration::from_secs(15), || seen.distinct() == 60).await;
+        let by_second = second.shutdown().await.unwrap();
+        assert_eq!(seen.max_runs(), 1, "no message handled twice");
+        assert_eq!(by_first.processed + by_second.processed, 60);
+        assert_eq!(by_second.claimed, rows.len() as u64);
+        assert_eq!((by_second.dead_lettered, by_second.already_acked), (0, 0));
+        assert!(counts.lock().unwrap().iter().all(|&n| n == 1), "every handler saw delivery 1");
+        assert!(streams.dead_letters("handback", 100).await.unwrap().is_empty());
+        assert_eq!(streams.group_info("handback", "workers").await.unwrap().unwrap().pending, 0);
+    }
+
     async fn a_group_that_vanishes_under_a_running_consumer_is_re_created_without_loss(redis) {
         // `webhook_workers` starts at new messages (`$`): re-created there, it would skip what
         // was published while it was gone.

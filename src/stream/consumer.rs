@@ -391,6 +391,14 @@ impl Counters {
 ///   dead-lettered. This consumer never dispatches or dead-letters a message it holds.
 /// - **Back-pressure:** while `2 × batch + concurrency` messages or more are held, or an ack
 ///   is being retried, no read or claim pass runs.
+/// - **Shutdown:** one give-back script per 1000 messages read but not started, atomic per
+///   call. For each id still pending for this consumer it reads the delivery count from
+///   `XPENDING <stream> <group> <id> <id> 1 <self>` and sends `XCLAIM <stream> <group> <self> 0
+///   <id> IDLE <claim_min_idle> RETRYCOUNT <count - 1, at least 0> JUSTID`: the delivery whose
+///   handler never ran is not counted (so it never brings a message nearer its dead letter),
+///   and any consumer's next claim takes it at once. An id pending for another consumer is
+///   left alone. If the script fails, the messages stay pending as they are (counted in
+///   `errors`, logged) and their next claim counts one delivery more.
 ///
 /// Handlers run on `concurrency` worker tasks fed from a queue; the next batch is read once
 /// every message of the current one has started, so a crash leaves unstarted at most the rest
@@ -453,9 +461,10 @@ impl ConsumerHandle {
         self.task.is_finished()
     }
 
-    /// Stops reading, waits for the handlers in flight, acks what finished (an ack Redis does
-    /// not confirm is retried for at most 10 s), leaves the rest pending, and returns the final
-    /// counters.
+    /// Stops reading, gives the messages read but not started back to the group (pending,
+    /// without counting their delivery, claimable at once), waits for the handlers in flight,
+    /// acks what finished (an ack Redis does not confirm is retried for at most 10 s), and
+    /// returns the final counters.
     pub async fn shutdown(mut self) -> Result<ConsumerMetrics> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -558,9 +567,9 @@ impl<T: DeserializeOwned + Send + 'static> StreamConsumer<T> {
     }
 
     /// Creates the group if needed (`MKSTREAM`; an existing group is fine), then consumes until
-    /// `shutdown` completes; then stops reading, waits for the handlers in flight, acks what
-    /// finished (retrying a failed ack for at most 10 s), leaves the messages read but not
-    /// started pending for a claim, and returns the counters. Redis errors inside the loop are
+    /// `shutdown` completes; then stops reading, gives the messages read but not started back
+    /// (see *Shutdown* on [`StreamConsumer`]), waits for the handlers in flight, acks what
+    /// finished (retrying a failed ack for at most 10 s), and returns the counters. Redis errors inside the loop are
     /// counted and retried after a pause; only a failure to create the group ends it early.
     pub async fn run<H: StreamHandler<T>>(
         &self,
@@ -641,12 +650,28 @@ impl<T: DeserializeOwned + Send + 'static> StreamConsumer<T> {
         if let Some(conn) = state.conn.take() {
             conn.discard();
         }
-        // Handlers running now finish (and are acked); queued jobs never start and stay
-        // pending, no longer held, so that another consumer can claim them.
+        // Handlers running now finish (and are acked); queued jobs never start: no longer
+        // held, they are given back to the group without the delivery that never ran, idle
+        // enough for another consumer's next claim.
         queue.ready.close();
         let unstarted: Vec<Job> = queue.lock().jobs.drain(..).collect();
         for job in &unstarted {
             held.release(job.ids());
+        }
+        let ids: Vec<&str> = unstarted.iter().flat_map(Job::ids).collect();
+        if !ids.is_empty() {
+            let toucher = Toucher {
+                redis: self.redis.clone(),
+                keys: self.keys.clone(),
+                group: self.group.clone(),
+                name: self.name.clone(),
+            };
+            if let Err(e) = toucher.give_back(&ids, self.options.claim_min_idle).await {
+                Counters::add(&self.counters.errors, 1);
+                tracing::warn!(stream = self.keys.stream(), group = self.group, error = %e,
+                    unstarted = ids.len(), "giving back unstarted messages at shutdown failed; \
+                    they stay pending, and their next claim counts one delivery more");
+            }
         }
         while workers.join_next().await.is_some() {}
         drop(state);
@@ -898,7 +923,34 @@ return {lost, gone, settled}
     )
 });
 
-/// Sends the touch scripts (heartbeat and claim pass).
+// Gives messages a consumer read but never started back to its group at shutdown, as if that
+// delivery had not happened.
+static GIVE_BACK: LazyLock<LuaScript> = LazyLock::new(|| {
+    LuaScript::new(
+        "stream_give_back",
+        r#"
+-- KEYS[1] stream; ARGV[1] group, ARGV[2] consumer, ARGV[3] idle ms, ARGV[4..] ids the consumer
+-- read and never started. Per id still pending for this consumer: XCLAIM .. 0 .. IDLE <idle>
+-- RETRYCOUNT <its delivery count - 1, at least 0> JUSTID (the delivery that never ran is not
+-- counted, and the entry is idle enough for any consumer's claim at once); ids pending for
+-- another consumer, or no longer pending, are left alone. Returns how many were given back.
+local given = 0
+for i = 4, #ARGV do
+  local id = ARGV[i]
+  local row = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1, ARGV[2])[1]
+  if row then
+    local count = math.max(tonumber(row[4]) - 1, 0)
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'IDLE', ARGV[3], 'RETRYCOUNT', count,
+      'JUSTID')
+    given = given + 1
+  end
+end
+return given
+"#,
+    )
+});
+
+/// Sends the touch scripts (heartbeat and claim pass) and the give-back script (shutdown).
 struct Toucher {
     redis: Redis,
     keys: StreamKeys,
@@ -939,6 +991,29 @@ impl Toucher {
             held.mark(chunk, &lost, &gone);
         }
         Ok(())
+    }
+
+    /// One [`GIVE_BACK`] script per [`MAX_IDS`] of `ids` (read by this consumer, never
+    /// started): each id still pending for this consumer gets its delivery count lowered by
+    /// one (the server's count, read in the script) and an idle time of `idle`, so the next
+    /// claim hands it out at once without counting a delivery that never ran. Returns how many
+    /// were given back. Atomic per call.
+    async fn give_back(&self, ids: &[&str], idle: Duration) -> Result<u64> {
+        let stream = self.keys.stream();
+        let mut given = 0;
+        for chunk in ids.chunks(MAX_IDS) {
+            let mut call = ScriptCall::new()
+                .key(stream)
+                .arg(&self.group)
+                .arg(&self.name)
+                .arg(millis(idle));
+            for id in chunk {
+                call = call.arg(*id);
+            }
+            let reply = self.redis.eval_script(&GIVE_BACK, &call).await?;
+            given += u64::try_from(int(stream, reply)?).unwrap_or(0);
+        }
+        Ok(given)
     }
 }
 
