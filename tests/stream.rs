@@ -1719,3 +1719,89 @@ async fn replaying_a_dead_letter_never_trims_the_source_stream() {
         "replay trimmed the stream"
     );
 }
+
+/// With scripting disabled, the script-backed maintenance calls are refused with
+/// `Error::Unsupported` before anything is sent, and replays take the script-free transaction:
+/// each dead letter moved once, with the fields the script would write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_scripting_maintenance_is_refused_and_replays_go_without_scripts() {
+    let server = support::server_without_scripting().await;
+    let config = server
+        .config()
+        .to_builder()
+        .renamed_command("EVAL", "")
+        .renamed_command("EVALSHA", "")
+        .build()
+        .unwrap();
+    let redis = Redis::connect(config).await.unwrap();
+    assert!(!redis.capabilities().scripting);
+    let streams = redis.streams();
+    let keys = streams.keys("plain").unwrap();
+    assert!(
+        streams
+            .create_group("plain", "workers", StartFrom::Beginning)
+            .await
+            .unwrap()
+    );
+    let err = streams
+        .remove_idle_consumers("plain", "workers", Duration::from_millis(1))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Unsupported(_)), "{err:?}");
+    let err = streams
+        .trim_dead_letters("plain", Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Unsupported(_)), "{err:?}");
+
+    let mut dead = Vec::new();
+    for n in 1..=3 {
+        let payload = format!("{{\"n\":{n}}}");
+        let original = format!("{n}-0");
+        dead.push(
+            xadd(
+                &redis,
+                keys.dead(),
+                &[
+                    (b"payload", payload.as_bytes()),
+                    (b"dl:original_id", original.as_bytes()),
+                    (b"dl:delivery_count", b"3"),
+                    (b"dl:error", b"boom"),
+                    (b"dl:group", b"workers"),
+                    (b"dl:consumer", b"c"),
+                    (b"dl:failed_at", b"0"),
+                ],
+            )
+            .await,
+        );
+    }
+    let first = streams
+        .replay_dead_letter("plain", &dead[0])
+        .await
+        .unwrap()
+        .expect("the dead letter is replayed");
+    assert_eq!(
+        streams.replay_dead_letter("plain", &dead[0]).await.unwrap(),
+        None,
+        "a dead letter is moved once"
+    );
+    let rest = streams.replay_dead_letters("plain", 10).await.unwrap();
+    assert_eq!(rest.len(), 2);
+    assert!(streams.dead_letters("plain", 10).await.unwrap().is_empty());
+    let entries: Vec<RawStreamEntry> = support::query(
+        &redis,
+        redis::cmd("XRANGE").arg(keys.stream()).arg("-").arg("+"),
+    )
+    .await;
+    let ids: Vec<&str> = entries.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids, [first.as_str(), rest[0].as_str(), rest[1].as_str()]);
+    for (n, (_, fields)) in (1..=3).zip(&entries) {
+        let expected: HashMap<Vec<u8>, Vec<u8>> = [
+            (b"payload".to_vec(), format!("{{\"n\":{n}}}").into_bytes()),
+            (b"replay_of".to_vec(), format!("{n}-0").into_bytes()),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(fields, &expected);
+    }
+}

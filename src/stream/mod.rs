@@ -496,7 +496,8 @@ impl Streams {
 
     /// Deletes the consumers of `group` idle for at least `min_idle` whose pending list is
     /// empty, and returns their names. Atomic (one script, one round trip): a consumer that
-    /// received entries meanwhile is kept, so no pending entry is ever dropped.
+    /// received entries meanwhile is kept, so no pending entry is ever dropped. Needs Lua
+    /// scripting ([`Error::Unsupported`] otherwise, before anything is sent).
     pub async fn remove_idle_consumers(
         &self,
         name: &str,
@@ -505,6 +506,8 @@ impl Streams {
     ) -> Result<Vec<String>> {
         let keys = self.keys(name)?;
         validate_key_part("consumer group", group)?;
+        self.redis
+            .require_scripting("idle-consumer removal (check and delete in one step)")?;
         remove_idle_consumers(&self.redis, &keys, group, min_idle, "").await
     }
 
@@ -546,8 +549,8 @@ impl Streams {
     /// `replay_of` = its first original id) and removes it from the dead-letter stream.
     /// Atomic (one script, one round trip; an entry of 3,900 fields or more, too wide for a
     /// script, takes a `WATCH` transaction of two more round trips, still moved once by
-    /// concurrent replays). Returns the new id, or `None` when there is no such dead letter
-    /// (already replayed or trimmed).
+    /// concurrent replays). Without Lua scripting every replay takes that transaction. Returns
+    /// the new id, or `None` when there is no such dead letter (already replayed or trimmed).
     ///
     /// The source stream is not trimmed (no `MAXLEN`): a replay adds one entry and never drops
     /// messages that its producers' cap would have kept. The entry's fields whose names start
@@ -568,7 +571,8 @@ impl Streams {
     /// Entries with a [`DeadLetter::problem`] are left where they are (and logged): reading goes
     /// on past them, so they never stop the replay of the dead letters behind them. Round trips:
     /// one `XRANGE` per page of at least 100 entries, one script per replayed dead letter (each
-    /// atomic on its own; a dead letter replayed meanwhile by someone else is skipped).
+    /// atomic on its own; a dead letter replayed meanwhile by someone else is skipped), or
+    /// without Lua scripting one `WATCH` transaction per dead letter, as for wide entries.
     pub async fn replay_dead_letters(&self, name: &str, count: usize) -> Result<Vec<String>> {
         let keys = self.keys(name)?;
         let page = count.clamp(100, 1000);
@@ -844,6 +848,10 @@ async fn dead_letter_unscripted(
 }
 
 async fn replay(redis: &Redis, keys: &StreamKeys, dead_id: &str) -> Result<Option<String>> {
+    // The same moves and result, one `WATCH` transaction instead of a script.
+    if !redis.capabilities().scripting {
+        return replay_unscripted(redis, keys, dead_id).await;
+    }
     let reply = redis
         .eval_script(
             &REPLAY,
