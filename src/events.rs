@@ -530,7 +530,10 @@ impl Events {
     /// Marks the given notifications read (ids not in the list are ignored); returns how many
     /// were newly marked. One round trip, atomic (a Lua script on the list and its read-mark
     /// set, which share a Cluster slot); needs Lua scripting ([`Error::Unsupported`] without
-    /// it).
+    /// it). The script reads the whole list, so its server time grows with the list's bytes:
+    /// about 0.55 ms per MB here (0.55 s for 1000 notifications of the largest size, which a
+    /// cap near 10,000 allows; the server answers nobody else meanwhile). Keep the cap to what
+    /// a user reads.
     #[tracing::instrument(name = "events.mark_read", skip_all)]
     pub async fn mark_read(&self, user_id: &str, ids: &[&str]) -> Result<u64> {
         if ids.is_empty() {

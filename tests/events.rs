@@ -37,6 +37,24 @@ impl Rng {
 }
 
 aether_redis::contract_tests! {
+    async fn read_marks_find_each_notification_by_its_top_level_id(redis) {
+        // Ids are read without decoding where that gives the decoder's answer: an `id` inside
+        // `data`, or a key spelled with escapes by another service, must not fool it.
+        let events = redis.events();
+        let nested = events
+            .push_notification("u-ids", &NewNotification::new("k", "t").data(json!({"id": "inner", "x": "\"id\""})))
+            .await
+            .unwrap();
+        let list_key = redis.keys().key(Keyspace::Notifications, &["u-ids"]).unwrap();
+        let mut conn = redis.connection().await.unwrap();
+        let foreign = r#"{"kind":"k","\u0069d":"escaped","title":"t","body":"b","createdAt":1}"#;
+        let twice = r#"{"id":"first","kind":"k","title":"t","body":"b","createdAt":1,"id":"second"}"#;
+        let _: () = redis::cmd("LPUSH").arg(&list_key).arg(foreign).arg(twice).query_async(&mut conn).await.unwrap();
+        assert_eq!(events.mark_read("u-ids", &["inner", "first"]).await.unwrap(), 0);
+        assert_eq!(events.mark_read("u-ids", &[&nested.id, "escaped", "second"]).await.unwrap(), 3);
+        assert_eq!(events.mark_all_read("u-ids").await.unwrap(), 0);
+    }
+
     async fn notifications_are_newest_first_capped_and_markable(redis) {
         let events = redis.events().with_notification_cap(10).unwrap();
         let mut pushed = Vec::new();
