@@ -672,7 +672,14 @@ impl Redis {
             )));
         }
         let scripts = Scripts::new(&config);
-        let scripting_error = scripts.probe(&mut probe).await.err();
+        // A probe that cannot tell (the server busy, loading or paused for a failover, the
+        // reply late) fails the connect, to be retried: it must not disable scripting for the
+        // handle's lifetime with advice to rename commands.
+        let scripting_error = scripts
+            .probe(&mut probe)
+            .await
+            .map_err(|e| Error::from_redis_within("probing scripting", config.response_timeout, e))?
+            .err();
         // Seeds the estimate that append cutoffs use; without it appends skip their age trim
         // until a lone `TIME` (tried at most once a minute) succeeds, so a refused `TIME` is
         // not an error.

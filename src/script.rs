@@ -230,8 +230,40 @@ impl Scripts {
     }
 
     /// Runs a trivial script through the configured `EVAL` name — the one `NOSCRIPT` recovery
-    /// depends on — and then by SHA; the error says why scripting is unusable.
-    pub(crate) async fn probe(&self, conn: &mut Connection) -> Result<(), String> {
+    /// depends on — and then by SHA. `Ok(Err(why))`: scripting is unusable on this server;
+    /// `Err`: the probe could not tell (a timeout, a broken connection, a busy, loading or
+    /// paused server), and scripting must not be written off for the handle's lifetime.
+    pub(crate) async fn probe(
+        &self,
+        conn: &mut Connection,
+    ) -> redis::RedisResult<Result<(), String>> {
+        let transient = |e: &redis::RedisError| {
+            e.is_timeout()
+                || e.is_io_error()
+                || e.is_connection_dropped()
+                || e.is_connection_refusal()
+                || matches!(
+                    e.kind(),
+                    redis::ErrorKind::Server(
+                        redis::ServerErrorKind::BusyLoading
+                            | redis::ServerErrorKind::TryAgain
+                            | redis::ServerErrorKind::ClusterDown
+                            | redis::ServerErrorKind::MasterDown
+                    )
+                )
+                || e.code() == Some("BUSY")
+        };
+        match self.probe_once(conn).await {
+            Err((e, _)) if transient(&e) => Err(e),
+            Err((_, why)) => Ok(Err(why)),
+            Ok(outcome) => Ok(outcome),
+        }
+    }
+
+    async fn probe_once(
+        &self,
+        conn: &mut Connection,
+    ) -> Result<Result<(), String>, (redis::RedisError, String)> {
         let probe = LuaScript::new("probe", PROBE);
         let call = ScriptCall::new();
         let names = format!(
@@ -240,7 +272,7 @@ impl Scripts {
             self.evalsha.as_deref().unwrap_or("<disabled EVALSHA>"),
         );
         let Some(eval) = &self.eval else {
-            return Err(format!("EVAL is disabled ({names})"));
+            return Ok(Err(format!("EVAL is disabled ({names})")));
         };
         let loaded: redis::RedisResult<Value> = call
             .command(eval, probe.source)
@@ -248,13 +280,19 @@ impl Scripts {
             .await;
         match loaded {
             Ok(Value::Int(1)) => {}
-            Ok(other) => return Err(format!("unexpected probe reply {other:?}")),
-            Err(e) => return Err(format!("running a script with {names} failed: {e}")),
+            Ok(other) => return Ok(Err(format!("unexpected probe reply {other:?}"))),
+            Err(e) => {
+                let why = format!("running a script with {names} failed: {e}");
+                return Err((e, why));
+            }
         }
         match self.run_on(conn, &probe, &call).await {
-            Ok(Value::Int(1)) => Ok(()),
-            Ok(other) => Err(format!("unexpected probe reply {other:?}")),
-            Err(e) => Err(format!("running a script with {names} failed: {e}")),
+            Ok(Value::Int(1)) => Ok(Ok(())),
+            Ok(other) => Ok(Err(format!("unexpected probe reply {other:?}"))),
+            Err(e) => {
+                let why = format!("running a script with {names} failed: {e}");
+                Err((e, why))
+            }
         }
     }
 }

@@ -737,3 +737,31 @@ async fn a_server_that_refuses_the_login_is_not_retryable() {
         .unwrap();
     assert_eq!(set_then_get(&redis, "refused:ok", "1").await, "1");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_server_fails_the_connect_instead_of_disabling_scripting() {
+    // A primary pauses writes during a failover; the scripting probe then gets no answer in
+    // time. That says nothing about scripting: the connect fails, to be retried, rather than
+    // handing out a handle that refuses every script-backed repository for good.
+    let server = start_local(Vec::new()).await;
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}", server.port())).unwrap();
+    let mut side = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1500)
+        .arg("WRITE")
+        .query_async(&mut side)
+        .await
+        .unwrap();
+    let config = Config::builder()
+        .port(server.port())
+        .response_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let err = Redis::connect(config.clone()).await.unwrap_err();
+    assert!(err.is_retryable(), "{err:?}");
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let redis = Redis::connect(config).await.unwrap();
+    assert!(redis.capabilities().scripting, "{:?}", redis.capabilities());
+    redis.require_scripting("the email queue").unwrap();
+}
