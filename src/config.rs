@@ -330,6 +330,10 @@ pub const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// the billions would only exhaust memory building the pool.
 pub const MAX_CONNECTIONS: usize = 10_000;
 
+/// Most retries [`Config::max_retries`] may ask for. Each retry of a call to a silent host can
+/// wait a connect timeout, so a count in the billions would make such a call wait for ever.
+pub const MAX_RETRIES: u32 = 100;
+
 /// Refuses `value` over `max`, naming `variable`.
 fn at_most(variable: &str, value: Duration, max: Duration, shown: &str) -> Result<(), ConfigError> {
     if value > max {
@@ -914,6 +918,13 @@ impl Config {
                 ));
             }
         }
+        if self.max_retries > MAX_RETRIES {
+            return Err(ConfigError::invalid(
+                "REDIS_MAX_RETRIES",
+                self.max_retries.to_string(),
+                format!("must be at most {MAX_RETRIES}"),
+            ));
+        }
         at_most(
             "REDIS_TIMEOUT",
             self.response_timeout,
@@ -1457,6 +1468,7 @@ mod tests {
             ("REDIS_SESSION_MAX_LIFETIME", "315360001"),
             ("REDIS_TIMEOUT", huge.as_str()),
             ("REDIS_CONNECT_TIMEOUT", "31536000001"),
+            ("REDIS_MAX_RETRIES", "4294967295"),
         ] {
             let err = Config::from_lookup(|k| (k == variable).then(|| value.to_owned()))
                 .expect_err(variable);
