@@ -235,6 +235,12 @@ impl UserPreferences {
 
     /// Decodes a stored hash: defaults for missing fields, unknown fields ignored, a known field
     /// that does not decode (or is out of range) is an [`Error::Decode`] naming it.
+    ///
+    /// A group another service stored as one JSON field (`notifications` =
+    /// `{"email":false,..}`, the reference's nested document) is read too: a member counts
+    /// where its dotted field is absent (the dotted field wins), under the same rules, and a
+    /// group that is not a JSON object is an error naming it. A user's opt-out written that way
+    /// is never read as the default.
     pub fn from_fields(fields: &HashFields) -> Result<Self> {
         let mut prefs = UserPreferences::default();
         for name in KNOWN_FIELDS {
@@ -244,6 +250,46 @@ impl UserPreferences {
             let pref = Pref::decode(name, raw)
                 .map_err(|reason| Error::decode(fields.key(), Some(name), reason))?;
             pref.apply(&mut prefs);
+        }
+        for group in ["notifications", "emailSettings", "ui"] {
+            let Some(raw) = fields.get(group) else {
+                continue;
+            };
+            let members: serde_json::Map<String, serde_json::Value> = serde_json::from_str(raw)
+                .map_err(|e| {
+                    Error::decode(
+                        fields.key(),
+                        Some(group),
+                        format!("a group field must be a JSON object: {e}"),
+                    )
+                })?;
+            for (member, value) in &members {
+                let dotted = format!("{group}.{member}");
+                if !KNOWN_FIELDS.contains(&dotted.as_str()) || fields.get(&dotted).is_some() {
+                    continue;
+                }
+                let text = match value {
+                    serde_json::Value::String(s) => s.clone(),
+                    serde_json::Value::Bool(_) | serde_json::Value::Number(_) => value.to_string(),
+                    other => {
+                        return Err(Error::decode(
+                            fields.key(),
+                            Some(group),
+                            format!(
+                                "member {member:?} is {other}, not a string, number or boolean"
+                            ),
+                        ));
+                    }
+                };
+                let pref = Pref::decode(&dotted, &text).map_err(|reason| {
+                    Error::decode(
+                        fields.key(),
+                        Some(group),
+                        format!("member {member:?}: {reason}"),
+                    )
+                })?;
+                pref.apply(&mut prefs);
+            }
         }
         Ok(prefs)
     }

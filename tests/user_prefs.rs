@@ -178,6 +178,35 @@ aether_redis::contract_tests! {
         assert!(pttl(&redis, &key).await > WEEK_MS - 5_000, "the write set the TTL");
     }
 
+    async fn groups_stored_as_json_fields_are_read_where_no_dotted_field_says_otherwise(redis) {
+        // Another service wrote the nested document's groups as one JSON field each: a user's
+        // email opt-out stored that way must not read as the default (`true`).
+        let key = prefs_key(&redis, "u-groups");
+        let mut conn = redis.connection().await.unwrap();
+        let _: () = redis::cmd("HSET")
+            .arg(&key)
+            .arg("notifications").arg(r#"{"email":false,"push":true,"security":false,"sound":"ding"}"#)
+            .arg("notifications.security").arg("true")
+            .arg("ui").arg(r#"{"pageSize":50,"layout":"compact"}"#)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let prefs = redis.user_prefs();
+        let got = prefs.get("u-groups").await.unwrap();
+        let mut expected = UserPreferences::default();
+        expected.notifications.email = false;
+        expected.notifications.security = true; // the dotted field wins
+        expected.ui.page_size = 50;
+        expected.ui.layout = Layout::Compact;
+        assert_eq!(got, expected);
+        for (group, value) in [("ui", "not json"), ("ui", r#"{"pageSize":5000}"#), ("emailSettings", r#"{"autoReply":[true]}"#)] {
+            let _: () = redis::cmd("HSET").arg(&key).arg(group).arg(value).query_async(&mut conn).await.unwrap();
+            let err = prefs.get("u-groups").await.unwrap_err();
+            assert!(matches!(&err, Error::Decode { field: Some(f), .. } if f == group), "{value}: {err:?}");
+            let _: () = redis::cmd("HDEL").arg(&key).arg(group).query_async(&mut conn).await.unwrap();
+        }
+    }
+
     async fn bad_values_are_rejected_naming_the_field(redis) {
         let prefs = redis.user_prefs();
         for (update, field) in [
