@@ -13,9 +13,10 @@
 //!
 //! # Atomicity
 //! Reads that slide the TTL (`get`, `touch`, `update`) never recreate a session deleted or
-//! expired in between: with scripting they run as one Lua script (one round trip); without
-//! scripting (see [`SessionStore::uses_scripts`]) as an optimistic `WATCH`/`MULTI` transaction
-//! on a dedicated connection. No path leaves a session key without a TTL.
+//! expired in between: with scripting they run as one Lua script (one round trip), except
+//! `update` in the JSON layout; that one, and all three without scripting (see
+//! [`SessionStore::uses_scripts`]), run as an optimistic `WATCH`/`MULTI` transaction on a
+//! dedicated connection. No path leaves a session key without a TTL.
 //!
 //! ```no_run
 //! # async fn demo(redis: aether_redis::Redis) -> aether_redis::Result<()> {

@@ -275,8 +275,8 @@ impl UserData {
     /// read does: listing the sessions prunes index entries of sessions that have ended (as
     /// [`SessionStore::list_user`](crate::SessionStore::list_user) does), and reading the
     /// preferences refreshes their TTL. Not a snapshot (about fifteen round trips plus the
-    /// `SCAN` pages and one per 10,000 security events: all of them are exported, however
-    /// many).
+    /// `SCAN` pages, one pipeline for the domain challenges and one for the rate-limit keys, and
+    /// one per 10,000 security events: all of them are exported, however many).
     #[tracing::instrument(name = "user_data.export_user", skip_all)]
     pub async fn export_user(&self, user_id: &str) -> Result<serde_json::Value> {
         validate_key_part("user id", user_id)?;
@@ -324,36 +324,51 @@ impl UserData {
         let password_reset = tokens.pending(LinkPurpose::PasswordReset, user_id).await?;
         let two_factor = tokens.two_factor_state(user_id).await?;
 
+        // One pipeline (concurrent commands on Cluster) per kind of key, not a round trip each:
+        // a user may have hundreds of rate-limited endpoints.
         let mut domain_challenges = Vec::new();
-        for key in self.scan_user(Keyspace::DomainVerify, user_id).await? {
-            let raw = self
-                .redis
-                .query("user_data.export", redis::cmd("GET").arg(&key))
-                .await?;
-            if let Some(raw) = codec::opt_text(&key, raw)? {
-                domain_challenges
-                    .push(codec::from_json::<serde_json::Value>(&key, raw.as_bytes())?);
+        let challenge_keys = self.scan_user(Keyspace::DomainVerify, user_id).await?;
+        let gets = challenge_keys
+            .iter()
+            .map(|key| {
+                let mut cmd = redis::cmd("GET");
+                cmd.arg(key);
+                cmd
+            })
+            .collect();
+        let values = self.redis.query_per_key("user_data.export", gets).await?;
+        for (key, raw) in challenge_keys.iter().zip(values) {
+            if let Some(raw) = codec::opt_text(key, raw)? {
+                domain_challenges.push(codec::from_json::<serde_json::Value>(key, raw.as_bytes())?);
             }
         }
 
         let mut rate_limits = Vec::new();
         let prefix = self.redis.keys().prefix().to_owned();
-        for key in self.scan_user(Keyspace::RateLimit, user_id).await? {
-            let mut pipe = redis::pipe();
-            pipe.cmd("TYPE").arg(&key).cmd("PTTL").arg(&key);
-            let reply = self
-                .redis
-                .query_pipe("user_data.export", &pipe)
-                .await?
-                .unwrap_or_default();
-            let mut reply = reply.into_iter();
-            let kind = codec::text(&key, None, reply.next().unwrap_or(Value::Nil))?;
-            let ttl = codec::int(&key, reply.next().unwrap_or(Value::Nil))?;
+        let limit_keys = self.scan_user(Keyspace::RateLimit, user_id).await?;
+        let reads = limit_keys
+            .iter()
+            .flat_map(|key| {
+                let mut kind = redis::cmd("TYPE");
+                kind.arg(key);
+                let mut ttl = redis::cmd("PTTL");
+                ttl.arg(key);
+                [kind, ttl]
+            })
+            .collect();
+        let mut replies = self
+            .redis
+            .query_per_key("user_data.export", reads)
+            .await?
+            .into_iter();
+        for key in &limit_keys {
+            let kind = codec::text(key, None, replies.next().unwrap_or(Value::Nil))?;
+            let ttl = codec::int(key, replies.next().unwrap_or(Value::Nil))?;
             if kind == "none" {
                 continue;
             }
             rate_limits.push(serde_json::json!({
-                "key": key.strip_prefix(&prefix).unwrap_or(&key),
+                "key": key.strip_prefix(&prefix).unwrap_or(key),
                 "type": kind,
                 "ttlMs": ttl,
             }));
