@@ -460,10 +460,20 @@ impl managed::Manager for DedicatedManager {
         _: &Metrics,
     ) -> RecycleResult<redis::RedisError> {
         let ping = self.ping_number.fetch_add(1, Ordering::Relaxed).to_string();
-        // A borrower may have left a WATCH behind; UNWATCH rides in the same round trip.
+        // A borrower may have left a WATCH behind (its future dropped between WATCH and EXEC).
+        // Standalone, UNWATCH rides in the same round trip. A Cluster connection holds one
+        // connection per node, and the client sends UNWATCH to every primary: a command of its
+        // own, since a pipeline there must stay on one node.
         let mut pipe = redis::pipe();
         if matches!(conn, Connection::Single(_)) {
             pipe.cmd("UNWATCH").ignore();
+        } else {
+            tokio::time::timeout(
+                self.connect_timeout,
+                redis::cmd("UNWATCH").query_async::<Value>(conn),
+            )
+            .await
+            .map_err(|_| managed::RecycleError::message("recycle UNWATCH timed out"))??;
         }
         pipe.cmd("PING").arg(&ping);
         let (pong,): (String,) = tokio::time::timeout(self.connect_timeout, pipe.query_async(conn))

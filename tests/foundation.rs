@@ -765,3 +765,41 @@ async fn a_paused_server_fails_the_connect_instead_of_disabling_scripting() {
     assert!(redis.capabilities().scripting, "{:?}", redis.capabilities());
     redis.require_scripting("the email queue").unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_left_on_a_dedicated_cluster_connection_is_cleared_before_reuse() {
+    // A borrower cancelled between WATCH and EXEC returns its connection with the WATCH still
+    // set; the next borrower's transaction must not abort because of it.
+    let mut config = testkit::config_for(TestTopology::Cluster, "watch_left").unwrap();
+    config.pool_size = 1;
+    let redis = Redis::connect(config).await.unwrap();
+    let watched = format!("{}{{w}}a", redis.keys().prefix());
+    let other = format!("{}{{w}}b", redis.keys().prefix());
+    {
+        let mut conn = redis.dedicated().await.unwrap();
+        let _: () = redis::cmd("WATCH")
+            .arg(&watched)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let _: () = redis::cmd("SET")
+        .arg(&watched)
+        .arg("changed")
+        .query_async(&mut redis.connection().await.unwrap())
+        .await
+        .unwrap();
+    let mut conn = redis.dedicated().await.unwrap();
+    let applied: Option<(String,)> = redis::pipe()
+        .atomic()
+        .cmd("SET")
+        .arg(&other)
+        .arg("1")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        applied.is_some(),
+        "EXEC aborted by a WATCH of an earlier borrower"
+    );
+}
