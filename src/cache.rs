@@ -437,15 +437,21 @@ impl CacheManager {
         Ok(())
     }
 
-    /// Deletes the entry; true if there was one. One round trip (`DEL`).
+    /// Deletes the entry; true if there was one. One round trip (`DEL` of the entry and of its
+    /// load lock, same slot): a [`get_or_set`](Self::get_or_set) load in flight then does not
+    /// store what it loaded from before the delete.
     pub async fn delete<P: Serialize + ?Sized>(&self, endpoint: &str, params: &P) -> Result<bool> {
         let result = async {
             let key = self.key(endpoint, params)?;
+            let lock = self.redis.keys().derived(&key, "lock");
+            let mut pipe = redis::pipe();
+            pipe.cmd("DEL").arg(&key).cmd("DEL").arg(&lock).ignore();
             let reply = self
                 .redis
-                .query("cache.delete", redis::cmd("DEL").arg(&key))
-                .await?;
-            Ok(codec::int(&key, reply)? > 0)
+                .query_pipe("cache.delete", &pipe)
+                .await?
+                .unwrap_or_default();
+            Ok(codec::int(&key, reply.into_iter().next().unwrap_or(Value::Nil))? > 0)
         }
         .await;
         self.count(result)
@@ -617,13 +623,16 @@ impl CacheManager {
     /// - Miss: one round trip per attempt sends `SET {key}:lock <token> NX PX <lock ttl>` and
     ///   `GET key` together (same slot, in this order), so a caller that wins the lock after the
     ///   previous loader released it also sees that loader's entry and does not load again.
-    ///   The winner runs `loader`, writes the entry (`SET .. PX`, one round trip) and releases the
-    ///   lock only if it still holds its token (`WATCH`/`MULTI`, no script needed) on a
-    ///   dedicated connection: two round trips plus the pool checkout, which costs one more
-    ///   round trip (the pool's `UNWATCH` + `PING` recycle check of an idle connection) or, when
-    ///   no connection is idle, a new connection's connect and handshake. So a load costs
-    ///   `GET`, lock pipeline, `SET`, checkout, `WATCH`+`GET`, `MULTI`/`EXEC`: five round trips
-    ///   plus the checkout. The others poll (5 ms doubling to 50 ms) for at most the wait timeout
+    ///   The winner runs `loader`, then writes the entry and releases the lock in one
+    ///   transaction only while the lock still holds its token (`WATCH`+`GET`, then
+    ///   `MULTI SET DEL EXEC`, no script needed) on a dedicated connection: two round trips plus
+    ///   the pool checkout, which costs one more round trip (the pool's `UNWATCH` + `PING`
+    ///   recycle check of an idle connection) or, when no connection is idle, a new
+    ///   connection's connect and handshake. So a load costs `GET`, lock pipeline, checkout,
+    ///   `WATCH`+`GET`, `MULTI`/`EXEC`: four round trips plus the checkout. A
+    ///   [`delete`](Self::delete) or [`invalidate_endpoint`](Self::invalidate_endpoint) since
+    ///   the load began removes the lock, and a lock that expired during the load may be a newer
+    ///   loader's: then the loaded entry is returned but not stored. The others poll (5 ms doubling to 50 ms) for at most the wait timeout
     ///   ([`CacheManager::with_wait_timeout`]), then fail with [`Error::Timeout`] rather than
     ///   start a second loader.
     /// - Loader error: the lock is released and the loader's error is returned unchanged; a
@@ -679,20 +688,25 @@ impl CacheManager {
 
         self.counters.loads.fetch_add(1, Ordering::Relaxed);
         let loaded = loader().await;
-        let stored = match &loaded {
-            Ok(entry) => self.store(&key, entry, ttl).await,
-            Err(_) => Ok(()),
-        };
-        let released = self.release_lock(&lock, &token).await;
         match loaded {
             Ok(entry) => {
-                if let Err(e) = stored.and(released) {
-                    self.counters.errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(key = %key, error = %e, "cache: storing a loaded entry failed");
+                match self
+                    .store_under_lock(&key, &lock, &token, &entry, ttl)
+                    .await
+                {
+                    Ok(true) => {}
+                    Ok(false) => tracing::info!(key = %key,
+                        "cache: the load lock was deleted or expired while loading; the loaded \
+                         entry is returned but not stored"),
+                    Err(e) => {
+                        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(key = %key, error = %e, "cache: storing a loaded entry failed");
+                    }
                 }
                 Ok(entry)
             }
             Err(e) => {
+                let released = self.release_lock(&lock, &token).await;
                 self.counters.errors.fetch_add(1, Ordering::Relaxed);
                 if let Err(release_error) = released {
                     tracing::warn!(key = %key, error = %release_error, "cache: releasing the load lock failed; it expires by itself");
@@ -767,6 +781,62 @@ impl CacheManager {
     }
 
     /// Deletes `lock` if it still holds `token`: `WATCH lock` + `GET lock`, then
+    /// Stores a loaded entry and releases the lock in one transaction, only while the lock
+    /// still holds `token`: a `delete` or `invalidate_endpoint` since the load began deleted the
+    /// lock, and a lock that expired may be another loader's, whose fresher entry must stand.
+    /// `WATCH lock; GET lock`, then `MULTI; SET key .. PX; DEL lock; EXEC` (or `MULTI; EXISTS
+    /// lock; EXEC` to end the `WATCH`), on a dedicated connection. `Ok(false)`: not stored.
+    async fn store_under_lock<T: Serialize>(
+        &self,
+        key: &str,
+        lock: &str,
+        token: &str,
+        entry: &CacheEntry<T>,
+        ttl: u64,
+    ) -> Result<bool> {
+        let json = codec::to_json("cache entry", entry)?;
+        let mut conn = self.redis.dedicated().await?;
+        let limit = self.redis.config().response_timeout;
+        let outcome = tokio::time::timeout(limit, async {
+            let mut watch = redis::pipe();
+            watch.cmd("WATCH").arg(lock).ignore().cmd("GET").arg(lock);
+            let (current,): (Option<Vec<u8>>,) = watch.query_async(&mut conn).await?;
+            let ours = current.as_deref() == Some(token.as_bytes());
+            let mut exec = redis::pipe();
+            exec.atomic();
+            if ours {
+                exec.cmd("SET")
+                    .arg(key)
+                    .arg(&json)
+                    .arg("PX")
+                    .arg(ttl)
+                    .ignore()
+                    .cmd("DEL")
+                    .arg(lock)
+                    .ignore();
+            } else {
+                exec.cmd("EXISTS").arg(lock).ignore();
+            }
+            let applied: Option<Value> = exec.query_async(&mut conn).await?;
+            Ok::<_, redis::RedisError>(ours && applied.is_some())
+        })
+        .await;
+        match outcome {
+            Ok(Ok(stored)) => Ok(stored),
+            Ok(Err(e)) => {
+                conn.discard();
+                Err(self.redis.fail("cache.store_loaded", e))
+            }
+            Err(_) => {
+                conn.discard();
+                Err(Error::Timeout {
+                    operation: "cache.store_loaded",
+                    after: limit,
+                })
+            }
+        }
+    }
+
     /// `MULTI; DEL lock (or EXISTS lock); EXEC`, on a dedicated connection.
     async fn release_lock(&self, lock: &str, token: &str) -> Result<()> {
         let mut conn = self.redis.dedicated().await?;
@@ -806,7 +876,9 @@ impl CacheManager {
     /// Deletes every entry of `endpoint` (any params) and returns how many were deleted.
     ///
     /// Walks the keyspace with `SCAN MATCH <prefix>cache:<endpoint>:* COUNT 500` (never `KEYS`)
-    /// and `UNLINK`s each page: about one round trip per page plus one per page with matches.
+    /// and `UNLINK`s each page: about one round trip per page plus one per page with matches;
+    /// then the same for the entries' load locks (`{<prefix>cache:<endpoint>:*}:lock`), so that a
+    /// [`get_or_set`](Self::get_or_set) load in flight does not store its entry afterwards.
     /// In Cluster the scan runs on every master (the first page is sent to all masters at once,
     /// then each master's cursor is followed on that master) and each key gets an `UNLINK` of
     /// its own (concurrent), so that a node down is an error.
@@ -820,27 +892,39 @@ impl CacheManager {
                 .redis
                 .keys()
                 .scan_pattern(Keyspace::Cache, &[endpoint])?;
+            // The load locks of the endpoint's entries go too (`{<entry key>}:lock`): a load in
+            // flight, whose entry may not exist yet, then does not store what it loaded from
+            // before the invalidation. Locks are removed after the entries.
+            let lock_pattern = format!("{{{pattern}}}:lock");
             #[cfg(feature = "cluster")]
             if self.redis.keys().is_cluster()
                 && let crate::pool::Connection::Cluster(mut cluster) =
                     self.redis.connection().await?
             {
-                return self.invalidate_cluster(&mut cluster, &pattern).await;
+                let deleted = self.invalidate_cluster(&mut cluster, &pattern).await?;
+                self.invalidate_cluster(&mut cluster, &lock_pattern).await?;
+                return Ok(deleted);
             }
             let mut deleted = 0;
-            let mut cursor = 0u64;
-            loop {
-                let reply = self
-                    .redis
-                    .query("cache.invalidate_endpoint", &scan_cmd(cursor, &pattern))
-                    .await?;
-                let (next, keys) = parse_scan(&pattern, reply)?;
-                deleted += self.unlink(&keys).await?;
-                if next == 0 {
-                    return Ok(deleted);
+            for (pattern, counted) in [(&pattern, true), (&lock_pattern, false)] {
+                let mut cursor = 0u64;
+                loop {
+                    let reply = self
+                        .redis
+                        .query("cache.invalidate_endpoint", &scan_cmd(cursor, pattern))
+                        .await?;
+                    let (next, keys) = parse_scan(pattern, reply)?;
+                    let removed = self.unlink(&keys).await?;
+                    if counted {
+                        deleted += removed;
+                    }
+                    if next == 0 {
+                        break;
+                    }
+                    cursor = next;
                 }
-                cursor = next;
             }
+            Ok(deleted)
         }
         .await;
         self.count(result)

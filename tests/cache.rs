@@ -535,7 +535,46 @@ aether_redis::contract_tests! {
             raw(&redis, redis::cmd("GET").arg(&lock)).await,
             redis::Value::BulkString(b"second".to_vec())
         );
-        assert!(exists(&redis, &key).await);
+        // Nor store over what the second loader will store: its load is the fresher one.
+        assert!(!exists(&redis, &key).await);
+    }
+
+    async fn a_delete_or_invalidation_during_a_load_keeps_its_result_out(redis) {
+        // The loader read its data before the delete: storing it afterwards would serve the
+        // old data for the whole TTL.
+        let cache = redis.cache();
+        for invalidate in [false, true] {
+            let params = json!({"invalidate": invalidate});
+            let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+            let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+            let loading = {
+                let cache = cache.clone();
+                let params = params.clone();
+                tokio::spawn(async move {
+                    cache
+                        .get_or_set("/profile", &params, || async move {
+                            let _ = started_tx.send(());
+                            let _ = go_rx.await;
+                            Ok::<_, Error>(CacheEntry::new("old".to_owned()))
+                        })
+                        .await
+                        .unwrap()
+                })
+            };
+            started_rx.await.unwrap();
+            if invalidate {
+                cache.invalidate_endpoint("/profile").await.unwrap();
+            } else {
+                assert!(!cache.delete("/profile", &params).await.unwrap());
+            }
+            go_tx.send(()).unwrap();
+            assert_eq!(loading.await.unwrap().data, "old", "the caller still gets its load");
+            assert!(cache.get::<String, _>("/profile", &params).await.unwrap().is_none(), "invalidate: {invalidate}");
+            // The next load stores as usual.
+            let fresh = cache.get_or_set("/profile", &params, || async { Ok::<_, Error>(CacheEntry::new("new".to_owned())) }).await.unwrap();
+            assert_eq!(fresh.data, "new");
+            assert_eq!(cache.get::<String, _>("/profile", &params).await.unwrap().unwrap().data, "new");
+        }
     }
 
     async fn invalidate_endpoint_removes_exactly_that_endpoint(redis) {
