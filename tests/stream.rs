@@ -614,6 +614,74 @@ aether_redis::contract_tests! {
         assert_eq!((metrics.cleared, metrics.processed, metrics.claimed, metrics.errors), (10, 1, 0, 0));
     }
 
+    async fn idle_entries_behind_a_long_live_front_of_the_pending_list_are_claimed(redis) {
+        // 200 entries held by a live consumer (kept fresh) fill the front of the pending list;
+        // behind them, 10 entries of a dead one. A claim pass scans at most 100 entries with
+        // batch 1, so passes must go on from where the last one stopped.
+        let streams = redis.streams();
+        let producer = streams.producer::<Job>("deep-pel").unwrap();
+        let keys = streams.keys("deep-pel").unwrap();
+        let stream = keys.stream().to_owned();
+        streams.create_group("deep-pel", "workers", StartFrom::Beginning).await.unwrap();
+        producer.publish_many(&(0..210).map(|n| Job { n }).collect::<Vec<_>>()).await.unwrap();
+        let read = |consumer: &'static str, count: usize| {
+            let mut cmd = redis::cmd("XREADGROUP");
+            cmd.arg("GROUP").arg("workers").arg(consumer).arg("COUNT").arg(count)
+                .arg("STREAMS").arg(&stream).arg(">");
+            cmd
+        };
+        let live_reply = raw(&redis, &read("live", 200)).await;
+        raw(&redis, &read("dead", 10)).await;
+        // [[stream, [[id, fields], ..]]]
+        let live_ids: Vec<String> = match live_reply {
+            redis::Value::Array(streams) => streams.into_iter().flat_map(|s| match s {
+                redis::Value::Array(mut pair) if pair.len() == 2 => match pair.pop() {
+                    Some(redis::Value::Array(entries)) => entries.into_iter().filter_map(|e| match e {
+                        redis::Value::Array(mut e) if !e.is_empty() => match e.swap_remove(0) {
+                            redis::Value::BulkString(id) => String::from_utf8(id).ok(),
+                            _ => None,
+                        },
+                        _ => None,
+                    }).collect::<Vec<_>>(),
+                    _ => Vec::new(),
+                },
+                _ => Vec::new(),
+            }).collect(),
+            other => panic!("XREADGROUP answered {other:?}"),
+        };
+        assert_eq!(live_ids.len(), 200);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let fresh = {
+            let redis = redis.clone();
+            let stream = stream.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let mut cmd = redis::cmd("XCLAIM");
+                    cmd.arg(&stream).arg("workers").arg("live").arg(0).arg(&live_ids).arg("JUSTID");
+                    raw(&redis, &cmd).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let seen = Seen::default();
+        let s = seen.clone();
+        let running = streams
+            .consumer::<Job>("deep-pel", "workers", fast().with_batch(1))
+            .unwrap()
+            .spawn(move |msg: StreamMessage<Job>| {
+                let s = s.clone();
+                async move { s.record(&msg); Ok::<_, std::io::Error>(()) }
+            });
+        wait_for("the dead consumer's 10", Duration::from_secs(10), || seen.distinct() == 10).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        fresh.await.unwrap();
+        running.shutdown().await.unwrap();
+        let handled: Vec<i64> = { let mut n: Vec<i64> = seen.0.lock().unwrap().values().map(|v| v.1).collect(); n.sort(); n };
+        assert_eq!(handled, (200..210).collect::<Vec<i64>>());
+    }
+
     async fn idle_consumer_blocks_without_errors_or_stalling_the_handle(redis) {
         let streams = redis.streams();
         let producer = streams.producer::<Job>("quiet").unwrap();

@@ -637,6 +637,7 @@ impl<T: DeserializeOwned + Send + 'static> StreamConsumer<T> {
             next_cleanup: later(self.options.claim_every().saturating_mul(10)),
             failures: 0,
             last_read: None,
+            claim_cursor: "0-0".to_owned(),
         };
         let mut shutdown: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(shutdown);
         loop {
@@ -1323,6 +1324,8 @@ struct LoopState<T, H> {
     /// The highest entry id an `XREADGROUP .. >` of this consumer returned: where a group that
     /// vanished (its stream deleted, or `XGROUP DESTROY`) is created again.
     last_read: Option<(u64, u64)>,
+    /// Where the next claim pass starts in the pending list (`0-0`: the beginning).
+    claim_cursor: String,
 }
 
 /// The `(ms, seq)` of an entry id `<ms>-<seq>`, for ordering; `None` if it is not one.
@@ -1476,7 +1479,11 @@ impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> LoopState<T, H> 
         // this consumer still owns them), so this pass never counts a delivery of a message this
         // consumer holds, even when the heartbeat is late.
         toucher.touch(&ctx.held, &ctx.counters).await?;
-        let mut cursor = "0-0".to_owned();
+        // A pass reads at most ten pages, and each page scans at most ten times `batch` pending
+        // entries: a pass that stops short of the end goes on from its cursor next time, or
+        // entries held by live consumers at the front would hide idle ones behind them for as
+        // long as the front keeps turning over. (A failed pass starts over.)
+        let mut cursor = std::mem::replace(&mut self.claim_cursor, "0-0".to_owned());
         for _ in 0..10 {
             let reply = ctx
                 .redis
@@ -1540,10 +1547,11 @@ impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> LoopState<T, H> 
                 self.dispatch(jobs).await?;
             }
             if next == "0-0" {
-                break;
+                return Ok(());
             }
             cursor = next;
         }
+        self.claim_cursor = cursor;
         Ok(())
     }
 
