@@ -784,8 +784,7 @@ impl CacheManager {
     /// Stores a loaded entry and releases the lock in one transaction, only while the lock
     /// still holds `token`: a `delete` or `invalidate_endpoint` since the load began deleted the
     /// lock, and a lock that expired may be another loader's, whose fresher entry must stand.
-    /// `WATCH lock; GET lock`, then `MULTI; SET key .. PX; DEL lock; EXEC` (or `MULTI; EXISTS
-    /// lock; EXEC` to end the `WATCH`), on a dedicated connection. `Ok(false)`: not stored.
+    /// `Ok(false)`: not stored. See [`Self::settle_lock`].
     async fn store_under_lock<T: Serialize>(
         &self,
         key: &str,
@@ -795,6 +794,25 @@ impl CacheManager {
         ttl: u64,
     ) -> Result<bool> {
         let json = codec::to_json("cache entry", entry)?;
+        self.settle_lock(lock, token, Some((key, &json, ttl))).await
+    }
+
+    /// Releases the lock if it still holds `token` (a failed load). See [`Self::settle_lock`].
+    async fn release_lock(&self, lock: &str, token: &str) -> Result<()> {
+        self.settle_lock(lock, token, None).await.map(drop)
+    }
+
+    /// `WATCH lock; GET lock`, then, if the lock holds `token`, `MULTI; [SET key json PX ttl;]
+    /// DEL lock; EXEC`, else `MULTI; EXISTS lock; EXEC` (which only ends the `WATCH`), on a
+    /// dedicated connection. A keyed command inside `MULTI` keeps `EXEC` on the lock's node in
+    /// Cluster; an aborted `EXEC` means the lock changed hands. Returns whether the
+    /// transaction applied with the lock still ours.
+    async fn settle_lock(
+        &self,
+        lock: &str,
+        token: &str,
+        store: Option<(&str, &str, u64)>,
+    ) -> Result<bool> {
         let mut conn = self.redis.dedicated().await?;
         let limit = self.redis.config().response_timeout;
         let outcome = tokio::time::timeout(limit, async {
@@ -805,15 +823,15 @@ impl CacheManager {
             let mut exec = redis::pipe();
             exec.atomic();
             if ours {
-                exec.cmd("SET")
-                    .arg(key)
-                    .arg(&json)
-                    .arg("PX")
-                    .arg(ttl)
-                    .ignore()
-                    .cmd("DEL")
-                    .arg(lock)
-                    .ignore();
+                if let Some((key, json, ttl)) = store {
+                    exec.cmd("SET")
+                        .arg(key)
+                        .arg(json)
+                        .arg("PX")
+                        .arg(ttl)
+                        .ignore();
+                }
+                exec.cmd("DEL").arg(lock).ignore();
             } else {
                 exec.cmd("EXISTS").arg(lock).ignore();
             }
@@ -822,43 +840,7 @@ impl CacheManager {
         })
         .await;
         match outcome {
-            Ok(Ok(stored)) => Ok(stored),
-            Ok(Err(e)) => {
-                conn.discard();
-                Err(self.redis.fail("cache.store_loaded", e))
-            }
-            Err(_) => {
-                conn.discard();
-                Err(Error::Timeout {
-                    operation: "cache.store_loaded",
-                    after: limit,
-                })
-            }
-        }
-    }
-
-    /// `MULTI; DEL lock (or EXISTS lock); EXEC`, on a dedicated connection.
-    async fn release_lock(&self, lock: &str, token: &str) -> Result<()> {
-        let mut conn = self.redis.dedicated().await?;
-        let limit = self.redis.config().response_timeout;
-        let outcome = tokio::time::timeout(limit, async {
-            let mut watch = redis::pipe();
-            watch.cmd("WATCH").arg(lock).ignore().cmd("GET").arg(lock);
-            let (current,): (Option<Vec<u8>>,) = watch.query_async(&mut conn).await?;
-            let ours = current.as_deref() == Some(token.as_bytes());
-            // A keyed command inside MULTI keeps EXEC on the lock's node in Cluster, and EXEC
-            // clears the WATCH either way. An aborted EXEC means the lock changed hands.
-            let mut exec = redis::pipe();
-            exec.atomic()
-                .cmd(if ours { "DEL" } else { "EXISTS" })
-                .arg(lock)
-                .ignore();
-            exec.query_async::<Value>(&mut conn).await?;
-            Ok::<_, redis::RedisError>(())
-        })
-        .await;
-        match outcome {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(settled)) => Ok(settled),
             Ok(Err(e)) => {
                 conn.discard();
                 Err(self.redis.fail("cache.release_lock", e))

@@ -2164,16 +2164,7 @@ async fn enqueues_survive_a_kill(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scripting_disabled_is_refused_at_construction() {
-    let server = support::server_without_scripting().await;
-    let config = server
-        .config()
-        .to_builder()
-        .renamed_command("EVAL", "")
-        .renamed_command("EVALSHA", "")
-        .build()
-        .unwrap();
-    let redis = Redis::connect(config).await.unwrap();
-    assert!(!redis.capabilities().scripting);
+    let (_server, redis) = support::redis_without_scripting().await;
     let err = redis.email_queue().unwrap_err();
     assert!(matches!(err, Error::Unsupported(_)), "{err:?}");
 }

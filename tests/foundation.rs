@@ -636,14 +636,15 @@ async fn a_response_timeout_keeps_the_shared_connection() {
     assert_eq!(connections_received(&mut observer).await, before);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn callers_waiting_for_a_reconnect_share_its_failure() {
-    // The server is gone and its port answers nothing (a silent host): each reconnect attempt
-    // lasts the connect timeout. Callers queued behind one attempt fail with it instead of
-    // each trying in turn, which would make the last of 12 wait 12 connect timeouts.
+/// A handle (no retries, this connect timeout) whose server answered once and is then gone,
+/// its port held by a listener that never answers (a silent host), the shared connection
+/// already dropped by a failed call. Keep the listener alive while it must stay silent.
+async fn gone_silent(
+    connect: Duration,
+) -> (Redis, aether_redis::CacheManager, std::net::TcpListener) {
     let mut server = start_local(Vec::new()).await;
     let port = server.port();
-    let redis = without_retries(port, Duration::from_secs(1), Duration::from_millis(500)).await;
+    let redis = without_retries(port, connect, Duration::from_millis(500)).await;
     let cache = redis.cache();
     cache.get::<u32, _>("/gone", &"p").await.unwrap();
     tokio::task::spawn_blocking(move || {
@@ -652,9 +653,18 @@ async fn callers_waiting_for_a_reconnect_share_its_failure() {
     })
     .await
     .unwrap();
-    let _silent = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let silent = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
     // The first call finds the connection closed and drops it.
     assert!(cache.get::<u32, _>("/gone", &"p").await.is_err());
+    (redis, cache, silent)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_waiting_for_a_reconnect_share_its_failure() {
+    // The server is gone and its port answers nothing (a silent host): each reconnect attempt
+    // lasts the connect timeout. Callers queued behind one attempt fail with it instead of
+    // each trying in turn, which would make the last of 12 wait 12 connect timeouts.
+    let (_redis, cache, _silent) = gone_silent(Duration::from_secs(1)).await;
     let started = Instant::now();
     let calls: Vec<_> = (0..12)
         .map(|_| {
@@ -679,20 +689,7 @@ async fn callers_waiting_for_a_reconnect_share_its_failure() {
 async fn a_reconnect_whose_caller_stopped_polling_does_not_hold_the_others() {
     // A caller polls a reconnect once (it takes the slot's lock and starts connecting to a
     // silent host), then parks its future. Later callers must still get an answer.
-    let mut server = start_local(Vec::new()).await;
-    let port = server.port();
-    let connect = Duration::from_millis(500);
-    let redis = without_retries(port, connect, Duration::from_millis(500)).await;
-    let cache = redis.cache();
-    cache.get::<u32, _>("/parked", &"p").await.unwrap();
-    tokio::task::spawn_blocking(move || {
-        server.kill();
-        server
-    })
-    .await
-    .unwrap();
-    let _silent = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
-    assert!(cache.get::<u32, _>("/parked", &"p").await.is_err());
+    let (redis, _cache, _silent) = gone_silent(Duration::from_millis(500)).await;
     let mut parked = Box::pin(redis.connection());
     assert!(
         tokio::time::timeout(Duration::from_millis(50), &mut parked)

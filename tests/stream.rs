@@ -1793,16 +1793,7 @@ async fn replaying_a_dead_letter_never_trims_the_source_stream() {
 /// each dead letter moved once, with the fields the script would write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_scripting_maintenance_is_refused_and_replays_go_without_scripts() {
-    let server = support::server_without_scripting().await;
-    let config = server
-        .config()
-        .to_builder()
-        .renamed_command("EVAL", "")
-        .renamed_command("EVALSHA", "")
-        .build()
-        .unwrap();
-    let redis = Redis::connect(config).await.unwrap();
-    assert!(!redis.capabilities().scripting);
+    let (_server, redis) = support::redis_without_scripting().await;
     let streams = redis.streams();
     let keys = streams.keys("plain").unwrap();
     assert!(

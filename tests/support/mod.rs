@@ -199,6 +199,23 @@ pub async fn server_without_scripting() -> aether_redis::testkit::LocalServer {
     .unwrap()
 }
 
+/// [`server_without_scripting`] and a handle on it configured as its operator would tell the
+/// application (`EVAL`/`EVALSHA` disabled), which never tries a script.
+pub async fn redis_without_scripting() -> (aether_redis::testkit::LocalServer, aether_redis::Redis)
+{
+    let server = server_without_scripting().await;
+    let config = server
+        .config()
+        .to_builder()
+        .renamed_command("EVAL", "")
+        .renamed_command("EVALSHA", "")
+        .build()
+        .unwrap();
+    let redis = aether_redis::Redis::connect(config).await.unwrap();
+    assert!(!redis.capabilities().scripting);
+    (server, redis)
+}
+
 /// One counter (`calls`, `rejected_calls`, ..) of `command` (lower case, subcommands as
 /// `cluster|slots`) from `INFO commandstats` of the server behind `conn`; 0 when the command
 /// never ran. Scripts' inner calls count too.
