@@ -237,21 +237,10 @@ impl Scripts {
         &self,
         conn: &mut Connection,
     ) -> redis::RedisResult<Result<(), String>> {
+        // What a retry may cure (timeouts, broken connections, LOADING, TRYAGAIN, ..), and a
+        // server busy running another script.
         let transient = |e: &redis::RedisError| {
-            e.is_timeout()
-                || e.is_io_error()
-                || e.is_connection_dropped()
-                || e.is_connection_refusal()
-                || matches!(
-                    e.kind(),
-                    redis::ErrorKind::Server(
-                        redis::ServerErrorKind::BusyLoading
-                            | redis::ServerErrorKind::TryAgain
-                            | redis::ServerErrorKind::ClusterDown
-                            | redis::ServerErrorKind::MasterDown
-                    )
-                )
-                || e.code() == Some("BUSY")
+            crate::Error::from_redis("probe", e.clone()).is_retryable() || e.code() == Some("BUSY")
         };
         match self.probe_once(conn).await {
             Err((e, _)) if transient(&e) => Err(e),
