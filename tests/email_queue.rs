@@ -1973,6 +1973,48 @@ async fn a_job_leased_by_a_call_whose_reply_was_lost_is_put_back_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_whose_reply_was_lost_is_reported_unconfirmed_not_as_a_lost_lease() {
+    // The call acking the first job also leases the second, whose id the proxy watches for: its
+    // reply is lost although Redis applied the ack. Sent again, the ack is refused (the lease is
+    // gone): the report must not call that a lease lost to another worker.
+    let (server, _direct) = own_server().await;
+    let (proxy_port, lost) = reply_losing_proxy(server.port(), b"lost-reply-job").await;
+    let mut via_proxy = server.config();
+    via_proxy.port = proxy_port;
+    let mut options = QueueOptions::default();
+    options.aging = None;
+    let queue = Redis::connect(via_proxy)
+        .await
+        .unwrap()
+        .email_queue()
+        .unwrap()
+        .with_options(options)
+        .unwrap();
+    queue.enqueue(job("first", Priority::High)).await.unwrap();
+    queue
+        .enqueue(job("lost-reply-job", Priority::Normal))
+        .await
+        .unwrap();
+    let (handled, worker) = recording_worker(&queue, 1);
+    wait_for("both jobs", Duration::from_secs(10), || {
+        handled.lock().unwrap().len() == 2
+    })
+    .await;
+    assert!(lost.load(Ordering::SeqCst), "the proxy lost no reply");
+    let report = worker.shutdown().await.unwrap();
+    assert_eq!(
+        handled.lock().unwrap().as_slice(),
+        ["first", "lost-reply-job"]
+    );
+    assert_eq!(
+        (report.completed, report.unconfirmed, report.lost_leases),
+        (1, 1, 0),
+        "{report:?}"
+    );
+    assert_eq!(counts(&queue).await, (0, 0, 0, 0, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn putting_back_a_lost_calls_jobs_leaves_every_other_lease_alone() {
     // Three workers straight to the server and one through the reply-losing proxy share 400
     // jobs. The put-back after the lost reply runs while the others hold leases: it must move

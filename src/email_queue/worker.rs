@@ -181,6 +181,11 @@ pub struct WorkerReport {
     /// worker (the other delivery settles it), and prefetched jobs dropped unstarted for the
     /// same reason.
     pub lost_leases: u64,
+    /// Settlements sent again after a call whose reply never came (a timeout, a broken
+    /// connection) and refused the second time: almost always because the lost call applied
+    /// them (the job was then completed, retried, dead or released as asked), else because
+    /// the lease lapsed meanwhile (a long outage).
+    pub unconfirmed: u64,
 }
 
 /// A consumer of one queue. Build with [`EmailQueue::worker`], run with
@@ -364,6 +369,8 @@ impl Worker {
         let mut tasks: JoinSet<Outcome> = JoinSet::new();
         let mut flight: HashMap<tokio::task::Id, InFlight> = HashMap::new();
         let mut pending: Vec<Settle> = Vec::new();
+        // How many of `pending`, from its start, went out in a call whose outcome is unknown.
+        let mut resent = 0usize;
         // Tokens of fetching calls that failed after they may have run (see `release_orphans`).
         let mut orphans: Vec<Arc<str>> = Vec::new();
         let mut stopping = false;
@@ -492,8 +499,7 @@ impl Worker {
                             // malformed): the dead set grows without settlements too.
                             settled_unmaintained = true;
                         }
-                        report.lost_leases += settled.iter().filter(|ok| !**ok).count() as u64;
-                        for (settle, ok) in pending.iter().zip(&settled) {
+                        for (n, (settle, ok)) in pending.iter().zip(&settled).enumerate() {
                             if *ok {
                                 match settle {
                                     Settle::Ack { .. } => report.completed += 1,
@@ -501,9 +507,14 @@ impl Worker {
                                     Settle::Dead { .. } => report.dead += 1,
                                     Settle::Release { .. } => report.released += 1,
                                 }
+                            } else if n < resent {
+                                report.unconfirmed += 1;
+                            } else {
+                                report.lost_leases += 1;
                             }
                         }
                         pending.clear();
+                        resent = 0;
                         if fetch > 0 {
                             if jobs.is_empty() && !more {
                                 want_fetch = false;
@@ -532,6 +543,11 @@ impl Worker {
                             "email queue: fetch/settle failed; retrying");
                         // The call may have run and leased jobs whose reply never came: their
                         // token, fresh for this call, lets the next call put exactly those back.
+                        // Its settlements go again with the next call; refused then, they
+                        // were most likely applied by this one.
+                        if e.is_timeout() || e.is_unavailable() {
+                            resent = pending.len();
+                        }
                         if fetch > 0 && (e.is_timeout() || e.is_unavailable()) {
                             if orphans.len() == MAX_ORPHAN_TOKENS {
                                 orphans.remove(0);
