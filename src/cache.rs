@@ -622,7 +622,8 @@ impl CacheManager {
     /// - Hit: one round trip (`GET`, retried on a connection error like [`CacheManager::get`]).
     /// - Miss: one round trip per attempt sends `SET {key}:lock <token> NX PX <lock ttl>` and
     ///   `GET key` together (same slot, in this order), so a caller that wins the lock after the
-    ///   previous loader released it also sees that loader's entry and does not load again.
+    ///   previous loader released it also sees that loader's entry and does not load again (it
+    ///   then releases the lock as a loader does, token checked).
     ///   The winner runs `loader`, then writes the entry and releases the lock in one
     ///   transaction only while the lock still holds its token (`WATCH`+`GET`, then
     ///   `MULTI SET DEL EXEC`, no script needed) on a dedicated connection: two round trips plus
@@ -755,10 +756,12 @@ impl CacheManager {
             let acquired = is_ok_reply(&locked);
             let entry = decode_entry::<T>(key, value);
             if acquired && !matches!(entry, Ok(None)) {
-                // The lock was taken a moment ago, so it is still ours: a plain DEL is safe.
-                self.redis
-                    .query("cache.get_or_set", redis::cmd("DEL").arg(lock))
-                    .await?;
+                // Taken a moment ago, but with a lock TTL shorter than a round trip it may
+                // already be another loader's: released only if it still holds our token.
+                if let Err(e) = self.release_lock(lock, token).await {
+                    tracing::warn!(key = %key, error = %e,
+                        "cache: releasing an unneeded load lock failed; it expires by itself");
+                }
             }
             match entry? {
                 Some(entry) => return Ok(Some(entry)),
