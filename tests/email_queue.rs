@@ -1926,6 +1926,30 @@ async fn reply_losing_proxy(upstream: u16, marker: &'static [u8]) -> (u16, Arc<A
     (port, lost)
 }
 
+/// The default queue of `server` with `options`, reached straight and through a proxy that
+/// loses the first reply holding `lost-reply-job` (set in the flag once it has).
+async fn direct_and_reply_losing(
+    server: &LocalServer,
+    options: QueueOptions,
+) -> (EmailQueue, EmailQueue, Arc<AtomicBool>) {
+    let (proxy_port, lost) = reply_losing_proxy(server.port(), b"lost-reply-job").await;
+    let mut via_proxy = server.config();
+    via_proxy.port = proxy_port;
+    let open = |config: aether_redis::Config| {
+        let options = options.clone();
+        async move {
+            Redis::connect(config)
+                .await
+                .unwrap()
+                .email_queue()
+                .unwrap()
+                .with_options(options)
+                .unwrap()
+        }
+    };
+    (open(server.config()).await, open(via_proxy).await, lost)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_leased_by_a_call_whose_reply_was_lost_is_put_back_at_once() {
     // The worker's connection goes through a proxy that loses the reply of the call that leases
@@ -1935,27 +1959,11 @@ async fn a_job_leased_by_a_call_whose_reply_was_lost_is_put_back_at_once() {
         .await
         .unwrap()
         .unwrap();
-    let (proxy_port, lost) = reply_losing_proxy(server.port(), b"lost-reply-job").await;
-    let mut via_proxy = server.config();
-    via_proxy.port = proxy_port;
     let mut options = QueueOptions::default();
     options.visibility_timeout = Duration::from_secs(30);
     options.max_deliveries = 1;
     options.aging = None;
-    let producer = Redis::connect(server.config())
-        .await
-        .unwrap()
-        .email_queue()
-        .unwrap()
-        .with_options(options.clone())
-        .unwrap();
-    let consumer = Redis::connect(via_proxy)
-        .await
-        .unwrap()
-        .email_queue()
-        .unwrap()
-        .with_options(options)
-        .unwrap();
+    let (producer, consumer, lost) = direct_and_reply_losing(&server, options).await;
     producer
         .enqueue(job("lost-reply-job", Priority::High))
         .await
@@ -1977,19 +1985,10 @@ async fn an_ack_whose_reply_was_lost_is_reported_unconfirmed_not_as_a_lost_lease
     // The call acking the first job also leases the second, whose id the proxy watches for: its
     // reply is lost although Redis applied the ack. Sent again, the ack is refused (the lease is
     // gone): the report must not call that a lease lost to another worker.
-    let (server, _direct) = own_server().await;
-    let (proxy_port, lost) = reply_losing_proxy(server.port(), b"lost-reply-job").await;
-    let mut via_proxy = server.config();
-    via_proxy.port = proxy_port;
+    let (server, _redis) = own_server().await;
     let mut options = QueueOptions::default();
     options.aging = None;
-    let queue = Redis::connect(via_proxy)
-        .await
-        .unwrap()
-        .email_queue()
-        .unwrap()
-        .with_options(options)
-        .unwrap();
+    let (_direct, queue, lost) = direct_and_reply_losing(&server, options).await;
     queue.enqueue(job("first", Priority::High)).await.unwrap();
     queue
         .enqueue(job("lost-reply-job", Priority::Normal))
@@ -2024,27 +2023,11 @@ async fn putting_back_a_lost_calls_jobs_leaves_every_other_lease_alone() {
         .await
         .unwrap()
         .unwrap();
-    let (proxy_port, lost) = reply_losing_proxy(server.port(), b"lost-reply-job").await;
-    let mut via_proxy = server.config();
-    via_proxy.port = proxy_port;
     let mut options = QueueOptions::default();
     options.visibility_timeout = Duration::from_secs(30);
     options.max_deliveries = 1;
     options.aging = None;
-    let direct = Redis::connect(server.config())
-        .await
-        .unwrap()
-        .email_queue()
-        .unwrap()
-        .with_options(options.clone())
-        .unwrap();
-    let proxied = Redis::connect(via_proxy)
-        .await
-        .unwrap()
-        .email_queue()
-        .unwrap()
-        .with_options(options)
-        .unwrap();
+    let (direct, proxied, lost) = direct_and_reply_losing(&server, options).await;
     // Every id holds the marker: the first reply that leases the proxied worker any job is lost.
     let jobs: Vec<EmailJob> = (0..400)
         .map(|i| job(&format!("lost-reply-job-{i}"), Priority::Normal))
