@@ -569,8 +569,9 @@ impl<T: DeserializeOwned + Send + 'static> StreamConsumer<T> {
     /// Creates the group if needed (`MKSTREAM`; an existing group is fine), then consumes until
     /// `shutdown` completes; then stops reading, gives the messages read but not started back
     /// (see *Shutdown* on [`StreamConsumer`]), waits for the handlers in flight, acks what
-    /// finished (retrying a failed ack for at most 10 s), and returns the counters. Redis errors inside the loop are
-    /// counted and retried after a pause; only a failure to create the group ends it early.
+    /// finished (retrying a failed ack for at most 10 s), and returns the counters. Redis
+    /// errors inside the loop are counted and retried after a pause; only a failure to create
+    /// the group ends it early.
     pub async fn run<H: StreamHandler<T>>(
         &self,
         handler: H,
