@@ -1118,8 +1118,16 @@ impl<T: DeserializeOwned + Send + 'static, H: StreamHandler<T>> Ctx<T, H> {
                     "stream message dead-lettered"
                 );
             }
-            // Another consumer has it now (or it was settled): its outcome is theirs.
-            Ok(DeadLettered::NotOwned) => {}
+            // Another consumer has it now (or it was settled, or deleted and cleared by another
+            // consumer's claim): its outcome is theirs.
+            Ok(DeadLettered::NotOwned) => tracing::info!(
+                stream = self.keys.stream(),
+                id = job.id,
+                delivery = job.delivery_count,
+                error,
+                "stream message failed at its last delivery but is no longer pending for this \
+                 consumer; left to whoever holds it"
+            ),
             Ok(DeadLettered::Gone) => {
                 Counters::add(&self.counters.cleared, 1);
                 tracing::warn!(
