@@ -133,6 +133,10 @@ fn stored_millis(key: &str, field: &'static str, text: &str) -> Result<i64> {
     })
 }
 
+/// A user's session index is pruned of ended sessions when a create brings it to this many
+/// members, and again at each power of two beyond.
+const PRUNE_INDEX_FROM: i64 = 64;
+
 /// The Lua scripts behind `get`, `touch` and `update`, public so that services in other
 /// languages can run the very same code on the shared data (see `docs/keyspace.md`).
 pub mod lua {
@@ -922,7 +926,10 @@ impl SessionStore {
     /// session itself, atomically with its TTL: hash layout as one `MULTI` (`HSET` into a
     /// temporary key in the same slot, `PEXPIRE`, `RENAMENX` onto the session key, `DEL` of the
     /// temporary key when the name was taken); JSON layout as `SET .. NX PX`. The TTL is the
-    /// idle TTL, cut at the lifetime cap.
+    /// idle TTL, cut at the lifetime cap. When the index reaches 64, 128, 256, .. members,
+    /// three more round trips drop members whose session has ended (`EXISTS` of each), so a
+    /// user who logs in often without logging out keeps an index about the size of their live
+    /// sessions.
     #[tracing::instrument(name = "session.create", skip_all)]
     pub async fn create(&self, new: NewSession) -> Result<Session> {
         new.validate()?;
@@ -951,14 +958,15 @@ impl SessionStore {
             extra,
         };
         for _ in 0..MAX_ID_ATTEMPTS {
-            self.index_add(
-                &index,
-                &session.id,
-                now.saturating_add(self.cap_ms),
-                now,
-                None,
-            )
-            .await?;
+            let indexed = self
+                .index_add(
+                    &index,
+                    &session.id,
+                    now.saturating_add(self.cap_ms),
+                    now,
+                    None,
+                )
+                .await?;
             let key = self.key(&session.id);
             let created = match self.layout {
                 SessionLayout::Hash => {
@@ -985,6 +993,15 @@ impl SessionStore {
                 }
             };
             if created {
+                // Sessions that end by idle timeout stay indexed until their deadline: pruned
+                // at each power of two, the index holds at most about twice the live sessions
+                // at a constant cost per create. The session exists either way.
+                if indexed >= PRUNE_INDEX_FROM
+                    && indexed.count_ones() == 1
+                    && let Err(e) = self.prune_ended(&index).await
+                {
+                    tracing::warn!(error = %e, "session: pruning the user index failed");
+                }
                 return Ok(session);
             }
             // The id is taken by another session; its index entry is ours and stays harmless
@@ -1423,7 +1440,7 @@ impl SessionStore {
         deadline: i64,
         now: i64,
         mark: Option<(&str, i64)>,
-    ) -> Result<()> {
+    ) -> Result<i64> {
         let ttl = deadline.saturating_sub(now).max(1);
         let mut pipe = redis::pipe();
         pipe.atomic();
@@ -1439,8 +1456,42 @@ impl SessionStore {
         zadd.ignore();
         pipe.cmd("PEXPIRE").arg(index).arg(ttl).arg("NX").ignore();
         pipe.cmd("PEXPIRE").arg(index).arg(ttl).arg("GT").ignore();
-        self.redis.query_pipe("session.index", &pipe).await?;
-        Ok(())
+        pipe.cmd("ZCARD").arg(index);
+        let reply = self
+            .redis
+            .query_pipe("session.index", &pipe)
+            .await?
+            .unwrap_or_default();
+        crate::codec::int(index, reply.into_iter().next().unwrap_or(Value::Nil))
+    }
+
+    /// Drops index members whose session has ended (idle timeout, a delete by another service)
+    /// before their deadline, under the same grace and rotation rules as `list_user`. Three
+    /// round trips: the members, an `EXISTS` per session (pipelined; concurrent in Cluster),
+    /// one `ZREM`.
+    async fn prune_ended(&self, index: &str) -> Result<()> {
+        let now = now_millis();
+        let snapshot = self.index_members(index, now, false).await?;
+        let exists = snapshot
+            .members
+            .iter()
+            .map(|(id, _)| {
+                let mut cmd = redis::cmd("EXISTS");
+                cmd.arg(self.key(id));
+                cmd
+            })
+            .collect();
+        let replies = self.redis.query_per_key("session.index", exists).await?;
+        let ended: Vec<SessionId> = snapshot
+            .members
+            .iter()
+            .zip(&replies)
+            .filter(|((id, deadline), exists)| {
+                **exists == Value::Int(0) && self.prunable(&snapshot, id, *deadline, now)
+            })
+            .map(|((id, _), _)| id.clone())
+            .collect();
+        self.index_remove(index, &ended).await
     }
 
     /// The index members with their deadlines, and the targets of rotations in flight;

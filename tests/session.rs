@@ -646,6 +646,34 @@ aether_redis::contract_tests! {
         assert_no_session_id(&err, &id);
     }
 
+    async fn sessions_that_idled_out_do_not_pile_up_in_the_user_index(redis) {
+        // A client that logs in on every launch and never logs out: each session ends by its
+        // idle timeout long before its deadline. The index must not keep every one of them.
+        let short = reconnect(&redis, |c| {
+            c.ttl_overrides.insert(aether_redis::Keyspace::Session, Duration::from_millis(600));
+        })
+        .await;
+        let store = short.sessions().with_index_grace(Duration::ZERO);
+        let index = store.index_key("u-churn").unwrap();
+        for _ in 0..64 {
+            store.create(new_session("u-churn")).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let mut live = Vec::new();
+        for _ in 0..64 {
+            live.push(store.create(new_session("u-churn")).await.unwrap().id);
+        }
+        let mut conn = raw(&redis).await;
+        let size: u64 = redis::cmd("ZCARD").arg(&index).query_async(&mut conn).await.unwrap();
+        assert!(size <= 64, "{size} index members for at most 64 live sessions");
+        // Nothing live was dropped: every session still alive is listed.
+        let listed = store.list_user("u-churn").await.unwrap();
+        for s in &listed {
+            assert!(live.contains(&s.id));
+        }
+        assert!(!listed.is_empty());
+    }
+
     async fn a_created_at_the_decoder_refuses_is_never_slid_or_stamped(redis) {
         let mut conn = raw(&redis).await;
         let hash = redis.sessions();
