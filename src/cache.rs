@@ -307,7 +307,9 @@ fn is_ok_reply(value: &Value) -> bool {
 
 impl CacheManager {
     /// A manager whose `get_or_set` lock expires after `lock_ttl` (default 10 s). A loader that
-    /// runs longer than this may see a second loader start elsewhere. More than ten years
+    /// runs longer than this may see a second loader start elsewhere, and its entry is returned
+    /// to its caller but not stored (the lock may be the second loader's by then, whose entry
+    /// is the newer): set it above the slowest load. More than ten years
     /// makes `get_or_set` fail with [`Error::InvalidInput`] before it writes anything.
     pub fn with_lock_ttl(mut self, lock_ttl: Duration) -> Self {
         self.lock_ttl = lock_ttl;
@@ -444,8 +446,10 @@ impl CacheManager {
         let result = async {
             let key = self.key(endpoint, params)?;
             let lock = self.redis.keys().derived(&key, "lock");
+            // The lock first: a load settling between the two finds its lock gone and stores
+            // nothing, while one settling before them has its entry deleted.
             let mut pipe = redis::pipe();
-            pipe.cmd("DEL").arg(&key).cmd("DEL").arg(&lock).ignore();
+            pipe.cmd("DEL").arg(&lock).ignore().cmd("DEL").arg(&key);
             let reply = self
                 .redis
                 .query_pipe("cache.delete", &pipe)
@@ -783,7 +787,6 @@ impl CacheManager {
         }
     }
 
-    /// Deletes `lock` if it still holds `token`: `WATCH lock` + `GET lock`, then
     /// Stores a loaded entry and releases the lock in one transaction, only while the lock
     /// still holds `token`: a `delete` or `invalidate_endpoint` since the load began deleted the
     /// lock, and a lock that expired may be another loader's, whose fresher entry must stand.
@@ -796,7 +799,15 @@ impl CacheManager {
         entry: &CacheEntry<T>,
         ttl: u64,
     ) -> Result<bool> {
-        let json = codec::to_json("cache entry", entry)?;
+        let json = match codec::to_json("cache entry", entry) {
+            Ok(json) => json,
+            Err(e) => {
+                // Not storable: the lock goes at once rather than hold every waiter until it
+                // expires.
+                self.release_lock(lock, token).await?;
+                return Err(e);
+            }
+        };
         self.settle_lock(lock, token, Some((key, &json, ttl))).await
     }
 
@@ -862,8 +873,9 @@ impl CacheManager {
     ///
     /// Walks the keyspace with `SCAN MATCH <prefix>cache:<endpoint>:* COUNT 500` (never `KEYS`)
     /// and `UNLINK`s each page: about one round trip per page plus one per page with matches;
-    /// then the same for the entries' load locks (`{<prefix>cache:<endpoint>:*}:lock`), so that a
-    /// [`get_or_set`](Self::get_or_set) load in flight does not store its entry afterwards.
+    /// before that, the same for the entries' load locks (`{<prefix>cache:<endpoint>:*}:lock`),
+    /// so that a [`get_or_set`](Self::get_or_set) load in flight does not store its entry
+    /// afterwards.
     /// In Cluster the scan runs on every master (the first page is sent to all masters at once,
     /// then each master's cursor is followed on that master) and each key gets an `UNLINK` of
     /// its own (concurrent), so that a node down is an error.
@@ -879,19 +891,19 @@ impl CacheManager {
                 .scan_pattern(Keyspace::Cache, &[endpoint])?;
             // The load locks of the endpoint's entries go too (`{<entry key>}:lock`): a load in
             // flight, whose entry may not exist yet, then does not store what it loaded from
-            // before the invalidation. Locks are removed after the entries.
+            // before the invalidation. Locks go first: a load that settles before its lock is
+            // removed has stored its entry by then, which the entries' pass then deletes.
             let lock_pattern = format!("{{{pattern}}}:lock");
             #[cfg(feature = "cluster")]
             if self.redis.keys().is_cluster()
                 && let crate::pool::Connection::Cluster(mut cluster) =
                     self.redis.connection().await?
             {
-                let deleted = self.invalidate_cluster(&mut cluster, &pattern).await?;
                 self.invalidate_cluster(&mut cluster, &lock_pattern).await?;
-                return Ok(deleted);
+                return self.invalidate_cluster(&mut cluster, &pattern).await;
             }
             let mut deleted = 0;
-            for (pattern, counted) in [(&pattern, true), (&lock_pattern, false)] {
+            for (pattern, counted) in [(&lock_pattern, false), (&pattern, true)] {
                 let mut cursor = 0u64;
                 loop {
                     let reply = self

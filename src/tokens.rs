@@ -523,8 +523,12 @@ impl OneTimeTokens {
             // Redeemed and expired tokens stay in the index (`redeem` and `revoke` do not know
             // the subject's index, or it lives in another slot); pruning at each power of two
             // keeps the set within twice the live tokens at a constant cost per issue.
-            if size >= PRUNE_INDEX_FROM && size.count_ones() == 1 {
-                self.prune_index(purpose, &index).await?;
+            // The token is issued either way: a failed prune is retried at the next power.
+            if size >= PRUNE_INDEX_FROM
+                && size.count_ones() == 1
+                && let Err(e) = self.prune_index(purpose, &index).await
+            {
+                tracing::warn!(error = %e, "tokens: pruning the subject's index failed");
             }
         }
         Ok(LinkToken {
@@ -591,12 +595,6 @@ impl OneTimeTokens {
         self.delete_then_unindex(purpose, &index, &hashes).await
     }
 
-    /// Deletes the tokens of `hashes`, then removes exactly those hashes from `index`; returns how
-    /// many tokens existed. Two round trips (none for no hashes): a pipeline of one `DEL` per token
-    /// (concurrent commands on a Cluster, where the tokens live in many slots), then the `SREM`. A
-    /// hash stays indexed until its token is gone, so an interrupted revocation is found again by
-    /// the next one; a hash left behind by a failed `SREM` names a deleted token, which the index
-    /// tolerates anyway.
     /// Drops from `index` the hashes whose tokens are gone (redeemed, revoked, expired). A
     /// token is written before it is indexed, so a member being issued is never dropped.
     /// Three round trips: `SMEMBERS`, `EXISTS` per token (pipelined), `SREM`.
@@ -629,6 +627,12 @@ impl OneTimeTokens {
         Ok(())
     }
 
+    /// Deletes the tokens of `hashes`, then removes exactly those hashes from `index`; returns how
+    /// many tokens existed. Two round trips (none for no hashes): a pipeline of one `DEL` per token
+    /// (concurrent commands on a Cluster, where the tokens live in many slots), then the `SREM`. A
+    /// hash stays indexed until its token is gone, so an interrupted revocation is found again by
+    /// the next one; a hash left behind by a failed `SREM` names a deleted token, which the index
+    /// tolerates anyway.
     async fn delete_then_unindex(
         &self,
         purpose: LinkPurpose,

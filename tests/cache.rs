@@ -539,6 +539,24 @@ aether_redis::contract_tests! {
         assert!(!exists(&redis, &key).await);
     }
 
+    async fn a_loaded_entry_that_cannot_be_stored_frees_the_lock_at_once(redis) {
+        // JSON has no map keys but strings: the entry is returned, not stored, and waiters
+        // must not wait out the lock TTL for an entry that never comes.
+        let cache = redis.cache();
+        let params = json!({"pairs": 1});
+        let key = cache.key("/pairs", &params).unwrap();
+        let got = cache
+            .get_or_set("/pairs", &params, || async {
+                Ok::<_, Error>(CacheEntry::new(std::collections::HashMap::from([((1u8, 2u8), 3u8)])))
+            })
+            .await
+            .unwrap();
+        assert_eq!(got.data[&(1, 2)], 3);
+        assert!(!exists(&redis, &redis.keys().derived(&key, "lock")).await);
+        assert!(!exists(&redis, &key).await);
+        assert_eq!(cache.stats().errors, 1);
+    }
+
     async fn a_delete_or_invalidation_during_a_load_keeps_its_result_out(redis) {
         // The loader read its data before the delete: storing it afterwards would serve the
         // old data for the whole TTL.
