@@ -871,6 +871,42 @@ aether_redis::contract_tests! {
         assert_eq!(streams.group_info("vanishing", group).await.unwrap().unwrap().pending, 0);
     }
 
+    async fn a_group_destroyed_before_a_consumer_read_anything_is_not_replayed_from_the_start(redis) {
+        // A long retained history the group had skipped (`$`): a consumer that has read nothing
+        // re-creates the group where it stood when the consumer started, not at `0`.
+        let streams = redis.streams();
+        let producer = streams.producer::<Job>("history").unwrap();
+        let key = streams.keys("history").unwrap().stream().to_owned();
+        let group = aether_redis::stream::WEBHOOK_WORKERS;
+        producer.publish_many(&(0..50).map(|n| Job { n }).collect::<Vec<_>>()).await.unwrap();
+        let seen = Seen::default();
+        let s = seen.clone();
+        let running = streams
+            .consumer::<Job>("history", group, fast())
+            .unwrap()
+            .spawn(move |msg: StreamMessage<Job>| {
+                let s = s.clone();
+                async move { s.record(&msg); Ok::<_, std::io::Error>(()) }
+            });
+        let started = Instant::now();
+        while streams.group_info("history", group).await.unwrap().is_none() {
+            assert!(started.elapsed() < Duration::from_secs(5), "the group was never created");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut tx = redis::pipe();
+        tx.atomic()
+            .cmd("XGROUP").arg("DESTROY").arg(&key).arg(group).ignore()
+            .cmd("XADD").arg(&key).arg("*").arg("payload").arg("{\"n\":100}").ignore();
+        let mut conn = redis.connection().await.unwrap();
+        let () = tx.query_async(&mut conn).await.unwrap();
+        wait_for("the message published while the group was gone", Duration::from_secs(5), || seen.distinct() >= 1).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        running.shutdown().await.unwrap();
+        let handled: Vec<i64> = seen.0.lock().unwrap().values().map(|v| v.1).collect();
+        assert_eq!(handled, [100], "the skipped history was delivered");
+    }
+
     async fn idle_consumers_without_pending_entries_are_removed(redis) {
         let streams = redis.streams();
         let producer = streams.producer::<Job>("members").unwrap();

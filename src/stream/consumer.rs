@@ -20,7 +20,8 @@ use super::reply::{self, RawEntry};
 use super::{
     DEFAULT_DEAD_LETTER_RETENTION, DEFAULT_IDEMPOTENCY_TTL, DeadLetterCall, DeadLettered,
     FIELD_IDEMPOTENCY_KEY, FIELD_PAYLOAD, FIELD_REPLAY_OF, StartFrom, StreamKeys, create_group,
-    create_group_at, dead_letter_message, is_server_code, millis, remove_idle_consumers,
+    create_group_at, dead_letter_message, group_info, is_server_code, millis,
+    remove_idle_consumers,
 };
 use crate::codec::{from_json, int};
 use crate::error::{Error, Result};
@@ -410,7 +411,9 @@ impl Counters {
 /// A group that vanishes while the consumer runs (its stream deleted, perhaps re-created by a
 /// producer's `XADD`, or the group destroyed) is created again on the next `NOGROUP` reply, by
 /// one `XGROUP CREATE .. MKSTREAM` at the highest entry id this consumer's `XREADGROUP .. >`
-/// returned, or at `0` when it has read nothing: never at `$` (whatever [`StartFrom`] says),
+/// returned or the group's last delivered id when the consumer started (`XINFO GROUPS`, one
+/// round trip at start), whichever is higher, or at `0` when neither is known: never at `$`
+/// (whatever [`StartFrom`] says),
 /// so nothing published meanwhile is skipped. After an `XGROUP DESTROY` of a live stream,
 /// messages past that id that other consumers of the group had read are delivered again
 /// (duplicates rather than loss), and acks of messages read before find nothing to ack.
@@ -582,6 +585,17 @@ impl<T: DeserializeOwned + Send + 'static> StreamConsumer<T> {
             .start
             .unwrap_or_else(|| StartFrom::default_for(&self.group));
         create_group(&self.redis, &self.keys, &self.group, start).await?;
+        // Where the group stood when this consumer started: if the group vanishes before this
+        // consumer reads anything, it is created again here, not at `0`, so a long retained
+        // stream is not delivered again from its start. (Best effort: unknown means `0`.)
+        let group_start = match group_info(&self.redis, &self.keys, &self.group).await {
+            Ok(info) => info.and_then(|g| entry_id(&g.last_delivered_id)),
+            Err(e) => {
+                tracing::warn!(stream = self.keys.stream(), group = self.group, error = %e,
+                    "reading the group's last delivered id failed");
+                None
+            }
+        };
 
         let held = Arc::new(Held::default());
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
@@ -637,7 +651,7 @@ impl<T: DeserializeOwned + Send + 'static> StreamConsumer<T> {
             next_claim: Instant::now(),
             next_cleanup: later(self.options.claim_every().saturating_mul(10)),
             failures: 0,
-            last_read: None,
+            last_read: group_start,
             claim_cursor: "0-0".to_owned(),
         };
         let mut shutdown: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(shutdown);
@@ -1330,8 +1344,9 @@ struct LoopState<T, H> {
     next_claim: Instant,
     next_cleanup: Instant,
     failures: u32,
-    /// The highest entry id an `XREADGROUP .. >` of this consumer returned: where a group that
-    /// vanished (its stream deleted, or `XGROUP DESTROY`) is created again.
+    /// The highest entry id an `XREADGROUP .. >` of this consumer returned, starting from the
+    /// group's last delivered id when the consumer started: where a group that vanished (its
+    /// stream deleted, or `XGROUP DESTROY`) is created again.
     last_read: Option<(u64, u64)>,
     /// Where the next claim pass starts in the pending list (`0-0`: the beginning).
     claim_cursor: String,

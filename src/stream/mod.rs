@@ -434,34 +434,7 @@ impl Streams {
     /// the stream) does not exist. One round trip.
     pub async fn group_info(&self, name: &str, group: &str) -> Result<Option<GroupInfo>> {
         let keys = self.keys(name)?;
-        let key = keys.stream();
-        let reply = match self
-            .redis
-            .query("XINFO GROUPS", redis::cmd("XINFO").arg("GROUPS").arg(key))
-            .await
-        {
-            Err(e) if e.to_string().contains("no such key") => return Ok(None),
-            other => other?,
-        };
-        for row in reply::info_rows(key, reply)? {
-            if reply::row_text(key, &row, "name")?.as_deref() != Some(group) {
-                continue;
-            }
-            let count = |field: &str| -> Result<u64> {
-                Ok(reply::row_int(key, &row, field)?
-                    .and_then(|v| u64::try_from(v).ok())
-                    .unwrap_or(0))
-            };
-            return Ok(Some(GroupInfo {
-                name: group.to_owned(),
-                consumers: count("consumers")?,
-                pending: count("pending")?,
-                last_delivered_id: reply::row_text(key, &row, "last-delivered-id")?
-                    .unwrap_or_default(),
-                lag: reply::row_int(key, &row, "lag")?.and_then(|v| u64::try_from(v).ok()),
-            }));
-        }
-        Ok(None)
+        group_info(&self.redis, &keys, group).await
     }
 
     /// The consumers of `group` (`XINFO CONSUMERS`). One round trip.
@@ -632,6 +605,40 @@ impl Streams {
 /// one entry and delete another (or none).
 fn validate_entry_id(id: &str) -> Result<()> {
     crate::codec::validate_stream_id("stream entry id", id)
+}
+
+/// See [`Streams::group_info`].
+pub(crate) async fn group_info(
+    redis: &Redis,
+    keys: &StreamKeys,
+    group: &str,
+) -> Result<Option<GroupInfo>> {
+    let key = keys.stream();
+    let reply = match redis
+        .query("XINFO GROUPS", redis::cmd("XINFO").arg("GROUPS").arg(key))
+        .await
+    {
+        Err(e) if e.to_string().contains("no such key") => return Ok(None),
+        other => other?,
+    };
+    for row in reply::info_rows(key, reply)? {
+        if reply::row_text(key, &row, "name")?.as_deref() != Some(group) {
+            continue;
+        }
+        let count = |field: &str| -> Result<u64> {
+            Ok(reply::row_int(key, &row, field)?
+                .and_then(|v| u64::try_from(v).ok())
+                .unwrap_or(0))
+        };
+        return Ok(Some(GroupInfo {
+            name: group.to_owned(),
+            consumers: count("consumers")?,
+            pending: count("pending")?,
+            last_delivered_id: reply::row_text(key, &row, "last-delivered-id")?.unwrap_or_default(),
+            lag: reply::row_int(key, &row, "lag")?.and_then(|v| u64::try_from(v).ok()),
+        }));
+    }
+    Ok(None)
 }
 
 pub(crate) async fn create_group(
