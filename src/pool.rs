@@ -1010,7 +1010,26 @@ impl Redis {
         Ok(out)
     }
 
-    /// `command` (`DEL`, `UNLINK`) of each of `keys`, as [`query_per_key`](Self::query_per_key)
+    /// `command key` (`GET`, `EXISTS`, `DEL`, ..) for each of `keys`, as
+    /// [`query_per_key`](Self::query_per_key) sends them; one reply per key, in order.
+    pub(crate) async fn query_each<K: AsRef<str>>(
+        &self,
+        operation: &'static str,
+        command: &str,
+        keys: &[K],
+    ) -> Result<Vec<Value>> {
+        let cmds = keys
+            .iter()
+            .map(|key| {
+                let mut cmd = redis::cmd(command);
+                cmd.arg(key.as_ref());
+                cmd
+            })
+            .collect();
+        self.query_per_key(operation, cmds).await
+    }
+
+    /// `command` (`DEL`, `UNLINK`) of each of `keys`, as [`query_each`](Self::query_each)
     /// sends them; returns how many keys it removed.
     pub(crate) async fn delete_each(
         &self,
@@ -1018,15 +1037,7 @@ impl Redis {
         command: &str,
         keys: &[String],
     ) -> Result<u64> {
-        let cmds = keys
-            .iter()
-            .map(|key| {
-                let mut cmd = redis::cmd(command);
-                cmd.arg(key);
-                cmd
-            })
-            .collect();
-        let replies = self.query_per_key(operation, cmds).await?;
+        let replies = self.query_each(operation, command, keys).await?;
         Ok(replies.iter().filter(|r| **r == Value::Int(1)).count() as u64)
     }
 

@@ -1472,16 +1472,15 @@ impl SessionStore {
     async fn prune_ended(&self, index: &str) -> Result<()> {
         let now = now_millis();
         let snapshot = self.index_members(index, now, false).await?;
-        let exists = snapshot
+        let keys: Vec<String> = snapshot
             .members
             .iter()
-            .map(|(id, _)| {
-                let mut cmd = redis::cmd("EXISTS");
-                cmd.arg(self.key(id));
-                cmd
-            })
+            .map(|(id, _)| self.key(id))
             .collect();
-        let replies = self.redis.query_per_key("session.index", exists).await?;
+        let replies = self
+            .redis
+            .query_each("session.index", "EXISTS", &keys)
+            .await?;
         let ended: Vec<SessionId> = snapshot
             .members
             .iter()

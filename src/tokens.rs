@@ -604,15 +604,11 @@ impl OneTimeTokens {
             .query("tokens.prune", redis::cmd("SMEMBERS").arg(index))
             .await?;
         let hashes = text_list(index, members)?;
-        let exists = hashes
-            .iter()
-            .map(|h| {
-                let mut cmd = redis::cmd("EXISTS");
-                cmd.arg(self.link_key(purpose, h));
-                cmd
-            })
-            .collect();
-        let replies = self.redis.query_per_key("tokens.prune", exists).await?;
+        let keys: Vec<String> = hashes.iter().map(|h| self.link_key(purpose, h)).collect();
+        let replies = self
+            .redis
+            .query_each("tokens.prune", "EXISTS", &keys)
+            .await?;
         let gone: Vec<&String> = hashes
             .iter()
             .zip(&replies)

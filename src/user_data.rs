@@ -328,15 +328,10 @@ impl UserData {
         // a user may have hundreds of rate-limited endpoints.
         let mut domain_challenges = Vec::new();
         let challenge_keys = self.scan_user(Keyspace::DomainVerify, user_id).await?;
-        let gets = challenge_keys
-            .iter()
-            .map(|key| {
-                let mut cmd = redis::cmd("GET");
-                cmd.arg(key);
-                cmd
-            })
-            .collect();
-        let values = self.redis.query_per_key("user_data.export", gets).await?;
+        let values = self
+            .redis
+            .query_each("user_data.export", "GET", &challenge_keys)
+            .await?;
         for (key, raw) in challenge_keys.iter().zip(values) {
             if let Some(raw) = codec::opt_text(key, raw)? {
                 domain_challenges.push(codec::from_json::<serde_json::Value>(key, raw.as_bytes())?);
