@@ -674,6 +674,46 @@ aether_redis::contract_tests! {
         assert!(!listed.is_empty());
     }
 
+    async fn index_prunes_under_concurrent_creates_never_drop_a_live_session(redis) {
+        // 150 creates at once cross the prune points 64 and 128 while other creates have
+        // indexed their session but not yet written it: with the default grace, a prune drops
+        // none of them, so "log out everywhere" still reaches every session. (The session
+        // layout is the hash one: the test writes the slow create's session by hand.)
+        let store = redis.sessions();
+        // One more create caught between its two steps for the whole race: indexed, not yet
+        // written.
+        let slow = SessionId::generate().unwrap();
+        let index = store.index_key("u-crowd").unwrap();
+        let mut conn = raw(&redis).await;
+        let now = aether_redis::codec::now_millis();
+        let _: () = redis::cmd("ZADD").arg(&index).arg(now + 7 * 86_400_000).arg(slow.as_str())
+            .query_async(&mut conn).await.unwrap();
+        let creates = (0..150).map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.create(new_session("u-crowd")).await.unwrap().id })
+        });
+        let mut created: Vec<String> =
+            futures::future::join_all(creates).await.into_iter().map(|r| r.unwrap().as_str().to_owned()).collect();
+        let _: () = redis::cmd("HSET").arg(store.key(&slow))
+            .arg("userId").arg("u-crowd").arg("email").arg("e").arg("role").arg("user")
+            .arg("createdAt").arg(now).arg("lastAccessAt").arg(now)
+            .arg("ipAddress").arg("i").arg("userAgent").arg("a")
+            .query_async(&mut conn).await.unwrap();
+        let _: () = redis::cmd("EXPIRE").arg(store.key(&slow)).arg(60).query_async(&mut conn).await.unwrap();
+        created.push(slow.as_str().to_owned());
+        created.sort();
+        let mut listed: Vec<String> = store
+            .list_user("u-crowd")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| s.id.as_str().to_owned())
+            .collect();
+        listed.sort();
+        assert_eq!(listed, created);
+        assert_eq!(store.destroy_user("u-crowd").await.unwrap(), 151);
+    }
+
     async fn a_created_at_the_decoder_refuses_is_never_slid_or_stamped(redis) {
         let mut conn = raw(&redis).await;
         let hash = redis.sessions();

@@ -245,6 +245,34 @@ aether_redis::contract_tests! {
         assert_eq!(tokens.revoke_all(LinkPurpose::EmailVerify, "u-churn").await.unwrap(), 1);
     }
 
+    async fn index_prunes_under_concurrent_issues_never_drop_a_live_token(redis) {
+        // 200 issues at once cross the prune points 16, 32, 64 and 128 while other issues and
+        // redemptions are in flight: a prune may drop only tokens already gone.
+        let tokens = redis.tokens();
+        let calls = (0..200).map(|i| {
+            let tokens = tokens.clone();
+            tokio::spawn(async move {
+                let t = tokens.issue(LinkPurpose::PasswordReset, "u-racing", &json!(i)).await.unwrap();
+                let redeemed = i % 2 == 0
+                    && tokens.redeem(LinkPurpose::PasswordReset, t.token.expose()).await.unwrap().is_some();
+                (t.token_hash, redeemed)
+            })
+        });
+        let issued: Vec<(String, bool)> = join_all(calls).await.into_iter().map(|r| r.unwrap()).collect();
+        let mut live: Vec<String> = issued.iter().filter(|(_, r)| !r).map(|(h, _)| h.clone()).collect();
+        live.sort();
+        let mut pending: Vec<String> = tokens
+            .pending(LinkPurpose::PasswordReset, "u-racing")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|p| p.token_hash)
+            .collect();
+        pending.sort();
+        assert_eq!(pending, live, "a live token left the index");
+        assert_eq!(tokens.revoke_all(LinkPurpose::PasswordReset, "u-racing").await.unwrap(), live.len() as u64);
+    }
+
     async fn the_largest_two_factor_cap_still_accepts_the_right_code(redis) {
         // A cap the verify script cannot read back would burn every code, the right one too.
         assert!(matches!(
