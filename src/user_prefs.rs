@@ -252,17 +252,10 @@ impl UserPreferences {
             pref.apply(&mut prefs);
         }
         for group in ["notifications", "emailSettings", "ui"] {
-            let Some(raw) = fields.get(group) else {
+            let Some(members) = fields.json::<serde_json::Map<String, serde_json::Value>>(group)?
+            else {
                 continue;
             };
-            let members: serde_json::Map<String, serde_json::Value> = serde_json::from_str(raw)
-                .map_err(|e| {
-                    Error::decode(
-                        fields.key(),
-                        Some(group),
-                        format!("a group field must be a JSON object: {e}"),
-                    )
-                })?;
             for (member, value) in &members {
                 let dotted = format!("{group}.{member}");
                 if !KNOWN_FIELDS.contains(&dotted.as_str()) || fields.get(&dotted).is_some() {
