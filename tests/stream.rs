@@ -1772,6 +1772,26 @@ async fn failing_acks_stop_the_reads_until_they_go_through() {
     assert_eq!(pending(&redis, "oom", "workers").await, 0);
 }
 
+/// Adds to `dead` a dead letter of `Job { n }`, first published as `original` and failed in
+/// `group`, as the consumer writes one; returns its id.
+async fn dead_letter(redis: &Redis, dead: &str, n: i64, original: &str, group: &str) -> String {
+    let payload = format!("{{\"n\":{n}}}");
+    xadd(
+        redis,
+        dead,
+        &[
+            (b"payload", payload.as_bytes()),
+            (b"dl:original_id", original.as_bytes()),
+            (b"dl:delivery_count", b"3"),
+            (b"dl:error", b"boom"),
+            (b"dl:group", group.as_bytes()),
+            (b"dl:consumer", b"c"),
+            (b"dl:failed_at", b"0"),
+        ],
+    )
+    .await
+}
+
 /// A replay never trims the source stream, even one past the producers' default cap. On a
 /// server of its own: filling 100 250 entries blocks the server for a while.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1786,23 +1806,7 @@ async fn replaying_a_dead_letter_never_trims_the_source_stream() {
     }
     let mut dead = Vec::new();
     for n in 1..=2 {
-        let payload = format!("{{\"n\":{n}}}");
-        dead.push(
-            xadd(
-                &redis,
-                keys.dead(),
-                &[
-                    (b"payload", payload.as_bytes()),
-                    (b"dl:original_id", b"1-1"),
-                    (b"dl:delivery_count", b"3"),
-                    (b"dl:error", b"boom"),
-                    (b"dl:group", b"g"),
-                    (b"dl:consumer", b"c"),
-                    (b"dl:failed_at", b"0"),
-                ],
-            )
-            .await,
-        );
+        dead.push(dead_letter(&redis, keys.dead(), n, "1-1", "g").await);
     }
     let before = streams.len("long").await.unwrap();
     assert_eq!(before, 100_250);
@@ -1851,24 +1855,7 @@ async fn without_scripting_maintenance_is_refused_and_replays_go_without_scripts
 
     let mut dead = Vec::new();
     for n in 1..=3 {
-        let payload = format!("{{\"n\":{n}}}");
-        let original = format!("{n}-0");
-        dead.push(
-            xadd(
-                &redis,
-                keys.dead(),
-                &[
-                    (b"payload", payload.as_bytes()),
-                    (b"dl:original_id", original.as_bytes()),
-                    (b"dl:delivery_count", b"3"),
-                    (b"dl:error", b"boom"),
-                    (b"dl:group", b"workers"),
-                    (b"dl:consumer", b"c"),
-                    (b"dl:failed_at", b"0"),
-                ],
-            )
-            .await,
-        );
+        dead.push(dead_letter(&redis, keys.dead(), n, &format!("{n}-0"), "workers").await);
     }
     let first = streams
         .replay_dead_letter("plain", &dead[0])
